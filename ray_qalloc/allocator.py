@@ -1,0 +1,517 @@
+"""The Allocator actor: queue, placement, dispatch, completion, failover.
+
+One named, detached actor per cluster, restarted by Ray forever. Its queue is memory only
+and rebuilt from the JobStore in ``_start`` on every (re)start: QUEUED jobs are queued
+again; RUNNING jobs are re-attached to the backend actor that runs them (which keeps its
+in-flight and recent runs), or re-queued when that actor no longer knows them.
+
+Every state change goes to the store first (``JobStore`` transitions), then happens:
+the store says RUNNING before the backend is called, COMPLETED before a waiter is woken.
+
+Failover follows SkyPilot: when an attempt dies with its backend actor, times out or
+raises a backend error, the job is placed again with that backend blocked, and the
+attempts table keeps the failover history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
+
+from ray_qalloc.backends.actor import RemoteBackendActor, backend_actor_options
+from ray_qalloc.backends.base import BackendSpec
+from ray_qalloc.config import Settings
+from ray_qalloc.costmodel.history import RunHistory
+from ray_qalloc.costmodel.prior import HeuristicPrior
+from ray_qalloc.exceptions import BackendError, InvalidJobSpec, JobNotFound, NoFeasibleBackend
+from ray_qalloc.jobs import JobState, PreparedJob
+from ray_qalloc.placement import BackendView, JobView, LiveState, Plan, explain, plan, select
+from ray_qalloc.store import JobStore
+
+log = logging.getLogger("ray_qalloc.allocator")
+
+try:  # Ray ≥ 2.x raises this for an actor that is restarting
+    from ray.exceptions import ActorUnavailableError
+except ImportError:  # pragma: no cover
+    ActorUnavailableError = RayActorError  # type: ignore[misc,assignment]
+
+_ACTOR_GONE = (RayActorError, ActorUnavailableError, WorkerCrashedError)
+
+
+@dataclass
+class Member:
+    """A backend of the pool as the allocator sees it."""
+
+    spec: BackendSpec
+    actor: Any
+    healthy: bool = False
+    calibration: dict[str, float] | None = None
+    node_id: str | None = None
+    running: dict[str, float] = field(default_factory=dict)   # job id -> predicted end time
+    failures: int = 0
+
+    def view(self) -> BackendView:
+        return BackendView(self.spec, self.healthy, self.calibration)
+
+
+@dataclass
+class Queued:
+    job: PreparedJob
+    view: JobView
+    plan: Plan
+    enqueued_at: float
+    created_at: float
+
+
+@dataclass
+class Running:
+    job: PreparedJob
+    view: JobView
+    plan: Plan
+    backend: str
+    attempt: int
+    started_at: float
+    predicted_s: float
+    task: asyncio.Task | None = None
+    created_at: float = 0.0
+
+
+class Allocator:
+    """See module docstring. Created by ``ray_qalloc.connect`` via ``allocator_options``."""
+
+    def __init__(self, settings: Settings) -> None:
+        logging.basicConfig(level=logging.WARNING)
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(settings.resolved_store_url)
+        self.history = RunHistory(settings.history_dir)
+        self.predictor = HeuristicPrior()
+        self.members: dict[str, Member] = {}
+        self.queued: dict[str, Queued] = {}
+        self.running: dict[str, Running] = {}
+        self.waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self.choices: dict[str, dict[str, Any]] = {}
+        self.node_cpus: dict[str, float] = {}
+        self.started_at = time.time()
+        self._kick = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._start_error: BaseException | None = None
+        self._tasks: list[asyncio.Task] = [asyncio.get_running_loop().create_task(self._start())]
+
+    # ==== start-up and recovery ===============================================================
+    async def _start(self) -> None:
+        try:
+            await self._start_backends()
+            await self._recover()
+        except BaseException as exc:  # surfaced to every caller by _wait_ready
+            log.exception("allocator failed to start")
+            self._start_error = exc
+            self._ready.set()
+            return
+        loop = asyncio.get_running_loop()
+        self._tasks += [loop.create_task(self._scheduler()), loop.create_task(self._health_loop()),
+                        loop.create_task(self._history_loop())]
+        self._ready.set()
+        self._kick.set()
+
+    async def _start_backends(self) -> None:
+        from ray_qalloc.backends.registry import make_backend
+
+        cluster = ray.cluster_resources()
+        for node in ray.nodes():
+            if node.get("Alive"):
+                self.node_cpus[node["NodeID"]] = float(node.get("Resources", {}).get("CPU", 1.0))
+        for name in pool_names(self.settings.pool):
+            spec = make_backend(name).spec()
+            has_resource = cluster.get(spec.resource_name, 0.0) >= spec.slots
+            if not has_resource:
+                log.warning("no node offers %s; %s runs without its custom resource",
+                            spec.resource_name, name)
+            opts = backend_actor_options(spec, self.settings.namespace, use_resource=has_resource)
+            actor = RemoteBackendActor.options(**opts).remote(
+                name, None, self.settings.namespace, self.settings.allocator_name)
+            self.members[name] = Member(spec, actor)
+        await asyncio.gather(*(self._probe(m, first=True) for m in self.members.values()))
+
+    async def _probe(self, m: Member, first: bool = False) -> None:
+        timeout = 120.0 if first else self.settings.health_timeout_s
+        try:
+            info = await asyncio.wait_for(_aref(m.actor.ping.remote()), timeout)
+            m.node_id = info.get("node_id")
+            was = m.healthy
+            m.healthy = True
+            if first or m.calibration is None:
+                cal = await asyncio.wait_for(_aref(m.actor.calibration.remote()), timeout)
+                m.calibration = cal.summary() if cal is not None else None
+            if not was:
+                self._kick.set()
+        except (asyncio.TimeoutError, *_ACTOR_GONE, RayTaskError) as exc:
+            if m.healthy:
+                log.warning("backend %s failed its health check: %s", m.spec.name, type(exc).__name__)
+            m.healthy = False
+
+    async def _recover(self) -> None:
+        """Rebuild the queue from the store; re-attach to runs that were in flight."""
+        reattach = []
+        for rec in self.store.active():
+            job = rec.to_prepared()
+            blocked = frozenset(a["backend"] for a in self.store.attempts(rec.id)
+                                if a["outcome"] not in ("running", "completed", "superseded", "requeued"))
+            view = self._view(job, blocked)
+            if rec.state == JobState.QUEUED:
+                self._enqueue(job, view, rec.created_at)
+            else:
+                reattach.append((job, view, rec))
+        for job, view, rec in reattach:
+            self._reattach(job, view, rec)
+
+    def _reattach(self, job: PreparedJob, view: JobView, rec: Any) -> None:
+        attempt = self.store.attempt(job.id, rec.attempts)
+        m = self.members.get(rec.backend or "")
+        if attempt is None or m is None:
+            self.store.end_attempt(job.id, rec.attempts, "requeued", "allocator restarted", then="requeue")
+            self._enqueue(job, view, rec.created_at)
+            return
+        p = plan(view, [x.view() for x in self.members.values()], self.predictor)
+        predicted = attempt.get("predicted_s") or 1.0
+        r = Running(job, view, p, m.spec.name, attempt["n"], attempt["started_at"], predicted,
+                    created_at=rec.created_at)
+        self.running[job.id] = r
+        m.running[job.id] = attempt["started_at"] + predicted
+        if attempt.get("provider_job_id"):
+            ref = m.actor.reattach.remote(job.id, r.attempt, attempt["provider_job_id"], job.shots)
+        else:
+            ref = m.actor.attach.remote(job.id, r.attempt)
+        r.task = asyncio.get_running_loop().create_task(self._watch(r, ref, reattached=True))
+
+    async def _wait_ready(self) -> None:
+        await self._ready.wait()
+        if self._start_error is not None:
+            raise self._start_error
+
+    # ==== public API (called by clients through Ray) ==========================================
+    async def ready(self) -> dict[str, Any]:
+        await self._wait_ready()
+        return {"data_dir": str(self.settings.data_dir), "store_url": self.settings.resolved_store_url,
+                "backends": list(self.members), "started_at": self.started_at}
+
+    async def submit(self, job: PreparedJob) -> dict[str, Any]:
+        """Store, then queue. Raises NoFeasibleBackend (nothing stored) if no backend could ever run it."""
+        await self._wait_ready()
+        unknown = sorted(set(job.backends or ()) - set(self.members))
+        if unknown:
+            raise InvalidJobSpec(f"field 'backends' names unknown backend(s): {', '.join(unknown)}.",
+                                 field="backends", fix=f"use names from the pool: {', '.join(self.members)}.")
+        view = self._view(job, frozenset())
+        p = plan(view, [m.view() for m in self.members.values()], self.predictor)
+        if not p.estimates and all(s.code == "unresolvable" for s in p.filtered.values()):
+            raise NoFeasibleBackend(
+                f"no backend of the pool can run job {job.id}: " + "; ".join(
+                    f"{b}: {', '.join(s.reasons)}" for b, s in p.filtered.items()),
+                fix="reduce the circuit (qubits, operations), relax intent or fidelity_min, or add a backend.",
+                explanation=explain(p, None))
+        job_id, created = self.store.add_job(job)
+        if created:
+            self._enqueue(job, view, time.time(), p)
+            self._kick.set()
+        return {"id": job_id, "created": created}
+
+    async def status(self, job_id: str) -> dict[str, Any]:
+        await self._wait_ready()
+        rec = self.store.get(job_id)
+        out = rec.public()
+        out["attempt_history"] = self._attempt_history(job_id)
+        return out
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """The job's record once it is finished, or its current record after ``timeout`` seconds."""
+        await self._wait_ready()
+        rec = self.store.get(job_id)
+        if not rec.state.terminal and (timeout is None or timeout > 0):
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.waiters.setdefault(job_id, []).append(fut)
+            try:
+                await asyncio.wait_for(fut, timeout)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                lst = self.waiters.get(job_id, [])
+                if fut in lst:
+                    lst.remove(fut)
+            rec = self.store.get(job_id)
+        out = rec.public()
+        out["result"] = rec.result
+        out["attempt_history"] = self._attempt_history(job_id)
+        return out
+
+    async def explain(self, job_id: str) -> dict[str, Any]:
+        await self._wait_ready()
+        rec = self.store.get(job_id)
+        q = self.queued.get(job_id) or self.running.get(job_id)
+        if q is not None:
+            data = explain(q.plan, None)
+            if job_id in self.choices:
+                data.update(self.choices[job_id])
+        else:
+            data = rec.explanation or {"job_id": job_id, "chosen": None, "reason": "never placed",
+                                       "backends": {}}
+        data["state"] = rec.state.value
+        data["failover_history"] = self._attempt_history(job_id)
+        return data
+
+    async def cancel(self, job_id: str) -> bool:
+        await self._wait_ready()
+        if not self.store.cancel(job_id):
+            if not self.store.get(job_id):
+                raise JobNotFound(f"no job with id {job_id!r}.", field="job_id")
+            return False
+        self.queued.pop(job_id, None)
+        r = self.running.pop(job_id, None)
+        if r is not None:
+            self.members[r.backend].running.pop(job_id, None)
+            if r.task is not None:
+                r.task.cancel()
+        self._notify(job_id)
+        self._kick.set()
+        return True
+
+    async def backends(self) -> list[dict[str, Any]]:
+        await self._wait_ready()
+        return [{"name": m.spec.name, "kind": m.spec.kind, "family": m.spec.family, "method": m.spec.method,
+                 "device": m.spec.device, "num_qubits": m.spec.num_qubits, "slots": m.spec.slots,
+                 "running": len(m.running), "healthy": m.healthy, "node_id": m.node_id,
+                 "resource": m.spec.resource_name, "calibration": m.calibration}
+                for m in self.members.values()]
+
+    async def stats(self) -> dict[str, Any]:
+        await self._wait_ready()
+        return {"queued": len(self.queued), "running": len(self.running),
+                "store": self.store.counts_by_state(), "uptime_s": time.time() - self.started_at}
+
+    async def record_provider_job(self, job_id: str, attempt: int, provider_job_id: str) -> None:
+        """Called by a backend actor before it waits on a provider (QPU) job."""
+        self.store.set_provider_job_id(job_id, attempt, provider_job_id)
+
+    async def flush_history(self) -> int:
+        await self._wait_ready()
+        return self._flush_history()
+
+    # ==== queue and dispatch ==================================================================
+    def _view(self, job: PreparedJob, blocked: frozenset[str]) -> JobView:
+        return JobView(job.id, job.num_qubits, job.ops, job.features, job.shots, job.intent.value,
+                       job.priority.value, job.fidelity_min, job.deadline_s, job.tenant, blocked,
+                       frozenset(job.backends) if job.backends else None)
+
+    def _enqueue(self, job: PreparedJob, view: JobView, created_at: float, p: Plan | None = None) -> None:
+        if p is None:
+            p = plan(view, [m.view() for m in self.members.values()], self.predictor)
+        self.queued[job.id] = Queued(job, view, p, time.time(), created_at)
+
+    def _live(self) -> dict[str, LiveState]:
+        now = time.time()
+        node_busy: dict[str | None, float] = {}
+        node_remaining: dict[str | None, list[float]] = {}
+        for m in self.members.values():
+            if m.spec.threads > 0:
+                node_busy[m.node_id] = node_busy.get(m.node_id, 0.0) + len(m.running) * m.spec.threads
+                node_remaining.setdefault(m.node_id, []).extend(max(e - now, 0.0) for e in m.running.values())
+        out = {}
+        for name, m in self.members.items():
+            free_slots = m.spec.slots - len(m.running)
+            remaining = sorted(max(e - now, 0.0) for e in m.running.values())
+            wait = 0.0 if free_slots > 0 else remaining[0] if remaining else 0.0
+            can = m.healthy and free_slots > 0
+            if m.spec.threads > 0:
+                cores = self.node_cpus.get(m.node_id or "", 0.0) or max(self.node_cpus.values(), default=1.0)
+                free_cores = cores - node_busy.get(m.node_id, 0.0)
+                if free_cores < m.spec.threads:
+                    can = False
+                    node_rem = sorted(node_remaining.get(m.node_id, []))
+                    wait = max(wait, node_rem[0] if node_rem else 0.0)
+            out[name] = LiveState(wait, can)
+        return out
+
+    async def _scheduler(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            try:
+                self._dispatch_pass()
+            except Exception:  # never let the loop die; the next kick retries
+                log.exception("dispatch pass failed")
+
+    def _dispatch_pass(self) -> None:
+        if not self.queued:
+            return
+        live = self._live()
+        if not any(s.can_start for s in live.values()):
+            return
+        order = sorted(self.queued.values(), key=lambda q: (
+            q.view.priority != "emergency", ["emergency", "high", "normal", "batch"].index(q.view.priority),
+            q.created_at + (q.view.deadline_s if q.view.deadline_s is not None else 1e12), q.created_at))
+        for q in order:
+            choice = select(q.view, q.plan, live)
+            if choice.backend is None:
+                self.queued.pop(q.job.id, None)
+                self._give_up(q.job.id, "no feasible backend left: " + "; ".join(
+                    f"{b}: {', '.join(s.reasons)}" for b, s in q.plan.filtered.items()), q.plan)
+                continue
+            self.choices[q.job.id] = {"chosen": choice.backend, "reason": choice.reason}
+            if not choice.can_start:
+                continue
+            self._dispatch(q, choice)
+            live = self._live()
+            if not any(s.can_start for s in live.values()):
+                break
+
+    def _dispatch(self, q: Queued, choice: Any) -> None:
+        name = choice.backend
+        m = self.members[name]
+        est = q.plan.estimates[name]
+        expl = explain(q.plan, choice)
+        attempt = self.store.dispatch(q.job.id, name, predicted_s=est.runtime_s, queued_at=q.enqueued_at,
+                                      explanation=expl)
+        self.queued.pop(q.job.id, None)
+        if attempt is None:  # cancelled meanwhile
+            return
+        now = time.time()
+        r = Running(q.job, q.view, q.plan, name, attempt, now, est.runtime_s, created_at=q.created_at)
+        self.running[q.job.id] = r
+        m.running[q.job.id] = now + est.runtime_s
+        ref = m.actor.run.remote(q.job.id, attempt, q.job.payload, q.job.shots)
+        r.task = asyncio.get_running_loop().create_task(self._watch(r, ref))
+
+    def _timeout(self, r: Running) -> float:
+        return max(self.settings.run_timeout_floor_s, self.settings.run_timeout_factor * r.predicted_s)
+
+    async def _watch(self, r: Running, ref: Any, reattached: bool = False) -> None:
+        try:
+            elapsed = time.time() - r.started_at
+            result = await asyncio.wait_for(_aref(ref), max(self._timeout(r) - elapsed, 1.0))
+        except asyncio.CancelledError:
+            ray.cancel(ref)
+            raise
+        except asyncio.TimeoutError:
+            ray.cancel(ref)
+            self._failover(r, "timed_out", f"no result after {self._timeout(r):.0f} s")
+            return
+        except _ACTOR_GONE as exc:
+            self._failover(r, "actor_died", f"{type(exc).__name__}: {str(exc)[:300]}")
+            return
+        except RayTaskError as exc:
+            cause = exc.cause if hasattr(exc, "cause") else exc
+            kind = "backend_error" if isinstance(cause, BackendError) else "error"
+            self._failover(r, kind, f"{type(cause).__name__}: {str(cause)[:500]}")
+            return
+        except Exception as exc:  # noqa: BLE001 - anything else is this attempt's failure
+            self._failover(r, "error", f"{type(exc).__name__}: {str(exc)[:500]}")
+            return
+        if result is None:  # re-attach found nothing: the run was lost with its actor
+            self._failover(r, "lost", "backend actor no longer knew this run", block=False)
+            return
+        self._complete(r, result)
+
+    def _complete(self, r: Running, result: dict[str, Any]) -> None:
+        if self.running.get(r.job.id) is r:
+            self.running.pop(r.job.id)
+        self.members[r.backend].running.pop(r.job.id, None)
+        result = dict(result)
+        result["queue_s"] = r.started_at - (r.created_at or r.started_at)
+        self.store.complete(r.job.id, r.attempt, result)
+        self._notify(r.job.id)
+        self._kick.set()
+
+    def _failover(self, r: Running, outcome: str, error: str, *, block: bool = True) -> None:
+        if self.running.get(r.job.id) is r:
+            self.running.pop(r.job.id)
+        self.members[r.backend].running.pop(r.job.id, None)
+        log.warning("job %s attempt %d on %s: %s (%s)", r.job.id, r.attempt, r.backend, outcome, error)
+        if outcome in ("actor_died", "timed_out"):
+            self.members[r.backend].healthy = False  # until its next health check answers
+        blocked = r.view.blocked | {r.backend} if block else r.view.blocked
+        view = JobView(**{**r.view.__dict__, "blocked": blocked})
+        if r.attempt >= self.settings.max_attempts:
+            self.store.end_attempt(r.job.id, r.attempt, outcome, error, then="fail")
+            self._notify(r.job.id)
+            return
+        if not self.store.end_attempt(r.job.id, r.attempt, outcome, error, then="failover"):
+            return  # cancelled or already finished
+        p = plan(view, [m.view() for m in self.members.values()], self.predictor)
+        # A backend that is only unhealthy (restarting) stays a candidate once it recovers.
+        if not p.estimates and all(s.code == "unresolvable" for s in p.filtered.values()):
+            self._give_up(r.job.id, f"attempt {r.attempt} failed on {r.backend} ({outcome}) and no other "
+                                    "backend can run it", p)
+            return
+        self.queued[r.job.id] = Queued(r.job, view, p, time.time(), r.created_at)
+        self._kick.set()
+
+    def _give_up(self, job_id: str, error: str, p: Plan) -> None:
+        self.store.save_explanation(job_id, explain(p, None))
+        self.store.fail(job_id, error)
+        self._notify(job_id)
+
+    def _notify(self, job_id: str) -> None:
+        for fut in self.waiters.pop(job_id, []):
+            if not fut.done():
+                fut.set_result(None)
+
+    def _attempt_history(self, job_id: str) -> list[dict[str, Any]]:
+        return [{"attempt": a["n"], "backend": a["backend"], "outcome": a["outcome"],
+                 "started_at": a["started_at"], "finished_at": a["finished_at"], "error": a["error"]}
+                for a in self.store.attempts(job_id)]
+
+    # ==== background loops ====================================================================
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            await asyncio.gather(*(self._probe(m) for m in self.members.values()), return_exceptions=True)
+
+    async def _history_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.history_flush_s)
+            try:
+                self._flush_history()
+            except Exception:  # the store keeps the rows; the next flush retries
+                log.exception("history flush failed")
+
+    def _flush_history(self) -> int:
+        rows = self.store.unexported_runs()
+        if not rows:
+            return 0
+        self.history.append(rows)
+        self.store.mark_exported(r["id"] for r in rows)
+        return len(rows)
+
+
+def pool_names(pool: list[str]) -> list[str]:
+    """Expand ``default`` to the registry's default pool, keeping order and dropping repeats."""
+    from ray_qalloc.backends.registry import default_pool
+
+    out: list[str] = []
+    for name in pool:
+        for n in (default_pool() if name == "default" else (name,)):
+            if n not in out:
+                out.append(n)
+    return out
+
+
+async def _aref(ref: Any) -> Any:
+    """Await an ObjectRef (a coroutine, so asyncio.wait_for can cancel it)."""
+    return await ref
+
+
+def allocator_options(settings: Settings) -> dict[str, Any]:
+    return {"name": settings.allocator_name, "namespace": settings.namespace, "lifetime": "detached",
+            "get_if_exists": True, "max_restarts": -1, "max_task_retries": -1, "num_cpus": 0,
+            "max_concurrency": 10_000}
+
+
+RemoteAllocator = ray.remote(Allocator)
+
+__all__ = ["Allocator", "RemoteAllocator", "allocator_options", "GetTimeoutError"]

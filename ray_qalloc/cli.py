@@ -1,0 +1,295 @@
+"""The ``qalloc`` command (typer + rich).
+
+``status`` and ``explain`` read the JobStore directly, so they answer even when no Ray
+cluster is up; ``submit`` and ``demo`` connect to (or start) Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ray_qalloc.config import Settings, load_settings
+from ray_qalloc.exceptions import QAllocError
+
+app = typer.Typer(help="ray-qalloc: place quantum-circuit jobs on the best backend.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+console = Console()
+err_console = Console(stderr=True)
+
+
+class Output(str, Enum):
+    table = "table"
+    json = "json"
+
+
+_state: dict[str, Any] = {}
+
+
+@app.callback()
+def main(data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="QALLOC_DATA_DIR",
+                                                help="Where jobs, history and models live."),
+         output: Output = typer.Option(Output.table, "--output", "-o", help="table or json.")) -> None:
+    """Global options."""
+    _state["data_dir"] = data_dir
+    _state["output"] = output
+
+
+def _settings(**kw: Any) -> Settings:
+    return load_settings(data_dir=_state.get("data_dir"), **kw)
+
+
+def _json_out() -> bool:
+    return _state.get("output") == Output.json
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _fail(exc: QAllocError) -> None:
+    if _json_out():
+        _print_json({"error": exc.to_dict()})
+    else:
+        err_console.print(f"[red]error[/red] {exc}")
+    raise typer.Exit(2)
+
+
+# ---- backends ------------------------------------------------------------------------------
+@app.command()
+def backends() -> None:
+    """The backend pool with each backend's calibration summary."""
+    from ray_qalloc.allocator import pool_names
+    from ray_qalloc.backends.registry import make_backend
+
+    rows = []
+    for name in pool_names(_settings().pool):
+        b = make_backend(name)
+        spec = b.spec()
+        cal = b.calibration()
+        rows.append({"name": spec.name, "kind": spec.kind, "family": spec.family,
+                     "method": spec.method, "device": spec.device, "qubits": spec.num_qubits,
+                     "slots": spec.slots, "resource": spec.resource_name,
+                     "calibration": cal.summary() if cal is not None else None})
+    if _json_out():
+        _print_json(rows)
+        return
+    t = Table(title="ray-qalloc backend pool")
+    for col in ("backend", "kind", "method / device", "qubits", "slots", "T1 µs", "T2 µs", "readout err",
+                "1q err", "2q err"):
+        t.add_column(col, justify="right" if col not in ("backend", "kind", "method / device") else "left")
+    for r in rows:
+        c = r["calibration"] or {}
+        t.add_row(r["name"], r["kind"], r["method"] or r["device"] or "", str(r["qubits"]), str(r["slots"]),
+                  _num(c.get("t1_median_us"), ".0f"), _num(c.get("t2_median_us"), ".0f"),
+                  _num(c.get("readout_error_median"), ".3f"), _num(c.get("gate_1q_error_median"), ".1e"),
+                  _num(c.get("gate_2q_error_median"), ".1e"))
+    console.print(t)
+
+
+def _num(v: Any, fmt: str) -> str:
+    if v is None or v != v:
+        return "-"
+    return format(v, fmt)
+
+
+# ---- submit / status / explain -----------------------------------------------------------------
+@app.command()
+def submit(file: Path = typer.Argument(..., help="OpenQASM 2 or 3 file."),
+           shots: int = typer.Option(1024), priority: str = typer.Option("normal"),
+           intent: str = typer.Option("auto"), deadline_s: Optional[float] = typer.Option(None),
+           fidelity_min: Optional[float] = typer.Option(None), tenant: str = typer.Option("default"),
+           address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
+           wait: bool = typer.Option(True, help="Wait for the result and print it."),
+           timeout: float = typer.Option(600.0, help="Seconds to wait for the result.")) -> None:
+    """Submit one circuit file."""
+    from ray_qalloc.session import connect
+
+    try:
+        text = file.read_bytes()
+    except OSError as exc:
+        err_console.print(f"[red]error[/red] cannot read {file}: {exc.strerror}. To fix: pass an existing file.")
+        raise typer.Exit(2) from None
+    try:
+        qa = connect(address, settings=_settings())
+        try:
+            handle = qa.submit(text.decode("utf-8", errors="strict") if _is_utf8(text) else text, shots=shots,
+                               priority=priority, intent=intent, deadline_s=deadline_s,
+                               fidelity_min=fidelity_min, tenant=tenant)
+            out: dict[str, Any] = {"id": handle.id}
+            if wait:
+                res = handle.result(timeout=timeout)
+                out.update({"state": "completed", "backend": res.backend, "wall_s": res.wall_s,
+                            "queue_s": res.queue_s, "qpu_s": res.qpu_s, "counts": res.counts})
+        finally:
+            qa.shutdown()
+    except QAllocError as exc:
+        _fail(exc)
+        return
+    if _json_out():
+        _print_json(out)
+        return
+    console.print(f"job [bold]{out['id']}[/bold]")
+    if "counts" in out:
+        top = sorted(out["counts"].items(), key=lambda kv: -kv[1])[:8]
+        console.print(f"ran on [cyan]{out['backend']}[/cyan] in {out['wall_s']:.3f} s "
+                      f"(waited {out['queue_s']:.3f} s)")
+        for k, v in top:
+            console.print(f"  {k}  {v}")
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _store():
+    from ray_qalloc.store import JobStore
+
+    return JobStore(_settings().resolved_store_url)
+
+
+@app.command()
+def status(job_id: str) -> None:
+    """A job's state, backend and attempts (read from the store; no Ray needed)."""
+    try:
+        store = _store()
+        rec = store.get(job_id)
+        data = rec.public()
+        data["attempt_history"] = store.attempts(job_id)
+        data["transitions"] = store.transitions(job_id)
+        data["result"] = rec.result
+    except QAllocError as exc:
+        _fail(exc)
+        return
+    if _json_out():
+        _print_json(data)
+        return
+    console.print(f"job [bold]{job_id}[/bold]: [cyan]{data['state']}[/cyan] on {data['backend'] or '-'} "
+                  f"(priority {data['priority']}, intent {data['intent']}, {data['shots']} shots)")
+    for tr in data["transitions"]:
+        console.print(f"  {time.strftime('%H:%M:%S', time.localtime(tr['at']))}  {tr['name']:<9} "
+                      f"{tr['from_state'] or '-'} → {tr['to_state']}  {tr['stimulus'] or ''}")
+    if data["error"]:
+        console.print(f"  [red]{data['error']}[/red]")
+
+
+@app.command()
+def explain(job_id: str) -> None:
+    """Why a job went where it went, and why not elsewhere."""
+    try:
+        store = _store()
+        rec = store.get(job_id)
+        data = rec.explanation or {"job_id": job_id, "chosen": None, "reason": "not yet placed", "backends": {}}
+        data["state"] = rec.state.value
+        data["failover_history"] = [{k: a[k] for k in ("n", "backend", "outcome", "error")}
+                                    for a in store.attempts(job_id)]
+    except QAllocError as exc:
+        _fail(exc)
+        return
+    if _json_out():
+        _print_json(data)
+        return
+    render_explanation(data)
+
+
+def render_explanation(data: dict[str, Any]) -> None:
+    console.print(f"job [bold]{data['job_id']}[/bold] ({data.get('state', '?')}): chosen "
+                  f"[cyan]{data.get('chosen')}[/cyan] — {data.get('reason')}")
+    t = Table()
+    for col in ("backend", "status", "wait s", "run s", "fidelity", "cost", "objective", "why", "chosen"):
+        t.add_column(col)
+    rows = sorted(data.get("backends", {}).items(),
+                  key=lambda kv: (kv[1]["status"] != "scored", kv[1].get("objective", 0.0)))
+    for name, row in rows:
+        if row["status"] == "filtered":
+            t.add_row(name, "filtered", "", "", "", "", "", f"{row['filter']}: {'; '.join(row['reasons'])}", "")
+        else:
+            t.add_row(name, "scored", _num(row.get("wait_s"), ".3g"), _num(row.get("runtime_s"), ".3g"),
+                      _num(row.get("fidelity"), ".3f"), _num(row.get("cost"), ".3g"),
+                      _num(row.get("objective"), ".3f"), row.get("source", ""), "✔" if row.get("chosen") else "")
+    console.print(t)
+    for a in data.get("failover_history", []):
+        if a["outcome"] != "completed":
+            console.print(f"  attempt {a['n']} on {a['backend']}: {a['outcome']} {a.get('error') or ''}")
+
+
+# ---- demo --------------------------------------------------------------------------------------
+@app.command()
+def demo(jobs: int = typer.Option(0, help="Run only the first N demo jobs (0: all)."),
+         num_cpus: Optional[int] = typer.Option(None, help="CPUs for the local Ray (default: all).")) -> None:
+    """Start a local Ray with the default pool, run a mixed MQT Bench workload, print where each job ran."""
+    from ray_qalloc.session import connect
+    from ray_qalloc.workloads import DEMO, mqt_circuit
+
+    items = list(DEMO[:jobs] if jobs else DEMO)
+    t0 = time.time()
+    with console.status("starting Ray, the allocator and the backend pool ..."):
+        try:
+            qa = connect(settings=_settings(), num_cpus=num_cpus)
+        except QAllocError as exc:
+            _fail(exc)
+            return
+    start_s = time.time() - t0
+    rows = []
+    try:
+        handles = []
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=False, disable=_json_out()) as progress:
+            sub = progress.add_task("submitting", total=len(items))
+            for item in items:
+                circuit = mqt_circuit(item.family, item.size)
+                handles.append(qa.submit(circuit, shots=item.shots, priority=item.priority, intent=item.intent,
+                                         fidelity_min=item.fidelity_min, deadline_s=item.deadline_s,
+                                         tenant="demo"))
+                progress.advance(sub)
+            done = progress.add_task("running", total=len(items))
+            for item, h in zip(items, handles):
+                try:
+                    res = h.result(timeout=600)
+                    ex = h.explain()
+                    chosen = ex["backends"].get(res.backend, {})
+                    n_scored = sum(1 for r in ex["backends"].values() if r["status"] == "scored")
+                    n_filtered = len(ex["backends"]) - n_scored
+                    rows.append({"job": item.label, "id": h.id, "priority": item.priority, "intent": item.intent,
+                                 "backend": res.backend,
+                                 "reason": f"best of {n_scored} scored, {n_filtered} filtered",
+                                 "wait_s": res.queue_s, "run_s": res.wall_s, "qpu_s": res.qpu_s,
+                                 "est_fidelity": chosen.get("fidelity"), "attempts": res.attempts})
+                except QAllocError as exc:
+                    rows.append({"job": item.label, "id": h.id, "priority": item.priority, "intent": item.intent,
+                                 "backend": "-", "reason": str(exc)[:60], "wait_s": None, "run_s": None,
+                                 "qpu_s": None, "est_fidelity": None, "attempts": None})
+                progress.advance(done)
+        qa.flush_history()
+    finally:
+        qa.shutdown()
+    total_s = time.time() - t0
+    if _json_out():
+        _print_json({"jobs": rows, "startup_s": start_s, "total_s": total_s})
+        return
+    t = Table(title=f"ray-qalloc demo: {len(rows)} jobs (start-up {start_s:.1f} s, total {total_s:.1f} s)")
+    for col in ("job", "priority", "intent", "backend", "reason", "wait s", "run s", "QPU s", "est. fidelity"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["job"], r["priority"], r["intent"], r["backend"], r["reason"], _num(r["wait_s"], ".3f"),
+                  _num(r["run_s"], ".3f"), _num(r["qpu_s"], ".2f"), _num(r["est_fidelity"], ".3f"))
+    console.print(t)
+    console.print("Explain any job: [bold]qalloc explain JOB_ID[/bold]  (ids: qalloc -o json demo)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,117 @@
+"""One typed configuration tree, with ``QALLOC_*`` environment overrides.
+
+Why a tree and not loose keyword arguments: the allocator, the backends, the CLI and the
+tests all need the same limits and paths, and the allocator actor is rebuilt by Ray from
+its constructor arguments after a crash, so the whole configuration must be one
+picklable value.
+
+Environment overrides use ``QALLOC_`` plus the field path joined by ``__`` (for example
+``QALLOC_DATA_DIR=/srv/qalloc`` or ``QALLOC_LIMITS__MAX_QUBITS=40``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ray_qalloc.exceptions import ConfigError
+
+ENV_PREFIX = "QALLOC_"
+
+
+class Limits(BaseModel):
+    """Intake limits: checked before any expensive work is done on a job."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_qasm_bytes: int = Field(1_000_000, gt=0, description="Largest accepted circuit text, in bytes.")
+    max_qubits: int = Field(160, gt=0, description="Most qubits a circuit may declare.")
+    max_clbits: int = Field(1_024, gt=0, description="Most classical bits a circuit may declare.")
+    max_gates: int = Field(2_000_000, gt=0,
+                           description="Most operations after expanding custom gate definitions.")
+    max_shots: int = Field(1_000_000, gt=0, description="Most shots a job may ask for.")
+    max_deadline_s: float = Field(7 * 86_400.0, gt=0, description="Longest accepted deadline.")
+
+
+class Settings(BaseModel):
+    """Everything ray-qalloc reads at start-up."""
+
+    model_config = ConfigDict(frozen=True)
+
+    data_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_data_dir("ray-qalloc")),
+                           description="Where everything written at run time lives.")
+    store_url: str | None = Field(None, description="SQLAlchemy URL of the JobStore; "
+                                  "default: SQLite file jobs.db under data_dir.")
+    namespace: str = Field("qalloc", description="Ray namespace of the allocator and backends.")
+    allocator_name: str = Field("qalloc-allocator", description="Name of the detached allocator actor.")
+    limits: Limits = Field(default_factory=Limits)
+    pool: list[str] = Field(default_factory=lambda: ["default"],
+                            description="Backends to start: 'default', or backend names.")
+    sim_threads: int = Field(1, gt=0, description="Threads one simulator run may use.")
+    health_interval_s: float = Field(2.0, gt=0, description="How often backends are pinged.")
+    health_timeout_s: float = Field(5.0, gt=0, description="A ping slower than this marks a backend unhealthy.")
+    run_timeout_floor_s: float = Field(120.0, gt=0,
+                                       description="An attempt never times out sooner than this.")
+    run_timeout_factor: float = Field(20.0, gt=1,
+                                      description="An attempt times out after this many predicted runtimes.")
+    max_attempts: int = Field(5, gt=0, description="Attempts per job before it is failed.")
+    history_flush_s: float = Field(5.0, gt=0, description="How often the Parquet run history is written.")
+
+    @model_validator(mode="after")
+    def _absolute(self) -> "Settings":
+        if not self.data_dir.is_absolute():
+            object.__setattr__(self, "data_dir", self.data_dir.resolve())
+        return self
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"sqlite:///{self.data_dir / 'jobs.db'}"
+
+    @property
+    def history_dir(self) -> Path:
+        return self.data_dir / "history"
+
+    def copy_with(self, **changes: Any) -> "Settings":
+        return self.model_copy(update=changes)
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or not value:
+            continue
+        path = key[len(ENV_PREFIX):].lower().split("__")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        leaf = path[-1]
+        node[leaf] = value.split(",") if leaf == "pool" else value
+    return tree
+
+
+def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """Defaults, then ``QALLOC_*`` variables, then explicit keyword arguments."""
+    data = _env_overrides(dict(os.environ if environ is None else environ))
+    known = set(Settings.model_fields)
+    unknown = sorted(k for k in data if k not in known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) from the environment: {', '.join('QALLOC_' + k.upper() for k in unknown)}.",
+                          fix="remove them or check their spelling against ray_qalloc.config.Settings.")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "limits" and isinstance(value, dict):
+            data["limits"] = {**data.get("limits", {}), **value}
+        else:
+            data[key] = value
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"setting {where!r} is invalid: {err['msg']}.", field=where,
+                          fix=f"set QALLOC_{where.upper().replace('.', '__')} to a valid value.") from None

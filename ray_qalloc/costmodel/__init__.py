@@ -1,0 +1,1 @@
+"""Cost model: runtime and fidelity predictions per (job, backend)."""

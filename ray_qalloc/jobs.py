@@ -1,0 +1,196 @@
+"""Jobs as users describe them, jobs as intake accepts them, and the states a job goes through.
+
+Intake runs once, in the caller's process, before anything is stored: a job that passes
+``prepare_job`` is well-formed, within limits and carries everything placement needs
+(qubits, operations, features), so nothing malformed travels further.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ray_qalloc.config import Limits
+from ray_qalloc.exceptions import InvalidJobSpec, LimitExceeded
+
+
+class Priority(str, enum.Enum):
+    """Priority classes, most urgent first."""
+
+    EMERGENCY = "emergency"
+    HIGH = "high"
+    NORMAL = "normal"
+    BATCH = "batch"
+
+    @property
+    def rank(self) -> int:
+        return _PRIORITY_RANK[self]
+
+
+_PRIORITY_RANK = {Priority.EMERGENCY: 0, Priority.HIGH: 1, Priority.NORMAL: 2, Priority.BATCH: 3}
+
+
+class Intent(str, enum.Enum):
+    """Where a job may run: ``quantum`` needs a QPU, ``classical`` a simulator."""
+
+    AUTO = "auto"
+    QUANTUM = "quantum"
+    CLASSICAL = "classical"
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"          # accepted and stored, waiting for a backend
+    RUNNING = "running"        # an attempt is on a backend
+    COMPLETED = "completed"    # result recorded (exactly once)
+    FAILED = "failed"          # gave up: no backend could run it, or too many attempts
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+
+# Named transitions: the only way a job's state changes. (name -> allowed sources, target)
+TRANSITIONS: dict[str, tuple[frozenset[JobState], JobState]] = {
+    "accept": (frozenset(), JobState.QUEUED),
+    "dispatch": (frozenset({JobState.QUEUED}), JobState.RUNNING),
+    "complete": (frozenset({JobState.RUNNING}), JobState.COMPLETED),
+    "failover": (frozenset({JobState.RUNNING}), JobState.QUEUED),
+    "requeue": (frozenset({JobState.RUNNING}), JobState.QUEUED),
+    "fail": (frozenset({JobState.QUEUED, JobState.RUNNING}), JobState.FAILED),
+    "cancel": (frozenset({JobState.QUEUED, JobState.RUNNING}), JobState.CANCELLED),
+}
+
+_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+class JobSpec(BaseModel):
+    """A job as a user submits it (field names follow the trace format)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", frozen=True)
+
+    circuit: Any = Field(description="OpenQASM 2 or 3 text, or (in-process) a QuantumCircuit.")
+    shots: int = Field(1024, description="Number of shots.")
+    priority: Priority = Priority.NORMAL
+    deadline_s: float | None = Field(None, description="Seconds from submission to the wanted result.")
+    intent: Intent = Intent.AUTO
+    fidelity_min: float | None = Field(None, description="Lowest acceptable estimated fidelity, in (0, 1].")
+    tenant: str = "default"
+    idempotency_key: str | None = Field(None, max_length=200)
+    backends: tuple[str, ...] | None = Field(None, description="Only these backends may run the job.")
+
+    @field_validator("shots", mode="before")
+    @classmethod
+    def _int_shots(cls, v: Any) -> Any:
+        if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+            raise ValueError("must be a whole number")
+        return v
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, v: str) -> str:
+        if not _TENANT_RE.match(v):
+            raise ValueError("must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit")
+        return v
+
+    @field_validator("fidelity_min")
+    @classmethod
+    def _fidelity(cls, v: float | None) -> float | None:
+        if v is not None and not (0.0 < v <= 1.0):
+            raise ValueError("must be in (0, 1]")
+        return v
+
+
+def make_spec(**fields: Any) -> JobSpec:
+    """Build a JobSpec, turning pydantic's errors into a typed error naming the field."""
+    try:
+        return JobSpec(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "job"
+        raise InvalidJobSpec(f"field {where!r} is invalid: {err['msg']} (got {err.get('input')!r:.80}).",
+                             field=where, fix=_FIX.get(where, "see ray_qalloc.jobs.JobSpec for the accepted values.")) from None
+
+
+_FIX = {
+    "shots": "pass a whole number of shots between 1 and the configured maximum.",
+    "priority": "use one of emergency, high, normal, batch.",
+    "intent": "use one of auto, quantum, classical.",
+    "fidelity_min": "pass a number in (0, 1], or leave it out.",
+    "deadline_s": "pass a positive number of seconds, or leave it out.",
+    "tenant": "use a short name of letters, digits, '_', '.' or '-'.",
+    "backends": "pass a list of backend names (see `qalloc backends`), or leave it out.",
+}
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A job that passed intake: validated, normalised and featurised, not yet stored."""
+
+    id: str
+    tenant: str
+    priority: Priority
+    intent: Intent
+    shots: int
+    deadline_s: float | None
+    fidelity_min: float | None
+    idempotency_key: str | None
+    payload: bytes
+    source_format: str
+    num_qubits: int
+    num_clbits: int
+    ops: frozenset[str]
+    features: dict[str, float] = field(default_factory=dict)
+    backends: tuple[str, ...] | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"id": self.id, "tenant": self.tenant, "priority": self.priority.value,
+                "intent": self.intent.value, "shots": self.shots, "num_qubits": self.num_qubits}
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def check_limits(spec: JobSpec, limits: Limits) -> None:
+    """Limits that need no parsing, checked first."""
+    if spec.shots < 1 or spec.shots > limits.max_shots:
+        raise LimitExceeded(f"shots={spec.shots} is outside 1..{limits.max_shots}.", field="shots",
+                            fix=f"ask for at most {limits.max_shots} shots (split larger runs into several jobs).",
+                            limit=limits.max_shots)
+    if spec.deadline_s is not None and not (0 < spec.deadline_s <= limits.max_deadline_s):
+        raise LimitExceeded(f"deadline_s={spec.deadline_s} is outside (0, {limits.max_deadline_s}].",
+                            field="deadline_s", fix="pass a positive deadline in seconds, or none.",
+                            limit=limits.max_deadline_s)
+
+
+def prepare_job(spec: JobSpec, limits: Limits, *, job_id: str | None = None) -> PreparedJob:
+    """Validate and normalise one job; raise a typed IntakeError on anything wrong."""
+    from ray_qalloc import circuits  # qiskit import kept off the module import path
+
+    check_limits(spec, limits)
+    parsed = circuits.parse_circuit(spec.circuit, limits)
+    circuit = circuits.ensure_measured(parsed.circuit)
+    if circuit.num_clbits > limits.max_clbits:
+        raise LimitExceeded(f"circuit: measuring all {circuit.num_qubits} qubits needs {circuit.num_clbits} "
+                            f"classical bits, more than max_clbits={limits.max_clbits}.", field="circuit",
+                            fix="add explicit measurements of the qubits you need.", limit=limits.max_clbits)
+    ops = dict(parsed.expanded_ops)
+    if circuit is not parsed.circuit:
+        ops["measure"] = ops.get("measure", 0) + circuit.num_qubits
+    feats = circuits.circuit_features(circuit, shots=spec.shots, op_counts=ops)
+    return PreparedJob(
+        id=job_id or new_job_id(), tenant=spec.tenant, priority=spec.priority, intent=spec.intent,
+        shots=spec.shots, deadline_s=spec.deadline_s, fidelity_min=spec.fidelity_min,
+        idempotency_key=spec.idempotency_key, payload=circuits.encode_payload(spec.circuit, parsed),
+        source_format=parsed.source_format, num_qubits=circuit.num_qubits,
+        num_clbits=circuit.num_clbits, ops=frozenset(ops),
+        features=feats, backends=spec.backends,
+    )

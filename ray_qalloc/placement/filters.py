@@ -1,0 +1,138 @@
+"""Filters: each removes backends that cannot run a job, and says why.
+
+One small class per concern (Kubernetes scheduling framework style): a filter returns
+``OK`` or a Status with reasons, never raises for an expected outcome.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ray_qalloc.placement.model import OK, BackendView, Estimate, JobView, Status
+
+# Operations every backend accepts: transpilation maps standard gates to any basis.
+_DIRECTIVES = frozenset({"measure", "barrier", "reset", "delay", "id"})
+_CONTROL_FLOW = frozenset({"if_else", "for_loop", "while_loop", "switch_case", "break_loop", "continue_loop"})
+CLIFFORD_OPS = frozenset({"h", "s", "sdg", "x", "y", "z", "cx", "cz", "cy", "swap", "id", "sx", "sxdg",
+                          "iswap", "ecr", "dcx"}) | _DIRECTIVES
+
+
+class Filter(Protocol):
+    name: str
+
+    def check(self, job: JobView, backend: BackendView) -> Status: ...
+
+
+class QubitsFilter:
+    name = "qubits"
+
+    def check(self, job: JobView, backend: BackendView) -> Status:
+        if job.num_qubits > backend.spec.num_qubits:
+            return Status("unresolvable", self.name,
+                          (f"needs {job.num_qubits} qubits, backend has {backend.spec.num_qubits}",))
+        return OK
+
+
+class MemoryFilter:
+    """A statevector needs 16·2ⁿ bytes, a density matrix 16·4ⁿ."""
+
+    name = "memory"
+
+    def check(self, job: JobView, backend: BackendView) -> Status:
+        spec = backend.spec
+        if spec.memory_bytes is None or spec.kind != "simulator":
+            return OK
+        need = memory_needed(spec.method, job.num_qubits)
+        if need > spec.memory_bytes:
+            return Status("unresolvable", self.name,
+                          (f"{spec.method} of {job.num_qubits} qubits needs {_gib(need)}, "
+                           f"backend may use {_gib(spec.memory_bytes)}",))
+        return OK
+
+
+def memory_needed(method: str | None, n: int) -> float:
+    if method == "statevector":
+        return 16.0 * 2.0 ** n
+    if method == "density_matrix":
+        return 16.0 * 4.0 ** n
+    return 0.0
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+class OperationsFilter:
+    name = "operations"
+
+    def check(self, job: JobView, backend: BackendView) -> Status:
+        spec = backend.spec
+        ops = job.ops - _DIRECTIVES
+        if spec.clifford_only:
+            bad = sorted(ops - CLIFFORD_OPS)
+            if bad:
+                return Status("unresolvable", self.name, (f"not Clifford: {', '.join(bad[:5])}",))
+        flow = ops & _CONTROL_FLOW
+        if flow and spec.basis_gates and not flow <= set(spec.basis_gates):
+            return Status("unresolvable", self.name,
+                          (f"no support for {', '.join(sorted(flow - set(spec.basis_gates)))}",))
+        return OK
+
+
+class IntentFilter:
+    name = "intent"
+
+    def check(self, job: JobView, backend: BackendView) -> Status:
+        kind = backend.spec.kind
+        if job.intent == "quantum" and kind != "qpu":
+            return Status("unresolvable", self.name, ("intent 'quantum' needs a QPU",))
+        if job.intent == "classical" and kind != "simulator":
+            return Status("unresolvable", self.name, ("intent 'classical' needs a simulator",))
+        return OK
+
+
+class AllowListFilter:
+    """The job (or its tenant) named the backends it may use."""
+
+    name = "allow_list"
+
+    def check(self, job: JobView, backend: BackendView) -> Status:
+        if job.allowed is not None and backend.name not in job.allowed:
+            return Status("unresolvable", self.name, ("not in the job's list of allowed backends",))
+        return OK
+
+
+class HealthFilter:
+    name = "health"
+
+    def check(self, job: JobView, backend: BackendView) -> Status:
+        if not backend.healthy:
+            return Status("unschedulable", self.name, ("backend failed its last health check",))
+        return OK
+
+
+class BlockedFilter:
+    """Failover: a backend that failed this job is not tried for it again."""
+
+    name = "failover"
+
+    def check(self, job: JobView, backend: BackendView) -> Status:
+        if backend.name in job.blocked:
+            return Status("unresolvable", self.name, ("an earlier attempt of this job failed here",))
+        return OK
+
+
+class FidelityFilter:
+    """Runs after estimation: needs the predicted fidelity."""
+
+    name = "fidelity"
+
+    def check_estimate(self, job: JobView, estimate: Estimate) -> Status:
+        if job.fidelity_min is not None and estimate.fidelity < job.fidelity_min:
+            return Status("unresolvable", self.name,
+                          (f"estimated fidelity {estimate.fidelity:.3f} < floor {job.fidelity_min:.3f}",))
+        return OK
+
+
+DEFAULT_FILTERS: tuple[Filter, ...] = (AllowListFilter(), IntentFilter(), QubitsFilter(), MemoryFilter(), OperationsFilter(),
+                                       BlockedFilter(), HealthFilter())

@@ -1,0 +1,408 @@
+"""JobStore: the durable record of every accepted job, its transitions and its attempts.
+
+Why it exists: the allocator's queue lives in memory and is rebuilt from here on every
+start, so a job written here survives any crash after it. A job's state changes only
+through the named transitions of ``jobs.TRANSITIONS``; each one is a conditional UPDATE
+(``WHERE state IN sources``) committed together with its transition row, *before* the
+side effect it announces (a dispatch, a reply). That conditional update is also what makes
+completion exactly-once: a second "complete" for a job finds it no longer RUNNING and
+changes nothing.
+
+SQLite in WAL mode is the embedded default; any SQLAlchemy URL (PostgreSQL for clusters)
+selects another database.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from ray_qalloc.exceptions import JobNotFound, StoreError
+from ray_qalloc.jobs import TERMINAL_STATES, TRANSITIONS, Intent, JobState, PreparedJob, Priority
+
+SCHEMA_VERSION = 1
+
+metadata = sa.MetaData()
+
+jobs_table = sa.Table(
+    "jobs", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("idempotency_key", sa.String(200)),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("priority", sa.String(16), nullable=False),
+    sa.Column("intent", sa.String(16), nullable=False),
+    sa.Column("shots", sa.Integer, nullable=False),
+    sa.Column("deadline_s", sa.Float),
+    sa.Column("fidelity_min", sa.Float),
+    sa.Column("num_qubits", sa.Integer, nullable=False),
+    sa.Column("num_clbits", sa.Integer, nullable=False),
+    sa.Column("ops", sa.Text, nullable=False),            # JSON list
+    sa.Column("features", sa.Text, nullable=False),       # JSON object
+    sa.Column("source_format", sa.String(16), nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("backend", sa.String(128)),                 # current or last backend
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("result", sa.Text),                         # JSON RunResult
+    sa.Column("error", sa.Text),
+    sa.Column("explanation", sa.Text),                    # JSON of the last placement
+    sa.Column("allowed_backends", sa.Text),               # JSON list, or NULL for any
+    sa.UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idem"),
+)
+sa.Index("ix_jobs_state", jobs_table.c.state)
+sa.Index("ix_jobs_tenant_created", jobs_table.c.tenant, jobs_table.c.created_at)
+
+transitions_table = sa.Table(
+    "transitions", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(64), nullable=False, index=True),
+    sa.Column("name", sa.String(32), nullable=False),
+    sa.Column("from_state", sa.String(16)),
+    sa.Column("to_state", sa.String(16), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("stimulus", sa.Text),
+)
+
+attempts_table = sa.Table(
+    "attempts", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(64), nullable=False, index=True),
+    sa.Column("n", sa.Integer, nullable=False),
+    sa.Column("backend", sa.String(128), nullable=False),
+    sa.Column("outcome", sa.String(32), nullable=False),   # running|completed|actor_died|timed_out|backend_error|...
+    sa.Column("queued_at", sa.Float),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("predicted_s", sa.Float),
+    sa.Column("wall_s", sa.Float),
+    sa.Column("transpile_s", sa.Float),
+    sa.Column("execute_s", sa.Float),
+    sa.Column("qpu_s", sa.Float),
+    sa.Column("provider_job_id", sa.String(128)),
+    sa.Column("error", sa.Text),
+    sa.Column("exported", sa.Boolean, nullable=False, default=False),
+    sa.UniqueConstraint("job_id", "n", name="uq_attempts_job_n"),
+)
+
+meta_table = sa.Table(
+    "qalloc_meta", metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+
+@dataclass
+class JobRecord:
+    """One row of ``jobs``, decoded."""
+
+    id: str
+    tenant: str
+    idempotency_key: str | None
+    state: JobState
+    priority: Priority
+    intent: Intent
+    shots: int
+    deadline_s: float | None
+    fidelity_min: float | None
+    num_qubits: int
+    num_clbits: int
+    ops: frozenset[str]
+    features: dict[str, float]
+    source_format: str
+    created_at: float
+    updated_at: float
+    backend: str | None
+    attempts: int
+    result: dict[str, Any] | None
+    error: str | None
+    explanation: dict[str, Any] | None
+    allowed_backends: tuple[str, ...] | None = None
+    payload: bytes = field(repr=False, default=b"")
+
+    def to_prepared(self) -> PreparedJob:
+        return PreparedJob(
+            id=self.id, tenant=self.tenant, priority=self.priority, intent=self.intent, shots=self.shots,
+            deadline_s=self.deadline_s, fidelity_min=self.fidelity_min,
+            idempotency_key=self.idempotency_key, payload=self.payload,
+            source_format=self.source_format, num_qubits=self.num_qubits, num_clbits=self.num_clbits,
+            ops=self.ops, features=self.features, backends=self.allowed_backends)
+
+    def public(self) -> dict[str, Any]:
+        """What a client may see of its job (no circuit bytes)."""
+        return {
+            "id": self.id, "tenant": self.tenant, "state": self.state.value,
+            "priority": self.priority.value, "intent": self.intent.value, "shots": self.shots,
+            "deadline_s": self.deadline_s, "fidelity_min": self.fidelity_min,
+            "num_qubits": self.num_qubits, "created_at": self.created_at,
+            "updated_at": self.updated_at, "backend": self.backend, "attempts": self.attempts,
+            "error": self.error,
+        }
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _row_to_record(row: sa.Row, with_circuit: bool) -> JobRecord:
+    m = row._mapping
+    return JobRecord(
+        id=m["id"], tenant=m["tenant"], idempotency_key=m["idempotency_key"], state=JobState(m["state"]),
+        priority=Priority(m["priority"]), intent=Intent(m["intent"]), shots=m["shots"],
+        deadline_s=m["deadline_s"], fidelity_min=m["fidelity_min"], num_qubits=m["num_qubits"],
+        num_clbits=m["num_clbits"], ops=frozenset(json.loads(m["ops"])), features=json.loads(m["features"]),
+        source_format=m["source_format"], created_at=m["created_at"], updated_at=m["updated_at"],
+        backend=m["backend"], attempts=m["attempts"], result=_loads(m["result"]), error=m["error"],
+        explanation=_loads(m["explanation"]),
+        allowed_backends=tuple(json.loads(m["allowed_backends"])) if m["allowed_backends"] else None,
+        payload=bytes(m["payload"]) if with_circuit else b"",
+    )
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")   # durable across process crashes; fsync at checkpoints
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the settings each database needs (WAL and busy timeout for SQLite)."""
+    try:
+        if url.startswith("sqlite"):
+            path = sa.engine.make_url(url).database
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            engine = sa.create_engine(url, connect_args={"check_same_thread": False})
+            sa.event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            engine = sa.create_engine(url, pool_pre_ping=True)
+        metadata.create_all(engine)
+    except sa.exc.SQLAlchemyError as exc:
+        raise StoreError(f"cannot open the job store at {url!r}: {exc.__class__.__name__}: {exc}",
+                         fix="check the data directory is writable, or the database URL and server.") from None
+    return engine
+
+
+class JobStore:
+    """Durable jobs, transitions and attempts behind SQLAlchemy Core."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- intake -------------------------------------------------------------------------
+    def add_job(self, job: PreparedJob, *, now: float | None = None) -> tuple[str, bool]:
+        """Store a new job (state QUEUED) and return ``(job_id, created)``.
+
+        With an idempotency key already used by the same tenant, nothing is written and the
+        existing job's id is returned with ``created=False``.
+        """
+        now = time.time() if now is None else now
+        if job.idempotency_key is not None:
+            existing = self.find_by_key(job.tenant, job.idempotency_key)
+            if existing is not None:
+                return existing, False
+        row = {
+            "id": job.id, "tenant": job.tenant, "idempotency_key": job.idempotency_key,
+            "state": JobState.QUEUED.value, "priority": job.priority.value, "intent": job.intent.value,
+            "shots": job.shots, "deadline_s": job.deadline_s, "fidelity_min": job.fidelity_min,
+            "num_qubits": job.num_qubits, "num_clbits": job.num_clbits,
+            "ops": json.dumps(sorted(job.ops)), "features": json.dumps(job.features),
+            "source_format": job.source_format, "payload": job.payload,
+            "created_at": now, "updated_at": now, "attempts": 0,
+            "allowed_backends": json.dumps(list(job.backends)) if job.backends else None,
+        }
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(jobs_table.insert().values(**row))
+                conn.execute(transitions_table.insert().values(
+                    job_id=job.id, name="accept", from_state=None, to_state=JobState.QUEUED.value,
+                    at=now, stimulus="submitted"))
+        except sa.exc.IntegrityError:
+            if job.idempotency_key is not None:  # lost a race with the same key
+                existing = self.find_by_key(job.tenant, job.idempotency_key)
+                if existing is not None:
+                    return existing, False
+            raise StoreError(f"job id {job.id!r} already exists.", fix="submit with a new id.") from None
+        return job.id, True
+
+    def find_by_key(self, tenant: str, key: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(jobs_table.c.id).where(
+                jobs_table.c.tenant == tenant, jobs_table.c.idempotency_key == key)).scalar()
+
+    # ---- transitions --------------------------------------------------------------------
+    def _transition(self, conn: sa.Connection, job_id: str, name: str, stimulus: str,
+                    now: float, **fields: Any) -> JobState | None:
+        sources, target = TRANSITIONS[name]
+        current = conn.execute(sa.select(jobs_table.c.state).where(jobs_table.c.id == job_id)).scalar()
+        if current is None or JobState(current) not in sources:
+            return None
+        res = conn.execute(jobs_table.update().where(
+            jobs_table.c.id == job_id, jobs_table.c.state == current).values(
+            state=target.value, updated_at=now, **fields))
+        if res.rowcount != 1:
+            return None
+        conn.execute(transitions_table.insert().values(
+            job_id=job_id, name=name, from_state=current, to_state=target.value, at=now,
+            stimulus=stimulus))
+        return JobState(current)
+
+    def transition(self, job_id: str, name: str, *, stimulus: str = "", **fields: Any) -> bool:
+        """Apply one named transition; False (and nothing written) if the job is not in a source state."""
+        with self.engine.begin() as conn:
+            return self._transition(conn, job_id, name, stimulus, time.time(), **fields) is not None
+
+    def dispatch(self, job_id: str, backend: str, *, predicted_s: float | None, queued_at: float | None,
+                 explanation: dict[str, Any] | None = None) -> int | None:
+        """QUEUED → RUNNING plus a new attempt row, atomically. Returns the attempt number."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            n = (conn.execute(sa.select(jobs_table.c.attempts).where(jobs_table.c.id == job_id)).scalar() or 0) + 1
+            extra: dict[str, Any] = {"backend": backend, "attempts": n}
+            if explanation is not None:
+                extra["explanation"] = json.dumps(explanation)
+            if self._transition(conn, job_id, "dispatch", f"placed on {backend}", now, **extra) is None:
+                return None
+            conn.execute(attempts_table.insert().values(
+                job_id=job_id, n=n, backend=backend, outcome="running", queued_at=queued_at,
+                started_at=now, predicted_s=predicted_s, exported=False))
+        return n
+
+    def set_provider_job_id(self, job_id: str, attempt: int, provider_job_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(attempts_table.update().where(
+                attempts_table.c.job_id == job_id, attempts_table.c.n == attempt).values(
+                provider_job_id=provider_job_id))
+
+    def complete(self, job_id: str, attempt: int, result: dict[str, Any]) -> bool:
+        """Record the result once. False if the job was already completed, failed or cancelled."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            prev = self._transition(conn, job_id, "complete", f"attempt {attempt} on {result.get('backend')}",
+                                    now, result=json.dumps(result), backend=result.get("backend"))
+            self._finish_attempt(conn, job_id, attempt, "completed" if prev else "superseded", now,
+                                 result=result)
+        return prev is not None
+
+    def end_attempt(self, job_id: str, attempt: int, outcome: str, error: str, *,
+                    then: str = "failover") -> bool:
+        """Close a failed attempt and move the job (``failover``/``requeue`` to QUEUED, or ``fail``)."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            self._finish_attempt(conn, job_id, attempt, outcome, now, error=error)
+            fields = {"error": error} if then == "fail" else {}
+            return self._transition(conn, job_id, then, f"attempt {attempt}: {outcome}", now, **fields) is not None
+
+    def _finish_attempt(self, conn: sa.Connection, job_id: str, attempt: int, outcome: str, now: float,
+                        *, result: dict[str, Any] | None = None, error: str | None = None) -> None:
+        values: dict[str, Any] = {"outcome": outcome, "finished_at": now}
+        if result is not None:
+            for key in ("wall_s", "transpile_s", "execute_s", "qpu_s", "provider_job_id"):
+                if result.get(key) is not None:
+                    values[key] = result[key]
+        if error is not None:
+            values["error"] = error[:2000]
+        conn.execute(attempts_table.update().where(
+            attempts_table.c.job_id == job_id, attempts_table.c.n == attempt,
+            attempts_table.c.outcome == "running").values(**values))
+
+    def fail(self, job_id: str, error: str) -> bool:
+        return self.transition(job_id, "fail", stimulus="gave up", error=error[:2000])
+
+    def cancel(self, job_id: str) -> bool:
+        return self.transition(job_id, "cancel", stimulus="cancelled by caller")
+
+    def save_explanation(self, job_id: str, explanation: dict[str, Any]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(jobs_table.update().where(jobs_table.c.id == job_id).values(
+                explanation=json.dumps(explanation)))
+
+    # ---- reads --------------------------------------------------------------------------
+    def get(self, job_id: str, *, with_circuit: bool = False) -> JobRecord:
+        cols = list(jobs_table.c) if with_circuit else [c for c in jobs_table.c if c.name != "payload"]
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(*cols).where(jobs_table.c.id == job_id)).first()
+        if row is None:
+            raise JobNotFound(f"no job with id {job_id!r}.", field="job_id",
+                              fix="check the id (as printed by submit) and the data directory.")
+        return _row_to_record(row, with_circuit)
+
+    def active(self) -> list[JobRecord]:
+        """Jobs that are not finished, oldest first: what a (re)started allocator must carry on."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs_table).where(
+                jobs_table.c.state.in_([JobState.QUEUED.value, JobState.RUNNING.value])).order_by(
+                jobs_table.c.created_at)).all()
+        return [_row_to_record(r, True) for r in rows]
+
+    def list_jobs(self, *, tenant: str | None = None, limit: int = 100, offset: int = 0) -> list[JobRecord]:
+        q = sa.select(*[c for c in jobs_table.c if c.name != "payload"]).order_by(
+            jobs_table.c.created_at.desc()).limit(limit).offset(offset)
+        if tenant is not None:
+            q = q.where(jobs_table.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            return [_row_to_record(r, False) for r in conn.execute(q).all()]
+
+    def transitions(self, job_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(transitions_table).where(
+                transitions_table.c.job_id == job_id).order_by(transitions_table.c.id)).all()
+        return [dict(r._mapping) for r in rows]
+
+    def attempts(self, job_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(attempts_table).where(
+                attempts_table.c.job_id == job_id).order_by(attempts_table.c.n)).all()
+        return [dict(r._mapping) for r in rows]
+
+    def attempt(self, job_id: str, n: int) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(attempts_table).where(
+                attempts_table.c.job_id == job_id, attempts_table.c.n == n)).first()
+        return None if row is None else dict(row._mapping)
+
+    def counts_by_state(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs_table.c.state, sa.func.count()).group_by(jobs_table.c.state)).all()
+        return {s: n for s, n in rows}
+
+    # ---- run history export ---------------------------------------------------------------
+    def unexported_runs(self, limit: int = 10_000) -> list[dict[str, Any]]:
+        """Finished attempts joined with their job's features, not yet in the Parquet history."""
+        a, j = attempts_table, jobs_table
+        q = (sa.select(a.c.id, a.c.job_id, a.c.n, a.c.backend, a.c.outcome, a.c.queued_at, a.c.started_at,
+                       a.c.finished_at, a.c.predicted_s, a.c.wall_s, a.c.transpile_s, a.c.execute_s,
+                       a.c.qpu_s, a.c.error, j.c.features, j.c.shots, j.c.num_qubits, j.c.tenant,
+                       j.c.priority, j.c.intent)
+             .join(j, j.c.id == a.c.job_id)
+             .where(a.c.exported.is_(False), a.c.outcome != "running")
+             .order_by(a.c.id).limit(limit))
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q).all()]
+
+    def mark_exported(self, attempt_ids: Iterable[int]) -> None:
+        ids = list(attempt_ids)
+        if not ids:
+            return
+        with self.engine.begin() as conn:
+            for i in range(0, len(ids), 500):
+                conn.execute(attempts_table.update().where(attempts_table.c.id.in_(ids[i:i + 500])).values(
+                    exported=True))
+
+
+def is_terminal(state: JobState) -> bool:
+    return state in TERMINAL_STATES

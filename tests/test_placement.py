@@ -1,0 +1,120 @@
+"""Placement pipeline: table-driven filters, selection against brute force, explain coverage."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import sys
+
+import pytest
+
+from ray_qalloc.backends.base import BackendSpec
+from ray_qalloc.costmodel.prior import HeuristicPrior, qpu_fidelity, simulator_runtime
+from ray_qalloc.placement import BackendView, JobView, LiveState, explain, plan, select
+from ray_qalloc.placement.filters import (AllowListFilter, BlockedFilter, HealthFilter, IntentFilter, MemoryFilter,
+                                          OperationsFilter, QubitsFilter)
+from ray_qalloc.placement.model import Estimate, Plan
+
+SV = BackendSpec("aer_statevector", "simulator", "aer", 30, method="statevector", memory_bytes=2**30)
+DM = BackendSpec("aer_density_matrix", "simulator", "aer", 15, method="density_matrix", memory_bytes=2**30)
+STAB = BackendSpec("aer_stabilizer", "simulator", "aer", 5000, method="stabilizer", clifford_only=True)
+MPS = BackendSpec("aer_mps", "simulator", "aer", 1000, method="matrix_product_state")
+QPU = BackendSpec("qpu_a", "qpu", "fake_qpu", 127, device="fake_a", noisy=True,
+                  basis_gates=("cz", "rz", "sx", "x", "measure"))
+CAL = {"t1_median_us": 200.0, "t2_median_us": 150.0, "readout_error_median": 0.02,
+       "gate_1q_error_median": 2e-4, "gate_2q_error_median": 5e-3}
+
+
+def job(**kw) -> JobView:
+    base = dict(id="j", num_qubits=3, ops=frozenset({"h", "cx", "measure"}),
+                features={"size": 3.0, "depth": 3.0, "two_qubit_count": 2.0, "measure_count": 3.0,
+                          "cut_max": 1.0, "two_qubit_depth": 2.0},
+                shots=1000)
+    base.update(kw)
+    return JobView(**base)
+
+
+@pytest.mark.parametrize("flt, j, spec, healthy, code", [
+    (QubitsFilter(), job(num_qubits=31), SV, True, "unresolvable"),
+    (QubitsFilter(), job(num_qubits=30), SV, True, "ok"),
+    (MemoryFilter(), job(num_qubits=27), SV, True, "unresolvable"),     # 16·2^27 = 2 GiB > 1 GiB
+    (MemoryFilter(), job(num_qubits=26), SV, True, "ok"),               # exactly 1 GiB
+    (MemoryFilter(), job(num_qubits=14), DM, True, "unresolvable"),     # 16·4^14 = 4 GiB
+    (MemoryFilter(), job(num_qubits=40), MPS, True, "ok"),
+    (OperationsFilter(), job(ops=frozenset({"h", "t", "measure"})), STAB, True, "unresolvable"),
+    (OperationsFilter(), job(ops=frozenset({"h", "cx", "s", "measure", "barrier"})), STAB, True, "ok"),
+    (OperationsFilter(), job(ops=frozenset({"h", "if_else"})), QPU, True, "unresolvable"),
+    (IntentFilter(), job(intent="quantum"), SV, True, "unresolvable"),
+    (IntentFilter(), job(intent="quantum"), QPU, True, "ok"),
+    (IntentFilter(), job(intent="classical"), QPU, True, "unresolvable"),
+    (IntentFilter(), job(intent="auto"), QPU, True, "ok"),
+    (HealthFilter(), job(), SV, False, "unschedulable"),
+    (HealthFilter(), job(), SV, True, "ok"),
+    (BlockedFilter(), job(blocked=frozenset({"aer_statevector"})), SV, True, "unresolvable"),
+    (AllowListFilter(), job(allowed=frozenset({"aer_mps"})), SV, True, "unresolvable"),
+    (AllowListFilter(), job(allowed=frozenset({"aer_mps"})), MPS, True, "ok"),
+])
+def test_filter_table(flt, j, spec, healthy, code):
+    status = flt.check(j, BackendView(spec, healthy))
+    assert status.code == code
+    if code != "ok":
+        assert status.reasons and status.plugin == flt.name
+
+
+def test_fidelity_floor_filters_noisy_qpu_and_explains_every_backend():
+    j = job(fidelity_min=0.999)
+    views = [BackendView(s, True, CAL if s.kind == "qpu" else None) for s in (SV, DM, STAB, MPS, QPU)]
+    p = plan(j, views, HeuristicPrior())
+    assert "qpu_a" in p.filtered and p.filtered["qpu_a"].plugin == "fidelity"
+    choice = select(j, p, {b.name: LiveState(0.0, True) for b in views})
+    ex = explain(p, choice)
+    assert set(ex["backends"]) == {v.name for v in views}
+    assert sum(1 for r in ex["backends"].values() if r.get("chosen")) == 1
+    assert ex["chosen"] == choice.backend
+
+
+def test_prior_scales_like_the_methods():
+    big = job(num_qubits=26, features={"size": 400.0, "cut_max": 13.0})
+    clifford = job(num_qubits=26, features={"size": 52.0, "cut_max": 1.0})
+    assert simulator_runtime("statevector", big) > 3.9 * simulator_runtime("statevector", job(
+        num_qubits=24, features={"size": 400.0}))
+    assert simulator_runtime("stabilizer", clifford) < simulator_runtime("statevector", clifford) / 100
+    assert simulator_runtime("matrix_product_state", clifford) < simulator_runtime("statevector", clifford)
+    deep = job(features={"size": 500.0, "two_qubit_count": 300.0, "depth": 200.0, "measure_count": 3.0})
+    assert 0.0 < qpu_fidelity(deep, CAL) < qpu_fidelity(job(), CAL) <= 1.0
+
+
+def _objective(j: JobView, est: Estimate, wait: float) -> float:
+    from ray_qalloc.placement.pipeline import CLASS_WEIGHTS
+
+    w = CLASS_WEIGHTS[j.priority]
+    return math.log(max(wait + est.runtime_s, 1e-6)) - w.fidelity * math.log(max(est.fidelity, 1e-9)) \
+        + w.money * est.cost
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_select_matches_brute_force(seed):
+    rng = random.Random(seed)
+    j = job(priority=rng.choice(["emergency", "high", "normal", "batch"]))
+    names = [f"b{i}" for i in range(rng.randint(1, 6))]
+    p = Plan("j", {n: Estimate(n, 10 ** rng.uniform(-3, 2), rng.uniform(0.2, 1.0), rng.uniform(0, 5))
+                   for n in names})
+    live = {n: LiveState(rng.choice([0.0, 10 ** rng.uniform(-2, 2)]), rng.random() < 0.7) for n in names}
+    choice = select(j, p, live)
+    best = min(names, key=lambda n: (_objective(j, p.estimates[n], live[n].wait_s), n))
+    assert choice.backend == best
+    assert choice.can_start == live[best].can_start
+
+
+def test_select_with_nothing_feasible():
+    choice = select(job(), Plan("j"), {})
+    assert choice.backend is None and not choice.can_start
+
+
+def test_placement_imports_neither_ray_nor_qiskit():
+    import subprocess
+
+    code = ("import sys, ray_qalloc.placement, ray_qalloc.costmodel.prior;"
+            "bad=[m for m in ('ray','qiskit') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
