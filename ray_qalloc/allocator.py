@@ -216,10 +216,20 @@ class Allocator:
                     f"{b}: {', '.join(s.reasons)}" for b, s in p.filtered.items()),
                 fix="reduce the circuit (qubits, operations), relax intent or fidelity_min, or add a backend.",
                 explanation=explain(p, None))
-        job_id, created = self.store.add_job(job)
+        # Fast path: nobody waits and a backend is free, so accept and dispatch in one commit.
+        choice = select(view, p, self._live()) if not self.queued else None
+        fast = choice is not None and choice.backend is not None and choice.can_start
+        dispatch_to = (choice.backend, p.estimates[choice.backend].runtime_s, explain(p, choice)) if fast else None
+        now = time.time()
+        job_id, created, attempt = self.store.add_job(job, now=now, dispatch_to=dispatch_to)
         if created:
-            self._enqueue(job, view, time.time(), p)
-            self._kick.set()
+            q = Queued(job, view, p, now, now)
+            if attempt is not None:
+                self.choices[job.id] = {"chosen": choice.backend, "reason": choice.reason}
+                self._launch(q, choice.backend, attempt)
+            else:
+                self.queued[job.id] = q
+                self._kick.set()
         return {"id": job_id, "created": created}
 
     async def status(self, job_id: str) -> dict[str, Any]:
@@ -372,7 +382,6 @@ class Allocator:
 
     def _dispatch(self, q: Queued, choice: Any) -> None:
         name = choice.backend
-        m = self.members[name]
         est = q.plan.estimates[name]
         expl = explain(q.plan, choice)
         attempt = self.store.dispatch(q.job.id, name, predicted_s=est.runtime_s, queued_at=q.enqueued_at,
@@ -380,6 +389,12 @@ class Allocator:
         self.queued.pop(q.job.id, None)
         if attempt is None:  # cancelled meanwhile
             return
+        self._launch(q, name, attempt)
+
+    def _launch(self, q: Queued, name: str, attempt: int) -> None:
+        """Call the backend actor; the store already says RUNNING."""
+        m = self.members[name]
+        est = q.plan.estimates[name]
         now = time.time()
         r = Running(q.job, q.view, q.plan, name, attempt, now, est.runtime_s, created_at=q.created_at)
         self.running[q.job.id] = r

@@ -204,17 +204,20 @@ class JobStore:
         self.engine.dispose()
 
     # ---- intake -------------------------------------------------------------------------
-    def add_job(self, job: PreparedJob, *, now: float | None = None) -> tuple[str, bool]:
-        """Store a new job (state QUEUED) and return ``(job_id, created)``.
+    def add_job(self, job: PreparedJob, *, now: float | None = None,
+                dispatch_to: tuple[str, float, dict[str, Any]] | None = None) -> tuple[str, bool, int | None]:
+        """Store a new job (state QUEUED) and return ``(job_id, created, attempt)``.
 
         With an idempotency key already used by the same tenant, nothing is written and the
-        existing job's id is returned with ``created=False``.
+        existing job's id is returned with ``created=False``. ``dispatch_to=(backend,
+        predicted_s, explanation)`` also dispatches it in the same transaction (the fast path
+        when a backend is free and nobody waits ahead): ``attempt`` is then 1.
         """
         now = time.time() if now is None else now
         if job.idempotency_key is not None:
             existing = self.find_by_key(job.tenant, job.idempotency_key)
             if existing is not None:
-                return existing, False
+                return existing, False, None
         row = {
             "id": job.id, "tenant": job.tenant, "idempotency_key": job.idempotency_key,
             "state": JobState.QUEUED.value, "priority": job.priority.value, "intent": job.intent.value,
@@ -231,13 +234,16 @@ class JobStore:
                 conn.execute(transitions_table.insert().values(
                     job_id=job.id, name="accept", from_state=None, to_state=JobState.QUEUED.value,
                     at=now, stimulus="submitted"))
+                if dispatch_to is not None:
+                    backend, predicted_s, explanation = dispatch_to
+                    self._dispatch(conn, job.id, backend, predicted_s, now, explanation, now, attempt=1)
         except sa.exc.IntegrityError:
             if job.idempotency_key is not None:  # lost a race with the same key
                 existing = self.find_by_key(job.tenant, job.idempotency_key)
                 if existing is not None:
-                    return existing, False
+                    return existing, False, None
             raise StoreError(f"job id {job.id!r} already exists.", fix="submit with a new id.") from None
-        return job.id, True
+        return job.id, True, (1 if dispatch_to is not None else None)
 
     def find_by_key(self, tenant: str, key: str) -> str | None:
         with self.engine.connect() as conn:
@@ -271,15 +277,21 @@ class JobStore:
         """QUEUED → RUNNING plus a new attempt row, atomically. Returns the attempt number."""
         now = time.time()
         with self.engine.begin() as conn:
-            n = (conn.execute(sa.select(jobs_table.c.attempts).where(jobs_table.c.id == job_id)).scalar() or 0) + 1
-            extra: dict[str, Any] = {"backend": backend, "attempts": n}
-            if explanation is not None:
-                extra["explanation"] = json.dumps(explanation)
-            if self._transition(conn, job_id, "dispatch", f"placed on {backend}", now, **extra) is None:
-                return None
-            conn.execute(attempts_table.insert().values(
-                job_id=job_id, n=n, backend=backend, outcome="running", queued_at=queued_at,
-                started_at=now, predicted_s=predicted_s, exported=False))
+            return self._dispatch(conn, job_id, backend, predicted_s, queued_at, explanation, now)
+
+    def _dispatch(self, conn: sa.Connection, job_id: str, backend: str, predicted_s: float | None,
+                  queued_at: float | None, explanation: dict[str, Any] | None, now: float,
+                  attempt: int | None = None) -> int | None:
+        n = attempt or (conn.execute(sa.select(jobs_table.c.attempts).where(
+            jobs_table.c.id == job_id)).scalar() or 0) + 1
+        extra: dict[str, Any] = {"backend": backend, "attempts": n}
+        if explanation is not None:
+            extra["explanation"] = json.dumps(explanation)
+        if self._transition(conn, job_id, "dispatch", f"placed on {backend}", now, **extra) is None:
+            return None
+        conn.execute(attempts_table.insert().values(
+            job_id=job_id, n=n, backend=backend, outcome="running", queued_at=queued_at,
+            started_at=now, predicted_s=predicted_s, exported=False))
         return n
 
     def set_provider_job_id(self, job_id: str, attempt: int, provider_job_id: str) -> None:

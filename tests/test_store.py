@@ -21,7 +21,7 @@ def store(tmp_path):
 
 def test_add_and_get_roundtrip(store):
     job = prepared(backends=("aer_statevector",))
-    job_id, created = store.add_job(job)
+    job_id, created, _ = store.add_job(job)
     assert created and job_id == job.id
     rec = store.get(job_id, with_circuit=True)
     assert rec.state == JobState.QUEUED
@@ -41,14 +41,14 @@ def test_idempotency_key_returns_same_job(store):
     a = prepared(idempotency_key="k1")
     b = prepared(idempotency_key="k1")
     c = prepared(idempotency_key="k1", tenant="other")
-    assert store.add_job(a) == (a.id, True)
-    assert store.add_job(b) == (a.id, False)
-    assert store.add_job(c) == (c.id, True)
+    assert store.add_job(a) == (a.id, True, None)
+    assert store.add_job(b) == (a.id, False, None)
+    assert store.add_job(c) == (c.id, True, None)
     assert store.counts_by_state() == {"queued": 2}
 
 
 def test_named_transitions_only_from_their_sources(store):
-    job_id, _ = store.add_job(prepared())
+    job_id, _, _ = store.add_job(prepared())
     assert not store.transition(job_id, "complete")          # QUEUED cannot complete
     n = store.dispatch(job_id, "b1", predicted_s=1.0, queued_at=0.0)
     assert n == 1
@@ -57,7 +57,7 @@ def test_named_transitions_only_from_their_sources(store):
 
 
 def test_completion_is_recorded_exactly_once_even_when_raced(store):
-    job_id, _ = store.add_job(prepared())
+    job_id, _, _ = store.add_job(prepared())
     n = store.dispatch(job_id, "b1", predicted_s=1.0, queued_at=0.0)
     results = []
     barrier = threading.Barrier(8)
@@ -78,7 +78,7 @@ def test_completion_is_recorded_exactly_once_even_when_raced(store):
 
 
 def test_failover_keeps_history_and_late_result_is_ignored(store):
-    job_id, _ = store.add_job(prepared())
+    job_id, _, _ = store.add_job(prepared())
     n1 = store.dispatch(job_id, "b1", predicted_s=1.0, queued_at=0.0)
     assert store.end_attempt(job_id, n1, "actor_died", "boom")
     assert store.get(job_id).state == JobState.QUEUED
@@ -94,8 +94,8 @@ def test_failover_keeps_history_and_late_result_is_ignored(store):
 
 
 def test_cancel_and_fail(store):
-    a, _ = store.add_job(prepared())
-    b, _ = store.add_job(prepared())
+    a, _, _ = store.add_job(prepared())
+    b, _, _ = store.add_job(prepared())
     assert store.cancel(a) and not store.cancel(a)
     assert store.fail(b, "nothing can run it")
     assert store.get(b).error == "nothing can run it"
@@ -110,7 +110,7 @@ def test_unknown_job_is_a_typed_error(store):
 def test_unexported_runs_feed_the_history(store, tmp_path):
     from ray_qalloc.costmodel.history import RunHistory
 
-    job_id, _ = store.add_job(prepared())
+    job_id, _, _ = store.add_job(prepared())
     n = store.dispatch(job_id, "b1", predicted_s=0.5, queued_at=1.0)
     store.complete(job_id, n, {"counts": {"0": 1}, "backend": "b1", "wall_s": 0.25, "execute_s": 0.2})
     rows = store.unexported_runs()

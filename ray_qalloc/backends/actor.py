@@ -50,6 +50,7 @@ class BackendActor:
         self._done: collections.OrderedDict[tuple[str, int], dict[str, Any]] = collections.OrderedDict()
         self._started_at = time.time()
         self._node_id = ray.get_runtime_context().get_node_id()
+        self._resources = dict(ray.get_runtime_context().get_assigned_resources())
 
     # ---- introspection --------------------------------------------------------------------
     async def spec(self) -> BackendSpec:
@@ -118,6 +119,7 @@ class BackendActor:
                   seed: int | None) -> dict[str, Any]:
         from ray_qalloc.circuits import decode_payload
 
+        received = time.time()
         circuit = decode_payload(payload)
 
         def submitted(provider_job_id: str) -> None:
@@ -126,6 +128,8 @@ class BackendActor:
             ray.get(alloc.record_provider_job.remote(job_id, attempt, provider_job_id), timeout=60)
 
         res = self._backend.run(circuit, shots, seed=seed, on_submitted=submitted)
+        res.metadata["received_at"] = received
+        res.metadata["finished_at"] = time.time()
         return self._with_context(res)
 
     def _with_context(self, res: RunResult) -> dict[str, Any]:
@@ -133,7 +137,7 @@ class BackendActor:
         meta = out.setdefault("metadata", {})
         meta["node_id"] = self._node_id
         meta["pid"] = os.getpid()
-        meta["resources"] = {k: v for k, v in ray.get_runtime_context().get_assigned_resources().items()}
+        meta["resources"] = self._resources
         return out
 
 
