@@ -33,6 +33,9 @@ _BASE_FIELDS: list[tuple[str, pa.DataType]] = [
     ("shots", pa.int64()), ("num_qubits", pa.int32()), ("tenant", pa.string()),
     ("priority", pa.string()), ("intent", pa.string()), ("source", pa.string()),
     ("error", pa.string()), ("features_json", pa.string()), ("schema_version", pa.int32()),
+    # sweep-only context (None for live runs)
+    ("case_id", pa.string()), ("family", pa.string()), ("level", pa.string()),
+    ("peak_memory_bytes", pa.float64()), ("cap_s", pa.float64()), ("method", pa.string()),
 ]
 
 
@@ -54,6 +57,9 @@ def _row(rec: dict[str, Any], source: str) -> dict[str, Any]:
         "priority": rec.get("priority"), "intent": rec.get("intent"), "source": source,
         "error": rec.get("error"), "features_json": json.dumps(features, sort_keys=True),
         "schema_version": HISTORY_SCHEMA_VERSION,
+        "case_id": rec.get("case_id"), "family": rec.get("family"), "level": rec.get("level"),
+        "peak_memory_bytes": rec.get("peak_memory_bytes"), "cap_s": rec.get("cap_s"),
+        "method": rec.get("method"),
     }
     for key, value in features.items():
         out[f"f_{key}"] = None if value is None else float(value)
