@@ -24,8 +24,14 @@ from ray_qalloc.exceptions import QAllocError
 
 app = typer.Typer(help="ray-qalloc: place quantum-circuit jobs on the best backend.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
-console = Console()
-err_console = Console(stderr=True)
+def _make_console(stderr: bool = False) -> Console:
+    """Tables are not squeezed to 80 columns when the output is a pipe or a file."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(file=stream, width=None if stream.isatty() else 180)
+
+
+console = _make_console()
+err_console = _make_console(stderr=True)
 
 
 class Output(str, Enum):
@@ -41,6 +47,8 @@ def main(data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="QAL
                                                 help="Where jobs, history and models live."),
          output: Output = typer.Option(Output.table, "--output", "-o", help="table or json.")) -> None:
     """Global options."""
+    global console, err_console
+    console, err_console = _make_console(), _make_console(stderr=True)
     _state["data_dir"] = data_dir
     _state["output"] = output
 
@@ -266,7 +274,7 @@ def demo(jobs: int = typer.Option(0, help="Run only the first N demo jobs (0: al
                     n_filtered = len(ex["backends"]) - n_scored
                     rows.append({"job": item.label, "id": h.id, "priority": item.priority, "intent": item.intent,
                                  "backend": res.backend,
-                                 "reason": f"best of {n_scored} scored, {n_filtered} filtered",
+                                 "reason": _short_reason(res, n_scored, n_filtered),
                                  "wait_s": res.queue_s, "run_s": res.wall_s, "qpu_s": res.qpu_s,
                                  "est_fidelity": chosen.get("fidelity"), "attempts": res.attempts})
                 except QAllocError as exc:
@@ -289,6 +297,12 @@ def demo(jobs: int = typer.Option(0, help="Run only the first N demo jobs (0: al
                   _num(r["run_s"], ".3f"), _num(r["qpu_s"], ".2f"), _num(r["est_fidelity"], ".3f"))
     console.print(t)
     console.print("Explain any job: [bold]qalloc explain JOB_ID[/bold]  (ids: qalloc -o json demo)")
+
+
+def _short_reason(res: Any, n_scored: int, n_filtered: int) -> str:
+    if res.attempts > 1:
+        return f"failover after {res.attempts - 1} failed attempt(s)"
+    return f"best of {n_scored} candidates ({n_filtered} filtered out)"
 
 
 if __name__ == "__main__":  # pragma: no cover

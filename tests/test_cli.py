@@ -1,0 +1,86 @@
+"""The `qalloc` command as a user runs it (typer's runner, the session's Ray and allocator)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from ray_qalloc.cli import app
+from ray_qalloc.backends.registry import DEFAULT_POOL
+
+runner = CliRunner()
+
+GHZ3 = """OPENQASM 2.0;
+include "qelib1.inc";
+qreg q[3];
+creg c[3];
+h q[0];
+cx q[0],q[1];
+cx q[1],q[2];
+measure q -> c;
+"""
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def test_backends_lists_the_pool_with_calibration(qa):
+    code, out = run("--data-dir", str(qa.settings.data_dir), "-o", "json", "backends")
+    assert code == 0, out
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert set(rows) == set(DEFAULT_POOL)
+    assert rows["qpu_torino"]["calibration"]["t1_median_us"] > 10
+    assert rows["aer_statevector"]["calibration"] is None
+    code, out = run("--data-dir", str(qa.settings.data_dir), "backends")
+    assert code == 0 and "qpu_fez" in out and "T1" in out
+
+
+def test_submit_status_explain_round_trip(qa, tmp_path):
+    path = tmp_path / "ghz.qasm"
+    path.write_text(GHZ3)
+    dd = str(qa.settings.data_dir)
+    code, out = run("--data-dir", dd, "-o", "json", "submit", str(path), "--shots", "500")
+    assert code == 0, out
+    sub = json.loads(out)
+    assert sub["state"] == "completed" and set(sub["counts"]) <= {"000", "111"}
+    code, out = run("--data-dir", dd, "-o", "json", "status", sub["id"])
+    st = json.loads(out)
+    assert st["state"] == "completed" and [t["name"] for t in st["transitions"]][-1] == "complete"
+    code, out = run("--data-dir", dd, "-o", "json", "explain", sub["id"])
+    ex = json.loads(out)
+    assert ex["chosen"] == sub["backend"] and set(ex["backends"]) == set(DEFAULT_POOL)
+    code, out = run("--data-dir", dd, "explain", sub["id"])
+    assert code == 0 and sub["backend"] in out and "scored" in out
+
+
+@pytest.mark.parametrize("text, word", [
+    ('OPENQASM 2.0;\ninclude "/etc/passwd";\nqreg q[1];\n', "include"),
+    ("not qasm at all", "OpenQASM"),
+])
+def test_submit_refuses_bad_files_with_a_clear_error(qa, tmp_path, text, word):
+    path = tmp_path / "bad.qasm"
+    path.write_text(text)
+    code, out = run("--data-dir", str(qa.settings.data_dir), "-o", "json", "submit", str(path))
+    assert code == 2
+    err = json.loads(out)["error"]
+    assert word in err["message"] and err["hint"]
+
+
+def test_missing_file_and_unknown_job(qa, tmp_path):
+    code, out = run("--data-dir", str(qa.settings.data_dir), "submit", str(tmp_path / "nope.qasm"))
+    assert code == 2 and "cannot read" in out
+    code, out = run("--data-dir", str(qa.settings.data_dir), "-o", "json", "status", "no-such-job")
+    assert code == 2 and json.loads(out)["error"]["code"] == "job_not_found"
+
+
+def test_demo_prints_a_row_per_job(qa):
+    code, out = run("--data-dir", str(qa.settings.data_dir), "-o", "json", "demo", "--jobs", "3")
+    assert code == 0, out
+    data = json.loads(out[out.index("{"):])
+    assert len(data["jobs"]) == 3
+    assert all(r["backend"] in DEFAULT_POOL for r in data["jobs"])
+    assert data["jobs"][0]["backend"] == "aer_stabilizer"   # GHZ-24: Clifford
