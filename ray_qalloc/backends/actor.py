@@ -11,17 +11,16 @@ running the same circuit twice.
 
 Slots: the actor holds its node's custom resource ``qalloc_backend_<name>`` (one unit per
 slot), so Ray places it on a node that offers that backend, and runs at most ``slots``
-jobs at once, each in a worker thread so that health checks answer while a circuit runs.
+jobs at once, each on its own actor thread so that health checks answer while a circuit runs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from typing import Any
 
 import ray
@@ -33,8 +32,29 @@ log = logging.getLogger(__name__)
 _DONE_KEEP = 4096   # finished results kept for re-attachment by a restarted allocator
 
 
+class _Run:
+    """One attempt in flight: waited on by ``run`` and by a re-attaching allocator."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+    def wait(self) -> dict[str, Any]:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
 class BackendActor:
-    """Runs circuits for one backend. Created through ``backend_actor_options``."""
+    """Runs circuits for one backend. Created through ``backend_actor_options``.
+
+    A threaded actor (``max_concurrency`` = slots + spare threads): each run executes on its
+    own Ray worker thread, with no hand-off, while pings and re-attachments answer on the
+    spare threads.
+    """
 
     def __init__(self, backend_name: str, backend_kwargs: dict[str, Any] | None = None,
                  namespace: str = "qalloc", allocator_name: str = "qalloc-allocator") -> None:
@@ -44,76 +64,78 @@ class BackendActor:
         self._spec: BackendSpec = self._backend.spec()
         self._namespace = namespace
         self._allocator_name = allocator_name
-        self._pool = ThreadPoolExecutor(max_workers=max(self._spec.slots, 1),
-                                        thread_name_prefix=f"qalloc-{self._spec.name}")
-        self._runs: dict[tuple[str, int], asyncio.Future[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max(self._spec.slots, 1))
+        self._runs: dict[tuple[str, int], _Run] = {}
         self._done: collections.OrderedDict[tuple[str, int], dict[str, Any]] = collections.OrderedDict()
         self._started_at = time.time()
         self._node_id = ray.get_runtime_context().get_node_id()
         self._resources = dict(ray.get_runtime_context().get_assigned_resources())
 
     # ---- introspection --------------------------------------------------------------------
-    async def spec(self) -> BackendSpec:
+    def spec(self) -> BackendSpec:
         return self._spec
 
-    async def calibration(self) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self._backend.calibration)
+    def calibration(self) -> Any:
+        return self._backend.calibration()
 
-    async def ping(self) -> dict[str, Any]:
-        """Health check: answers while circuits run (they run in worker threads)."""
+    def ping(self) -> dict[str, Any]:
+        """Health check: answers while circuits run (they run on other threads)."""
         return {"name": self._spec.name, "running": len(self._runs), "node_id": self._node_id,
                 "pid": os.getpid(), "started_at": self._started_at}
 
     # ---- running --------------------------------------------------------------------------
-    async def run(self, job_id: str, attempt: int, payload: bytes, shots: int,
-                  seed: int | None = None) -> dict[str, Any]:
+    def run(self, job_id: str, attempt: int, payload: bytes, shots: int,
+            seed: int | None = None) -> dict[str, Any]:
         """Run one attempt of a job; the same (job, attempt) twice returns the same run."""
         key = (job_id, attempt)
-        if key in self._done:
-            return self._done[key]
-        if key in self._runs:
-            return await asyncio.shield(self._runs[key])
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[dict[str, Any]] = loop.run_in_executor(
-            self._pool, self._run_sync, job_id, attempt, payload, shots, seed)
-        self._runs[key] = fut
-        fut.add_done_callback(lambda f: self._finished(key, f))
-        return await asyncio.shield(fut)
+        with self._lock:
+            if key in self._done:
+                return self._done[key]
+            existing = self._runs.get(key)
+            if existing is None:
+                run = self._runs[key] = _Run()
+        if existing is not None:
+            return existing.wait()
+        try:
+            with self._slots:
+                run.result = self._run_sync(job_id, attempt, payload, shots, seed)
+            self._remember(key, run.result)
+            return run.result
+        except BaseException as exc:
+            run.error = exc
+            raise
+        finally:
+            with self._lock:
+                self._runs.pop(key, None)
+            run.done.set()
 
-    def _finished(self, key: tuple[str, int], fut: asyncio.Future[dict[str, Any]]) -> None:
-        self._runs.pop(key, None)
-        if not fut.cancelled() and fut.exception() is None:
-            self._remember(key, fut.result())
-
-    async def attach(self, job_id: str, attempt: int) -> dict[str, Any] | None:
+    def attach(self, job_id: str, attempt: int) -> dict[str, Any] | None:
         """A restarted allocator asks for a run it started before it crashed.
 
         Returns the result (waiting if still running), or None if this actor never saw the
         attempt (it was restarted itself, or the dispatch never arrived).
         """
         key = (job_id, attempt)
-        if key in self._done:
-            return self._done[key]
-        fut = self._runs.get(key)
-        if fut is None:
-            return None
-        return await asyncio.shield(fut)
+        with self._lock:
+            if key in self._done:
+                return self._done[key]
+            run = self._runs.get(key)
+        return None if run is None else run.wait()
 
-    async def reattach(self, job_id: str, attempt: int, provider_job_id: str, shots: int) -> dict[str, Any]:
+    def reattach(self, job_id: str, attempt: int, provider_job_id: str, shots: int) -> dict[str, Any]:
         """Wait again on a provider job (QPU): never submit a paid job twice."""
         if not isinstance(self._backend, Reattachable):
             raise RuntimeError(f"backend {self._spec.name} cannot re-attach to provider jobs")
-        loop = asyncio.get_running_loop()
-        res: RunResult = await loop.run_in_executor(self._pool, self._backend.reattach, provider_job_id, shots)
-        out = self._with_context(res)
+        out = self._with_context(self._backend.reattach(provider_job_id, shots))
         self._remember((job_id, attempt), out)
         return out
 
     def _remember(self, key: tuple[str, int], result: dict[str, Any]) -> None:
-        self._done[key] = result
-        while len(self._done) > _DONE_KEEP:
-            self._done.popitem(last=False)
+        with self._lock:
+            self._done[key] = result
+            while len(self._done) > _DONE_KEEP:
+                self._done.popitem(last=False)
 
     def _run_sync(self, job_id: str, attempt: int, payload: bytes, shots: int,
                   seed: int | None) -> dict[str, Any]:
@@ -146,7 +168,7 @@ def backend_actor_options(spec: BackendSpec, namespace: str, *, use_resource: bo
     opts: dict[str, Any] = {
         "name": actor_name(spec.name), "namespace": namespace, "lifetime": "detached",
         "get_if_exists": True, "max_restarts": -1, "max_task_retries": 0, "num_cpus": 0,
-        "max_concurrency": 1000,
+        "max_concurrency": spec.slots + 8,   # runs, plus threads for pings and re-attachments
     }
     if use_resource:
         opts["resources"] = {resource_name(spec.name): float(spec.slots)}

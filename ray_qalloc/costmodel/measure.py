@@ -46,10 +46,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
+import socket
+import subprocess
+import sys
 import time
 import zlib
+from multiprocessing.connection import Connection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -212,7 +215,8 @@ DEFAULT_LEVELS: tuple[str, ...] = ("alg", "indep")
 DEFAULT_RANDOM = {"sizes": (6, 10, 14, 18, 22), "depths": (10, 40), "seeds": (1,)}
 
 # quick=True: tiny, every Aer method completes in well under a second per run.
-QUICK_FAMILY_SIZES: dict[str, tuple[int, ...]] = {"ghz": (3, 6), "qft": (4, 6), "qaoa": (4,), "wstate": (4,)}
+QUICK_FAMILY_SIZES: dict[str, tuple[int, ...]] = {"ghz": (3, 6), "graphstate": (4,), "qft": (4, 6), "qaoa": (4,),
+                                                   "wstate": (4,), "dj": (4,)}
 QUICK_RANDOM = {"sizes": (4, 6), "depths": (6,), "seeds": (1,)}
 
 
@@ -220,8 +224,8 @@ def default_sweep(quick: bool = False) -> list[SweepCase]:
     """The sweep ``qalloc measure`` runs by default (see DEFAULT_FAMILY_SIZES for why).
 
     Full: 14 families x 2 levels (154 MQT cases) + 10 random cases = 164 cases, ~560 runs
-    on the four Aer methods. ``quick``: 6 MQT + 2 random cases at 3-6 qubits (ALG only),
-    for tests and CI.
+    on the four Aer methods. ``quick``: 8 MQT + 2 random cases at 3-6 qubits (ALG only),
+    for tests and CI (~2-5 s on 2 cores, most of it the worker's imports).
     """
     table, levels, rnd = ((QUICK_FAMILY_SIZES, ("alg",), QUICK_RANDOM) if quick
                           else (DEFAULT_FAMILY_SIZES, DEFAULT_LEVELS, DEFAULT_RANDOM))
@@ -269,11 +273,19 @@ def _set_address_limit(memory_cap_bytes: int) -> None:
         pass
 
 
+def _worker_entry() -> None:
+    """``python -c`` entry of the worker: argv = socket fd, threads, memory cap."""
+    fd, threads, cap = (int(a) for a in sys.argv[1:4])
+    _worker_main(Connection(fd), threads, cap)
+
+
 def _worker_main(conn: Any, threads: int, memory_cap_bytes: int) -> None:
     """Serve ``prepare`` and ``run`` requests until told to stop (runs in the child)."""
     import logging as _logging
+    import warnings
 
     _logging.disable(_logging.WARNING)
+    warnings.simplefilter("ignore")
     from ray_qalloc import circuits  # noqa: F401 - imports paid once, before "ready"
     from ray_qalloc.backends.registry import make_backend
     from ray_qalloc.config import Limits
@@ -343,31 +355,42 @@ class Worker:
     def __init__(self, *, threads: int = 1, memory_cap_bytes: int = 4 * 2**30) -> None:
         self.threads = threads
         self.memory_cap_bytes = int(memory_cap_bytes)
-        self._ctx = mp.get_context("spawn")
-        self._proc: Any = None
+        self._proc: subprocess.Popen | None = None
         self._conn: Any = None
         self._ps: Any = None
         self.spawns = 0
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._proc.is_alive() else None
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def start(self) -> None:
+        """Start the child if none is alive: a fresh interpreter talking over a socketpair.
+
+        Why not multiprocessing's spawn: it re-imports the parent's ``__main__``, which breaks
+        (or re-runs) any script calling ``measure`` without a ``__main__`` guard.
+        """
         import psutil
 
         if self.pid is not None:
             return
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker_main, args=(child, self.threads, self.memory_cap_bytes),
-                                 daemon=True, name="qalloc-measure-worker")
-        proc.start()
-        child.close()
-        if not parent.poll(_WORKER_START_TIMEOUT_S):
+        ours, theirs = socket.socketpair()
+        code = "from ray_qalloc.costmodel.measure import _worker_entry; _worker_entry()"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(theirs.fileno()), str(self.threads), str(self.memory_cap_bytes)],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        theirs.close()
+        conn = Connection(ours.detach())
+        try:
+            if not conn.poll(_WORKER_START_TIMEOUT_S):
+                raise EOFError
+            conn.recv()
+        except (EOFError, OSError):
             proc.kill()
-            raise RuntimeError("measurement worker did not start")
-        parent.recv()
-        self._proc, self._conn, self._ps = proc, parent, psutil.Process(proc.pid)
+            proc.wait()
+            conn.close()
+            raise RuntimeError(f"the measurement worker did not start (exit code {proc.returncode})") from None
+        self._proc, self._conn, self._ps = proc, conn, psutil.Process(proc.pid)
         self.spawns += 1
         log.debug("measurement worker %s started", proc.pid)
 
@@ -375,16 +398,16 @@ class Worker:
         """SIGKILL the child (the only way to stop a native simulation) and reap it."""
         if self._proc is not None:
             self._proc.kill()
-            self._proc.join(10)
+            self._proc.wait()
             self._conn.close()
         self._proc = self._conn = self._ps = None
 
     def close(self) -> None:
-        if self._proc is not None and self._proc.is_alive():
+        if self.pid is not None:
             try:
                 self._conn.send(("stop",))
-                self._proc.join(5)
-            except (OSError, BrokenPipeError):
+                self._proc.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
                 pass
         self.kill()
 
@@ -427,7 +450,7 @@ class Worker:
         try:
             status, value, hwm = self._conn.recv()
         except (EOFError, OSError):
-            code = self._proc.exitcode if self._proc is not None else None
+            code = self._proc.poll() if self._proc is not None else None
             self.kill()
             return CallResult("died", f"worker died (exit code {code})", time.perf_counter() - t0,
                               float(max(peak_sampled - baseline, 0)))
@@ -583,13 +606,14 @@ class _Recorder:
 class _Caps:
     time_cap_s: float
     memory_cap_bytes: int
-    predicted_factor: float
+    predicted_factor: float | None
     prepare_timeout_s: float
 
 
-def measure(cases: Sequence[SweepCase], backends: Sequence[str], history: RunHistory, *, time_cap_s: float = 20.0, memory_cap_bytes: int = 4 * 2**30, resume: bool = True,
+def measure(cases: Sequence[SweepCase], backends: Sequence[str], history: RunHistory, *,
+            time_cap_s: float = 20.0, memory_cap_bytes: int = 4 * 2**30, resume: bool = True,
             progress: bool = True, predictor: Any = None, source: str = "sweep",
-            predicted_factor: float = DEFAULT_PREDICTED_FACTOR, threads: int = 1,
+            predicted_factor: float | None = DEFAULT_PREDICTED_FACTOR, threads: int = 1,
             prepare_timeout_s: float = DEFAULT_PREPARE_TIMEOUT_S, batch: int = DEFAULT_BATCH,
             worker: Worker | None = None) -> MeasureReport:
     """Run every (case, backend) pair once under the caps and append one row per pair.
@@ -597,14 +621,18 @@ def measure(cases: Sequence[SweepCase], backends: Sequence[str], history: RunHis
     Cases run smallest first, so that monotone censoring can skip larger sizes of a group
     that already hit a cap. Records are appended every ``batch`` rows and on the way out
     (also on Ctrl-C), so an interrupted sweep resumes where it stopped (``resume=True``).
-    ``threads`` is the simulator threads per run (live default: 1). Pass ``worker`` to
+    ``predicted_factor=None`` turns off censoring by prediction (the heuristic prior's MPS
+    formula overestimates low-entanglement circuits such as QFT by orders of magnitude, so
+    a sweep meant to correct the prior may want to run those anyway; the time cap still
+    bounds them). ``threads`` is the simulator threads per run (live default: 1). Pass ``worker`` to
     reuse one worker process across calls (tests; benchmarks).
     """
     from ray_qalloc.costmodel.prior import HeuristicPrior
 
     t_start = time.perf_counter()
     predictor = predictor or HeuristicPrior()
-    caps = _Caps(float(time_cap_s), int(memory_cap_bytes), float(predicted_factor), float(prepare_timeout_s))
+    caps = _Caps(float(time_cap_s), int(memory_cap_bytes),
+                 None if predicted_factor is None else float(predicted_factor), float(prepare_timeout_s))
     report = MeasureReport()
     done = _existing_pairs(history) if resume else set()
     monotone = _monotone_from_history(history, cases) if resume else {}
@@ -677,7 +705,7 @@ def _measure_pair(case: SweepCase, job: Any, jv: Any, view: Any, worker: Worker,
         rec.add(case, name, "censored_monotone", wall_s=caps.time_cap_s,
                 error=f"{case.group} on {name} hit a cap at size {monotone[key]}; not run", **common)
         return
-    if predicted > caps.predicted_factor * caps.time_cap_s:
+    if caps.predicted_factor is not None and predicted > caps.predicted_factor * caps.time_cap_s:
         rec.add(case, name, "censored_predicted", error=f"predicted {predicted:.3g} s > "
                 f"{caps.predicted_factor:g} x cap {caps.time_cap_s:g} s; not run", **common)
         return
