@@ -16,6 +16,7 @@ attempts table keeps the failover history.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ try:  # Ray ≥ 2.x raises this for an actor that is restarting
 except ImportError:  # pragma: no cover
     ActorUnavailableError = RayActorError  # type: ignore[misc,assignment]
 
+_FINISHED_KEEP = 10_000
 _ACTOR_GONE = (RayActorError, ActorUnavailableError, WorkerCrashedError)
 
 
@@ -97,6 +99,9 @@ class Allocator:
         self.running: dict[str, Running] = {}
         self.waiters: dict[str, list[asyncio.Future[None]]] = {}
         self.choices: dict[str, dict[str, Any]] = {}
+        # Final records of recently completed single-attempt jobs: a waiter is answered from
+        # memory instead of two store reads (the store has the same data, committed first).
+        self.finished: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self.node_cpus: dict[str, float] = {}
         self.started_at = time.time()
         self._kick = asyncio.Event()
@@ -242,8 +247,11 @@ class Allocator:
     async def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
         """The job's record once it is finished, or its current record after ``timeout`` seconds."""
         await self._wait_ready()
-        rec = self.store.get(job_id)
-        if not rec.state.terminal and (timeout is None or timeout > 0):
+        known = job_id in self.running or job_id in self.queued
+        if not known and job_id in self.finished:
+            return self.finished[job_id]
+        state = JobState.RUNNING if known else self.store.get(job_id).state
+        if not state.terminal and (timeout is None or timeout > 0):
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self.waiters.setdefault(job_id, []).append(fut)
             try:
@@ -254,7 +262,9 @@ class Allocator:
                 lst = self.waiters.get(job_id, [])
                 if fut in lst:
                     lst.remove(fut)
-            rec = self.store.get(job_id)
+            if job_id in self.finished:
+                return self.finished[job_id]
+        rec = self.store.get(job_id)
         out = rec.public()
         out["result"] = rec.result
         out["attempt_history"] = self._attempt_history(job_id)
@@ -438,9 +448,25 @@ class Allocator:
         self.members[r.backend].running.pop(r.job.id, None)
         result = dict(result)
         result["queue_s"] = r.started_at - (r.created_at or r.started_at)
-        self.store.complete(r.job.id, r.attempt, result)
+        result["launched_at"] = r.started_at
+        if self.store.complete(r.job.id, r.attempt, result) and r.attempt == 1:
+            self._remember_final(r, result)
         self._notify(r.job.id)
         self._kick.set()
+
+    def _remember_final(self, r: Running, result: dict[str, Any]) -> None:
+        job, now = r.job, time.time()
+        self.finished[job.id] = {
+            "id": job.id, "tenant": job.tenant, "state": JobState.COMPLETED.value,
+            "priority": job.priority.value, "intent": job.intent.value, "shots": job.shots,
+            "deadline_s": job.deadline_s, "fidelity_min": job.fidelity_min, "num_qubits": job.num_qubits,
+            "created_at": r.created_at, "updated_at": now, "backend": r.backend, "attempts": 1, "error": None,
+            "result": result,
+            "attempt_history": [{"attempt": 1, "backend": r.backend, "outcome": "completed",
+                                 "started_at": r.started_at, "finished_at": now, "error": None}],
+        }
+        while len(self.finished) > _FINISHED_KEEP:
+            self.finished.popitem(last=False)
 
     def _failover(self, r: Running, outcome: str, error: str, *, block: bool = True) -> None:
         if self.running.get(r.job.id) is r:

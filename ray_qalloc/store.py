@@ -214,10 +214,6 @@ class JobStore:
         when a backend is free and nobody waits ahead): ``attempt`` is then 1.
         """
         now = time.time() if now is None else now
-        if job.idempotency_key is not None:
-            existing = self.find_by_key(job.tenant, job.idempotency_key)
-            if existing is not None:
-                return existing, False, None
         row = {
             "id": job.id, "tenant": job.tenant, "idempotency_key": job.idempotency_key,
             "state": JobState.QUEUED.value, "priority": job.priority.value, "intent": job.intent.value,
@@ -228,15 +224,22 @@ class JobStore:
             "created_at": now, "updated_at": now, "attempts": 0,
             "allowed_backends": json.dumps(list(job.backends)) if job.backends else None,
         }
-        try:
+        transitions = [{"job_id": job.id, "name": "accept", "from_state": None,
+                        "to_state": JobState.QUEUED.value, "at": now, "stimulus": "submitted"}]
+        if dispatch_to is not None:  # both transitions, one commit: the row is born RUNNING
+            backend, predicted_s, explanation = dispatch_to
+            row.update(state=JobState.RUNNING.value, backend=backend, attempts=1,
+                       explanation=json.dumps(explanation))
+            transitions.append({"job_id": job.id, "name": "dispatch", "from_state": JobState.QUEUED.value,
+                                "to_state": JobState.RUNNING.value, "at": now, "stimulus": f"placed on {backend}"})
+        try:  # the unique (tenant, idempotency_key) constraint decides duplicates, race-free
             with self.engine.begin() as conn:
-                conn.execute(jobs_table.insert().values(**row))
-                conn.execute(transitions_table.insert().values(
-                    job_id=job.id, name="accept", from_state=None, to_state=JobState.QUEUED.value,
-                    at=now, stimulus="submitted"))
+                conn.execute(jobs_table.insert(), row)
+                conn.execute(transitions_table.insert(), transitions)
                 if dispatch_to is not None:
-                    backend, predicted_s, explanation = dispatch_to
-                    self._dispatch(conn, job.id, backend, predicted_s, now, explanation, now, attempt=1)
+                    conn.execute(attempts_table.insert(), {
+                        "job_id": job.id, "n": 1, "backend": backend, "outcome": "running", "queued_at": now,
+                        "started_at": now, "predicted_s": predicted_s, "exported": False})
         except sa.exc.IntegrityError:
             if job.idempotency_key is not None:  # lost a race with the same key
                 existing = self.find_by_key(job.tenant, job.idempotency_key)
@@ -254,7 +257,10 @@ class JobStore:
     def _transition(self, conn: sa.Connection, job_id: str, name: str, stimulus: str,
                     now: float, **fields: Any) -> JobState | None:
         sources, target = TRANSITIONS[name]
-        current = conn.execute(sa.select(jobs_table.c.state).where(jobs_table.c.id == job_id)).scalar()
+        if len(sources) == 1:  # one possible source: the conditional UPDATE alone decides
+            (current,) = (src.value for src in sources)
+        else:
+            current = conn.execute(sa.select(jobs_table.c.state).where(jobs_table.c.id == job_id)).scalar()
         if current is None or JobState(current) not in sources:
             return None
         res = conn.execute(jobs_table.update().where(

@@ -282,8 +282,10 @@ def _worker_entry() -> None:
 def _worker_main(conn: Any, threads: int, memory_cap_bytes: int) -> None:
     """Serve ``prepare`` and ``run`` requests until told to stop (runs in the child)."""
     import logging as _logging
+    import signal
     import warnings
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it flushes, then kills us)
     _logging.disable(_logging.WARNING)
     warnings.simplefilter("ignore")
     from ray_qalloc import circuits  # noqa: F401 - imports paid once, before "ready"
@@ -500,8 +502,7 @@ def case_seed(case_id: str) -> int:
     return zlib.crc32(case_id.encode("utf-8")) & 0x7FFFFFFF
 
 
-def _existing_pairs(history: RunHistory) -> set[tuple[str, str]]:
-    table = history.read()
+def _existing_pairs(table: Any) -> set[tuple[str, str]]:
     if table.num_rows == 0 or "case_id" not in table.column_names:
         return set()
     cases = table.column("case_id").to_pylist()
@@ -514,20 +515,38 @@ def _existing_pairs(history: RunHistory) -> set[tuple[str, str]]:
 _CAP_HITS = frozenset({"censored_time", "censored_memory", "censored_monotone"})
 
 
-def _monotone_from_history(history: RunHistory, cases: Sequence[SweepCase]) -> dict[tuple[str, str], int]:
-    """Smallest size per (group, backend) that hit a cap in earlier (resumed) sweeps."""
-    table = history.read()
+def _monotone_from_history(table: Any, cases: Sequence[SweepCase]) -> dict[tuple[str, str], int]:
+    """Smallest size per (group, backend) that hit a cap in earlier (resumed) sweeps.
+
+    Groups of rows whose case is not in this sweep are recovered from the case id
+    (``mqt:<family>:<level>:<n>``, ``random:<n>:d<depth>:s<seed>``).
+    """
     if table.num_rows == 0 or "case_id" not in table.column_names:
         return {}
-    by_id = {c.case_id: c for c in cases if c.group}
+    by_id = {c.case_id: (c.group, c.size) for c in cases if c.group}
     out: dict[tuple[str, str], int] = {}
     for cid, backend, outcome in zip(table.column("case_id").to_pylist(), table.column("backend").to_pylist(),
                                      table.column("outcome").to_pylist()):
-        case = by_id.get(cid)
-        if case is not None and outcome in _CAP_HITS:
-            key = (case.group, backend)
-            out[key] = min(out.get(key, case.size), case.size)
+        if cid is None or outcome not in _CAP_HITS:
+            continue
+        group, size = by_id.get(cid) or _group_of_id(cid)
+        if group is not None:
+            key = (group, backend)
+            out[key] = min(out.get(key, size), size)
     return out
+
+
+def _group_of_id(case_id: str) -> tuple[str | None, int]:
+    """Inverse of the ids ``mqt_cases`` and ``random_cases`` build; (None, 0) otherwise."""
+    parts = case_id.split(":")
+    try:
+        if parts[0] == "mqt" and len(parts) == 4:
+            return ":".join(parts[:3]), int(parts[3])
+        if parts[0] == "random" and len(parts) == 4:
+            return f"random:{parts[2]}", int(parts[1])
+    except ValueError:
+        pass
+    return None, 0
 
 
 def _backend_views(names: Sequence[str], threads: int) -> dict[str, Any]:
@@ -634,13 +653,15 @@ def measure(cases: Sequence[SweepCase], backends: Sequence[str], history: RunHis
     caps = _Caps(float(time_cap_s), int(memory_cap_bytes),
                  None if predicted_factor is None else float(predicted_factor), float(prepare_timeout_s))
     report = MeasureReport()
-    done = _existing_pairs(history) if resume else set()
-    monotone = _monotone_from_history(history, cases) if resume else {}
+    past = history.read() if resume else None
+    done = _existing_pairs(past) if past is not None else set()
+    monotone = _monotone_from_history(past, cases) if past is not None else {}
     views = _backend_views(backends, threads)
     ordered = sorted(cases, key=lambda c: c.size)
     rec = _Recorder(history, source, batch, report, caps.time_cap_s)
     own_worker = worker is None
     worker = worker or Worker(threads=threads, memory_cap_bytes=caps.memory_cap_bytes)
+    worker.memory_cap_bytes = caps.memory_cap_bytes  # a shared worker enforces this call's cap
     bar = _Progress(progress, len(ordered) * len(backends))
     try:
         with bar:
