@@ -87,9 +87,13 @@ class Running:
 class Allocator:
     """See module docstring. Created by ``ray_qalloc.connect`` via ``allocator_options``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, members: dict[str, "Member"] | None = None,
+                 node_cpus: dict[str, float] | None = None) -> None:
+        """``members`` and ``node_cpus`` inject a ready pool (tests use small fakes); by
+        default the pool comes from ``settings.pool`` and the cluster's nodes."""
         logging.basicConfig(level=logging.WARNING)
         self.settings = settings
+        self._injected = members
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(settings.resolved_store_url)
         self.history = RunHistory(settings.history_dir)
@@ -102,7 +106,7 @@ class Allocator:
         # Final records of recently completed single-attempt jobs: a waiter is answered from
         # memory instead of two store reads (the store has the same data, committed first).
         self.finished: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
-        self.node_cpus: dict[str, float] = {}
+        self.node_cpus: dict[str, float] = dict(node_cpus or {})
         self.started_at = time.time()
         self._kick = asyncio.Event()
         self._ready = asyncio.Event()
@@ -128,6 +132,10 @@ class Allocator:
     async def _start_backends(self) -> None:
         from ray_qalloc.backends.registry import make_backend
 
+        if self._injected is not None:
+            self.members = dict(self._injected)
+            await asyncio.gather(*(self._probe(m, first=True) for m in self.members.values()))
+            return
         cluster = ray.cluster_resources()
         for node in ray.nodes():
             if node.get("Alive"):
@@ -420,14 +428,17 @@ class Allocator:
             elapsed = time.time() - r.started_at
             result = await asyncio.wait_for(_aref(ref), max(self._timeout(r) - elapsed, 1.0))
         except asyncio.CancelledError:
-            ray.cancel(ref)
+            _cancel(ref)
             raise
         except asyncio.TimeoutError:
-            ray.cancel(ref)
+            _cancel(ref)
             self._failover(r, "timed_out", f"no result after {self._timeout(r):.0f} s")
             return
         except _ACTOR_GONE as exc:
             self._failover(r, "actor_died", f"{type(exc).__name__}: {str(exc)[:300]}")
+            return
+        except BackendError as exc:
+            self._failover(r, "backend_error", str(exc)[:500])
             return
         except RayTaskError as exc:
             cause = exc.cause if hasattr(exc, "cause") else exc
@@ -540,6 +551,11 @@ def pool_names(pool: list[str]) -> list[str]:
             if n not in out:
                 out.append(n)
     return out
+
+
+def _cancel(ref: Any) -> None:
+    if isinstance(ref, ray.ObjectRef):
+        ray.cancel(ref)
 
 
 async def _aref(ref: Any) -> Any:

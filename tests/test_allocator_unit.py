@@ -1,0 +1,173 @@
+"""The Allocator's logic with small fake backends (no Ray): timeouts, failover, recovery,
+exactly-once completion, per-node CPU accounting, refusal of impossible jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable
+
+import pytest
+from ray.exceptions import RayActorError
+
+from ray_qalloc.allocator import Allocator, Member
+from ray_qalloc.backends.base import BackendSpec
+from ray_qalloc.config import load_settings
+from ray_qalloc.exceptions import BackendError, NoFeasibleBackend
+from ray_qalloc.jobs import JobState
+from ray_qalloc.store import JobStore
+from tests.helpers import prepared
+
+
+class FakeMethod:
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.calls: list[tuple] = []
+
+    def remote(self, *args: Any) -> Any:
+        self.calls.append(args)
+        return self.fn(*args)
+
+
+class FakeBackend:
+    """Answers like a BackendActor; ``behaviour`` decides what ``run`` does."""
+
+    def __init__(self, name: str, behaviour: str = "ok", delay: float = 0.0, node: str = "n1") -> None:
+        self.name, self.behaviour, self.delay, self.node = name, behaviour, delay, node
+        self.hang = asyncio.Event()
+        self.ping = FakeMethod(self._ping)
+        self.calibration = FakeMethod(self._calibration)
+        self.run = FakeMethod(self._run)
+        self.attach = FakeMethod(self._attach)
+        self.known: dict[tuple[str, int], dict[str, Any]] = {}
+
+    async def _ping(self) -> dict[str, Any]:
+        return {"node_id": self.node}
+
+    async def _calibration(self) -> None:
+        return None
+
+    async def _run(self, job_id: str, attempt: int, payload: bytes, shots: int) -> dict[str, Any]:
+        await asyncio.sleep(self.delay)
+        if self.behaviour == "hang":
+            await self.hang.wait()
+        if self.behaviour == "die":
+            raise RayActorError()
+        if self.behaviour == "error":
+            raise BackendError("cannot run this circuit here", fix="try another backend")
+        return {"counts": {"000": shots}, "shots": shots, "backend": self.name, "wall_s": self.delay,
+                "metadata": {}}
+
+    async def _attach(self, job_id: str, attempt: int) -> dict[str, Any] | None:
+        return self.known.get((job_id, attempt))
+
+
+def sim(name: str, threads: int = 1) -> BackendSpec:
+    return BackendSpec(name, "simulator", "aer", 30, method="statevector", memory_bytes=2**30, threads=threads)
+
+
+def run_async(coro_fn: Callable[[], Any]) -> Any:
+    return asyncio.run(asyncio.wait_for(coro_fn(), 60))
+
+
+def make(tmp_path, fakes: list[FakeBackend], specs: list[BackendSpec] | None = None, cpus: float = 4.0,
+         **settings: Any) -> Allocator:
+    cfg = load_settings(data_dir=tmp_path, health_interval_s=0.05, history_flush_s=60.0, **settings)
+    specs = specs or [sim(f.name) for f in fakes]
+    members = {s.name: Member(s, f) for s, f in zip(specs, fakes)}
+    return Allocator(cfg, members=members, node_cpus={"n1": cpus})
+
+
+def test_timed_out_attempt_fails_over_and_late_result_is_ignored(tmp_path):
+    async def main():
+        a, b = FakeBackend("a", "hang"), FakeBackend("b")
+        alloc = make(tmp_path, [a, b], run_timeout_floor_s=0.05, run_timeout_factor=1.5)
+        out = await alloc.submit(prepared(shots=10))
+        rec = await alloc.wait(out["id"], timeout=10)
+        a.hang.set()  # the hung run finally answers: must not be recorded
+        await asyncio.sleep(0.05)
+        return alloc, rec
+
+    alloc, rec = run_async(main)
+    assert rec["state"] == "completed" and rec["result"]["backend"] == "b"
+    outcomes = [(h["backend"], h["outcome"]) for h in rec["attempt_history"]]
+    assert outcomes == [("a", "timed_out"), ("b", "completed")]
+    names = [t["name"] for t in alloc.store.transitions(rec["id"])]
+    assert names.count("complete") == 1
+
+
+@pytest.mark.parametrize("behaviour, outcome", [("die", "actor_died"), ("error", "backend_error")])
+def test_failures_fail_over_with_the_backend_blocked(tmp_path, behaviour, outcome):
+    async def main():
+        alloc = make(tmp_path, [FakeBackend("a", behaviour), FakeBackend("b")])
+        out = await alloc.submit(prepared())
+        return await alloc.wait(out["id"], timeout=10)
+
+    rec = run_async(main)
+    assert rec["state"] == "completed"
+    assert [(h["backend"], h["outcome"]) for h in rec["attempt_history"]] == [("a", outcome), ("b", "completed")]
+
+
+def test_job_fails_when_every_backend_failed_it(tmp_path):
+    async def main():
+        alloc = make(tmp_path, [FakeBackend("a", "error"), FakeBackend("b", "error")])
+        out = await alloc.submit(prepared())
+        return await alloc.wait(out["id"], timeout=10)
+
+    rec = run_async(main)
+    assert rec["state"] == "failed" and "no other backend" in rec["error"]
+    assert [h["outcome"] for h in rec["attempt_history"]] == ["backend_error", "backend_error"]
+
+
+def test_impossible_job_is_refused_before_it_is_stored(tmp_path):
+    async def main():
+        alloc = make(tmp_path, [FakeBackend("a")])
+        with pytest.raises(NoFeasibleBackend, match="needs 40 qubits"):
+            await alloc.submit(prepared(num_qubits=40))
+        return alloc
+
+    alloc = run_async(main)
+    assert alloc.store.counts_by_state() == {}
+
+
+def test_node_cores_are_shared_by_simulator_backends(tmp_path):
+    """Two methods on a one-core node: the second job waits although its backend is idle."""
+    async def main():
+        a, b = FakeBackend("a", delay=0.3), FakeBackend("b", delay=0.3)
+        alloc = make(tmp_path, [a, b], cpus=1.0)
+        j1 = await alloc.submit(prepared(backends=("a",)))
+        j2 = await alloc.submit(prepared(backends=("b",)))
+        r1 = await alloc.wait(j1["id"], timeout=10)
+        r2 = await alloc.wait(j2["id"], timeout=10)
+        return r1, r2
+
+    r1, r2 = run_async(main)
+    s1 = r1["attempt_history"][0]
+    s2 = r2["attempt_history"][0]
+    assert s2["started_at"] >= s1["finished_at"] - 0.02
+
+
+def test_restart_requeues_queued_and_reattaches_running_jobs(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    queued = prepared()
+    running = prepared()
+    lost = prepared()
+    store.add_job(queued)
+    store.add_job(running)
+    store.add_job(lost)
+    store.dispatch(running.id, "a", predicted_s=0.1, queued_at=time.time())
+    store.dispatch(lost.id, "a", predicted_s=0.1, queued_at=time.time())
+    a = FakeBackend("a")
+    a.known[(running.id, 1)] = {"counts": {"1": 7}, "shots": 7, "backend": "a", "wall_s": 0.1, "metadata": {}}
+
+    async def main():
+        alloc = make(tmp_path, [a])
+        return [await alloc.wait(j.id, timeout=10) for j in (queued, running, lost)]
+
+    recs = run_async(main)
+    assert all(r["state"] == "completed" for r in recs)
+    assert recs[1]["result"]["counts"] == {"1": 7}          # re-attached: not run again
+    assert all(call[0] != running.id for call in a.run.calls)
+    lost_history = [h["outcome"] for h in recs[2]["attempt_history"]]
+    assert lost_history == ["lost", "completed"]            # the actor no longer knew it: re-run
+    assert store.get(running.id).state == JobState.COMPLETED
