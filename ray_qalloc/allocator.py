@@ -29,7 +29,7 @@ from ray_qalloc.backends.actor import RemoteBackendActor, backend_actor_options
 from ray_qalloc.backends.base import BackendSpec
 from ray_qalloc.config import Settings
 from ray_qalloc.costmodel.history import RunHistory
-from ray_qalloc.costmodel.prior import HeuristicPrior
+from ray_qalloc.costmodel.registry import ArtifactWatcher, latest_artifact, load_predictor
 from ray_qalloc.exceptions import BackendError, InvalidJobSpec, JobNotFound, NoFeasibleBackend
 from ray_qalloc.jobs import JobState, PreparedJob
 from ray_qalloc.placement import BackendView, JobView, LiveState, Plan, explain, plan, select
@@ -97,7 +97,8 @@ class Allocator:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(settings.resolved_store_url)
         self.history = RunHistory(settings.history_dir)
-        self.predictor = HeuristicPrior()
+        self.predictor: Any = load_predictor(settings.models_dir)
+        self._watcher = ArtifactWatcher(settings.models_dir, current=latest_artifact(settings.models_dir))
         self.members: dict[str, Member] = {}
         self.queued: dict[str, Queued] = {}
         self.running: dict[str, Running] = {}
@@ -212,7 +213,8 @@ class Allocator:
     async def ready(self) -> dict[str, Any]:
         await self._wait_ready()
         return {"data_dir": str(self.settings.data_dir), "store_url": self.settings.resolved_store_url,
-                "backends": list(self.members), "started_at": self.started_at}
+                "backends": list(self.members), "started_at": self.started_at,
+                "model": getattr(self.predictor, "source", "prior")}
 
     async def submit(self, job: PreparedJob) -> dict[str, Any]:
         """Store, then queue. Raises NoFeasibleBackend (nothing stored) if no backend could ever run it."""
@@ -460,8 +462,11 @@ class Allocator:
         result = dict(result)
         result["queue_s"] = r.started_at - (r.created_at or r.started_at)
         result["launched_at"] = r.started_at
-        if self.store.complete(r.job.id, r.attempt, result) and r.attempt == 1:
+        recorded = self.store.complete(r.job.id, r.attempt, result)
+        if recorded and r.attempt == 1:
             self._remember_final(r, result)
+        if recorded:
+            self._observe(r, result)
         self._notify(r.job.id)
         self._kick.set()
 
@@ -523,6 +528,28 @@ class Allocator:
         while True:
             await asyncio.sleep(self.settings.health_interval_s)
             await asyncio.gather(*(self._probe(m) for m in self.members.values()), return_exceptions=True)
+            self._poll_model()
+
+    def _poll_model(self) -> None:
+        """Pick up a newly published model artifact without a restart (new plans use it)."""
+        try:
+            fresh = self._watcher.poll()
+        except Exception:  # a half-written registry must not stop the allocator
+            log.exception("model registry poll failed")
+            return
+        if fresh is not None:
+            log.warning("cost model switched to %s", self._watcher.current)
+            self.predictor = fresh
+
+    def _observe(self, r: Running, result: dict[str, Any]) -> None:
+        """Online correction: tell the model how long the run really took."""
+        observe = getattr(self.predictor, "observe", None)
+        if observe is None:
+            return
+        kind = self.members[r.backend].spec.kind
+        actual = result.get("qpu_s") if kind == "qpu" else result.get("wall_s")
+        if actual:
+            observe(r.backend, r.predicted_s, float(actual))
 
     async def _history_loop(self) -> None:
         while True:

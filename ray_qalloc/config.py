@@ -75,6 +75,11 @@ class Settings(BaseModel):
     def history_dir(self) -> Path:
         return self.data_dir / "history"
 
+    @property
+    def models_dir(self) -> Path:
+        """The model registry: ``qalloc train`` publishes here, the allocator loads from here."""
+        return self.data_dir / "models"
+
     def copy_with(self, **changes: Any) -> "Settings":
         return self.model_copy(update=changes)
 

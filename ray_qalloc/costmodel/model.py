@@ -47,7 +47,6 @@ import xgboost as xgb
 from ray_qalloc.backends.base import BackendSpec
 from ray_qalloc.circuits import FEATURE_NAMES, FEATURE_SCHEMA_VERSION
 from ray_qalloc.costmodel.prior import HeuristicPrior, qpu_fidelity
-from ray_qalloc.placement.filters import memory_needed
 from ray_qalloc.placement.model import BackendView, Estimate, JobView
 
 log = logging.getLogger(__name__)
@@ -127,9 +126,15 @@ def _num(value: Any) -> float:
 
 @lru_cache(maxsize=256)
 def _spec_of(name: str) -> BackendSpec | None:
-    """A history row names its backend; its spec is rebuilt from the name (cached)."""
+    """A history row names its backend; a simulator's spec is rebuilt from the name (cached).
+
+    Only local backends are built: an ``ibm_*`` name must never reach the network from a
+    training job, and QPU rows need only their kind (from the name) for the runtime model.
+    """
     from ray_qalloc.backends.registry import make_backend
 
+    if not name.startswith("aer_"):
+        return None
     try:
         return make_backend(name).spec()
     except Exception as exc:  # unknown or unavailable backend: derive what the name says
@@ -139,8 +144,11 @@ def _spec_of(name: str) -> BackendSpec | None:
 
 @lru_cache(maxsize=256)
 def _calibration_of(name: str) -> tuple[tuple[str, float], ...]:
+    """Calibration summary of an emulated QPU (its snapshot is fixed); () for anything else."""
     from ray_qalloc.backends.registry import make_backend
 
+    if not name.startswith("qpu_"):
+        return ()
     try:
         cal = make_backend(name).calibration()
     except Exception:
@@ -196,31 +204,43 @@ def feature_matrix(rows: pa.Table, specs: Mapping[str, BackendSpec] | None = Non
     return X
 
 
-def anchor_log_runtime(X: np.ndarray) -> np.ndarray:
-    """log(seconds) of the analytic prior for simulator rows, vectorised over a model matrix.
+def anchor_seconds(method: str, n: float, size: float, shots: float, threads: float, cut: float) -> float:
+    """The analytic prior's runtime for one simulator row (nan inputs mean "unknown").
 
     A frozen copy of ``prior.simulator_runtime`` (ANCHOR_VERSION 1): artifacts depend on it,
-    so it must not follow later edits of the prior.
+    so it must not follow later edits of the prior. Scalar on purpose: for the handful of
+    backends of one job, plain floats cost ~1 µs a row where numpy costs ~40 µs a call.
     """
-    Xd = X.astype(np.float64, copy=False)
-    n = np.nan_to_num(Xd[:, _IDX["num_qubits"]], nan=1.0)
-    size = np.maximum(np.nan_to_num(Xd[:, _IDX["size"]], nan=1.0), 1.0)
-    shots = np.nan_to_num(Xd[:, _IDX["shots"]], nan=1024.0)
-    par = np.maximum(np.nan_to_num(Xd[:, _IDX["b_threads"]], nan=1.0), 1.0) ** 0.8
-    cut = Xd[:, _IDX["cut_max"]]
-    cut = np.where(np.isnan(cut), n, cut)
-    chi = np.minimum(np.minimum(cut, n / 2.0), 14.0)
-    ne = np.minimum(n, 60.0)  # beyond any memory: keeps the numbers finite
-    sv = 1.5e-3 + size * 2.0 ** ne * 1.2e-9 / par + shots * 1e-7
-    dm = 2e-3 + size * 4.0 ** ne * 2.5e-9 / par + shots * 1e-7
-    st = 1e-3 + size * n * 4e-8 + shots * n * n * 2e-9
-    mps = 2e-3 + size * 2.0 ** (3.0 * chi) * 2e-9 + shots * n * 2e-7
-    other = 1e-2 + size * 2.0 ** np.minimum(n, 30.0) * 2e-9
-    out = other
-    for col, value in (("b_method_statevector", sv), ("b_method_density_matrix", dm),
-                       ("b_method_stabilizer", st), ("b_method_matrix_product_state", mps)):
-        out = np.where(Xd[:, _IDX[col]] > 0.5, value, out)
-    return np.log(out)
+    n = 1.0 if n != n else n
+    size = 1.0 if size != size else max(size, 1.0)
+    shots = 1024.0 if shots != shots else shots
+    par = max(1.0 if threads != threads else threads, 1.0) ** 0.8
+    ne = min(n, 60.0)  # beyond any memory: keeps the numbers finite
+    if method == "statevector":
+        return 1.5e-3 + size * 2.0 ** ne * 1.2e-9 / par + shots * 1e-7
+    if method == "density_matrix":
+        return 2e-3 + size * 4.0 ** ne * 2.5e-9 / par + shots * 1e-7
+    if method == "stabilizer":
+        return 1e-3 + size * n * 4e-8 + shots * n * n * 2e-9
+    if method == "matrix_product_state":
+        chi = min(n if cut != cut else cut, n / 2.0, 14.0)
+        return 2e-3 + size * 2.0 ** (3.0 * chi) * 2e-9 + shots * n * 2e-7
+    return 1e-2 + size * 2.0 ** min(n, 30.0) * 2e-9
+
+
+_ANCHOR_COLS = [_IDX[c] for c in ("num_qubits", "size", "shots", "b_threads", "cut_max")]
+_METHOD_COLS = [(m, _IDX[f"b_method_{m}"]) for m in METHODS]
+
+
+def anchor_log_runtime(X: np.ndarray) -> np.ndarray:
+    """log(prior seconds) per row of a model matrix: the base every tree adds to."""
+    out = np.empty(X.shape[0], dtype=np.float64)
+    cols = X[:, _ANCHOR_COLS].astype(np.float64).tolist()
+    onehot = X[:, [c for _, c in _METHOD_COLS]].tolist()
+    for i, (args, flags) in enumerate(zip(cols, onehot)):
+        method = next((m for (m, _), f in zip(_METHOD_COLS, flags) if f > 0.5), "other")
+        out[i] = math.log(anchor_seconds(method, *args))
+    return out
 
 
 def analytic_memory(X: np.ndarray) -> np.ndarray:
@@ -368,14 +388,21 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+def auto_threads(n_rows: int) -> int:
+    """One thread below ~10k rows: OpenMP sync costs more than it saves there, and on a busy
+    2-core machine two spinning threads made a 72-row fit 300x slower (measured)."""
+    return 1 if n_rows < 10_000 else 2
+
+
 def fit_runtime(data: RuntimeData, config: Mapping[str, Any] | None = None, *, num_rounds: int = 200,
-                nthread: int = 2, seed: int = 0) -> xgb.Booster:
+                nthread: int | None = None, seed: int = 0) -> xgb.Booster:
+    nthread = nthread or auto_threads(data.n_rows)
     return xgb.train(booster_params(config or {}, nthread=nthread, seed=seed), data.dmatrix(),
                      num_boost_round=int(num_rounds))
 
 
 def fit_memory(table: pa.Table, specs: Mapping[str, BackendSpec] | None = None, *,
-               nthread: int = 2) -> xgb.Booster | None:
+               nthread: int | None = None) -> xgb.Booster | None:
     """log(peak bytes) regression on simulator rows that measured it; None when too few."""
     peak = _column(table, "peak_memory_bytes")
     idx = np.flatnonzero(peak > 0)
@@ -385,13 +412,14 @@ def fit_memory(table: pa.Table, specs: Mapping[str, BackendSpec] | None = None, 
         return None
     X = feature_matrix(table.take(pa.array(idx)), specs)
     d = xgb.DMatrix(X, label=np.log(peak[idx]), feature_names=list(MODEL_FEATURES), missing=np.nan)
-    params = {"objective": "reg:squarederror", "max_depth": 4, "eta": 0.1, "nthread": nthread, "seed": 0}
+    params = {"objective": "reg:squarederror", "max_depth": 4, "eta": 0.1, "seed": 0,
+              "nthread": nthread or auto_threads(len(idx))}
     return xgb.train(params, d, num_boost_round=100)
 
 
 def fit_fidelity(table: pa.Table, specs: Mapping[str, BackendSpec] | None = None,
                  calibrations: Mapping[str, Mapping[str, float]] | None = None, *,
-                 nthread: int = 2) -> xgb.Booster | None:
+                 nthread: int | None = None) -> xgb.Booster | None:
     """log(measured / estimated success probability) on QPU rows, when a ``fidelity`` column exists."""
     if "fidelity" not in table.column_names:
         return None
@@ -406,7 +434,8 @@ def fit_fidelity(table: pa.Table, specs: Mapping[str, BackendSpec] | None = None
     prior = np.array([_prior_fidelity(x) for x in X])
     target = np.clip(np.log(fid[idx]) - np.log(np.maximum(prior, 1e-9)), -_LOG_CLIP, _LOG_CLIP)
     d = xgb.DMatrix(X, label=target, feature_names=list(MODEL_FEATURES), missing=np.nan)
-    params = {"objective": "reg:squarederror", "max_depth": 4, "eta": 0.1, "nthread": nthread, "seed": 0}
+    params = {"objective": "reg:squarederror", "max_depth": 4, "eta": 0.1, "seed": 0,
+              "nthread": nthread or auto_threads(len(idx))}
     return xgb.train(params, d, num_boost_round=100)
 
 
@@ -429,7 +458,8 @@ def _prior_fidelity(x: np.ndarray) -> float:
 def fit_cost_model(table: pa.Table, config: Mapping[str, Any] | None = None, *, num_rounds: int = 200,
                    specs: Mapping[str, BackendSpec] | None = None,
                    calibrations: Mapping[str, Mapping[str, float]] | None = None,
-                   metrics: Mapping[str, Any] | None = None, nthread: int = 2, seed: int = 0) -> "CostModel":
+                   metrics: Mapping[str, Any] | None = None, nthread: int | None = None,
+                   seed: int = 0) -> "CostModel":
     """Fit every part of the model on a whole history (the refit after tuning, or tests)."""
     data = runtime_data(table, specs)
     if data.n_rows == 0:
@@ -438,7 +468,8 @@ def fit_cost_model(table: pa.Table, config: Mapping[str, Any] | None = None, *, 
     train_metrics = runtime_metrics(_margin(runtime, data.X, data.anchor), data)
     methods = sorted({m for m in METHODS if data.X[:, _IDX[f"b_method_{m}"]].any()})
     meta = {
-        "params": booster_params(config or {}, nthread=nthread, seed=seed), "num_rounds": int(num_rounds),
+        "params": booster_params(config or {}, nthread=nthread or auto_threads(data.n_rows), seed=seed),
+        "num_rounds": int(num_rounds),
         "n_rows": data.n_rows, "n_censored": int(data.censored.sum()), "dropped": data.dropped,
         "methods": methods, "data_hash": data.data_hash(),
         "metrics": {**{f"train_{k}": v for k, v in train_metrics.items()}, **dict(metrics or {})},
@@ -448,8 +479,16 @@ def fit_cost_model(table: pa.Table, config: Mapping[str, Any] | None = None, *, 
 
 
 def _margin(booster: xgb.Booster, X: np.ndarray, anchor: np.ndarray) -> np.ndarray:
-    return np.asarray(booster.inplace_predict(X, predict_type="margin", base_margin=anchor,
-                                              missing=np.nan), dtype=np.float64)
+    """anchor + sum of trees. The anchor is added here rather than passed as ``base_margin``:
+    ``inplace_predict(base_margin=...)`` builds a proxy DMatrix and costs milliseconds, while
+    with ``base_score=1`` (margin log 1 = 0) the trees alone are the residual, in microseconds."""
+    trees = booster.inplace_predict(X, predict_type="margin", missing=np.nan)
+    return anchor + np.asarray(trees, dtype=np.float64)
+
+
+def _base_score(booster: xgb.Booster) -> float:
+    raw = json.loads(booster.save_config())["learner"]["learner_model_param"]["base_score"]
+    return float(str(raw).strip("[]").split(",")[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,6 +588,8 @@ class CostModel:
                 boosters[key] = None
         if boosters["runtime"] is None:
             raise IncompatibleArtifact(f"{d}: no runtime.ubj")
+        if _base_score(boosters["runtime"]) != 1.0:  # the anchor is added outside XGBoost
+            raise IncompatibleArtifact(f"{d}: runtime model has base_score != 1")
         return cls(boosters["runtime"], boosters["memory"], boosters["fidelity"], meta)
 
 
