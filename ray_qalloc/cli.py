@@ -235,6 +235,69 @@ def render_explanation(data: dict[str, Any]) -> None:
             console.print(f"  attempt {a['n']} on {a['backend']}: {a['outcome']} {a.get('error') or ''}")
 
 
+# ---- cost model: measure and train ----------------------------------------------------------
+@app.command()
+def measure(quick: bool = typer.Option(False, help="A small sweep (about a minute) instead of the full one."),
+            circuits: Optional[Path] = typer.Option(None, help="Measure these instead: a directory of .qasm "
+                                                                "files or a JSONL trace."),
+            backends: str = typer.Option(",".join(("aer_statevector", "aer_mps", "aer_stabilizer",
+                                                   "aer_density_matrix")), help="Comma-separated backend names."),
+            time_cap_s: float = typer.Option(20.0, help="Longest run; longer runs are recorded as censored."),
+            memory_cap_gib: float = typer.Option(4.0, help="Most memory one run may use."),
+            resume: bool = typer.Option(True, help="Skip (circuit, backend) pairs already measured."),
+            predicted_factor: float = typer.Option(
+                1000.0, help="Record as censored, without running, a run predicted to take more than this many "
+                             "time caps (0: always try; the time cap still bounds it)."),
+            history: Optional[Path] = typer.Option(None, help="Run-history directory (default: DATA_DIR/history).")
+            ) -> None:
+    """Measure true runtimes (the cost model's training data) into the Parquet run history."""
+    from ray_qalloc.costmodel.history import RunHistory
+    from ray_qalloc.costmodel.measure import cases_from_path, default_sweep
+    from ray_qalloc.costmodel.measure import measure as run_measure
+
+    settings = _settings()
+    cases = cases_from_path(circuits) if circuits else default_sweep(quick=quick)
+    hist = RunHistory(history or settings.history_dir)
+    report = run_measure(cases, [b for b in backends.split(",") if b], hist, time_cap_s=time_cap_s,
+                         memory_cap_bytes=int(memory_cap_gib * 2**30), resume=resume,
+                         predicted_factor=predicted_factor or None,
+                         progress=not _json_out())
+    out = {"history": str(hist.directory), "cases": len(cases), "attempted": report.attempted,
+           "completed": report.completed, "censored": report.censored, "skipped_existing": report.skipped_existing,
+           "errors": report.errors, "wall_s": report.wall_s}
+    if _json_out():
+        _print_json(out)
+    else:
+        console.print(f"measured {out['attempted']} runs ({out['completed']} completed, {out['censored']} censored, "
+                      f"{out['errors']} errors, {out['skipped_existing']} already there) in {out['wall_s']:.0f} s "
+                      f"→ {out['history']}")
+
+
+@app.command()
+def train(samples: int = typer.Option(8, help="Ray Tune trials."),
+          quick: bool = typer.Option(False, help="A few short trials (CI-sized)."),
+          history: Optional[Path] = typer.Option(None, help="Run-history directory (default: DATA_DIR/history)."),
+          registry: Optional[Path] = typer.Option(None, help="Model registry (default: DATA_DIR/models).")) -> None:
+    """Tune and fit the cost model on the run history; publish a versioned artifact."""
+    from ray_qalloc.costmodel.tuning import train as run_train
+
+    settings = _settings()
+    reg = registry or settings.models_dir
+    with console.status("tuning the cost model with Ray Tune ..."):
+        path = run_train(history or settings.history_dir, reg, num_samples=samples, quick=quick)
+    meta = json.loads((path / "meta.json").read_text())
+    out = {"artifact": str(path), "n_rows": meta.get("n_rows"), "metrics": meta.get("metrics")}
+    if _json_out():
+        _print_json(out)
+        return
+    m = meta.get("metrics", {})
+    console.print(f"published [bold]{path.name}[/bold] ({meta.get('n_rows')} rows) to {reg}")
+    for key in sorted(m):
+        if isinstance(m[key], (int, float)):
+            console.print(f"  {key:<24} {m[key]:.4g}")
+    console.print("A running allocator picks it up within seconds; new jobs are placed with it.")
+
+
 # ---- demo --------------------------------------------------------------------------------------
 @app.command()
 def demo(jobs: int = typer.Option(0, help="Run only the first N demo jobs (0: all)."),

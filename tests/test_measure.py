@@ -122,7 +122,7 @@ def test_predicted_runtime_censors_without_running(history, worker):
 
 def test_monotone_censoring_skips_larger_sizes(history, worker):
     cases = mqt_cases(["qft"], [21, 22, 23])
-    report = _run(cases, ["aer_statevector"], history, worker, time_cap_s=0.05)
+    report = _run(cases, ["aer_statevector"], history, worker, time_cap_s=0.05, predicted_factor=None)
     rows = _pairs(history)
     assert rows[("mqt:qft:alg:21", "aer_statevector")]["outcome"] == "censored_time"
     for n in (22, 23):
@@ -131,7 +131,7 @@ def test_monotone_censoring_skips_larger_sizes(history, worker):
     assert report.attempted == 1
     # A resumed sweep carries the cap hit over from the history.
     more = mqt_cases(["qft"], [24])
-    _run(more, ["aer_statevector"], history, worker, time_cap_s=0.05)
+    _run(more, ["aer_statevector"], history, worker, time_cap_s=0.05, predicted_factor=None)
     assert _pairs(history)[("mqt:qft:alg:24", "aer_statevector")]["outcome"] == "censored_monotone"
 
 
@@ -186,3 +186,12 @@ def test_default_sweep_is_sized_and_ids_are_unique():
     assert 8 <= len(quick) <= 12 and max(c.size for c in quick) <= 8
     assert max(c.size for c in full if c.family == "grover") <= 12
     assert {c.level for c in full} >= {"alg", "indep", "random"}
+
+
+def test_emulated_qpu_records_modelled_qpu_time(history, worker):
+    """QPUs are swept only when named; their qpu_s is the modelled device time."""
+    report = _run(mqt_cases(["ghz"], [4], shots=256), ["qpu_torino"], history, worker)
+    row = _pairs(history)[("mqt:ghz:alg:4", "qpu_torino")]
+    assert report.completed == 1 and row["outcome"] == "completed"
+    assert row["qpu_s"] > 0 and row["wall_s"] > 0 and row["predicted_s"] > 0
+    assert "qpu_torino" not in DEFAULT_BACKENDS

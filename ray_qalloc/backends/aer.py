@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from qiskit import QuantumCircuit
     from qiskit_aer import AerSimulator
 
-METHODS: tuple[str, ...] = ("statevector", "matrix_product_state", "stabilizer", "density_matrix")
+METHODS: tuple[str, ...] = ("statevector", "matrix_product_state", "stabilizer", "density_matrix", "automatic")
 SHORT_NAMES: dict[str, str] = {
     "statevector": "statevector",
     "matrix_product_state": "mps",
@@ -35,7 +35,9 @@ SHORT_NAMES: dict[str, str] = {
     "density_matrix": "density_matrix",
 }
 ALIASES: dict[str, str] = {"mps": "matrix_product_state", "sv": "statevector",
-                           "dm": "density_matrix", "clifford": "stabilizer"}
+                           "dm": "density_matrix", "clifford": "stabilizer",
+                           # Aer's own choice: a baseline for benchmarks, not in the default pool
+                           "automatic": "automatic"}
 
 # Operations every method handles even when they are missing from its target.
 ALWAYS_SUPPORTED: frozenset[str] = frozenset({"measure", "barrier", "reset", "delay"})
@@ -83,7 +85,7 @@ def qubits_for_memory(method: str, memory_bytes: int) -> int:
         return max(1, int(math.floor(math.log2(max(memory_bytes, 32) / 16))))
     if method == "density_matrix":
         return max(1, int(math.floor(math.log2(max(memory_bytes, 64) / 16) / 2)))
-    if method == "matrix_product_state":
+    if method in ("matrix_product_state", "automatic"):
         return MPS_MAX_QUBITS
     return STABILIZER_MAX_QUBITS
 
@@ -147,7 +149,7 @@ class AerBackend:
         if self._device not in ("CPU", "GPU"):
             raise BackendError(f"unknown Aer device {device!r}.", fix="use 'CPU' or 'GPU'.")
         suffix = "_gpu" if self._device == "GPU" else ""
-        self._name = name or f"aer_{SHORT_NAMES[self._method]}{suffix}"
+        self._name = name or f"aer_{SHORT_NAMES.get(self._method, self._method)}{suffix}"
         self._price = price or DEFAULT_PRICE
         self._sim: AerSimulator | None = None
         self._spec: BackendSpec | None = None

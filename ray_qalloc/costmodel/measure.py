@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import socket
 import subprocess
@@ -55,7 +54,7 @@ import zlib
 from multiprocessing.connection import Connection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from ray_qalloc.costmodel.history import RunHistory
 
@@ -70,6 +69,10 @@ DEFAULT_BATCH = 20
 _WORKER_START_TIMEOUT_S = 180.0
 _SAMPLE_S = 0.01            # RSS sampling period while a request runs (doubles up to _SAMPLE_MAX_S)
 _SAMPLE_MAX_S = 0.05
+# A fixed mmap threshold turns off glibc's dynamic one, so big buffers (state vectors) are
+# mmapped and handed back to the OS when freed; otherwise a freed 16 MB statevector stays in
+# the heap, the next run reuses it, and its RSS growth (peak_memory_bytes) reads too low.
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 _RLIMIT_MARGIN = 2 * 2**30  # address-space backstop above baseline + 2x cap (the sampler is the real cap)
 
 
@@ -223,9 +226,12 @@ QUICK_RANDOM = {"sizes": (4, 6), "depths": (6,), "seeds": (1,)}
 def default_sweep(quick: bool = False) -> list[SweepCase]:
     """The sweep ``qalloc measure`` runs by default (see DEFAULT_FAMILY_SIZES for why).
 
-    Full: 14 families x 2 levels (154 MQT cases) + 10 random cases = 164 cases, ~560 runs
-    on the four Aer methods. ``quick``: 8 MQT + 2 random cases at 3-6 qubits (ALG only),
-    for tests and CI (~2-5 s on 2 cores, most of it the worker's imports).
+    Full: 14 families x 2 levels (148 MQT cases) + 10 random cases = 158 cases, 632 pairs
+    on the four Aer methods, of which ~184 are filtered (stabilizer on non-Clifford circuits,
+    density matrices past ~14 qubits). Measured on 2 cores with time_cap_s=20: 349 s, 448
+    rows (417 completed, 5 censored_time, 1 censored_memory killed by the RSS guard, 22
+    censored_predicted -- all MPS at 20-24 qubits -- and 3 censored_monotone).
+    ``quick``: 8 MQT + 2 random cases at 3-6 qubits (ALG only), 40 pairs, 34 run; ~2-4 s.
     """
     table, levels, rnd = ((QUICK_FAMILY_SIZES, ("alg",), QUICK_RANDOM) if quick
                           else (DEFAULT_FAMILY_SIZES, DEFAULT_LEVELS, DEFAULT_RANDOM))
@@ -261,6 +267,16 @@ def _reset_peak() -> bool:
         return False
 
 
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc only; a no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _set_address_limit(memory_cap_bytes: int) -> None:
     """Backstop for a single giant allocation the RSS sampler could miss between samples."""
     try:
@@ -288,12 +304,12 @@ def _worker_main(conn: Any, threads: int, memory_cap_bytes: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it flushes, then kills us)
     _logging.disable(_logging.WARNING)
     warnings.simplefilter("ignore")
-    from ray_qalloc import circuits  # noqa: F401 - imports paid once, before "ready"
-    from ray_qalloc.backends.registry import make_backend
-    from ray_qalloc.config import Limits
-    from ray_qalloc.jobs import make_spec, prepare_job
-
+    # Imports paid once, before "ready", so no run's timing includes them.
     import qiskit_aer  # noqa: F401
+
+    from ray_qalloc import circuits  # noqa: F401
+    from ray_qalloc.backends import registry  # noqa: F401
+    from ray_qalloc.jobs import prepare_job  # noqa: F401
 
     _set_address_limit(memory_cap_bytes)
     backends: dict[str, Any] = {}
@@ -306,24 +322,33 @@ def _worker_main(conn: Any, threads: int, memory_cap_bytes: int) -> None:
         if req[0] == "stop":
             return
         exact = _reset_peak()
-        try:
-            if req[0] == "prepare":
-                _, source, shots = req
-                circuit = source.build() if hasattr(source, "build") else source
-                value: Any = prepare_job(make_spec(circuit=circuit, shots=shots), Limits())
-            else:
-                _, name, payload, shots, seed = req
-                backend = backends.get(name)
-                if backend is None:
-                    backend = backends[name] = make_backend(name, threads=threads)
-                value = _run_payload(backend, payload, shots, seed)
-            reply = ("ok", value)
-        except MemoryError as exc:
-            reply = ("memory", f"MemoryError: {exc}")
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an 'error' row
-            reply = ("error", f"{type(exc).__name__}: {exc}"[:2000])
+        reply = _handle(req, backends, threads)
+        del req  # the request's circuit and payload are freed before trimming
         peak = _read_status_kb("VmHWM") if exact else None
+        _trim_heap()  # so that the parent's baseline for the next request is the idle worker
         conn.send(reply + (peak,))
+
+
+def _handle(req: tuple, backends: dict[str, Any], threads: int) -> tuple[str, Any]:
+    """One request in the worker: ("ok", value), ("memory", text) or ("error", text)."""
+    from ray_qalloc.backends.registry import make_backend
+    from ray_qalloc.config import Limits
+    from ray_qalloc.jobs import make_spec, prepare_job
+
+    try:
+        if req[0] == "prepare":
+            _, source, shots = req
+            circuit = source.build() if hasattr(source, "build") else source
+            return "ok", prepare_job(make_spec(circuit=circuit, shots=shots), Limits())
+        _, name, payload, shots, seed = req
+        backend = backends.get(name)
+        if backend is None:
+            backend = backends[name] = make_backend(name, threads=threads)
+        return "ok", _run_payload(backend, payload, shots, seed)
+    except MemoryError as exc:
+        return "memory", f"MemoryError: {exc}"
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an 'error' row
+        return "error", f"{type(exc).__name__}: {exc}"[:2000]
 
 
 def _run_payload(backend: Any, payload: bytes, shots: int, seed: int) -> dict[str, Any]:
@@ -380,7 +405,8 @@ class Worker:
         code = "from ray_qalloc.costmodel.measure import _worker_entry; _worker_entry()"
         proc = subprocess.Popen(
             [sys.executable, "-c", code, str(theirs.fileno()), str(self.threads), str(self.memory_cap_bytes)],
-            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            env={**os.environ, **_MALLOC_ENV})
         theirs.close()
         conn = Connection(ours.detach())
         try:
@@ -643,8 +669,9 @@ def measure(cases: Sequence[SweepCase], backends: Sequence[str], history: RunHis
     ``predicted_factor=None`` turns off censoring by prediction (the heuristic prior's MPS
     formula overestimates low-entanglement circuits such as QFT by orders of magnitude, so
     a sweep meant to correct the prior may want to run those anyway; the time cap still
-    bounds them). ``threads`` is the simulator threads per run (live default: 1). Pass ``worker`` to
-    reuse one worker process across calls (tests; benchmarks).
+    bounds them). ``threads`` is the simulator threads per run (live default: 1). Pass
+    ``worker`` to reuse one worker process across calls (tests, benchmarks); it keeps the
+    ``threads`` it was built with.
     """
     from ray_qalloc.costmodel.prior import HeuristicPrior
 

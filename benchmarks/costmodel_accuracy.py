@@ -1,0 +1,254 @@
+"""How well the cost model predicts runtimes, and how good the choices it makes are.
+
+    python -m benchmarks.costmodel_accuracy --circuits PATH --json OUT
+        [--model REGISTRY_DIR] [--holdout FAM,FAM --train-history DIR]
+        [--history DIR] [--time-cap 20] [--backends aer_statevector,...]
+
+PATH is a directory of ``.qasm`` files (``benchmarks.make_circuits`` writes one; a file
+named ``<family>-...`` belongs to that family) or a trace file (JSON Lines, the format of
+DESIGN.md; an optional ``family`` field is read). For every circuit:
+
+1. the model predicts the runtime on every backend that can run it (placement's filters
+   decide which), *before* anything runs;
+2. every (circuit, backend) is measured for real with the measure module (time and memory
+   caps; a run past the cap is censored at the cap), plus Aer's ``method="automatic"`` as
+   the baseline;
+3. predictions are compared with measurements.
+
+Summary keys (simulator runs whose measured time is ≥ 50 ms; a circuit counts for the choice
+metrics when at least one feasible backend takes ≥ 50 ms): ``within_20pct``, ``spearman``,
+``runtime_mape``, ``best_backend_top1``, ``regret_median``, ``speedup_vs_aer_automatic_geomean``,
+``n_circuits``, ``n_runs``. Emulated QPUs (``--backends`` with ``qpu_*``) are reported apart
+under ``summary_qpu``: their times are modelled, hence predictable.
+
+With ``--holdout``, a model is trained (one XGBoost fit, default parameters) on
+``--train-history`` minus the held-out families, and the summary is given for the held-out
+families (``summary_heldout``) and for the others (``summary_seen``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+SIM_BACKENDS = ("aer_statevector", "aer_mps", "aer_stabilizer", "aer_density_matrix")
+BASELINE = "aer_automatic"
+MIN_S = 0.050
+
+
+def family_of(case: Any) -> str:
+    if case.case_id.startswith("file:"):
+        return case.case_id[5:].split("-")[0] if "-" in case.case_id else "file"
+    return case.family
+
+
+def load_cases(path: Path) -> list[Any]:
+    from ray_qalloc.costmodel.measure import cases_from_path
+
+    return [replace(c, family=family_of(c)) for c in cases_from_path(path) if c.size > 0]
+
+
+def predict_all(cases: Sequence[Any], backends: Sequence[str], predictor: Any) -> dict[str, dict[str, Any]]:
+    """Per case: feasible backends and their predicted runtimes (made before anything runs)."""
+    from ray_qalloc.backends.registry import make_backend
+    from ray_qalloc.config import Limits
+    from ray_qalloc.jobs import make_spec, prepare_job
+    from ray_qalloc.placement import BackendView, JobView, plan
+
+    views = []
+    for name in backends:
+        b = make_backend(name)
+        cal = b.calibration()
+        views.append(BackendView(b.spec(), True, cal.summary() if cal is not None else None))
+    out = {}
+    for case in cases:
+        job = prepare_job(make_spec(circuit=case.source, shots=case.shots), Limits())
+        jv = JobView(job.id, job.num_qubits, job.ops, job.features, job.shots)
+        p = plan(jv, views, predictor)
+        out[case.case_id] = {"qubits": job.num_qubits, "family": case.family,
+                             "predicted": {b: e.runtime_s for b, e in p.estimates.items()},
+                             "source": {b: e.source for b, e in p.estimates.items()}}
+    return out
+
+
+def measured_times(table: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    rows = {}
+    for r in table.to_pylist():
+        outcome = r["outcome"]
+        if outcome == "completed" and r["wall_s"]:
+            t, censored = r["wall_s"], False
+        elif outcome and outcome.startswith("censored"):
+            t, censored = (r["cap_s"] or r["wall_s"] or math.inf), True
+        else:
+            continue
+        rows[(r["case_id"], r["backend"])] = {"t": float(t), "censored": censored, "qpu_s": r.get("qpu_s")}
+    return rows
+
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    from scipy.stats import spearmanr
+
+    if len(a) < 3:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def summarize(preds: dict[str, dict[str, Any]], meas: dict[tuple[str, str], dict[str, Any]],
+              case_ids: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    pairs_p, pairs_t = [], []
+    rows, regrets, speedups, top1 = [], [], [], []
+    n_runs = 0
+    for cid in case_ids:
+        pr = preds[cid]["predicted"]
+        sims = {b: p for b, p in pr.items() if not b.startswith("qpu_") and not b.startswith("ibm_")}
+        truth = {b: meas[(cid, b)] for b in sims if (cid, b) in meas}
+        n_runs += len(truth)
+        for b, m in truth.items():
+            if not m["censored"] and m["t"] >= MIN_S:
+                pairs_p.append(sims[b])
+                pairs_t.append(m["t"])
+        if not truth:
+            continue
+        chosen = min(sims, key=lambda b: sims[b])
+        best = min(truth, key=lambda b: truth[b]["t"])
+        row = {"case_id": cid, "family": preds[cid]["family"], "qubits": preds[cid]["qubits"],
+               "chosen": chosen, "best": best,
+               "predicted": sims, "measured": {b: m["t"] for b, m in truth.items()},
+               "censored": [b for b, m in truth.items() if m["censored"]]}
+        if chosen in truth and max(m["t"] for m in truth.values()) >= MIN_S:
+            regret = truth[chosen]["t"] / truth[best]["t"] - 1.0
+            row["regret"] = regret
+            regrets.append(regret)
+            top1.append(chosen == best)
+            auto = meas.get((cid, BASELINE))
+            if auto is not None:
+                speedups.append(auto["t"] / truth[chosen]["t"])
+                row["automatic_s"] = auto["t"]
+        rows.append(row)
+    within = [abs(p / t - 1.0) <= 0.2 for p, t in zip(pairs_p, pairs_t)]
+    summary = {
+        "within_20pct": sum(within) / len(within) if within else None,
+        "spearman": _spearman(pairs_p, pairs_t) if pairs_p else None,
+        "runtime_mape": statistics.mean(abs(p - t) / t for p, t in zip(pairs_p, pairs_t)) if pairs_p else None,
+        "best_backend_top1": sum(top1) / len(top1) if top1 else None,
+        "regret_median": statistics.median(regrets) if regrets else None,
+        "speedup_vs_aer_automatic_geomean": (math.exp(statistics.mean(math.log(s) for s in speedups))
+                                             if speedups else None),
+        "n_circuits": len(rows), "n_runs": n_runs, "n_runs_over_50ms": len(pairs_p),
+        "n_choice_circuits": len(top1),
+    }
+    return summary, rows
+
+
+def summarize_qpu(preds: dict[str, dict[str, Any]], meas: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+    pairs = [(p, meas[(cid, b)]["qpu_s"]) for cid, d in preds.items() for b, p in d["predicted"].items()
+             if (b.startswith("qpu_") and (cid, b) in meas and meas[(cid, b)]["qpu_s"])]
+    if not pairs:
+        return {"n_runs": 0}
+    return {"n_runs": len(pairs),
+            "within_20pct": sum(abs(p / t - 1) <= 0.2 for p, t in pairs) / len(pairs),
+            "runtime_mape": statistics.mean(abs(p - t) / t for p, t in pairs),
+            "spearman": _spearman([p for p, _ in pairs], [t for _, t in pairs])}
+
+
+def holdout_predictor(train_history: Path, holdout: set[str]) -> Any:
+    import pyarrow.compute as pc
+
+    from ray_qalloc.costmodel.history import RunHistory
+    from ray_qalloc.costmodel.model import LearnedPredictor, fit_cost_model
+
+    table = RunHistory(train_history).read()
+    fam = table.column("family")
+    keep = pc.invert(pc.fill_null(pc.is_in(fam, value_set=__import__("pyarrow").array(sorted(holdout))), False))
+    return LearnedPredictor(fit_cost_model(table.filter(keep)), exploration_rate=0.0)
+
+
+def run(circuits: Path, *, model: Path | None, history: Path | None, backends: Sequence[str], time_cap_s: float,
+        holdout: set[str], train_history: Path | None, console: Console) -> dict[str, Any]:
+    from ray_qalloc.costmodel.history import RunHistory
+    from ray_qalloc.costmodel.measure import measure
+    from ray_qalloc.costmodel.registry import load_predictor
+
+    cases = load_cases(circuits)
+    if holdout:
+        if train_history is None:
+            raise SystemExit("--holdout needs --train-history (the sweep the model is trained on)")
+        predictor = holdout_predictor(train_history, holdout)
+    else:
+        predictor = load_predictor(model, exploration_rate=0.0) if model else load_predictor(None)
+        if hasattr(predictor, "exploration_rate"):
+            predictor.exploration_rate = 0.0
+    console.print(f"{len(cases)} circuits; predictor: {getattr(predictor, 'source', 'prior')}")
+    preds = predict_all(cases, backends, predictor)
+    hist = RunHistory(history or Path(tempfile.mkdtemp(prefix="qalloc-acc-")))
+    report = measure(cases, list(backends) + [BASELINE], hist, time_cap_s=time_cap_s, predicted_factor=None,
+                     source="benchmark")
+    meas = measured_times(hist.read())
+    ids = [c.case_id for c in cases]
+    summary, rows = summarize(preds, meas, ids)
+    result: dict[str, Any] = {"benchmark": "costmodel_accuracy", "predictor": getattr(predictor, "source", "prior"),
+                              "circuits": str(circuits), "time_cap_s": time_cap_s, "backends": list(backends),
+                              "summary": summary, "summary_qpu": summarize_qpu(preds, meas), "rows": rows,
+                              "measure": {"attempted": report.attempted, "censored": report.censored,
+                                          "wall_s": report.wall_s}}
+    if holdout:
+        held = [c.case_id for c in cases if c.family in holdout]
+        seen = [c.case_id for c in cases if c.family not in holdout]
+        result["holdout_families"] = sorted(holdout)
+        result["summary_heldout"] = summarize(preds, meas, held)[0]
+        result["summary_seen"] = summarize(preds, meas, seen)[0]
+    return result
+
+
+def print_report(result: dict[str, Any], console: Console) -> None:
+    t = Table(title=f"cost model accuracy ({result['predictor']})")
+    for col in ("circuit", "qubits", "chosen", "best", "regret", "pred / measured (s) per backend"):
+        t.add_column(col)
+    for r in result["rows"]:
+        cells = " ".join(f"{b.removeprefix('aer_')}={r['predicted'][b]:.3g}/"
+                         f"{r['measured'].get(b, float('nan')):.3g}{'+' if b in r['censored'] else ''}"
+                         for b in r["predicted"])
+        t.add_row(r["case_id"].removeprefix("file:"), str(r["qubits"]), r["chosen"].removeprefix("aer_"),
+                  r["best"].removeprefix("aer_"), f"{r['regret']:.2f}" if "regret" in r else "-", cells)
+    console.print(t)
+    for key in ("summary", "summary_seen", "summary_heldout", "summary_qpu"):
+        if key in result:
+            s = result[key]
+            console.print(f"[bold]{key}[/bold]: " + ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--circuits", type=Path, required=True)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--model", type=Path, help="model registry directory (default: the shipped model)")
+    ap.add_argument("--history", type=Path, help="where measurements are kept (reused on a second run)")
+    ap.add_argument("--backends", default=",".join(SIM_BACKENDS))
+    ap.add_argument("--time-cap", type=float, default=20.0)
+    ap.add_argument("--holdout", default="", help="families to hold out of training (needs --train-history)")
+    ap.add_argument("--train-history", type=Path)
+    args = ap.parse_args()
+    console = Console()
+    result = run(args.circuits, model=args.model, history=args.history,
+                 backends=[b for b in args.backends.split(",") if b], time_cap_s=args.time_cap,
+                 holdout={f for f in args.holdout.split(",") if f}, train_history=args.train_history,
+                 console=console)
+    print_report(result, console)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+        console.print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
