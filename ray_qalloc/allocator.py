@@ -32,7 +32,8 @@ from ray_qalloc.costmodel.history import RunHistory
 from ray_qalloc.costmodel.registry import ArtifactWatcher, latest_artifact, load_predictor
 from ray_qalloc.exceptions import BackendError, InvalidJobSpec, JobNotFound, NoFeasibleBackend
 from ray_qalloc.jobs import JobState, PreparedJob
-from ray_qalloc.placement import BackendView, JobView, LiveState, Plan, explain, plan, select
+from ray_qalloc.placement import BackendView, JobView, Plan, explain, plan
+from ray_qalloc.placement.scheduler import Decision, PassResult, Run, Scheduler, SchedulerConfig
 from ray_qalloc.store import JobStore
 
 log = logging.getLogger("ray_qalloc.allocator")
@@ -55,7 +56,6 @@ class Member:
     healthy: bool = False
     calibration: dict[str, float] | None = None
     node_id: str | None = None
-    running: dict[str, float] = field(default_factory=dict)   # job id -> predicted end time
     failures: int = 0
 
     def view(self) -> BackendView:
@@ -108,6 +108,9 @@ class Allocator:
         # memory instead of two store reads (the store has the same data, committed first).
         self.finished: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self.node_cpus: dict[str, float] = dict(node_cpus or {})
+        self.sched = Scheduler(SchedulerConfig(**settings.scheduler), node_cpus=self.node_cpus)
+        self.flags: dict[str, str] = {}              # job -> why it will miss its deadline
+        self._preempting: dict[str, str] = {}        # job -> backend whose run is being stopped for an emergency
         self.started_at = time.time()
         self._kick = asyncio.Event()
         self._ready = asyncio.Event()
@@ -136,6 +139,7 @@ class Allocator:
         if self._injected is not None:
             self.members = dict(self._injected)
             await asyncio.gather(*(self._probe(m, first=True) for m in self.members.values()))
+            self._register_pool()
             return
         cluster = ray.cluster_resources()
         for node in ray.nodes():
@@ -152,6 +156,12 @@ class Allocator:
                 name, None, self.settings.namespace, self.settings.allocator_name)
             self.members[name] = Member(spec, actor)
         await asyncio.gather(*(self._probe(m, first=True) for m in self.members.values()))
+        self._register_pool()
+
+    def _register_pool(self) -> None:
+        default_node = next(iter(self.node_cpus), "local")
+        for name, m in self.members.items():
+            self.sched.add_backend(m.spec, node=m.node_id or default_node, healthy=m.healthy)
 
     async def _probe(self, m: Member, first: bool = False) -> None:
         timeout = 120.0 if first else self.settings.health_timeout_s
@@ -160,6 +170,10 @@ class Allocator:
             m.node_id = info.get("node_id")
             was = m.healthy
             m.healthy = True
+            if m.spec.name in self.sched.backends:
+                self.sched.set_health(m.spec.name, True)
+                if m.node_id:
+                    self.sched.set_node(m.spec.name, m.node_id)
             if first or m.calibration is None:
                 cal = await asyncio.wait_for(_aref(m.actor.calibration.remote()), timeout)
                 m.calibration = cal.summary() if cal is not None else None
@@ -169,6 +183,8 @@ class Allocator:
             if m.healthy:
                 log.warning("backend %s failed its health check: %s", m.spec.name, type(exc).__name__)
             m.healthy = False
+            if m.spec.name in self.sched.backends:
+                self.sched.set_health(m.spec.name, False)
 
     async def _recover(self) -> None:
         """Rebuild the queue from the store; re-attach to runs that were in flight."""
@@ -197,7 +213,7 @@ class Allocator:
         r = Running(job, view, p, m.spec.name, attempt["n"], attempt["started_at"], predicted,
                     created_at=rec.created_at)
         self.running[job.id] = r
-        m.running[job.id] = attempt["started_at"] + predicted
+        self.sched.start(job.id, m.spec.name, attempt["started_at"], predicted, job.priority.value)
         if attempt.get("provider_job_id"):
             ref = m.actor.reattach.remote(job.id, r.attempt, attempt["provider_job_id"], job.shots)
         else:
@@ -231,21 +247,27 @@ class Allocator:
                     f"{b}: {', '.join(s.reasons)}" for b, s in p.filtered.items()),
                 fix="reduce the circuit (qubits, operations), relax intent or fidelity_min, or add a backend.",
                 explanation=explain(p, None))
-        # Fast path: nobody waits and a backend is free, so accept and dispatch in one commit.
-        choice = select(view, p, self._live()) if not self.queued else None
-        fast = choice is not None and choice.backend is not None and choice.can_start
-        dispatch_to = (choice.backend, p.estimates[choice.backend].runtime_s, explain(p, choice)) if fast else None
+        # Enqueue and run one pass now; if this job starts at once, accept and dispatch it in one
+        # commit (the fast path), before the backend is called and before the reply.
         now = time.time()
+        self.sched.enqueue(view, p, now)
+        res = self.sched.decide(now)
+        mine = next((d for d in res.dispatch if d.entry.job.id == job.id), None)
+        dispatch_to = None
+        if mine is not None:
+            dispatch_to = (mine.choice.backend, p.estimates[mine.choice.backend].runtime_s, explain(p, mine.explained))
         job_id, created, attempt = self.store.add_job(job, now=now, dispatch_to=dispatch_to)
-        if created:
+        if not created:  # the same idempotency key again: undo this pass's bookkeeping for it
+            self.sched.finish(job.id) if mine is not None else self.sched.remove(job.id)
+        else:
             q = Queued(job, view, p, now, now)
-            if attempt is not None:
-                self.choices[job.id] = {"chosen": choice.backend, "reason": choice.reason}
-                self._launch(q, choice.backend, attempt)
+            if attempt is not None and mine is not None:
+                self.choices[job.id] = {"chosen": mine.choice.backend, "reason": mine.choice.reason}
+                self._launch(q, mine.choice.backend, attempt)
             else:
                 self.queued[job.id] = q
-                self._kick.set()
-        return {"id": job_id, "created": created}
+        self._apply(res, skip=job.id)
+        return {"id": job_id, "created": created, "flag": self.flags.get(job_id)}
 
     async def status(self, job_id: str) -> dict[str, Any]:
         await self._wait_ready()
@@ -292,6 +314,7 @@ class Allocator:
             data = rec.explanation or {"job_id": job_id, "chosen": None, "reason": "never placed",
                                        "backends": {}}
         data["state"] = rec.state.value
+        data["flag"] = rec.flag
         data["failover_history"] = self._attempt_history(job_id)
         return data
 
@@ -302,9 +325,10 @@ class Allocator:
                 raise JobNotFound(f"no job with id {job_id!r}.", field="job_id")
             return False
         self.queued.pop(job_id, None)
+        self.sched.remove(job_id)
+        self.sched.finish(job_id)
         r = self.running.pop(job_id, None)
         if r is not None:
-            self.members[r.backend].running.pop(job_id, None)
             if r.task is not None:
                 r.task.cancel()
         self._notify(job_id)
@@ -315,13 +339,16 @@ class Allocator:
         await self._wait_ready()
         return [{"name": m.spec.name, "kind": m.spec.kind, "family": m.spec.family, "method": m.spec.method,
                  "device": m.spec.device, "num_qubits": m.spec.num_qubits, "slots": m.spec.slots,
-                 "running": len(m.running), "healthy": m.healthy, "node_id": m.node_id,
+                 "running": len(self.sched.backends[m.spec.name].runs) if m.spec.name in self.sched.backends else 0,
+                 "predicted_wait_s": (self.sched.predicted_wait(m.spec.name, time.time())
+                                      if m.spec.name in self.sched.backends else None),
+                 "healthy": m.healthy, "node_id": m.node_id,
                  "resource": m.spec.resource_name, "calibration": m.calibration}
                 for m in self.members.values()]
 
     async def stats(self) -> dict[str, Any]:
         await self._wait_ready()
-        return {"queued": len(self.queued), "running": len(self.running),
+        return {"queued": len(self.queued), "running": len(self.running), "flagged": len(self.flags),
                 "store": self.store.counts_by_state(), "uptime_s": time.time() - self.started_at}
 
     async def record_provider_job(self, job_id: str, attempt: int, provider_job_id: str) -> None:
@@ -342,30 +369,7 @@ class Allocator:
         if p is None:
             p = plan(view, [m.view() for m in self.members.values()], self.predictor)
         self.queued[job.id] = Queued(job, view, p, time.time(), created_at)
-
-    def _live(self) -> dict[str, LiveState]:
-        now = time.time()
-        node_busy: dict[str | None, float] = {}
-        node_remaining: dict[str | None, list[float]] = {}
-        for m in self.members.values():
-            if m.spec.threads > 0:
-                node_busy[m.node_id] = node_busy.get(m.node_id, 0.0) + len(m.running) * m.spec.threads
-                node_remaining.setdefault(m.node_id, []).extend(max(e - now, 0.0) for e in m.running.values())
-        out = {}
-        for name, m in self.members.items():
-            free_slots = m.spec.slots - len(m.running)
-            remaining = sorted(max(e - now, 0.0) for e in m.running.values())
-            wait = 0.0 if free_slots > 0 else remaining[0] if remaining else 0.0
-            can = m.healthy and free_slots > 0
-            if m.spec.threads > 0:
-                cores = self.node_cpus.get(m.node_id or "", 0.0) or max(self.node_cpus.values(), default=1.0)
-                free_cores = cores - node_busy.get(m.node_id, 0.0)
-                if free_cores < m.spec.threads:
-                    can = False
-                    node_rem = sorted(node_remaining.get(m.node_id, []))
-                    wait = max(wait, node_rem[0] if node_rem else 0.0)
-            out[name] = LiveState(wait, can)
-        return out
+        self.sched.enqueue(view, p, created_at)
 
     async def _scheduler(self) -> None:
         while True:
@@ -377,28 +381,50 @@ class Allocator:
                 log.exception("dispatch pass failed")
 
     def _dispatch_pass(self) -> None:
-        if not self.queued:
-            return
-        live = self._live()
-        if not any(s.can_start for s in live.values()):
-            return
-        order = sorted(self.queued.values(), key=lambda q: (
-            q.view.priority != "emergency", ["emergency", "high", "normal", "batch"].index(q.view.priority),
-            q.created_at + (q.view.deadline_s if q.view.deadline_s is not None else 1e12), q.created_at))
-        for q in order:
-            choice = select(q.view, q.plan, live)
-            if choice.backend is None:
-                self.queued.pop(q.job.id, None)
-                self._give_up(q.job.id, "no feasible backend left: " + "; ".join(
-                    f"{b}: {', '.join(s.reasons)}" for b, s in q.plan.filtered.items()), q.plan)
+        self._apply(self.sched.decide(time.time()))
+
+    def _apply(self, res: PassResult, skip: str | None = None) -> None:
+        """Carry out one scheduler pass: start runs, record flags, preempt, give up."""
+        for entry in res.unplaceable:
+            self.queued.pop(entry.job.id, None)
+            self._give_up(entry.job.id, "no feasible backend left: " + "; ".join(
+                f"{b}: {', '.join(s.reasons)}" for b, s in entry.plan.filtered.items()), entry.plan)
+        for entry in res.flagged:
+            self._flag(entry.job.id, entry.flagged or "deadline at risk")
+        for d in res.dispatch:
+            if d.entry.job.id == skip:
                 continue
-            self.choices[q.job.id] = {"chosen": choice.backend, "reason": choice.reason}
-            if not choice.can_start:
+            q = self.queued.get(d.entry.job.id)
+            if q is None:  # cancelled between enqueue and this pass
+                self.sched.finish(d.entry.job.id)
                 continue
-            self._dispatch(q, choice)
-            live = self._live()
-            if not any(s.can_start for s in live.values()):
-                break
+            self.choices[q.job.id] = {"chosen": d.choice.backend, "reason": d.choice.reason}
+            self._dispatch(q, d.explained)
+        for run, entry in res.preempt:
+            self._preempt(run, entry.job.id)
+
+    def _flag(self, job_id: str, reason: str) -> None:
+        """A job that will miss its deadline is flagged (stored, shown in status and explain)."""
+        if self.flags.get(job_id) == reason:
+            return
+        self.flags[job_id] = reason
+        self.store.flag(job_id, reason)
+
+    def _preempt(self, run: Run, for_job: str) -> None:
+        """Stop a batch simulator run for an emergency job: the run's actor is restarted (an Aer
+        run cannot be interrupted in place) and the batch job goes back to the queue, keeping its
+        place; nothing is lost."""
+        r = self.running.get(run.job_id)
+        m = self.members.get(run.backend)
+        if r is None or m is None or run.job_id in self._preempting:
+            return
+        log.warning("preempting batch job %s on %s for emergency job %s", run.job_id, run.backend, for_job)
+        self._preempting[run.job_id] = run.backend
+        try:
+            ray.kill(m.actor, no_restart=False)
+        except Exception:  # injected fakes, or the actor is already gone
+            if r.task is not None:
+                r.task.cancel()
 
     def _dispatch(self, q: Queued, choice: Any) -> None:
         name = choice.backend
@@ -408,17 +434,17 @@ class Allocator:
                                       explanation=expl)
         self.queued.pop(q.job.id, None)
         if attempt is None:  # cancelled meanwhile
+            self.sched.finish(q.job.id)
             return
         self._launch(q, name, attempt)
 
     def _launch(self, q: Queued, name: str, attempt: int) -> None:
-        """Call the backend actor; the store already says RUNNING."""
+        """Call the backend actor; the store already says RUNNING, the scheduler counts the run."""
         m = self.members[name]
         est = q.plan.estimates[name]
         now = time.time()
         r = Running(q.job, q.view, q.plan, name, attempt, now, est.runtime_s, created_at=q.created_at)
         self.running[q.job.id] = r
-        m.running[q.job.id] = now + est.runtime_s
         ref = m.actor.run.remote(q.job.id, attempt, q.job.payload, q.job.shots)
         r.task = asyncio.get_running_loop().create_task(self._watch(r, ref))
 
@@ -458,7 +484,8 @@ class Allocator:
     def _complete(self, r: Running, result: dict[str, Any]) -> None:
         if self.running.get(r.job.id) is r:
             self.running.pop(r.job.id)
-        self.members[r.backend].running.pop(r.job.id, None)
+        self.sched.finish(r.job.id)
+        self._preempting.pop(r.job.id, None)
         result = dict(result)
         result["queue_s"] = r.started_at - (r.created_at or r.started_at)
         result["launched_at"] = r.started_at
@@ -477,6 +504,7 @@ class Allocator:
             "priority": job.priority.value, "intent": job.intent.value, "shots": job.shots,
             "deadline_s": job.deadline_s, "fidelity_min": job.fidelity_min, "num_qubits": job.num_qubits,
             "created_at": r.created_at, "updated_at": now, "backend": r.backend, "attempts": 1, "error": None,
+            "flag": self.flags.get(job.id),
             "result": result,
             "attempt_history": [{"attempt": 1, "backend": r.backend, "outcome": "completed",
                                  "started_at": r.started_at, "finished_at": now, "error": None}],
@@ -487,10 +515,14 @@ class Allocator:
     def _failover(self, r: Running, outcome: str, error: str, *, block: bool = True) -> None:
         if self.running.get(r.job.id) is r:
             self.running.pop(r.job.id)
-        self.members[r.backend].running.pop(r.job.id, None)
+        self.sched.finish(r.job.id)
+        if self._preempting.pop(r.job.id, None) is not None and outcome in ("actor_died", "error"):
+            self._requeue_preempted(r)
+            return
         log.warning("job %s attempt %d on %s: %s (%s)", r.job.id, r.attempt, r.backend, outcome, error)
         if outcome in ("actor_died", "timed_out"):
             self.members[r.backend].healthy = False  # until its next health check answers
+            self.sched.set_health(r.backend, False)
         blocked = r.view.blocked | {r.backend} if block else r.view.blocked
         view = JobView(**{**r.view.__dict__, "blocked": blocked})
         if r.attempt >= self.settings.max_attempts:
@@ -506,6 +538,16 @@ class Allocator:
                                     "backend can run it", p)
             return
         self.queued[r.job.id] = Queued(r.job, view, p, time.time(), r.created_at)
+        self.sched.enqueue(view, p, r.created_at)
+        self._kick.set()
+
+    def _requeue_preempted(self, r: Running) -> None:
+        """Back to the queue (same place in line), not failed over: the backend is fine."""
+        if not self.store.end_attempt(r.job.id, r.attempt, "preempted", "stopped for an emergency job",
+                                      then="requeue"):
+            return
+        self.queued[r.job.id] = Queued(r.job, r.view, r.plan, time.time(), r.created_at)
+        self.sched.enqueue(r.view, r.plan, r.created_at)
         self._kick.set()
 
     def _give_up(self, job_id: str, error: str, p: Plan) -> None:

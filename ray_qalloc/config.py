@@ -60,6 +60,10 @@ class Settings(BaseModel):
                                       description="An attempt times out after this many predicted runtimes.")
     max_attempts: int = Field(5, gt=0, description="Attempts per job before it is failed.")
     history_flush_s: float = Field(5.0, gt=0, description="How often the Parquet run history is written.")
+    scheduler: dict[str, Any] = Field(
+        default_factory=lambda: {"preempt_min_remaining_s": 10.0},
+        description="SchedulerConfig fields: reserved (backend -> emergency slots), aging_s, "
+                    "qpu_wait_high_s, qpu_wait_low_s, lookahead, preempt_min_remaining_s, preemption.")
 
     @model_validator(mode="after")
     def _absolute(self) -> "Settings":

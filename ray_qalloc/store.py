@@ -55,6 +55,7 @@ jobs_table = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("explanation", sa.Text),                    # JSON of the last placement
     sa.Column("allowed_backends", sa.Text),               # JSON list, or NULL for any
+    sa.Column("flag", sa.Text),                           # why it will miss its deadline, if it will
     sa.UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idem"),
 )
 sa.Index("ix_jobs_state", jobs_table.c.state)
@@ -125,6 +126,7 @@ class JobRecord:
     error: str | None
     explanation: dict[str, Any] | None
     allowed_backends: tuple[str, ...] | None = None
+    flag: str | None = None
     payload: bytes = field(repr=False, default=b"")
 
     def to_prepared(self) -> PreparedJob:
@@ -143,7 +145,7 @@ class JobRecord:
             "deadline_s": self.deadline_s, "fidelity_min": self.fidelity_min,
             "num_qubits": self.num_qubits, "created_at": self.created_at,
             "updated_at": self.updated_at, "backend": self.backend, "attempts": self.attempts,
-            "error": self.error,
+            "error": self.error, "flag": self.flag,
         }
 
 
@@ -162,6 +164,7 @@ def _row_to_record(row: sa.Row, with_circuit: bool) -> JobRecord:
         backend=m["backend"], attempts=m["attempts"], result=_loads(m["result"]), error=m["error"],
         explanation=_loads(m["explanation"]),
         allowed_backends=tuple(json.loads(m["allowed_backends"])) if m["allowed_backends"] else None,
+        flag=m["flag"],
         payload=bytes(m["payload"]) if with_circuit else b"",
     )
 
@@ -187,10 +190,23 @@ def make_engine(url: str) -> Engine:
         else:
             engine = sa.create_engine(url, pool_pre_ping=True)
         metadata.create_all(engine)
+        _add_missing_columns(engine)
     except sa.exc.SQLAlchemyError as exc:
         raise StoreError(f"cannot open the job store at {url!r}: {exc.__class__.__name__}: {exc}",
                          fix="check the data directory is writable, or the database URL and server.") from None
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Additive migration: a store written by an older version gets the new nullable columns."""
+    inspector = sa.inspect(engine)
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            for col in table.columns:
+                if col.name not in have and col.nullable:
+                    kind = col.type.compile(dialect=engine.dialect)
+                    conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {kind}')
 
 
 class JobStore:
@@ -343,6 +359,11 @@ class JobStore:
 
     def cancel(self, job_id: str) -> bool:
         return self.transition(job_id, "cancel", stimulus="cancelled by caller")
+
+    def flag(self, job_id: str, reason: str) -> None:
+        """Mark a job that will miss its deadline (not a state change: it still runs)."""
+        with self.engine.begin() as conn:
+            conn.execute(jobs_table.update().where(jobs_table.c.id == job_id).values(flag=reason[:500]))
 
     def save_explanation(self, job_id: str, explanation: dict[str, Any]) -> None:
         with self.engine.begin() as conn:

@@ -64,7 +64,7 @@ def fake_qpus() -> dict[str, FakeQPUBackend]:
 # ------------------------------------------------------------------------------ Aer
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "automatic"])
 def test_aer_ghz_is_half_zeros_half_ones(method: str) -> None:
     backend = AerBackend(method)
     result = backend.run(ghz(4), SHOTS, seed=11)
@@ -335,3 +335,11 @@ def test_registry_builds_every_default_backend_by_name() -> None:
         make_backend("nonsense")
     with pytest.raises(BackendError, match="unknown Aer"):
         make_backend("aer_nonsense")
+
+
+def test_aer_automatic_is_a_baseline_outside_the_default_pool():
+    from ray_qalloc.backends.registry import DEFAULT_POOL, make_backend
+
+    assert "aer_automatic" not in DEFAULT_POOL
+    res = make_backend("aer_automatic").run(ghz(3), 200, seed=1)
+    assert res.method == "stabilizer" and sum(res.counts.values()) == 200   # Aer picks stabilizer for Clifford

@@ -124,3 +124,21 @@ def test_unexported_runs_feed_the_history(store, tmp_path):
     assert table.num_rows == 1
     row = table.to_pylist()[0]
     assert row["backend"] == "b1" and row["success"] and row["f_size"] == 3.0
+
+
+def test_an_older_store_gets_new_columns(tmp_path):
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:   # the jobs table as an older version wrote it: no 'flag' column
+        conn.exec_driver_sql("CREATE TABLE jobs (id VARCHAR(64) PRIMARY KEY, tenant VARCHAR(64) NOT NULL)")
+    JobStore(url)
+    cols = {c["name"] for c in sa.inspect(engine).get_columns("jobs")}
+    assert "flag" in cols and "allowed_backends" in cols
+
+
+def test_flag_is_stored_and_shown(store):
+    job_id, _, _ = store.add_job(prepared())
+    store.flag(job_id, "predicted to finish 3 s after its deadline")
+    assert store.get(job_id).public()["flag"].startswith("predicted")

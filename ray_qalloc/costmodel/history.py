@@ -48,7 +48,7 @@ def _row(rec: dict[str, Any], source: str) -> dict[str, Any]:
     out = {
         "attempt_id": rec.get("id", rec.get("attempt_id")), "job_id": rec.get("job_id"),
         "attempt": rec.get("n", rec.get("attempt", 1)), "backend": rec["backend"], "outcome": outcome,
-        "success": outcome == "completed", "censored": bool(rec.get("censored", outcome == "timed_out")),
+        "success": outcome == "completed", "censored": bool(rec.get("censored", outcome == "timed_out" or outcome.startswith("censored"))),
         "queued_at": queued, "started_at": started, "finished_at": rec.get("finished_at"),
         "queue_s": (started - queued) if (queued is not None and started is not None) else None,
         "predicted_s": rec.get("predicted_s"), "wall_s": rec.get("wall_s"),

@@ -199,23 +199,23 @@ def _qasm_width(text: str) -> int:
 # exactly the contrast the model must learn. Families whose transpile blows up (grover,
 # qwalk: NOTES saw grover 20+ use all 24 GiB) are kept small.
 DEFAULT_FAMILY_SIZES: dict[str, tuple[int, ...]] = {
-    "ghz": (4, 8, 12, 16, 20, 24),
-    "graphstate": (4, 8, 12, 16, 20, 24),
-    "wstate": (4, 8, 12, 16, 20, 24),
-    "dj": (4, 8, 12, 16, 20, 24),
-    "bv": (4, 8, 12, 16, 20, 24),
-    "qft": (4, 8, 12, 16, 20, 24),
-    "qftentangled": (4, 8, 12, 16, 20, 22),
-    "qaoa": (4, 8, 12, 16, 20),
-    "qpeexact": (4, 8, 12, 16, 20),
-    "ae": (4, 8, 12, 16, 20),
-    "vqe_real_amp": (4, 8, 12, 16, 20),
-    "randomcircuit": (4, 8, 12, 16, 20),
-    "qnn": (4, 8, 12, 16),
+    "ghz": (4, 8, 12, 16, 18, 20, 22, 24),
+    "graphstate": (4, 8, 12, 16, 18, 20, 22, 24),
+    "wstate": (4, 8, 12, 16, 18, 20, 22, 24),
+    "dj": (4, 8, 12, 16, 18, 20, 22, 24),
+    "bv": (4, 8, 12, 16, 18, 20, 22, 24),
+    "qft": (4, 8, 12, 16, 18, 20, 22, 24),
+    "qftentangled": (4, 8, 12, 16, 18, 20, 22),
+    "qaoa": (4, 8, 10, 12, 14, 16, 18, 20),
+    "qpeexact": (4, 8, 10, 12, 14, 16, 18, 20),
+    "ae": (4, 8, 10, 12, 14, 16, 18, 20),
+    "vqe_real_amp": (4, 8, 10, 12, 14, 16, 18, 20),
+    "randomcircuit": (4, 8, 10, 12, 14, 16, 18, 20),
+    "qnn": (4, 8, 10, 12, 14, 16),
     "grover": (4, 6, 8),
 }
 DEFAULT_LEVELS: tuple[str, ...] = ("alg", "indep")
-DEFAULT_RANDOM = {"sizes": (6, 10, 14, 18, 22), "depths": (10, 40), "seeds": (1,)}
+DEFAULT_RANDOM = {"sizes": (6, 10, 14, 16, 18, 20, 22), "depths": (10, 40), "seeds": (1, 2)}
 
 # quick=True: tiny, every Aer method completes in well under a second per run.
 QUICK_FAMILY_SIZES: dict[str, tuple[int, ...]] = {"ghz": (3, 6), "graphstate": (4,), "qft": (4, 6), "qaoa": (4,),

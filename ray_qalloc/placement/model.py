@@ -84,6 +84,7 @@ class Plan:
     job_id: str
     estimates: dict[str, Estimate] = field(default_factory=dict)
     filtered: dict[str, Status] = field(default_factory=dict)
+    static: dict[str, dict[str, float]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def feasible(self) -> list[str]:

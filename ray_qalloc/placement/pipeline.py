@@ -68,37 +68,63 @@ CLASS_WEIGHTS: dict[str, Weights] = {
 class Choice:
     backend: str | None          # None: nothing feasible
     can_start: bool              # the chosen backend has room now
-    scores: dict[str, dict[str, float]]
-    reason: str
+    scores: dict[str, dict[str, float]]   # the chosen backend's; every backend's when detailed
+
+    @property
+    def reason(self) -> str:
+        if self.backend is None:
+            return "no feasible backend"
+        s = self.scores[self.backend]
+        return (f"lowest objective: expected completion {s['completion_s']:.3g} s "
+                f"(wait {s['wait_s']:.3g} s + run {s['runtime_s']:.3g} s), fidelity {s['fidelity']:.3f}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "can_start": self.can_start, "scores": self.scores,
                 "reason": self.reason}
 
 
-def select(job: JobView, p: Plan, live: Mapping[str, LiveState]) -> Choice:
-    """Pick the backend with the lowest objective given current queue waits."""
-    w = CLASS_WEIGHTS.get(job.priority, CLASS_WEIGHTS["normal"])
-    best: tuple[float, str] | None = None
+def _static(p: Plan, priority: str) -> dict[str, float]:
+    """The part of each backend's objective that does not depend on load, cached on the plan."""
+    cached = p.static.get(priority)
+    if cached is None:
+        w = CLASS_WEIGHTS.get(priority, CLASS_WEIGHTS["normal"])
+        cached = {name: -w.fidelity * math.log(max(e.fidelity, 1e-9)) + w.money * e.cost
+                  for name, e in p.estimates.items()}
+        p.static[priority] = cached
+    return cached
+
+
+def select(job: JobView, p: Plan, live: Mapping[str, LiveState], *, detailed: bool = False) -> Choice:
+    """Pick the backend with the lowest objective given current queue waits.
+
+    The hot path of dispatch: one log per feasible backend over numbers made at enqueue.
+    ``detailed`` keeps every backend's scores (for explain), not only the chosen one's.
+    """
+    static = _static(p, job.priority)
+    log = math.log
+    best_obj, best_name, best_state = math.inf, None, None
     scores: dict[str, dict[str, float]] = {}
     for name, est in p.estimates.items():
         state = live.get(name)
-        if state is None:  # backend gone from the pool
+        if state is None:  # backend gone from the pool, or excluded
             continue
         completion = state.wait_s + est.runtime_s
-        objective = (math.log(max(completion, 1e-6)) - w.fidelity * math.log(max(est.fidelity, 1e-9))
-                     + w.money * est.cost)
-        scores[name] = {"wait_s": state.wait_s, "runtime_s": est.runtime_s, "completion_s": completion,
-                        "fidelity": est.fidelity, "cost": est.cost, "objective": objective}
-        if best is None or (objective, name) < best:
-            best = (objective, name)
-    if best is None:
-        return Choice(None, False, scores, "no feasible backend")
-    name = best[1]
-    s = scores[name]
-    reason = (f"lowest objective: expected completion {s['completion_s']:.3g} s "
-              f"(wait {s['wait_s']:.3g} s + run {s['runtime_s']:.3g} s), fidelity {s['fidelity']:.3f}")
-    return Choice(name, live[name].can_start, scores, reason)
+        objective = log(completion if completion > 1e-6 else 1e-6) + static[name]
+        if detailed:
+            scores[name] = _score(state, est, completion, objective)
+        if objective < best_obj or (objective == best_obj and best_name is not None and name < best_name):
+            best_obj, best_name, best_state = objective, name, state
+    if best_name is None:
+        return Choice(None, False, scores)
+    if not detailed:
+        est = p.estimates[best_name]
+        scores[best_name] = _score(best_state, est, best_state.wait_s + est.runtime_s, best_obj)
+    return Choice(best_name, best_state.can_start, scores)
+
+
+def _score(state: LiveState, est: Any, completion: float, objective: float) -> dict[str, float]:
+    return {"wait_s": state.wait_s, "runtime_s": est.runtime_s, "completion_s": completion,
+            "fidelity": est.fidelity, "cost": est.cost, "objective": objective}
 
 
 def explain(p: Plan, choice: Choice | None) -> dict[str, Any]:

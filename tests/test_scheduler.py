@@ -1,0 +1,190 @@
+"""The pure queue/dispatch state machine: order, reservation, preemption, deadlines, aging,
+congestion, shared cores — each on a small hand-made pool."""
+
+from __future__ import annotations
+
+import pytest
+
+from ray_qalloc.backends.base import BackendSpec
+from ray_qalloc.placement.model import Estimate, JobView, Plan
+from ray_qalloc.placement.scheduler import Scheduler, SchedulerConfig
+
+
+def sim(name: str, slots: int = 1, threads: int = 0) -> BackendSpec:
+    return BackendSpec(name, "simulator", "aer", 30, slots=slots, method="statevector", threads=threads)
+
+
+def qpu(name: str) -> BackendSpec:
+    return BackendSpec(name, "qpu", "fake_qpu", 127, device=name, noisy=True)
+
+
+def job(i: str, priority: str = "normal", deadline_s: float | None = None, intent: str = "auto",
+        fidelity_min: float | None = None) -> JobView:
+    return JobView(i, 3, frozenset({"h", "cx"}), {}, 100, intent=intent, priority=priority,
+                   deadline_s=deadline_s, fidelity_min=fidelity_min)
+
+
+def plan_for(j: JobView, runtimes: dict[str, float], fidelity: dict[str, float] | None = None) -> Plan:
+    fid = fidelity or {}
+    return Plan(j.id, {b: Estimate(b, t, fid.get(b, 1.0), 0.0) for b, t in runtimes.items()})
+
+
+def sched(*specs: BackendSpec, **cfg) -> Scheduler:
+    s = Scheduler(SchedulerConfig(**cfg), node_cpus={"local": 64})
+    for spec in specs:
+        s.add_backend(spec)
+    return s
+
+
+def started(result) -> list[tuple[str, str]]:
+    return [(d.entry.job.id, d.choice.backend) for d in result.dispatch]
+
+
+def test_classes_in_order_and_earliest_deadline_first_within_a_class():
+    s = sched(sim("a"))
+    for j, arrival in [(job("n1"), 0.0), (job("b1", "batch"), 0.1), (job("h1", "high"), 0.2),
+                       (job("n2", deadline_s=5.0), 0.3), (job("e1", "emergency"), 0.4)]:
+        s.enqueue(j, plan_for(j, {"a": 1.0}), arrival)
+    order = []
+    now = 1.0
+    while s.entries:
+        res = s.decide(now)
+        assert len(res.dispatch) == 1
+        jid, backend = started(res)[0]
+        order.append(jid)
+        s.finish(jid)
+        now += 1.0
+    assert order == ["e1", "h1", "n2", "n1", "b1"]
+
+
+def test_reserved_slots_are_kept_for_emergency():
+    s = sched(sim("a", slots=2), reserved={"a": 1})
+    n1, n2 = job("n1"), job("n2")
+    s.enqueue(n1, plan_for(n1, {"a": 1.0}), 0.0)
+    s.enqueue(n2, plan_for(n2, {"a": 1.0}), 0.0)
+    assert started(s.decide(0.0)) == [("n1", "a")]          # the second slot is reserved
+    e = job("e", "emergency")
+    s.enqueue(e, plan_for(e, {"a": 1.0}), 0.1)
+    assert started(s.decide(0.1)) == [("e", "a")]
+    assert "n2" in s.entries
+
+
+def test_emergency_preempts_a_long_batch_simulator_run():
+    s = sched(sim("a"), preempt_min_remaining_s=5.0)
+    b = job("b", "batch")
+    s.enqueue(b, plan_for(b, {"a": 100.0}), 0.0)
+    assert started(s.decide(0.0)) == [("b", "a")]
+    e = job("e", "emergency")
+    s.enqueue(e, plan_for(e, {"a": 1.0}), 1.0)
+    res = s.decide(1.0)
+    assert res.dispatch == [] and [(r.job_id, en.job.id) for r, en in res.preempt] == [("b", "e")]
+    run = res.preempt[0][0]
+    s.requeue(run, b, plan_for(b, {"a": 100.0}), arrival=0.0)   # the caller stopped it: back in line
+    assert started(s.decide(1.1)) == [("e", "a")]
+    s.finish("e")
+    assert started(s.decide(2.5)) == [("b", "a")]               # not lost
+
+
+@pytest.mark.parametrize("priority, remaining, expect", [("normal", 100.0, False), ("batch", 2.0, False),
+                                                          ("batch", 100.0, True)])
+def test_only_long_batch_runs_are_preempted(priority, remaining, expect):
+    s = sched(sim("a"), preempt_min_remaining_s=5.0)
+    v = job("v", priority)
+    s.enqueue(v, plan_for(v, {"a": remaining}), 0.0)
+    s.decide(0.0)
+    e = job("e", "emergency")
+    s.enqueue(e, plan_for(e, {"a": 1.0}), 0.0)
+    assert bool(s.decide(0.0).preempt) is expect
+
+
+def test_qpu_runs_are_never_preempted():
+    s = sched(qpu("q"))
+    b = job("b", "batch")
+    s.enqueue(b, plan_for(b, {"q": 100.0}), 0.0)
+    s.decide(0.0)
+    e = job("e", "emergency")
+    s.enqueue(e, plan_for(e, {"q": 1.0}), 0.0)
+    assert s.decide(0.0).preempt == []
+
+
+def test_a_job_that_cannot_meet_its_deadline_is_flagged_once():
+    s = sched(sim("a"))
+    long = job("long")
+    s.enqueue(long, plan_for(long, {"a": 50.0}), 0.0)
+    s.decide(0.0)
+    d = job("d", deadline_s=10.0)
+    entry = s.enqueue(d, plan_for(d, {"a": 1.0}), 0.0)      # flagged at enqueue: a is busy for 50 s
+    assert entry.flagged and "after its deadline" in entry.flagged
+    assert s.decide(2.0).flagged == []                       # once
+    late = job("late", deadline_s=60.0)
+    s.enqueue(late, plan_for(late, {"a": 1.0}), 0.0)         # fine now ...
+    assert s.entries["late"].flagged is None
+    s.finish("long")
+    blocker = job("blocker", "high")
+    s.enqueue(blocker, plan_for(blocker, {"a": 100.0}), 0.0)
+    res = s.decide(3.0)                                       # ... until a long high job takes the backend
+    assert "blocker" in [d.entry.job.id for d in res.dispatch]
+    assert s.decide(58.0).flagged == []                       # could still start on time
+    res = s.decide(60.0)                                      # latest start was 59 s
+    assert [e.job.id for e in res.flagged] == ["late"] and "latest start" in s.entries["late"].flagged
+    ok = job("ok", deadline_s=100.0)
+    s.enqueue(ok, plan_for(ok, {"a": 1.0}), 2.0)
+    assert s.decide(2.0).flagged == []
+
+
+def test_batch_ages_into_normal():
+    s = sched(sim("a"), aging_s=10.0)
+    b = job("b", "batch")
+    s.enqueue(b, plan_for(b, {"a": 1.0}), 0.0)
+    busy = job("busy")
+    s.enqueue(busy, plan_for(busy, {"a": 30.0}), 0.0)
+    assert started(s.decide(0.0)) == [("busy", "a")]
+    n = job("n")
+    s.enqueue(n, plan_for(n, {"a": 1.0}), 5.0)
+    s.finish("busy")
+    assert started(s.decide(20.0)) == [("b", "a")]     # waited 20 s ≥ aging: ahead of the younger normal job
+
+
+def test_congested_qpu_sends_auto_jobs_to_a_simulator_and_back():
+    s = sched(qpu("q"), sim("a"), qpu_wait_high_s=50.0, qpu_wait_low_s=10.0)
+    hog = job("hog", intent="quantum")
+    s.enqueue(hog, plan_for(hog, {"q": 100.0}, {"q": 0.9}), 0.0)
+    s.decide(0.0)
+    auto = job("auto", fidelity_min=0.5)
+    s.enqueue(auto, plan_for(auto, {"q": 1.0, "a": 30.0}, {"q": 0.95, "a": 1.0}), 0.0)
+    res = s.decide(0.0)
+    assert started(res) == [("auto", "a")] and s.backends["q"].congested
+    s.finish("hog")
+    s.decide(1.0)
+    assert not s.backends["q"].congested
+
+
+def test_simulators_share_their_node_cores():
+    s = Scheduler(SchedulerConfig(), node_cpus={"n1": 1})
+    s.add_backend(sim("a", threads=1), node="n1")
+    s.add_backend(sim("b", threads=1), node="n1")
+    ja, jb = job("ja"), job("jb")
+    s.enqueue(ja, plan_for(ja, {"a": 1.0}), 0.0)
+    s.enqueue(jb, plan_for(jb, {"b": 1.0}), 0.0)
+    assert len(s.decide(0.0).dispatch) == 1       # one core: one run at a time, whatever the method
+    live = s.live(0.5)
+    assert not live["a"].can_start and not live["b"].can_start and live["b"].wait_s == pytest.approx(0.5)
+
+
+def test_unplaceable_jobs_are_reported_and_removed():
+    s = sched(sim("a"))
+    j = job("j")
+    s.enqueue(j, Plan("j"), 0.0)
+    res = s.decide(0.0)
+    assert [e.job.id for e in res.unplaceable] == ["j"] and not s.entries
+
+
+def test_queue_wait_counts_queued_work_for_the_preferred_backend():
+    s = sched(sim("a"), sim("b"))
+    for i in range(3):
+        j = job(f"j{i}")
+        s.enqueue(j, plan_for(j, {"a": 2.0, "b": 10.0}), 0.0)
+    assert s.live(0.0)["a"].wait_s == pytest.approx(6.0 / 1) or s.live(0.0)["a"].can_start
+    assert s.backends["a"].queued_work_s == pytest.approx(6.0)
+    s.decide(0.0)
+    assert s.backends["a"].queued_work_s < 6.0
