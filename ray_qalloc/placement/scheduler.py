@@ -235,6 +235,9 @@ class Scheduler:
         self._pending_unplaceable: list[Entry] = []
         self._emergency_ids: set[str] = set()
         self._congestion_checked = -math.inf
+        # Free backends whose queued jobs all preferred to wait elsewhere at the last pass: not
+        # re-examined until a job is queued for them, a slot frees on their node, or 1 s passes.
+        self._declined: dict[str, float] = {}
 
     # ---- pool -------------------------------------------------------------------------------
     def add_backend(self, spec: BackendSpec, node: str = "local", healthy: bool = True) -> None:
@@ -292,6 +295,7 @@ class Scheduler:
             heap = self._index.get(b)
             if heap is not None:
                 heapq.heappush(heap, item)
+                self._declined.pop(b, None)
 
     def remove(self, job_id: str) -> Entry | None:
         """Drop a queued job (started, cancelled, failed); index items go stale and are dropped lazily."""
@@ -363,6 +367,7 @@ class Scheduler:
                 can = can_e = False
                 free_at = max(free_at, core_free_at)
             b.free_at, b.can_start, b.can_start_emergency = free_at, can, can_e
+            self._declined.pop(name, None)
             if can_e:
                 self._startable.add(name)
             else:
@@ -455,7 +460,8 @@ class Scheduler:
         misses = 0
         while self._startable and misses < self.config.lookahead:
             best: tuple[_Item, str] | None = None
-            for b in [b for b in self._startable if self._index[b]]:
+            for b in [b for b in self._startable if self._index[b]
+                      and self._declined.get(b, -math.inf) <= now]:
                 item = self._head(b, skip, parked)
                 if item is not None and (best is None or item[0] < best[0][0]):
                     best = (item, b)
@@ -484,6 +490,9 @@ class Scheduler:
                 ahead[choice.backend] = ahead.get(choice.backend, 0.0) + entry.plan.estimates[choice.backend].runtime_s
         for backend, item in parked:
             heapq.heappush(self._index[backend], item)
+        for b in self._startable:
+            if self._index[b] and self._declined.get(b, -math.inf) <= now:
+                self._declined[b] = now + 1.0
         self._preemptions(now, out)
         return out
 
