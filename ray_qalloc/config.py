@@ -11,6 +11,7 @@ Environment overrides use ``QALLOC_`` plus the field path joined by ``__`` (for 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,18 @@ class Settings(BaseModel):
                     "qpu_wait_high_s, qpu_wait_low_s, lookahead, preempt_min_remaining_s, preemption.")
 
     @model_validator(mode="after")
+    def _scheduler_keys(self) -> "Settings":
+        from dataclasses import fields
+
+        from ray_qalloc.placement.scheduler import SchedulerConfig
+
+        known = {f.name for f in fields(SchedulerConfig)}
+        unknown = sorted(set(self.scheduler) - known)
+        if unknown:
+            raise ValueError(f"unknown scheduler setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return self
+
+    @model_validator(mode="after")
     def _absolute(self) -> "Settings":
         if not self.data_dir.is_absolute():
             object.__setattr__(self, "data_dir", self.data_dir.resolve())
@@ -98,6 +111,12 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
         for part in path[:-1]:
             node = node.setdefault(part, {})
         leaf = path[-1]
+        if value.lstrip()[:1] in ("{", "["):
+            try:
+                node[leaf] = json.loads(value)
+                continue
+            except json.JSONDecodeError:
+                raise ConfigError(f"{key} is not valid JSON.", fix="quote keys, e.g. '{\"reserved\": {\"aer_mps\": 1}}'.") from None
         node[leaf] = value.split(",") if leaf == "pool" else value
     return tree
 

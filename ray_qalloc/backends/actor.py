@@ -62,6 +62,9 @@ class BackendActor:
 
         self._backend = make_backend(backend_name, **(backend_kwargs or {}))
         self._spec: BackendSpec = self._backend.spec()
+        warm = getattr(self._backend, "warm_up", None)
+        if warm is not None:  # first-use costs are paid at start-up, not by the first job
+            warm()
         self._namespace = namespace
         self._allocator_name = allocator_name
         self._lock = threading.Lock()

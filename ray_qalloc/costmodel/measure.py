@@ -344,6 +344,9 @@ def _handle(req: tuple, backends: dict[str, Any], threads: int) -> tuple[str, An
         backend = backends.get(name)
         if backend is None:
             backend = backends[name] = make_backend(name, threads=threads)
+            warm = getattr(backend, "warm_up", None)
+            if warm is not None:  # first-use costs (simulator, pass manager) are not the circuit's
+                warm()
         return "ok", _run_payload(backend, payload, shots, seed)
     except MemoryError as exc:
         return "memory", f"MemoryError: {exc}"

@@ -102,7 +102,13 @@ def _ensure_ray() -> bool:
 
     if ray.is_initialized():
         return False
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:  # Optuna announces every study at INFO
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    except ImportError:  # pragma: no cover
+        pass
     return True
 
 
