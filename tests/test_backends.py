@@ -343,3 +343,15 @@ def test_aer_automatic_is_a_baseline_outside_the_default_pool():
     assert "aer_automatic" not in DEFAULT_POOL
     res = make_backend("aer_automatic").run(ghz(3), 200, seed=1)
     assert res.method == "stabilizer" and sum(res.counts.values()) == 200   # Aer picks stabilizer for Clifford
+
+
+def test_circuits_with_ecr_gates_transpile_to_one_way_couplers():
+    """MQT's random circuits contain ECR gates; Sherbrooke drives some couplers one way only."""
+    from mqt.bench import BenchmarkLevel, get_benchmark
+
+    from ray_qalloc.backends.registry import make_backend
+
+    qc = get_benchmark("randomcircuit", BenchmarkLevel.ALG, circuit_size=12)
+    assert "ecr" in qc.count_ops()
+    res = make_backend("qpu_sherbrooke").run(qc, 100, seed=1)
+    assert sum(res.counts.values()) == 100

@@ -11,6 +11,7 @@ from benchmarks.baselines import POLICIES
 from benchmarks.placement import (METRICS, SimJob, case_id_of, goals, intake, main, measured_truth, percentile,
                                   ratios, run, simulate)
 from ray_qalloc.backends.base import BackendSpec, Price
+from ray_qalloc.costmodel.history import RunHistory
 from ray_qalloc.placement.model import Estimate, JobView, Plan
 
 SIM_PRICE = Price(per_second=0.0001)
@@ -227,8 +228,7 @@ def test_hand_written_trace_end_to_end_with_injected_truth(tmp_path):
         assert m["completed"] == 5, (name, m)
     assert set(result["ratios"]) == {g["name"] for g in result["goals"]}
     # censored density-matrix runs are charged 3x the cap in truth
-    truth = measured_truth(__import__("ray_qalloc.costmodel.history", fromlist=["RunHistory"])
-                           .RunHistory(tmp_path / "hist").read(), {case_id_of(GHZ, 1024)},
+    truth = measured_truth(RunHistory(tmp_path / "hist").read(), {case_id_of(GHZ, 1024)},
                            ["aer_density_matrix", "qpu_fez"], 2.0)
     assert truth[case_id_of(GHZ, 1024)] == {"aer_density_matrix": 6.0, "qpu_fez": 2.5}
     json.dumps(result, default=str)

@@ -188,3 +188,15 @@ def test_queue_wait_counts_queued_work_for_the_preferred_backend():
     assert s.backends["a"].queued_work_s == pytest.approx(6.0)
     s.decide(0.0)
     assert s.backends["a"].queued_work_s < 6.0
+
+
+def test_a_run_past_its_predicted_end_is_not_a_free_slot():
+    s = sched(sim("a"), sim("b"))
+    hog = job("hog")
+    s.enqueue(hog, plan_for(hog, {"a": 1.0}), 0.0)
+    s.decide(0.0)
+    j = job("j")
+    s.enqueue(j, plan_for(j, {"a": 1.0, "b": 3.0}), 5.0)     # 'hog' overran its 1 s by 4 s
+    live = s.live(5.0)
+    assert not live["a"].can_start and live["a"].wait_s == pytest.approx(2.5)
+    assert started(s.decide(5.0)) == [("j", "b")]

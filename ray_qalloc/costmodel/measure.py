@@ -226,12 +226,10 @@ QUICK_RANDOM = {"sizes": (4, 6), "depths": (6,), "seeds": (1,)}
 def default_sweep(quick: bool = False) -> list[SweepCase]:
     """The sweep ``qalloc measure`` runs by default (see DEFAULT_FAMILY_SIZES for why).
 
-    Full: 14 families x 2 levels (148 MQT cases) + 10 random cases = 158 cases, 632 pairs
-    on the four Aer methods, of which ~184 are filtered (stabilizer on non-Clifford circuits,
-    density matrices past ~14 qubits). Measured on 2 cores with time_cap_s=20: 349 s, 448
-    rows (417 completed, 5 censored_time, 1 censored_memory killed by the RSS guard, 22
-    censored_predicted -- all MPS at 20-24 qubits -- and 3 censored_monotone).
-    ``quick``: 8 MQT + 2 random cases at 3-6 qubits (ALG only), 40 pairs, 34 run; ~2-4 s.
+    Full: 14 families x 2 levels + 28 random cases = 236 cases, 944 (case, backend) pairs on
+    the four Aer methods, of which ~630 pass the filters; measured here in ~10 minutes on 2
+    cores (cap 20 s). ``quick``: 8 MQT + 2 random cases at 3-6 qubits (ALG only), for tests
+    and CI (~2-5 s on 2 cores, most of it the worker's imports).
     """
     table, levels, rnd = ((QUICK_FAMILY_SIZES, ("alg",), QUICK_RANDOM) if quick
                           else (DEFAULT_FAMILY_SIZES, DEFAULT_LEVELS, DEFAULT_RANDOM))

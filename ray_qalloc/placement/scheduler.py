@@ -108,6 +108,7 @@ class BackendSlotState:
     congested: bool = False
     # cached load, refreshed when a run starts or ends on its node (not per decision)
     free_at: float = 0.0              # when a slot (and a core) is predicted to free
+    free_run_started: float = 0.0     # start of the run predicted to free it (to judge overruns)
     can_start: bool = True            # for non-emergency jobs (reserved slots held back)
     can_start_emergency: bool = True
 
@@ -162,14 +163,17 @@ class LiveView(Mapping[str, LiveState]):
             return default
         if not b.healthy:
             return LiveState(math.inf, False)
+        can = b.can_start_emergency if self.emergency else b.can_start
         wait = b.free_at - self.now
         if wait < 0.0:
-            wait = 0.0
+            # past its predicted end but still running: an overrun is not a free slot; expect
+            # about half as long again as it has run so far (runtimes are heavy-tailed)
+            wait = 0.0 if can else max(0.5 * (self.now - b.free_run_started), 0.0)
         if self.ahead:
             extra = self.ahead.get(key)
             if extra:
                 wait += extra / max(b.spec.slots, 1)
-        return LiveState(wait, b.can_start_emergency if self.emergency else b.can_start)
+        return LiveState(wait, can)
 
     def __getitem__(self, key: str) -> LiveState:
         state = self.get(key)
@@ -283,9 +287,9 @@ class Scheduler:
         if job.deadline_s is not None:
             # flag at once if the predicted queue already makes it late; and remember the latest
             # start that could still meet the deadline on the fastest backend
-            self._flag(entry, self.policy.choose(entry, LiveView(self, arrival, False), arrival), arrival,
-                       PassResult())
-            fastest = min(e.runtime_s for e in plan.estimates.values())
+            view = LiveView(self, arrival, entry.cls == "emergency")
+            self._flag(entry, self.policy.choose(entry, view, arrival), arrival, PassResult())
+            fastest = min(e.runtime_s for b, e in plan.estimates.items() if b in self.backends)
             heapq.heappush(self._deadlines, (entry.deadline_at - fastest, job.id))
         return entry
 
@@ -356,17 +360,19 @@ class Scheduler:
             free_e = spec.slots - len(b.runs)
             can_e = b.healthy and free_e > 0
             can = can_e and free_e - hold > 0
-            ends = sorted(r.ends for r in b.runs.values())
-            free_at = 0.0
-            if not can and ends:
-                free_at = ends[min(len(ends) - 1, max(len(ends) + hold - slots, 0))]
+            runs = sorted(b.runs.values(), key=lambda r: r.ends)
+            free_at, free_started = 0.0, 0.0
+            if not can and runs:
+                r = runs[min(len(runs) - 1, max(len(runs) + hold - slots, 0))]
+                free_at, free_started = r.ends, r.started
             if spec.threads > 0 and cores - busy < spec.threads:
                 if core_free_at is None:
                     core_free_at = min((r.ends for n in names for r in self.backends[n].runs.values()
                                         if self.backends[n].spec.threads > 0), default=0.0)
                 can = can_e = False
-                free_at = max(free_at, core_free_at)
-            b.free_at, b.can_start, b.can_start_emergency = free_at, can, can_e
+                if core_free_at > free_at:
+                    free_at, free_started = core_free_at, 0.0
+            b.free_at, b.free_run_started, b.can_start, b.can_start_emergency = free_at, free_started, can, can_e
             self._declined.pop(name, None)
             if can_e:
                 self._startable.add(name)
@@ -502,6 +508,8 @@ class Scheduler:
             return
         taken: set[str] = set()
         for entry in self._emergencies_waiting():
+            if any(self.backends[b].can_start_emergency for b in entry.plan.estimates if b in self.backends):
+                continue   # a backend is free for it: it chose to wait, no need to stop anyone
             victim = self._victim(entry, now, taken)
             if victim is not None:
                 taken.add(victim.job_id)
