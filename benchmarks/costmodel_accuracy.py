@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import math
 import statistics
 import tempfile
@@ -238,7 +239,7 @@ def main() -> None:
     ap.add_argument("--holdout", default="", help="families to hold out of training (needs --train-history)")
     ap.add_argument("--train-history", type=Path)
     args = ap.parse_args()
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
     result = run(args.circuits, model=args.model, history=args.history,
                  backends=[b for b in args.backends.split(",") if b], time_cap_s=args.time_cap,
                  holdout={f for f in args.holdout.split(",") if f}, train_history=args.train_history,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import random
 import statistics
 import time
@@ -148,7 +149,7 @@ def main() -> None:
     ap.add_argument("--backends", type=int, default=16)
     ap.add_argument("--samples", type=int, default=2000)
     args = ap.parse_args()
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
     result = run(args.queued, args.backends, args.samples)
     s = result["summary"]
     t = Table(title=f"placement decision latency ({args.queued} queued)")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import os
 import platform
 import statistics
@@ -132,7 +133,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--reps", type=int, default=7, help="repetitions per circuit and path")
     args = ap.parse_args()
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
     result = run(args.reps, console=console)
     print_table(result, console)
     if args.json:

@@ -59,6 +59,7 @@ import argparse
 import hashlib
 import heapq
 import json
+import sys
 import math
 import statistics
 import time
@@ -614,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"unknown policies {unknown}; use {', '.join(POLICIES)}")
     from rich.console import Console
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
     result = run(args.trace, model=args.model, history=args.history, time_cap_s=args.time_cap, seed=args.seed,
                  policies=policies, console=console)
     print_report(result, console)
