@@ -458,8 +458,11 @@ def test_allocator_picks_up_a_new_artifact_without_restart(tmp_path, model):
         return before, after, alloc
 
     before, after, alloc = run_async(main)
-    assert {r["source"] for r in before["backends"].values() if r["status"] == "scored"} == {"prior"}
+    # before: the shipped model (or the prior where none ships); after: the new artifact
+    shipped = load_predictor(None)
+    assert {r["source"] for r in before["backends"].values() if r["status"] == "scored"} == {
+        getattr(shipped, "source", "prior")}
     sources = {r["source"] for r in after["backends"].values() if r["status"] == "scored"}
-    assert sources and all(s.startswith("model:") for s in sources)
+    assert sources == {f"model:{model.version}"}
     # online correction: the completed run moved that backend's correction away from 1
     assert alloc.predictor.correction(after["chosen"]) != 1.0

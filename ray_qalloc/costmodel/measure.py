@@ -310,7 +310,12 @@ def _worker_main(conn: Any, threads: int, memory_cap_bytes: int) -> None:
     from ray_qalloc.jobs import prepare_job  # noqa: F401
 
     _set_address_limit(memory_cap_bytes)
+    # Build and warm the Aer backends before "ready": their first-use costs (simulator, pass
+    # manager, first run; ~1 s together) must not count against any run's time cap.
     backends: dict[str, Any] = {}
+    for name in registry.AER_POOL:
+        backends[name] = registry.make_backend(name, threads=threads)
+        backends[name].warm_up()
     conn.send(("ready", os.getpid()))
     while True:
         try:
