@@ -25,6 +25,8 @@ A policy that needs the pool (slot counts, backend kinds) gets the scheduler thr
 
 from __future__ import annotations
 
+import abc
+
 import dataclasses
 import math
 import random
@@ -53,7 +55,7 @@ def score(state: LiveState, est: Estimate) -> dict[str, float]:
             "objective": math.log(max(completion, 1e-6))}
 
 
-class _Baseline:
+class _Baseline(abc.ABC):
     """Shared plumbing: the job's options (plan ∩ live pool), in pool order."""
 
     name = "baseline"
@@ -94,8 +96,9 @@ class _Baseline:
                 return self._pick(opt)
         return self._pick(min(options, key=lambda o: (o[2].wait_s, self._order.get(o[0], 0))))
 
-    def choose(self, entry: Entry, live: Mapping[str, LiveState], now: float) -> Choice:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def choose(self, entry: Entry, live: Mapping[str, LiveState], now: float) -> Choice:
+        """Each baseline's rule (the Scheduler's ``Policy`` protocol)."""
 
 
 class FcfsPolicy(_Baseline):
