@@ -250,7 +250,7 @@ class Allocator:
         # Enqueue and run one pass now; if this job starts at once, accept and dispatch it in one
         # commit (the fast path), before the backend is called and before the reply.
         now = time.time()
-        self.sched.enqueue(view, p, now)
+        entry = self.sched.enqueue(view, p, now)
         res = self.sched.decide(now)
         mine = next((d for d in res.dispatch if d.entry.job.id == job.id), None)
         dispatch_to = None
@@ -266,6 +266,8 @@ class Allocator:
                 self._launch(q, mine.choice.backend, attempt)
             else:
                 self.queued[job.id] = q
+            if entry.flagged:  # hopeless from the start: say so now, not after the deadline
+                self._flag(job.id, entry.flagged)
         self._apply(res, skip=job.id)
         return {"id": job_id, "created": created, "flag": self.flags.get(job_id)}
 
@@ -306,7 +308,7 @@ class Allocator:
         await self._wait_ready()
         rec = self.store.get(job_id)
         q = self.queued.get(job_id) or self.running.get(job_id)
-        if q is not None:
+        if q is not None and rec.explanation is None:   # queued: the plan, and the current choice
             data = explain(q.plan, None)
             if job_id in self.choices:
                 data.update(self.choices[job_id])
@@ -369,7 +371,9 @@ class Allocator:
         if p is None:
             p = plan(view, [m.view() for m in self.members.values()], self.predictor)
         self.queued[job.id] = Queued(job, view, p, time.time(), created_at)
-        self.sched.enqueue(view, p, created_at)
+        entry = self.sched.enqueue(view, p, created_at)
+        if entry.flagged:
+            self._flag(job.id, entry.flagged)
 
     async def _scheduler(self) -> None:
         while True:

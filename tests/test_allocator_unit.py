@@ -171,3 +171,19 @@ def test_restart_requeues_queued_and_reattaches_running_jobs(tmp_path):
     lost_history = [h["outcome"] for h in recs[2]["attempt_history"]]
     assert lost_history == ["lost", "completed"]            # the actor no longer knew it: re-run
     assert store.get(running.id).state == JobState.COMPLETED
+
+
+def test_a_job_that_cannot_meet_its_deadline_is_flagged_at_submit(tmp_path):
+    async def main():
+        alloc = make(tmp_path, [FakeBackend("a", delay=0.3)])
+        busy = await alloc.submit(prepared())
+        late = await alloc.submit(prepared(deadline_s=0.001))    # predicted run alone is longer
+        rec = await alloc.wait(late["id"], timeout=10)
+        ex = await alloc.explain(late["id"])
+        await alloc.wait(busy["id"], timeout=10)
+        return late, rec, ex
+
+    late, rec, ex = run_async(main)
+    assert late["flag"] and "deadline" in late["flag"]
+    assert rec["state"] == "completed" and rec["flag"] == late["flag"]     # still runs, flagged
+    assert ex["flag"] == late["flag"]
