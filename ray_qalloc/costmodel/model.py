@@ -626,6 +626,9 @@ def _json_default(value: Any) -> Any:
 # The predictor placement calls
 # ---------------------------------------------------------------------------------------------
 
+_CACHE_SIZE = 4096   # distinct (circuit, backend set) feature matrices kept
+
+
 class LearnedPredictor:
     """Predictor protocol over a CostModel, with online correction and bounded exploration.
 
@@ -659,6 +662,7 @@ class LearnedPredictor:
         self._observed: dict[str, int] = {}
         self._explored: OrderedDict[tuple[str, float], float] = OrderedDict()
         self._vectors: dict[str, tuple[BackendSpec, Any, np.ndarray]] = {}
+        self._cache: OrderedDict[bytes, tuple[list[float], list[float]]] = OrderedDict()
         self.explorations = 0
 
     # -- Predictor protocol -----------------------------------------------------------------
@@ -707,13 +711,27 @@ class LearnedPredictor:
         X[:, _IDX["log2_shots"]] = math.log2(max(job.shots, 1))
         for i, b in enumerate(backends):
             X[i, N_CIRCUIT:] = self._backend_vector(b)
-        log_rt = self.model.predict_log_runtime(X)
-        runtime = [math.exp(v + self._bias.get(b.name, 0.0)) for v, b in zip(log_rt.tolist(), backends)]
-        memory = self.model.predict_memory(X).tolist()
+        log_rt, memory = self._raw(X)
+        runtime = [math.exp(v + self._bias.get(b.name, 0.0)) for v, b in zip(log_rt, backends)]
         shown = self._explore(job, backends, runtime)
         return {b.name: Estimate(b.name, shown[i], 1.0, b.spec.price.cost(runtime[i], job.shots), memory[i],
                                  self.source if shown[i] == runtime[i] else f"{self.source}:explore")
                 for i, b in enumerate(backends)}
+
+    def _raw(self, X: np.ndarray) -> tuple[list[float], list[float]]:
+        """The model's raw outputs, memoised by feature matrix: a circuit submitted again (sweeps,
+        parameter scans, retries) costs a dictionary lookup instead of two tree ensembles.
+        Online correction and exploration are applied after, so the cache never goes stale."""
+        key = X.tobytes()
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        out = (self.model.predict_log_runtime(X).tolist(), self.model.predict_memory(X).tolist())
+        self._cache[key] = out
+        if len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return out
 
     def _predict_fallback(self, job: JobView, backends: list[BackendView]) -> dict[str, Estimate]:
         estimates = self.fallback.predict(job, backends)
