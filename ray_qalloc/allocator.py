@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -235,18 +236,7 @@ class Allocator:
     async def submit(self, job: PreparedJob) -> dict[str, Any]:
         """Store, then queue. Raises NoFeasibleBackend (nothing stored) if no backend could ever run it."""
         await self._wait_ready()
-        unknown = sorted(set(job.backends or ()) - set(self.members))
-        if unknown:
-            raise InvalidJobSpec(f"field 'backends' names unknown backend(s): {', '.join(unknown)}.",
-                                 field="backends", fix=f"use names from the pool: {', '.join(self.members)}.")
-        view = self._view(job, frozenset())
-        p = plan(view, [m.view() for m in self.members.values()], self.predictor)
-        if not p.estimates and all(s.code == "unresolvable" for s in p.filtered.values()):
-            raise NoFeasibleBackend(
-                f"no backend of the pool can run job {job.id}: " + "; ".join(
-                    f"{b}: {', '.join(s.reasons)}" for b, s in p.filtered.items()),
-                fix="reduce the circuit (qubits, operations), relax intent or fidelity_min, or add a backend.",
-                explanation=explain(p, None))
+        view, p = self._checked_plan(job, [m.view() for m in self.members.values()])
         # Enqueue and run one pass now; if this job starts at once, accept and dispatch it in one
         # commit (the fast path), before the backend is called and before the reply.
         now = time.time()
@@ -270,6 +260,49 @@ class Allocator:
                 self._flag(job.id, entry.flagged)
         self._apply(res, skip=job.id)
         return {"id": job_id, "created": created, "flag": self.flags.get(job_id)}
+
+    async def submit_many(self, jobs: list[PreparedJob]) -> list[dict[str, Any]]:
+        """Many jobs in one call and one store transaction. Each job gets its own answer:
+        ``{"id", "created"}``, or ``{"error": {...}}`` for a job no backend could run (nothing
+        stored for it); the others are accepted regardless."""
+        await self._wait_ready()
+        answers: list[dict[str, Any]] = []
+        good: list[tuple[int, PreparedJob, JobView, Plan]] = []
+        views = [m.view() for m in self.members.values()]
+        for i, job in enumerate(jobs):
+            try:
+                view, p = self._checked_plan(job, views)
+            except (InvalidJobSpec, NoFeasibleBackend) as exc:
+                answers.append({"error": exc.to_dict()})
+                continue
+            answers.append({})
+            good.append((i, job, view, p))
+        now = time.time()
+        results = self.store.add_jobs([g[1] for g in good], now=now)
+        for (i, job, view, p), (job_id, created) in zip(good, results):
+            answers[i] = {"id": job_id, "created": created}
+            if created:
+                self.queued[job.id] = Queued(job, view, p, now, now)
+                entry = self.sched.enqueue(view, p, now)
+                if entry.flagged:
+                    self._flag(job.id, entry.flagged)
+        self._apply(self.sched.decide(time.time()))
+        return answers
+
+    def _checked_plan(self, job: PreparedJob, views: list[BackendView]) -> tuple[JobView, Plan]:
+        unknown = sorted(set(job.backends or ()) - set(self.members))
+        if unknown:
+            raise InvalidJobSpec(f"field 'backends' names unknown backend(s): {', '.join(unknown)}.",
+                                 field="backends", fix=f"use names from the pool: {', '.join(self.members)}.")
+        view = self._view(job, frozenset())
+        p = plan(view, views, self.predictor)
+        if not p.estimates and all(s.code == "unresolvable" for s in p.filtered.values()):
+            raise NoFeasibleBackend(
+                f"no backend of the pool can run job {job.id}: " + "; ".join(
+                    f"{b}: {', '.join(s.reasons)}" for b, s in p.filtered.items()),
+                fix="reduce the circuit (qubits, operations), relax intent or fidelity_min, or add a backend.",
+                explanation=explain(p, None))
+        return view, p
 
     async def status(self, job_id: str) -> dict[str, Any]:
         await self._wait_ready()
@@ -349,9 +382,12 @@ class Allocator:
                 for m in self.members.values()]
 
     async def stats(self) -> dict[str, Any]:
+        import psutil
+
         await self._wait_ready()
         return {"queued": len(self.queued), "running": len(self.running), "flagged": len(self.flags),
-                "store": self.store.counts_by_state(), "uptime_s": time.time() - self.started_at}
+                "store": self.store.counts_by_state(), "uptime_s": time.time() - self.started_at,
+                "pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss}
 
     async def record_provider_job(self, job_id: str, attempt: int, provider_job_id: str) -> None:
         """Called by a backend actor before it waits on a provider (QPU) job."""

@@ -20,7 +20,7 @@ import ray
 
 from ray_qalloc.allocator import RemoteAllocator, allocator_options, pool_names
 from ray_qalloc.config import Settings, load_settings
-from ray_qalloc.exceptions import ConfigError, JobFailed, JobTimeout
+from ray_qalloc.exceptions import ConfigError, JobFailed, JobTimeout, NoFeasibleBackend
 from ray_qalloc.jobs import JobState, make_spec, prepare_job
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -112,16 +112,36 @@ class QAlloc:
                tenant: str = "default", idempotency_key: str | None = None,
                backends: list[str] | None = None) -> JobHandle:
         """Validate the job here, store it through the allocator, return its handle."""
+        job = self._prepare(circuit, shots=shots, priority=priority, deadline_s=deadline_s, intent=intent,
+                            fidelity_min=fidelity_min, tenant=tenant, idempotency_key=idempotency_key,
+                            backends=backends)
+        out = self._call("submit", job)
+        return JobHandle(self, out["id"], out["created"])
+
+    def _prepare(self, circuit: "str | QuantumCircuit", *, shots: int = 1024, priority: str = "normal",
+                 deadline_s: float | None = None, intent: str = "auto", fidelity_min: float | None = None,
+                 tenant: str = "default", idempotency_key: str | None = None,
+                 backends: list[str] | None = None) -> Any:
         spec = make_spec(circuit=circuit, shots=shots, priority=priority, deadline_s=deadline_s, intent=intent,
                          fidelity_min=fidelity_min, tenant=tenant,
                          idempotency_key=idempotency_key or f"auto-{uuid.uuid4().hex}",
                          backends=tuple(backends) if backends else None)
-        job = prepare_job(spec, self.settings.limits)
-        out = self._call("submit", job)
-        return JobHandle(self, out["id"], out["created"])
+        return prepare_job(spec, self.settings.limits)
 
     def submit_many(self, jobs: Iterable[dict[str, Any]]) -> list[JobHandle]:
-        return [self.submit(**j) for j in jobs]
+        """Many jobs in one round trip and one store transaction (keyword dicts as for ``submit``).
+
+        Intake errors raise before anything is sent; a job that no backend can run raises
+        NoFeasibleBackend after the others were accepted (their handles are on the error as
+        ``accepted``)."""
+        prepared = [self._prepare(**j) for j in jobs]
+        answers = self._call("submit_many", prepared)
+        handles = [JobHandle(self, a["id"], a["created"]) for a in answers if "id" in a]
+        errors = [a["error"] for a in answers if "error" in a]
+        if errors:
+            raise NoFeasibleBackend(f"{len(errors)} of {len(prepared)} jobs were refused: {errors[0]['message']}",
+                                    fix=errors[0].get("hint"), accepted=[h.id for h in handles], errors=errors)
+        return handles
 
     def job(self, job_id: str) -> JobHandle:
         return JobHandle(self, job_id, created=False)

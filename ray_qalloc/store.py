@@ -230,16 +230,7 @@ class JobStore:
         when a backend is free and nobody waits ahead): ``attempt`` is then 1.
         """
         now = time.time() if now is None else now
-        row = {
-            "id": job.id, "tenant": job.tenant, "idempotency_key": job.idempotency_key,
-            "state": JobState.QUEUED.value, "priority": job.priority.value, "intent": job.intent.value,
-            "shots": job.shots, "deadline_s": job.deadline_s, "fidelity_min": job.fidelity_min,
-            "num_qubits": job.num_qubits, "num_clbits": job.num_clbits,
-            "ops": json.dumps(sorted(job.ops)), "features": json.dumps(job.features),
-            "source_format": job.source_format, "payload": job.payload,
-            "created_at": now, "updated_at": now, "attempts": 0,
-            "allowed_backends": json.dumps(list(job.backends)) if job.backends else None,
-        }
+        row = self._row(job, now)
         transitions = [{"job_id": job.id, "name": "accept", "from_state": None,
                         "to_state": JobState.QUEUED.value, "at": now, "stimulus": "submitted"}]
         if dispatch_to is not None:  # both transitions, one commit: the row is born RUNNING
@@ -263,6 +254,36 @@ class JobStore:
                     return existing, False, None
             raise StoreError(f"job id {job.id!r} already exists.", fix="submit with a new id.") from None
         return job.id, True, (1 if dispatch_to is not None else None)
+
+    def add_jobs(self, jobs: list[PreparedJob], *, now: float | None = None) -> list[tuple[str, bool]]:
+        """Many jobs (state QUEUED) in one transaction; ``(job_id, created)`` per job, in order.
+
+        Falls back to one transaction per job when the batch hits an idempotency key that is
+        already taken, so each job still gets its own answer."""
+        now = time.time() if now is None else now
+        rows = [self._row(job, now) for job in jobs]
+        transitions = [{"job_id": job.id, "name": "accept", "from_state": None, "to_state": JobState.QUEUED.value,
+                        "at": now, "stimulus": "submitted"} for job in jobs]
+        try:
+            with self.engine.begin() as conn:
+                if rows:
+                    conn.execute(jobs_table.insert(), rows)
+                    conn.execute(transitions_table.insert(), transitions)
+            return [(job.id, True) for job in jobs]
+        except sa.exc.IntegrityError:
+            return [self.add_job(job, now=now)[:2] for job in jobs]
+
+    def _row(self, job: PreparedJob, now: float) -> dict[str, Any]:
+        return {
+            "id": job.id, "tenant": job.tenant, "idempotency_key": job.idempotency_key,
+            "state": JobState.QUEUED.value, "priority": job.priority.value, "intent": job.intent.value,
+            "shots": job.shots, "deadline_s": job.deadline_s, "fidelity_min": job.fidelity_min,
+            "num_qubits": job.num_qubits, "num_clbits": job.num_clbits,
+            "ops": json.dumps(sorted(job.ops)), "features": json.dumps(job.features),
+            "source_format": job.source_format, "payload": job.payload,
+            "created_at": now, "updated_at": now, "attempts": 0,
+            "allowed_backends": json.dumps(list(job.backends)) if job.backends else None,
+        }
 
     def find_by_key(self, tenant: str, key: str) -> str | None:
         with self.engine.connect() as conn:

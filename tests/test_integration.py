@@ -200,3 +200,25 @@ def test_run_history_is_written_as_parquet(qa):
     cols = set(table.column_names)
     assert {"backend", "wall_s", "success", "f_num_qubits", "f_depth"} <= cols
     assert len(set(table.column("attempt_id").to_pylist())) == table.num_rows
+
+
+def test_submit_many_in_one_round_trip(qa):
+    handles = qa.submit_many([{"circuit": ghz(n), "shots": 200} for n in range(2, 12)])
+    assert len({h.id for h in handles}) == 10
+    for n, h in zip(range(2, 12), handles):
+        assert set(h.result(timeout=120).counts) <= {"0" * n, "1" * n}
+
+
+def test_submit_many_refuses_only_the_impossible_job(qa):
+    from ray_qalloc.exceptions import NoFeasibleBackend
+
+    wide = QuantumCircuit(150, 150)
+    wide.h(0)
+    wide.t(0)
+    wide.measure(range(150), range(150))
+    with pytest.raises(NoFeasibleBackend) as info:
+        qa.submit_many([{"circuit": ghz(3), "shots": 100},
+                        {"circuit": wide, "shots": 100, "intent": "classical", "backends": ["aer_statevector"]}])
+    accepted = info.value.details["accepted"]
+    assert len(accepted) == 1
+    assert qa.job(accepted[0]).result(timeout=120).counts

@@ -142,3 +142,11 @@ def test_flag_is_stored_and_shown(store):
     job_id, _, _ = store.add_job(prepared())
     store.flag(job_id, "predicted to finish 3 s after its deadline")
     assert store.get(job_id).public()["flag"].startswith("predicted")
+
+
+def test_add_jobs_in_one_transaction_and_duplicates_answered_one_by_one(store):
+    a, b = prepared(idempotency_key="x1"), prepared(idempotency_key="x2")
+    assert store.add_jobs([a, b]) == [(a.id, True), (b.id, True)]
+    c, d = prepared(idempotency_key="x1"), prepared(idempotency_key="x3")
+    assert store.add_jobs([c, d]) == [(a.id, False), (d.id, True)]
+    assert store.counts_by_state() == {"queued": 3}
