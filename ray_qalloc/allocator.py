@@ -32,7 +32,7 @@ from ray_qalloc.config import Settings
 from ray_qalloc.costmodel.history import RunHistory
 from ray_qalloc.costmodel.registry import ArtifactWatcher, latest_artifact, load_predictor
 from ray_qalloc.exceptions import BackendError, InvalidJobSpec, JobNotFound, NoFeasibleBackend
-from ray_qalloc.jobs import JobState, PreparedJob
+from ray_qalloc.jobs import JobState, PreparedJob, compact
 from ray_qalloc.placement import BackendView, JobView, Plan, explain, plan
 from ray_qalloc.placement.scheduler import Decision, PassResult, Run, Scheduler, SchedulerConfig
 from ray_qalloc.store import JobStore
@@ -191,7 +191,7 @@ class Allocator:
         """Rebuild the queue from the store; re-attach to runs that were in flight."""
         reattach = []
         for rec in self.store.active():
-            job = rec.to_prepared()
+            job = compact(rec.to_prepared())
             blocked = frozenset(a["backend"] for a in self.store.attempts(rec.id)
                                 if a["outcome"] not in ("running", "completed", "superseded", "requeued"))
             view = self._view(job, blocked)
@@ -236,6 +236,7 @@ class Allocator:
     async def submit(self, job: PreparedJob) -> dict[str, Any]:
         """Store, then queue. Raises NoFeasibleBackend (nothing stored) if no backend could ever run it."""
         await self._wait_ready()
+        job = compact(job)
         view, p = self._checked_plan(job, [m.view() for m in self.members.values()])
         # Enqueue and run one pass now; if this job starts at once, accept and dispatch it in one
         # commit (the fast path), before the backend is called and before the reply.
@@ -270,6 +271,7 @@ class Allocator:
         good: list[tuple[int, PreparedJob, JobView, Plan]] = []
         views = [m.view() for m in self.members.values()]
         for i, job in enumerate(jobs):
+            job = compact(job)
             try:
                 view, p = self._checked_plan(job, views)
             except (InvalidJobSpec, NoFeasibleBackend) as exc:

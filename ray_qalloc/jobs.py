@@ -10,7 +10,9 @@ from __future__ import annotations
 import enum
 import re
 import uuid
-from dataclasses import dataclass, field
+from array import array
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -153,6 +155,48 @@ class PreparedJob:
     def summary(self) -> dict[str, Any]:
         return {"id": self.id, "tenant": self.tenant, "priority": self.priority.value,
                 "intent": self.intent.value, "shots": self.shots, "num_qubits": self.num_qubits}
+
+
+class CompactFeatures(Mapping[str, float]):
+    """A read-only feature mapping stored as one array of doubles plus a shared key index.
+
+    Why: the allocator keeps every queued job's features (for re-planning after a failover);
+    as a dict of 36 floats that is ~2.5 kB a job, as this ~0.4 kB, which is what keeps 100,000
+    queued jobs within a gigabyte."""
+
+    __slots__ = ("_index", "_values")
+    _indexes: dict[tuple[str, ...], dict[str, int]] = {}
+
+    def __init__(self, features: Mapping[str, float]) -> None:
+        keys = tuple(features)
+        index = CompactFeatures._indexes.get(keys)
+        if index is None:
+            index = CompactFeatures._indexes.setdefault(keys, {k: i for i, k in enumerate(keys)})
+        self._index = index
+        self._values = array("d", (float(features[k]) for k in keys))
+
+    def __getitem__(self, key: str) -> float:
+        return self._values[self._index[key]]
+
+    def get(self, key: str, default: Any = None) -> Any:  # hot in predictors: no ABC detour
+        i = self._index.get(key)
+        return default if i is None else self._values[i]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickles (Ray, store rebuilds) as a plain dict
+        return (CompactFeatures, (dict(self),))
+
+
+def compact(job: "PreparedJob") -> "PreparedJob":
+    """The same job with its features in compact form (for long-lived queues)."""
+    if isinstance(job.features, CompactFeatures):
+        return job
+    return replace(job, features=CompactFeatures(job.features))  # type: ignore[arg-type]
 
 
 def new_job_id() -> str:

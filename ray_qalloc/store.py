@@ -174,6 +174,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")   # durable across process crashes; fsync at checkpoints
     cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA cache_size=-65536")       # 64 MiB of pages: indexes of 100k+ jobs stay in memory
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
 
@@ -279,7 +280,7 @@ class JobStore:
             "state": JobState.QUEUED.value, "priority": job.priority.value, "intent": job.intent.value,
             "shots": job.shots, "deadline_s": job.deadline_s, "fidelity_min": job.fidelity_min,
             "num_qubits": job.num_qubits, "num_clbits": job.num_clbits,
-            "ops": json.dumps(sorted(job.ops)), "features": json.dumps(job.features),
+            "ops": json.dumps(sorted(job.ops)), "features": json.dumps(dict(job.features)),
             "source_format": job.source_format, "payload": job.payload,
             "created_at": now, "updated_at": now, "attempts": 0,
             "allowed_backends": json.dumps(list(job.backends)) if job.backends else None,

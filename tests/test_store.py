@@ -150,3 +150,16 @@ def test_add_jobs_in_one_transaction_and_duplicates_answered_one_by_one(store):
     c, d = prepared(idempotency_key="x1"), prepared(idempotency_key="x3")
     assert store.add_jobs([c, d]) == [(a.id, False), (d.id, True)]
     assert store.counts_by_state() == {"queued": 3}
+
+
+def test_compact_features_behave_like_the_dict_and_store_as_json(store):
+    import pickle
+
+    from ray_qalloc.jobs import CompactFeatures, compact
+
+    job = compact(prepared())
+    assert isinstance(job.features, CompactFeatures)
+    assert dict(job.features) == prepared().features and job.features.get("nope", 7) == 7
+    assert pickle.loads(pickle.dumps(job.features)) == job.features
+    job_id, _, _ = store.add_job(job)
+    assert store.get(job_id).features == dict(job.features)
