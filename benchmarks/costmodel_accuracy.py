@@ -34,6 +34,7 @@ import sys
 import math
 import statistics
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -70,14 +71,22 @@ def predict_all(cases: Sequence[Any], backends: Sequence[str], predictor: Any) -
         b = make_backend(name)
         cal = b.calibration()
         views.append(BackendView(b.spec(), True, cal.summary() if cal is not None else None))
+    from ray_qalloc.circuits import circuit_features, parse_circuit
+
     out = {}
     for case in cases:
         job = prepare_job(make_spec(circuit=case.source, shots=case.shots), Limits())
+        parsed = parse_circuit(case.source, Limits())
+        t0 = time.perf_counter()
+        circuit_features(parsed.circuit, shots=case.shots, op_counts=parsed.expanded_ops)
+        t1 = time.perf_counter()
         jv = JobView(job.id, job.num_qubits, job.ops, job.features, job.shots)
         p = plan(jv, views, predictor)
+        t2 = time.perf_counter()
         out[case.case_id] = {"qubits": job.num_qubits, "family": case.family,
                              "predicted": {b: e.runtime_s for b, e in p.estimates.items()},
-                             "source": {b: e.source for b, e in p.estimates.items()}}
+                             "source": {b: e.source for b, e in p.estimates.items()},
+                             "features_ms": (t1 - t0) * 1e3, "scoring_us": (t2 - t1) * 1e6}
     return out
 
 
@@ -196,6 +205,11 @@ def run(circuits: Path, *, model: Path | None, history: Path | None, backends: S
     meas = measured_times(hist.read())
     ids = [c.case_id for c in cases]
     summary, rows = summarize(preds, meas, ids)
+    feats = sorted(d["features_ms"] for d in preds.values())
+    scores = sorted(d["scoring_us"] for d in preds.values())
+    summary["feature_extraction_ms_median"] = statistics.median(feats)
+    summary["feature_extraction_ms_max"] = feats[-1]
+    summary["enqueue_scoring_us_median"] = statistics.median(scores)   # filters + one batched predict
     result: dict[str, Any] = {"benchmark": "costmodel_accuracy", "predictor": getattr(predictor, "source", "prior"),
                               "circuits": str(circuits), "time_cap_s": time_cap_s, "backends": list(backends),
                               "summary": summary, "summary_qpu": summarize_qpu(preds, meas), "rows": rows,
