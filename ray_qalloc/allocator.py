@@ -34,6 +34,7 @@ from ray_qalloc.costmodel.registry import ArtifactWatcher, latest_artifact, load
 from ray_qalloc.exceptions import BackendError, InvalidJobSpec, JobNotFound, NoFeasibleBackend
 from ray_qalloc.jobs import JobState, PreparedJob, compact
 from ray_qalloc.placement import BackendView, JobView, Plan, explain, plan
+from ray_qalloc.placement.filters import make_filters
 from ray_qalloc.placement.scheduler import Decision, PassResult, Run, Scheduler, SchedulerConfig
 from ray_qalloc.store import JobStore
 
@@ -58,9 +59,11 @@ class Member:
     calibration: dict[str, float] | None = None
     node_id: str | None = None
     failures: int = 0
+    calibration_taken_at: float | None = None
 
     def view(self) -> BackendView:
-        return BackendView(self.spec, self.healthy, self.calibration)
+        age = None if self.calibration_taken_at is None else max(time.time() - self.calibration_taken_at, 0.0)
+        return BackendView(self.spec, self.healthy, self.calibration, age)
 
 
 @dataclass
@@ -99,6 +102,7 @@ class Allocator:
         self.store = JobStore(settings.resolved_store_url)
         self.history = RunHistory(settings.history_dir)
         self.predictor: Any = load_predictor(settings.models_dir)
+        self.filters = make_filters(settings.tenant_backends, settings.max_calibration_age_s)
         self._watcher = ArtifactWatcher(settings.models_dir, current=latest_artifact(settings.models_dir))
         self.members: dict[str, Member] = {}
         self.queued: dict[str, Queued] = {}
@@ -178,6 +182,7 @@ class Allocator:
             if first or m.calibration is None:
                 cal = await asyncio.wait_for(_aref(m.actor.calibration.remote()), timeout)
                 m.calibration = cal.summary() if cal is not None else None
+                m.calibration_taken_at = getattr(cal, "taken_at", None)
             if not was:
                 self._kick.set()
         except (asyncio.TimeoutError, *_ACTOR_GONE, RayTaskError) as exc:
@@ -209,7 +214,7 @@ class Allocator:
             self.store.end_attempt(job.id, rec.attempts, "requeued", "allocator restarted", then="requeue")
             self._enqueue(job, view, rec.created_at)
             return
-        p = plan(view, [x.view() for x in self.members.values()], self.predictor)
+        p = plan(view, [x.view() for x in self.members.values()], self.predictor, self.filters)
         predicted = attempt.get("predicted_s") or 1.0
         r = Running(job, view, p, m.spec.name, attempt["n"], attempt["started_at"], predicted,
                     created_at=rec.created_at)
@@ -297,7 +302,7 @@ class Allocator:
             raise InvalidJobSpec(f"field 'backends' names unknown backend(s): {', '.join(unknown)}.",
                                  field="backends", fix=f"use names from the pool: {', '.join(self.members)}.")
         view = self._view(job, frozenset())
-        p = plan(view, views, self.predictor)
+        p = plan(view, views, self.predictor, self.filters)
         if not p.estimates and all(s.code == "unresolvable" for s in p.filtered.values()):
             raise NoFeasibleBackend(
                 f"no backend of the pool can run job {job.id}: " + "; ".join(
@@ -407,7 +412,7 @@ class Allocator:
 
     def _enqueue(self, job: PreparedJob, view: JobView, created_at: float, p: Plan | None = None) -> None:
         if p is None:
-            p = plan(view, [m.view() for m in self.members.values()], self.predictor)
+            p = plan(view, [m.view() for m in self.members.values()], self.predictor, self.filters)
         self.queued[job.id] = Queued(job, view, p, time.time(), created_at)
         entry = self.sched.enqueue(view, p, created_at)
         if entry.flagged:
@@ -573,7 +578,7 @@ class Allocator:
             return
         if not self.store.end_attempt(r.job.id, r.attempt, outcome, error, then="failover"):
             return  # cancelled or already finished
-        p = plan(view, [m.view() for m in self.members.values()], self.predictor)
+        p = plan(view, [m.view() for m in self.members.values()], self.predictor, self.filters)
         # A backend that is only unhealthy (restarting) stays a candidate once it recovers.
         if not p.estimates and all(s.code == "unresolvable" for s in p.filtered.values()):
             self._give_up(r.job.id, f"attempt {r.attempt} failed on {r.backend} ({outcome}) and no other "

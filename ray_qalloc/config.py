@@ -61,6 +61,11 @@ class Settings(BaseModel):
                                       description="An attempt times out after this many predicted runtimes.")
     max_attempts: int = Field(5, gt=0, description="Attempts per job before it is failed.")
     history_flush_s: float = Field(5.0, gt=0, description="How often the Parquet run history is written.")
+    tenant_backends: dict[str, list[str]] = Field(
+        default_factory=dict, description="Tenant -> backends it may use (names, or kind:qpu / kind:simulator); "
+                                          "tenants not listed may use any backend.")
+    max_calibration_age_s: float | None = Field(
+        None, gt=0, description="QPUs with an older calibration are not used until refreshed (None: no limit).")
     scheduler: dict[str, Any] = Field(
         default_factory=lambda: {"preempt_min_remaining_s": 10.0},
         description="SchedulerConfig fields: reserved (backend -> emergency slots), aging_s, "

@@ -187,3 +187,16 @@ def test_a_job_that_cannot_meet_its_deadline_is_flagged_at_submit(tmp_path):
     assert late["flag"] and "deadline" in late["flag"]
     assert rec["state"] == "completed" and rec["flag"] == late["flag"]     # still runs, flagged
     assert ex["flag"] == late["flag"]
+
+
+def test_tenant_permissions_are_enforced_at_placement(tmp_path):
+    async def main():
+        alloc = make(tmp_path, [FakeBackend("a"), FakeBackend("b")], tenant_backends={"t1": ["b"]})
+        mine = await alloc.submit(prepared(tenant="t1"))
+        other = await alloc.submit(prepared(tenant="t2", backends=("a",)))
+        with pytest.raises(NoFeasibleBackend, match="may not use"):
+            await alloc.submit(prepared(tenant="t1", backends=("a",)))
+        return await alloc.wait(mine["id"], timeout=10), await alloc.wait(other["id"], timeout=10)
+
+    mine, other = run_async(main)
+    assert mine["result"]["backend"] == "b" and other["result"]["backend"] == "a"

@@ -12,8 +12,8 @@ import pytest
 from ray_qalloc.backends.base import BackendSpec
 from ray_qalloc.costmodel.prior import HeuristicPrior, qpu_fidelity, simulator_runtime
 from ray_qalloc.placement import BackendView, JobView, LiveState, explain, plan, select
-from ray_qalloc.placement.filters import (AllowListFilter, BlockedFilter, HealthFilter, IntentFilter, MemoryFilter,
-                                          OperationsFilter, QubitsFilter)
+from ray_qalloc.placement.filters import (AllowListFilter, BlockedFilter, CalibrationFreshnessFilter, HealthFilter,
+                                          IntentFilter, MemoryFilter, OperationsFilter, QubitsFilter, TenantFilter)
 from ray_qalloc.placement.model import Estimate, Plan
 
 SV = BackendSpec("aer_statevector", "simulator", "aer", 30, method="statevector", memory_bytes=2**30)
@@ -57,6 +57,27 @@ def job(**kw) -> JobView:
 ])
 def test_filter_table(flt, j, spec, healthy, code):
     status = flt.check(j, BackendView(spec, healthy))
+    assert status.code == code
+    if code != "ok":
+        assert status.reasons and status.plugin == flt.name
+
+
+PERMS = TenantFilter({"soc": ["aer_statevector", "kind:qpu"]})
+
+
+@pytest.mark.parametrize("flt, j, view, code", [
+    (PERMS, job(tenant="soc"), BackendView(SV), "ok"),
+    (PERMS, job(tenant="soc"), BackendView(QPU), "ok"),
+    (PERMS, job(tenant="soc"), BackendView(MPS), "unresolvable"),
+    (PERMS, job(tenant="other"), BackendView(MPS), "ok"),                      # not listed: anything
+    (CalibrationFreshnessFilter(3600.0), job(), BackendView(QPU, calibration_age_s=7200.0), "unschedulable"),
+    (CalibrationFreshnessFilter(3600.0), job(), BackendView(QPU, calibration_age_s=60.0), "ok"),
+    (CalibrationFreshnessFilter(3600.0), job(), BackendView(QPU), "ok"),        # age unknown
+    (CalibrationFreshnessFilter(3600.0), job(), BackendView(SV, calibration_age_s=1e9), "ok"),   # simulators
+    (CalibrationFreshnessFilter(None), job(), BackendView(QPU, calibration_age_s=1e9), "ok"),
+])
+def test_tenant_and_calibration_filters(flt, j, view, code):
+    status = flt.check(j, view)
     assert status.code == code
     if code != "ok":
         assert status.reasons and status.plugin == flt.name

@@ -6,7 +6,7 @@ One small class per concern (Kubernetes scheduling framework style): a filter re
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Iterable, Mapping, Protocol
 
 from ray_qalloc.placement.model import OK, BackendView, Estimate, JobView, Status
 
@@ -102,6 +102,39 @@ class AllowListFilter:
         return OK
 
 
+class TenantFilter:
+    """Tenant permissions: a tenant with an entry may use only the backends it names
+    (``name``, or ``kind:qpu`` / ``kind:simulator`` for a whole kind); others use any."""
+
+    name = "tenant"
+
+    def __init__(self, permissions: Mapping[str, Iterable[str]] | None = None) -> None:
+        self.permissions = {t: frozenset(v) for t, v in (permissions or {}).items()}
+
+    def check(self, job: JobView, backend: BackendView) -> Status:
+        allowed = self.permissions.get(job.tenant)
+        if allowed is None or backend.name in allowed or f"kind:{backend.spec.kind}" in allowed:
+            return OK
+        return Status("unresolvable", self.name, (f"tenant {job.tenant!r} may not use this backend",))
+
+
+class CalibrationFreshnessFilter:
+    """A QPU whose calibration is older than ``max_age_s`` is not used until it is refreshed
+    (waiting may help: *unschedulable*). Off when ``max_age_s`` is None."""
+
+    name = "calibration"
+
+    def __init__(self, max_age_s: float | None = None) -> None:
+        self.max_age_s = max_age_s
+
+    def check(self, job: JobView, backend: BackendView) -> Status:
+        age = backend.calibration_age_s
+        if self.max_age_s is None or backend.spec.kind != "qpu" or age is None or age <= self.max_age_s:
+            return OK
+        return Status("unschedulable", self.name,
+                      (f"calibration is {age / 3600:.3g} h old (limit {self.max_age_s / 3600:.3g} h)",))
+
+
 class HealthFilter:
     name = "health"
 
@@ -136,3 +169,9 @@ class FidelityFilter:
 
 DEFAULT_FILTERS: tuple[Filter, ...] = (AllowListFilter(), IntentFilter(), QubitsFilter(), MemoryFilter(), OperationsFilter(),
                                        BlockedFilter(), HealthFilter())
+
+
+def make_filters(tenant_backends: Mapping[str, Iterable[str]] | None = None,
+                 max_calibration_age_s: float | None = None) -> tuple[Filter, ...]:
+    """The default pipeline plus the configured tenant permissions and calibration freshness."""
+    return DEFAULT_FILTERS + (TenantFilter(tenant_backends), CalibrationFreshnessFilter(max_calibration_age_s))

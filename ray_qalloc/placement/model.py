@@ -39,6 +39,7 @@ class BackendView:
     spec: BackendSpec
     healthy: bool = True
     calibration: Mapping[str, float] | None = None  # Calibration.summary()
+    calibration_age_s: float | None = None          # how old its calibration is (None: n/a)
 
     @property
     def name(self) -> str:
