@@ -583,6 +583,10 @@ def live(trace: Path, *, console: Any, speed: float = 1.0, timeout_s: float = 90
     from ray_qalloc.exceptions import QAllocError
     from ray_qalloc.store import JobStore
 
+    import ray
+
+    if ray.is_initialized():
+        raise SystemExit("--mode live starts a local Ray of its own: run it in a fresh process")
     records = read_trace(trace)
     work = intake(records)
     by_id = {str(r["id"]): r for r in records}
