@@ -17,14 +17,14 @@ for comparison (one round trip per job).
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+
+from benchmarks._common import make_console, write_json
 from rich.progress import Progress
 
 GHZ3 = 'OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[3];\ncreg c[3];\nh q[0];\ncx q[0],q[1];\ncx q[1],q[2];\n' \
@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=2000)
     args = ap.parse_args()
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = make_console()
     result = run(args.jobs, args.batch, console)
     s = result["summary"]
     console.print(f"accepted and queued {s['jobs']} jobs in {s['submit_s']:.1f} s: "
@@ -92,10 +92,7 @@ def main() -> None:
                   f"(empty {s['rss_mb_empty']:.0f} MB; goal ≤ 1000 MB at 100k)")
     console.print(f"one submit per round trip: {s['single_submit_jobs_per_s']:.0f} jobs/s; "
                   f"client-side intake: {s['client_intake_jobs_per_s']:.0f} jobs/s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        console.print(f"wrote {args.json}")
+    write_json(args.json, result, console)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,10 @@ class _Baseline(abc.ABC):
         for opt in options:
             if opt[2].can_start:
                 return self._pick(opt)
+        return self._soonest(options)
+
+    def _soonest(self, options: list[tuple[str, Estimate, LiveState]]) -> Choice:
+        """Nothing can start now: wait for the backend predicted to free first (pool order on ties)."""
         return self._pick(min(options, key=lambda o: (o[2].wait_s, self._order.get(o[0], 0))))
 
     @abc.abstractmethod
@@ -117,7 +121,7 @@ class FcfsPolicy(_Baseline):
             return Choice(None, False, {})
         free = [o for o in options if o[2].can_start]
         if not free:
-            return self._pick(min(options, key=lambda o: (o[2].wait_s, self._order.get(o[0], 0))))
+            return self._soonest(options)
         n = max(len(self._order), 1)
         pick = min(free, key=lambda o: (self._order.get(o[0], 0) - self._next) % n)
         self._next = (self._order.get(pick[0], 0) + 1) % n
@@ -196,7 +200,7 @@ class RandomPolicy(_Baseline):
             return Choice(None, False, {})
         free = [o for o in options if o[2].can_start]
         if not free:
-            return self._pick(min(options, key=lambda o: (o[2].wait_s, self._order.get(o[0], 0))))
+            return self._soonest(options)
         return self._pick(self.rng.choice(free))
 
 

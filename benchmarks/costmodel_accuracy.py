@@ -29,8 +29,6 @@ families (``summary_heldout``) and for the others (``summary_seen``).
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import math
 import statistics
 import tempfile
@@ -40,6 +38,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rich.console import Console
+
+from benchmarks._common import make_console, write_json
 from rich.table import Table
 
 SIM_BACKENDS = ("aer_statevector", "aer_mps", "aer_stabilizer", "aer_density_matrix")
@@ -253,16 +253,13 @@ def main() -> None:
     ap.add_argument("--holdout", default="", help="families to hold out of training (needs --train-history)")
     ap.add_argument("--train-history", type=Path)
     args = ap.parse_args()
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = make_console()
     result = run(args.circuits, model=args.model, history=args.history,
                  backends=[b for b in args.backends.split(",") if b], time_cap_s=args.time_cap,
                  holdout={f for f in args.holdout.split(",") if f}, train_history=args.train_history,
                  console=console)
     print_report(result, console)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
-        console.print(f"wrote {args.json}")
+    write_json(args.json, result, console)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,14 @@ measured by ``benchmarks.allocator_load``.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import random
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+
+from benchmarks._common import make_console, write_json
 from rich.table import Table
 
 from ray_qalloc.backends.base import BackendSpec
@@ -149,7 +148,7 @@ def main() -> None:
     ap.add_argument("--backends", type=int, default=16)
     ap.add_argument("--samples", type=int, default=2000)
     args = ap.parse_args()
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = make_console()
     result = run(args.queued, args.backends, args.samples)
     s = result["summary"]
     t = Table(title=f"placement decision latency ({args.queued} queued)")
@@ -163,10 +162,7 @@ def main() -> None:
         t.add_row(f"enqueue scoring, {result['model']}", f"{s['enqueue_model_p50_us']:.1f}",
                   f"{s['enqueue_model_p99_us']:.1f}", "")
     console.print(t)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        console.print(f"wrote {args.json}")
+    write_json(args.json, result, console)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ qalloc − direct, in ms, over circuits whose direct run takes < 20 ms; goal ≤
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import os
 import platform
 import statistics
@@ -33,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+
+from benchmarks._common import make_console, write_json
 from rich.progress import Progress
 from rich.table import Table
 
@@ -133,13 +133,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--reps", type=int, default=7, help="repetitions per circuit and path")
     args = ap.parse_args()
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = make_console()
     result = run(args.reps, console=console)
     print_table(result, console)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        console.print(f"wrote {args.json}")
+    write_json(args.json, result, console)
 
 
 if __name__ == "__main__":

@@ -55,11 +55,11 @@ goals are printed next to the measured figures and are never adjusted to pass.
 
 from __future__ import annotations
 
+from benchmarks._common import make_console, write_json
+
 import argparse
 import hashlib
 import heapq
-import json
-import sys
 import math
 import statistics
 import time
@@ -592,6 +592,7 @@ def live(trace: Path, *, console: Any, speed: float = 1.0, timeout_s: float = 90
     by_id = {str(r["id"]): r for r in records}
     views = backend_views(list(DEFAULT_POOL))
     fidelity = true_fidelities(work.jobs, views)
+    console.print(f"{len(work.jobs)} jobs ({len(work.rejected)} rejected); replaying at {speed:g}x on a local Ray")
     qa = connect(data_dir=Path(tempfile.mkdtemp(prefix="qalloc-live-")), num_cpus=int(NODE_CPUS),
                  ray_temp_dir=tempfile.mkdtemp(prefix="qp", dir="/tmp"))
     t_start = time.time()
@@ -702,19 +703,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise SystemExit(f"unknown policies {unknown}; use {', '.join(POLICIES)}")
-    from rich.console import Console
 
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = make_console()
     if args.mode == "live":
         result = live(args.trace, console=console, speed=args.speed)
     else:
         result = run(args.trace, model=args.model, history=args.history, time_cap_s=args.time_cap,
                      seed=args.seed, policies=policies, console=console)
     print_report(result, console)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
-        console.print(f"wrote {args.json}")
+    write_json(args.json, result, console)
 
 
 if __name__ == "__main__":

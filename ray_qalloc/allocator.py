@@ -21,11 +21,11 @@ import gc
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
 from ray_qalloc.backends.actor import RemoteBackendActor, backend_actor_options
 from ray_qalloc.backends.base import BackendSpec
@@ -36,7 +36,7 @@ from ray_qalloc.exceptions import BackendError, InvalidJobSpec, JobNotFound, NoF
 from ray_qalloc.jobs import JobState, PreparedJob, compact
 from ray_qalloc.placement import BackendView, JobView, Plan, explain, plan
 from ray_qalloc.placement.filters import make_filters
-from ray_qalloc.placement.scheduler import Decision, PassResult, Run, Scheduler, SchedulerConfig
+from ray_qalloc.placement.scheduler import PassResult, Run, Scheduler, SchedulerConfig
 from ray_qalloc.store import JobStore
 
 log = logging.getLogger("ray_qalloc.allocator")
@@ -59,7 +59,6 @@ class Member:
     healthy: bool = False
     calibration: dict[str, float] | None = None
     node_id: str | None = None
-    failures: int = 0
     calibration_taken_at: float | None = None
 
     def view(self) -> BackendView:
@@ -229,7 +228,7 @@ class Allocator:
             ref = m.actor.reattach.remote(job.id, r.attempt, attempt["provider_job_id"], job.shots)
         else:
             ref = m.actor.attach.remote(job.id, r.attempt)
-        r.task = asyncio.get_running_loop().create_task(self._watch(r, ref, reattached=True))
+        r.task = asyncio.get_running_loop().create_task(self._watch(r, ref))
 
     async def _wait_ready(self) -> None:
         await self._ready.wait()
@@ -294,10 +293,7 @@ class Allocator:
         for (i, job, view, p), (job_id, created) in zip(good, results):
             answers[i] = {"id": job_id, "created": created}
             if created:
-                self.queued[job.id] = Queued(job, view, p, now, now)
-                entry = self.sched.enqueue(view, p, now)
-                if entry.flagged:
-                    self._flag(job.id, entry.flagged)
+                self._enqueue(job, view, now, p)
         self._apply(self.sched.decide(time.time()))
         if len(jobs) >= 1000:
             gc.freeze()   # queued jobs are acyclic and long-lived: keep them out of future passes
@@ -418,6 +414,8 @@ class Allocator:
                        frozenset(job.backends) if job.backends else None)
 
     def _enqueue(self, job: PreparedJob, view: JobView, created_at: float, p: Plan | None = None) -> None:
+        """Into the queue, keeping its place in line (``created_at``); flag it at once if its
+        deadline is already out of reach."""
         if p is None:
             p = plan(view, [m.view() for m in self.members.values()], self.predictor, self.filters)
         self.queued[job.id] = Queued(job, view, p, time.time(), created_at)
@@ -505,7 +503,7 @@ class Allocator:
     def _timeout(self, r: Running) -> float:
         return max(self.settings.run_timeout_floor_s, self.settings.run_timeout_factor * r.predicted_s)
 
-    async def _watch(self, r: Running, ref: Any, reattached: bool = False) -> None:
+    async def _watch(self, r: Running, ref: Any) -> None:
         try:
             elapsed = time.time() - r.started_at
             result = await asyncio.wait_for(_aref(ref), max(self._timeout(r) - elapsed, 1.0))
@@ -591,8 +589,7 @@ class Allocator:
             self._give_up(r.job.id, f"attempt {r.attempt} failed on {r.backend} ({outcome}) and no other "
                                     "backend can run it", p)
             return
-        self.queued[r.job.id] = Queued(r.job, view, p, time.time(), r.created_at)
-        self.sched.enqueue(view, p, r.created_at)
+        self._enqueue(r.job, view, r.created_at, p)
         self._kick.set()
 
     def _requeue_preempted(self, r: Running) -> None:
@@ -600,8 +597,7 @@ class Allocator:
         if not self.store.end_attempt(r.job.id, r.attempt, "preempted", "stopped for an emergency job",
                                       then="requeue"):
             return
-        self.queued[r.job.id] = Queued(r.job, r.view, r.plan, time.time(), r.created_at)
-        self.sched.enqueue(r.view, r.plan, r.created_at)
+        self._enqueue(r.job, r.view, r.created_at, r.plan)
         self._kick.set()
 
     def _give_up(self, job_id: str, error: str, p: Plan) -> None:
@@ -694,4 +690,4 @@ def allocator_options(settings: Settings) -> dict[str, Any]:
 
 RemoteAllocator = ray.remote(Allocator)
 
-__all__ = ["Allocator", "RemoteAllocator", "allocator_options", "GetTimeoutError"]
+__all__ = ["Allocator", "RemoteAllocator", "allocator_options"]

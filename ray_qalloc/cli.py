@@ -7,7 +7,6 @@ cluster is up; ``submit`` and ``demo`` connect to (or start) Ray.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from enum import Enum

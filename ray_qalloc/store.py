@@ -24,9 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ray_qalloc.exceptions import JobNotFound, StoreError
-from ray_qalloc.jobs import TERMINAL_STATES, TRANSITIONS, Intent, JobState, PreparedJob, Priority
-
-SCHEMA_VERSION = 1
+from ray_qalloc.jobs import TRANSITIONS, Intent, JobState, PreparedJob, Priority
 
 metadata = sa.MetaData()
 
@@ -92,13 +90,6 @@ attempts_table = sa.Table(
     sa.Column("exported", sa.Boolean, nullable=False, default=False),
     sa.UniqueConstraint("job_id", "n", name="uq_attempts_job_n"),
 )
-
-meta_table = sa.Table(
-    "qalloc_meta", metadata,
-    sa.Column("key", sa.String(64), primary_key=True),
-    sa.Column("value", sa.Text, nullable=False),
-)
-
 
 @dataclass
 class JobRecord:
@@ -464,6 +455,3 @@ class JobStore:
                 conn.execute(attempts_table.update().where(attempts_table.c.id.in_(ids[i:i + 500])).values(
                     exported=True))
 
-
-def is_terminal(state: JobState) -> bool:
-    return state in TERMINAL_STATES

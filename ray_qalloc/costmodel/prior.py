@@ -46,7 +46,7 @@ def simulator_runtime(method: str | None, job: JobView, threads: int = 1) -> flo
     return 1e-2 + size * (2.0 ** min(n, 30)) * 2e-9
 
 
-def qpu_duration_s(job: JobView, cal: Mapping[str, float]) -> float:
+def qpu_duration_s(job: JobView) -> float:
     """Scheduled duration of one shot, from depth and typical gate times."""
     feats = job.features
     depth = _f(feats, "depth", 1.0)
@@ -62,7 +62,7 @@ def qpu_fidelity(job: JobView, cal: Mapping[str, float] | None) -> float:
     routing = 1.0 if (_f(feats, "bandwidth") <= 1 and _f(feats, "max_degree") <= 2) else 2.5
     n1 = max(_f(feats, "size") - n2, 0.0) * 1.5
     meas = _f(feats, "measure_count", float(job.num_qubits))
-    duration = qpu_duration_s(job, c)
+    duration = qpu_duration_s(job)
     t1 = c["t1_median_us"] * 1e-6
     t2 = c["t2_median_us"] * 1e-6
     decay = math.exp(-job.num_qubits * duration * (1.0 / t1 + 1.0 / t2) / 2.0)
@@ -82,7 +82,7 @@ class HeuristicPrior:
             spec = b.spec
             if spec.kind == "qpu":
                 rep = 250e-6
-                runtime = QPU_JOB_OVERHEAD_S + job.shots * (qpu_duration_s(job, b.calibration or {}) + rep)
+                runtime = QPU_JOB_OVERHEAD_S + job.shots * (qpu_duration_s(job) + rep)
                 fidelity = qpu_fidelity(job, b.calibration)
                 memory = 0.0
             else:

@@ -34,7 +34,7 @@ import heapq
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
 from ray_qalloc.backends.base import BackendSpec
 from ray_qalloc.placement.model import JobView, LiveState, Plan
@@ -249,13 +249,13 @@ class Scheduler:
         self._index.setdefault(spec.name, [])
         self._nodes.setdefault(node, []).append(spec.name)
         self.node_cpus.setdefault(node, 1.0)
-        self._refresh_node(node, 0.0)
+        self._refresh_node(node)
 
     def set_health(self, backend: str, healthy: bool) -> None:
         b = self.backends[backend]
         if b.healthy != healthy:
             b.healthy = healthy
-            self._refresh_node(b.node, None)
+            self._refresh_node(b.node)
 
     def set_node(self, backend: str, node: str) -> None:
         b = self.backends[backend]
@@ -267,8 +267,8 @@ class Scheduler:
         self._nodes.setdefault(node, []).append(backend)
         self.node_cpus.setdefault(node, self.node_cpus.get(old, 1.0))
         self._node_busy[node] = self._node_busy.get(node, 0.0) + len(b.runs) * b.spec.threads
-        self._refresh_node(old, None)
-        self._refresh_node(node, None)
+        self._refresh_node(old)
+        self._refresh_node(node)
 
     # ---- queue ------------------------------------------------------------------------------
     def enqueue(self, job: JobView, plan: Plan, arrival: float, seq: int | None = None) -> Entry:
@@ -332,7 +332,7 @@ class Scheduler:
         b = self.backends[backend]
         b.runs[job_id] = run
         self._node_busy[b.node] = self._node_busy.get(b.node, 0.0) + b.spec.threads
-        self._refresh_node(b.node, now)
+        self._refresh_node(b.node)
         return run
 
     def finish(self, job_id: str) -> Run | None:
@@ -341,11 +341,11 @@ class Scheduler:
             b = self.backends[run.backend]
             if b.runs.pop(job_id, None) is not None:
                 self._node_busy[b.node] = self._node_busy.get(b.node, 0.0) - b.spec.threads
-                self._refresh_node(b.node, None)
+                self._refresh_node(b.node)
         return run
 
     # ---- cached load ------------------------------------------------------------------------
-    def _refresh_node(self, node: str, now: float | None) -> None:
+    def _refresh_node(self, node: str) -> None:
         """Recompute free_at / can_start of the backends of one node."""
         names = self._nodes.get(node, ())
         cores = self.node_cpus.get(node, 1.0)
@@ -565,16 +565,3 @@ class Scheduler:
         """A preempted (or failed-over) run goes back to the queue, keeping its place in line."""
         self.finish(run.job_id)
         return self.enqueue(job, plan, arrival, seq)
-
-
-def snapshot(s: Scheduler, now: float) -> dict[str, Any]:
-    """Queue and load at a glance (for ``stats`` and the benchmarks)."""
-    live = s.live(now)
-    return {"queued": len(s.entries), "running": len(s.runs),
-            "backends": {n: {"running": len(b.runs), "queued_work_s": b.queued_work_s,
-                             "predicted_wait_s": s.predicted_wait(n, now),
-                             "can_start": live[n].can_start, "congested": b.congested, "healthy": b.healthy}
-                         for n, b in s.backends.items()}}
-
-
-PolicyFactory = Callable[[], Policy]
