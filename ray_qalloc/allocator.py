@@ -306,10 +306,9 @@ class Allocator:
                                  field="backends", fix=f"use names from the pool: {', '.join(self.members)}.")
         view = self._view(job, frozenset())
         p = plan(view, views, self.predictor, self.filters)
-        if not p.estimates and all(s.code == "unresolvable" for s in p.filtered.values()):
+        if _hopeless(p):
             raise NoFeasibleBackend(
-                f"no backend of the pool can run job {job.id}: " + "; ".join(
-                    f"{b}: {', '.join(s.reasons)}" for b, s in p.filtered.items()),
+                f"no backend of the pool can run job {job.id}: " + _why_not(p),
                 fix="reduce the circuit (qubits, operations), relax intent or fidelity_min, or add a backend.",
                 explanation=explain(p, None))
         return view, p
@@ -439,8 +438,7 @@ class Allocator:
         """Carry out one scheduler pass: start runs, record flags, preempt, give up."""
         for entry in res.unplaceable:
             self.queued.pop(entry.job.id, None)
-            self._give_up(entry.job.id, "no feasible backend left: " + "; ".join(
-                f"{b}: {', '.join(s.reasons)}" for b, s in entry.plan.filtered.items()), entry.plan)
+            self._give_up(entry.job.id, "no feasible backend left: " + _why_not(entry.plan), entry.plan)
         for entry in res.flagged:
             self._flag(entry.job.id, entry.flagged or "deadline at risk")
         for d in res.dispatch:
@@ -585,7 +583,7 @@ class Allocator:
             return  # cancelled or already finished
         p = plan(view, [m.view() for m in self.members.values()], self.predictor, self.filters)
         # A backend that is only unhealthy (restarting) stays a candidate once it recovers.
-        if not p.estimates and all(s.code == "unresolvable" for s in p.filtered.values()):
+        if _hopeless(p):
             self._give_up(r.job.id, f"attempt {r.attempt} failed on {r.backend} ({outcome}) and no other "
                                     "backend can run it", p)
             return
@@ -670,6 +668,16 @@ def pool_names(pool: list[str]) -> list[str]:
             if n not in out:
                 out.append(n)
     return out
+
+
+def _hopeless(p: Plan) -> bool:
+    """No backend can run it and waiting would not help (every filter said 'unresolvable')."""
+    return not p.estimates and all(s.code == "unresolvable" for s in p.filtered.values())
+
+
+def _why_not(p: Plan) -> str:
+    """Every filtered backend with its reasons, for error messages."""
+    return "; ".join(f"{b}: {', '.join(s.reasons)}" for b, s in p.filtered.items())
 
 
 def _cancel(ref: Any) -> None:
