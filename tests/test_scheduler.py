@@ -97,6 +97,38 @@ def test_only_long_batch_runs_are_preempted(priority, remaining, expect):
     assert bool(s.decide(0.0).preempt) is expect
 
 
+def test_emergency_preempts_only_when_that_beats_waiting_and_rechecks_later():
+    # e would rather wait 1.5 s for the busy fast backend than run 5 s on "slow", so the batch
+    # run that takes "slow" is left alone; once "fast" overruns badly, "slow" wins: preempted
+    s = sched(sim("fast"), sim("slow"), preempt_min_remaining_s=5.0)
+    n = job("n")
+    s.enqueue(n, plan_for(n, {"fast": 2.0}), 0.0)
+    assert started(s.decide(0.0)) == [("n", "fast")]
+    e = job("e", "emergency")
+    s.enqueue(e, plan_for(e, {"fast": 0.1, "slow": 5.0}), 0.5)
+    res = s.decide(0.5)
+    assert res.dispatch == [] and res.preempt == []
+    b = job("b", "batch")
+    s.enqueue(b, plan_for(b, {"slow": 100.0}), 0.6)
+    res = s.decide(0.6)
+    assert started(res) == [("b", "slow")] and res.preempt == []
+    res = s.decide(30.0)     # n still running: 28 s past its predicted end
+    assert [(r.job_id, en.job.id) for r, en in res.preempt] == [("b", "e")]
+
+
+def test_preemption_candidates_do_not_grow_with_passes():
+    s = sched(sim("a"), preempt_min_remaining_s=5.0)
+    n = job("n")
+    s.enqueue(n, plan_for(n, {"a": 100.0}), 0.0)
+    s.decide(0.0)
+    e = job("e", "emergency")
+    s.enqueue(e, plan_for(e, {"a": 1.0}), 0.0)
+    assert s.decide(0.0).preempt == []      # no batch victim: waits, looked at again later
+    for t in (0.1, 0.2, 0.3):
+        assert s.decide(t).preempt == [] and s._emergency_new == set()
+    assert list(s._emergency_waiting) == ["e"]
+
+
 def test_qpu_runs_are_never_preempted():
     s = sched(qpu("q"))
     b = job("b", "batch")

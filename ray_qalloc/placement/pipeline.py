@@ -83,7 +83,7 @@ class Choice:
                 "reason": self.reason}
 
 
-def _static(p: Plan, priority: str) -> dict[str, float]:
+def static_objective(p: Plan, priority: str) -> dict[str, float]:
     """The part of each backend's objective that does not depend on load, cached on the plan."""
     cached = p.static.get(priority)
     if cached is None:
@@ -100,7 +100,7 @@ def select(job: JobView, p: Plan, live: Mapping[str, LiveState], *, detailed: bo
     The hot path of dispatch: one log per feasible backend over numbers made at enqueue.
     ``detailed`` keeps every backend's scores (for explain), not only the chosen one's.
     """
-    static = _static(p, job.priority)
+    static = static_objective(p, job.priority)
     log = math.log
     best_obj, best_name, best_state = math.inf, None, None
     scores: dict[str, dict[str, float]] = {}

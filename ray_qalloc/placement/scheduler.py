@@ -38,7 +38,7 @@ from typing import Any, Mapping, Protocol
 
 from ray_qalloc.backends.base import BackendSpec
 from ray_qalloc.placement.model import JobView, LiveState, Plan
-from ray_qalloc.placement.pipeline import Choice, select
+from ray_qalloc.placement.pipeline import Choice, select, static_objective
 
 CLASSES: tuple[str, ...] = ("emergency", "high", "normal", "batch")
 _RANK = {c: i for i, c in enumerate(CLASSES)}
@@ -55,6 +55,7 @@ class SchedulerConfig:
     lookahead: int = 64               # jobs per class examined past ones that cannot start
     preempt_min_remaining_s: float = 5.0   # preempt only runs with at least this much left
     preemption: bool = True
+    preempt_recheck_batch: int = 32   # waiting emergency jobs re-considered for preemption per second
     explain: bool = True              # keep every backend's scores of a dispatch (for explain)
 
 
@@ -70,7 +71,6 @@ class Entry:
     flagged: str | None = None        # why it will miss its deadline, once flagged
     excluded: frozenset[str] = frozenset()   # backends dropped by congestion, for explain
     version: int = 0                  # bumped when its key changes (aging): older index items are stale
-    preempt_checked: bool = False
 
     @property
     def deadline_at(self) -> float:
@@ -155,7 +155,8 @@ class LiveView(Mapping[str, LiveState]):
 
     def __init__(self, sched: "Scheduler", now: float, emergency: bool,
                  ahead: Mapping[str, float] | None = None) -> None:
-        self.sched, self.now, self.emergency, self.ahead = sched, now, emergency, ahead or {}
+        self.sched, self.now, self.emergency = sched, now, emergency
+        self.ahead = ahead if ahead is not None else {}   # shared: a pass adds to it as jobs wait
 
     def get(self, key: str, default: Any = None) -> LiveState | None:  # the hot path: no ABC detour
         b = self.sched.backends.get(key)
@@ -237,7 +238,13 @@ class Scheduler:
         self._batch_fifo: collections.deque[str] = collections.deque()
         self._deadlines: list[tuple[float, str]] = []   # (latest start that meets the deadline, job)
         self._pending_unplaceable: list[Entry] = []
-        self._emergency_ids: set[str] = set()
+        # emergency jobs to consider for preemption at the next pass: new arrivals, and those a
+        # pass saw waiting; each is checked once, so a pass never rescans the queue
+        self._emergency_new: set[str] = set()
+        self._emergency_waiting: dict[str, None] = {}   # insertion-ordered set
+        self._emergency_recheck_at = -math.inf
+        self._jitter = 12345
+        self.examined = 0            # jobs a pass has weighed, in all (benchmarks divide by it)
         self._congestion_checked = -math.inf
         # Free backends whose queued jobs all preferred to wait elsewhere at the last pass: not
         # re-examined until a job is queued for them, a slot frees on their node, or 1 s passes.
@@ -282,7 +289,7 @@ class Scheduler:
         if entry.cls == "batch":
             self._batch_fifo.append(job.id)
         elif entry.cls == "emergency":
-            self._emergency_ids.add(job.id)
+            self._emergency_new.add(job.id)
         self._count_queued(entry, +1)
         if job.deadline_s is not None:
             # flag at once if the predicted queue already makes it late; and remember the latest
@@ -331,8 +338,9 @@ class Scheduler:
         self.runs[job_id] = run
         b = self.backends[backend]
         b.runs[job_id] = run
-        self._node_busy[b.node] = self._node_busy.get(b.node, 0.0) + b.spec.threads
-        self._refresh_node(b.node)
+        before = self._node_busy.get(b.node, 0.0)
+        self._node_busy[b.node] = before + b.spec.threads
+        self._refresh_node(b.node, backend, before)
         return run
 
     def finish(self, job_id: str) -> Run | None:
@@ -340,13 +348,17 @@ class Scheduler:
         if run is not None and run.backend in self.backends:
             b = self.backends[run.backend]
             if b.runs.pop(job_id, None) is not None:
-                self._node_busy[b.node] = self._node_busy.get(b.node, 0.0) - b.spec.threads
-                self._refresh_node(b.node)
+                before = self._node_busy.get(b.node, 0.0)
+                self._node_busy[b.node] = before - b.spec.threads
+                self._refresh_node(b.node, run.backend, before)
         return run
 
     # ---- cached load ------------------------------------------------------------------------
-    def _refresh_node(self, node: str) -> None:
-        """Recompute free_at / can_start of the backends of one node."""
+    def _refresh_node(self, node: str, changed: str | None = None, busy_before: float | None = None) -> None:
+        """Recompute free_at / can_start of the backends of one node.
+
+        With ``changed`` (a run started or ended there) only that backend and those whose
+        core budget is or was short are recomputed: the others' state did not move."""
         names = self._nodes.get(node, ())
         cores = self.node_cpus.get(node, 1.0)
         busy = self._node_busy.get(node, 0.0)
@@ -354,6 +366,10 @@ class Scheduler:
         for name in names:
             b = self.backends[name]
             spec = b.spec
+            if (changed is not None and name != changed
+                    and (spec.threads <= 0 or (cores - busy >= spec.threads
+                                               and cores - (busy_before or 0.0) >= spec.threads))):
+                continue
             slots = max(spec.slots, 1)
             hold = max(self.config.reserved.get(name, 0)
                        - sum(1 for r in b.runs.values() if r.priority == "emergency"), 0)
@@ -464,82 +480,126 @@ class Scheduler:
         skip: set[str] = set()
         parked: list[tuple[str, _Item]] = []
         misses = 0
-        while self._startable and misses < self.config.lookahead:
-            best: tuple[_Item, str] | None = None
-            for b in [b for b in self._startable if self._index[b]
-                      and self._declined.get(b, -math.inf) <= now]:
+        # the heads of the startable backends' indexes, best first; a backend is re-pushed with
+        # its next head after each examined job, so a pass costs O(startable + examined·log)
+        declined = self._declined
+        heads: list[tuple[_Item, str]] = []
+        for b in self._startable:
+            if self._index[b] and declined.get(b, -math.inf) <= now:
                 item = self._head(b, skip, parked)
-                if item is not None and (best is None or item[0] < best[0][0]):
-                    best = (item, b)
-            if best is None:
-                break
-            (_, _, job_id), backend = best
-            entry = self.entries[job_id]
+                if item is not None:
+                    heads.append((item, b))
+        heapq.heapify(heads)
+        examined: set[str] = set()
+        live_n, live_e = LiveView(self, now, False, ahead), LiveView(self, now, True, ahead)
+        while heads and misses < self.config.lookahead:
+            item, backend = heapq.heappop(heads)
+            job_id = item[2]
+            entry = self.entries.get(job_id)
+            if entry is None or entry.version != item[1] or job_id in skip:
+                # taken or skipped since this head was read: re-read the backend's head
+                if backend in self._startable:
+                    nxt = self._head(backend, skip, parked)
+                    if nxt is not None:
+                        heapq.heappush(heads, (nxt, backend))
+                continue
+            examined.add(backend)
+            self.examined += 1
             emergency = entry.cls == "emergency"
-            live = LiveView(self, now, emergency, ahead)
-            entry.excluded = self._exclusions(entry, congested)
+            live = live_e if emergency else live_n
+            entry.excluded = self._exclusions(entry, congested) if congested else frozenset()
             choice = self.policy.choose(entry, live, now)
             if choice.backend is None:
                 out.unplaceable.append(entry)
                 self.remove(job_id)
                 continue
-            self._flag(entry, choice, now, out)
+            if entry.flagged is None and entry.job.deadline_s is not None:
+                self._flag(entry, choice, now, out)
             if choice.can_start:
                 scores = select(entry.job, entry.plan, live, detailed=True).scores if self.config.explain else {}
                 out.dispatch.append(Decision(entry, choice, scores))
                 self.start(job_id, choice.backend, now, entry.plan.estimates[choice.backend].runtime_s)
-                continue
-            # it prefers to wait (for a busy backend, or a slot reserved for emergencies)
-            skip.add(job_id)
-            misses += 1
-            if choice.backend in entry.plan.estimates:
-                ahead[choice.backend] = ahead.get(choice.backend, 0.0) + entry.plan.estimates[choice.backend].runtime_s
+            else:
+                # it prefers to wait (for a busy backend, or a slot reserved for emergencies)
+                skip.add(job_id)
+                misses += 1
+                if emergency:
+                    self._emergency_new.add(job_id)   # may need a preemption after all
+                if choice.backend in entry.plan.estimates:
+                    ahead[choice.backend] = (ahead.get(choice.backend, 0.0)
+                                             + entry.plan.estimates[choice.backend].runtime_s)
+            if backend in self._startable:
+                nxt = self._head(backend, skip, parked)
+                if nxt is not None:
+                    heapq.heappush(heads, (nxt, backend))
         for backend, item in parked:
             heapq.heappush(self._index[backend], item)
-        for b in self._startable:
-            if self._index[b] and self._declined.get(b, -math.inf) <= now:
-                self._declined[b] = now + 1.0
+        # free backends whose queued jobs all chose to wait elsewhere are not re-read until
+        # something changes for them; a jittered timeout (overruns make waits grow) spreads
+        # their re-reading over passes instead of one pass re-reading them all
+        for b in examined:
+            if b in self._startable and self._index[b]:
+                declined[b] = now + self._decline_ttl()
         self._preemptions(now, out)
         return out
+
+    def _decline_ttl(self) -> float:
+        self._jitter = (self._jitter * 1103515245 + 12345) & 0x7FFFFFFF
+        return 1.0 + self._jitter / 0x7FFFFFFF
 
     def _preemptions(self, now: float, out: PassResult) -> None:
         """Emergency jobs that cannot start anywhere may take a long batch simulator run's slot."""
         if not self.config.preemption:
             return
         taken: set[str] = set()
-        for entry in self._emergencies_waiting():
+        candidates, self._emergency_new = self._emergency_new, set()
+        if now - self._emergency_recheck_at >= 1.0 and self._emergency_waiting:
+            # jobs checked before that are still waiting: loads move (overruns, batch runs
+            # starting), so they are looked at again — once a second, a bounded number per
+            # pass, oldest first, so a pass never rescans a long emergency queue
+            self._emergency_recheck_at = now
+            waiting = self._emergency_waiting
+            for job_id in list(itertools.islice(waiting, self.config.preempt_recheck_batch)):
+                del waiting[job_id]
+                candidates.add(job_id)
+        for job_id in candidates:
+            entry = self.entries.get(job_id)
+            if entry is None:
+                continue
             if any(self.backends[b].can_start_emergency for b in entry.plan.estimates if b in self.backends):
-                continue   # a backend is free for it: it chose to wait, no need to stop anyone
+                # a backend is free for it: the pass starts it, or it chose to wait for a better one
+                self._emergency_waiting[job_id] = None
+                continue
             victim = self._victim(entry, now, taken)
-            if victim is not None:
+            if victim is None:
+                self._emergency_waiting[job_id] = None   # nothing worth stopping now; looked at again
+            else:
                 taken.add(victim.job_id)
                 out.preempt.append((victim, entry))
-            entry.preempt_checked = True
-
-    def _emergencies_waiting(self) -> list[Entry]:
-        """Queued emergency jobs not yet considered for preemption (each is, once)."""
-        out = []
-        for job_id in list(self._emergency_ids):
-            entry = self.entries.get(job_id)
-            if entry is None or entry.preempt_checked:
-                self._emergency_ids.discard(job_id)
-            else:
-                out.append(entry)
-        return out
 
     def _victim(self, entry: Entry, now: float, taken: set[str]) -> Run | None:
-        """The batch simulator run whose slot would serve this emergency job soonest."""
-        best: tuple[float, Run] | None = None
+        """The batch simulator run whose slot would serve this emergency job best — and only if
+        taking it beats the job's best option as things stand (waiting for a busy backend may
+        be better than a slow free one: then stopping someone's work gains nothing)."""
+        current = select(entry.job, entry.plan, LiveView(self, now, True))
+        if current.backend is None:
+            return None
+        best_obj = current.scores[current.backend]["objective"]
+        static = static_objective(entry.plan, entry.job.priority)
+        best: Run | None = None
         for b, est in entry.plan.estimates.items():
             state = self.backends.get(b)
             if state is None or state.spec.kind != "simulator" or not state.healthy:
                 continue
+            obj = math.log(max(est.runtime_s, 1e-6)) + static[b]
+            if obj >= best_obj:
+                continue
             for run in state.runs.values():
                 if (run.priority == "batch" and run.job_id not in taken
-                        and run.remaining(now) >= self.config.preempt_min_remaining_s
-                        and (best is None or est.runtime_s < best[0])):
-                    best = (est.runtime_s, run)
-        return None if best is None else best[1]
+                        and run.remaining(now) >= self.config.preempt_min_remaining_s):
+                    best_obj, best = obj, run
+                    break
+        return best
 
     def _flag(self, entry: Entry, choice: Choice, now: float, out: PassResult) -> None:
         if entry.flagged is not None or math.isinf(entry.deadline_at):
