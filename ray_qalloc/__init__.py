@@ -22,6 +22,7 @@ _EXPORTS = {
     "JobState": "ray_qalloc.jobs",
     "Settings": "ray_qalloc.config",
     "load_settings": "ray_qalloc.config",
+    "QAllocSampler": "ray_qalloc.sampler",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
