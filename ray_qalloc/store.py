@@ -9,7 +9,10 @@ completion exactly-once: a second "complete" for a job finds it no longer RUNNIN
 changes nothing.
 
 SQLite in WAL mode is the embedded default; any SQLAlchemy URL (PostgreSQL for clusters)
-selects another database.
+selects another database. Every statement is SQLAlchemy Core and dialect-neutral; where the
+two databases lock differently (PostgreSQL locks rows, SQLite the whole file), the code takes
+row locks in one order (jobs before attempts) and treats a deadlock like a lost race, so the
+same calls give the same answers on both.
 """
 
 from __future__ import annotations
@@ -23,10 +26,21 @@ from typing import Any, Iterable
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from ray_qalloc.exceptions import JobNotFound, StoreError
+from ray_qalloc.exceptions import InvalidJobSpec, JobNotFound, StoreError
 from ray_qalloc.jobs import TRANSITIONS, Intent, JobState, PreparedJob, Priority
 
 metadata = sa.MetaData()
+
+# Surrogate keys of append-only tables: BIGINT (BIGSERIAL) on PostgreSQL, where a busy cluster
+# could pass 2**31 transitions; plain INTEGER on SQLite, where only INTEGER PRIMARY KEY is the
+# auto-incrementing rowid.
+_BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+# Serialises schema creation and migration across processes opening one PostgreSQL store at once.
+_SCHEMA_LOCK_KEY = 0x51A110C  # "qalloc"
+
+# SQLSTATEs of a transaction PostgreSQL aborted to break a lock cycle: the work may be retried.
+_RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock_detected, serialization_failure
 
 jobs_table = sa.Table(
     "jobs", metadata,
@@ -61,7 +75,7 @@ sa.Index("ix_jobs_tenant_created", jobs_table.c.tenant, jobs_table.c.created_at)
 
 transitions_table = sa.Table(
     "transitions", metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
     sa.Column("job_id", sa.String(64), nullable=False, index=True),
     sa.Column("name", sa.String(32), nullable=False),
     sa.Column("from_state", sa.String(16)),
@@ -72,7 +86,7 @@ transitions_table = sa.Table(
 
 attempts_table = sa.Table(
     "attempts", metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
     sa.Column("job_id", sa.String(64), nullable=False, index=True),
     sa.Column("n", sa.Integer, nullable=False),
     sa.Column("backend", sa.String(128), nullable=False),
@@ -140,6 +154,16 @@ class JobRecord:
         }
 
 
+def _text(value: str, limit: int) -> str:
+    """Free text as every database accepts it: PostgreSQL's TEXT refuses NUL characters."""
+    return value[:limit].replace("\x00", "\ufffd")
+
+
+def _is_retryable(exc: sa.exc.DBAPIError) -> bool:
+    """A deadlock or serialisation failure: the database rolled back, nothing was written."""
+    return getattr(exc.orig, "sqlstate", None) in _RETRYABLE_SQLSTATES
+
+
 def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
@@ -170,35 +194,79 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _normalise_url(url: str) -> sa.engine.URL:
+    """``postgresql://`` and ``postgres://`` without a driver mean psycopg 3 (the one installed)."""
+    parsed = sa.engine.make_url(url)
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
 def make_engine(url: str) -> Engine:
-    """An engine with the settings each database needs (WAL and busy timeout for SQLite)."""
+    """An engine with the settings each database needs (WAL and busy timeout for SQLite;
+    a checked, bounded connection pool for a server)."""
     try:
-        if url.startswith("sqlite"):
-            path = sa.engine.make_url(url).database
+        parsed = _normalise_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            path = parsed.database
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             engine = sa.create_engine(url, connect_args={"check_same_thread": False})
             sa.event.listen(engine, "connect", _sqlite_pragmas)
         else:
-            engine = sa.create_engine(url, pool_pre_ping=True)
-        metadata.create_all(engine)
-        _add_missing_columns(engine)
+            connect_args: dict[str, Any] = {}
+            if parsed.get_backend_name() == "postgresql":  # libpq settings; a URL's own win
+                for key, value in (("connect_timeout", 10), ("application_name", "ray-qalloc")):
+                    if key not in parsed.query:
+                        connect_args[key] = value
+            # pre_ping: a server restart or an idle-timeout proxy must not fail the next job;
+            # the pool covers the allocator's threads plus a burst, and stays well under the
+            # server's max_connections (100 by default) with a few processes per cluster.
+            # READ COMMITTED pinned: the conditional UPDATEs rely on it (a server defaulting to
+            # REPEATABLE READ would turn a lost race into a serialisation error).
+            isolation = {"isolation_level": "READ COMMITTED"} if parsed.get_backend_name() == "postgresql" else {}
+            engine = sa.create_engine(parsed, pool_pre_ping=True, pool_size=8, max_overflow=8, pool_timeout=30,
+                                      pool_recycle=1800, connect_args=connect_args, **isolation)
+        _create_schema(engine)
     except sa.exc.SQLAlchemyError as exc:
-        raise StoreError(f"cannot open the job store at {url!r}: {exc.__class__.__name__}: {exc}",
+        try:
+            shown = _normalise_url(url).render_as_string(hide_password=True)
+        except sa.exc.ArgumentError:
+            shown = url
+        raise StoreError(f"cannot open the job store at {shown!r}: {exc.__class__.__name__}: {exc}",
                          fix="check the data directory is writable, or the database URL and server.") from None
     return engine
 
 
-def _add_missing_columns(engine: Engine) -> None:
+def _create_schema(engine: Engine) -> None:
+    """Tables, then the additive migration, under one lock where the database has one.
+
+    On PostgreSQL a transaction-scoped advisory lock makes processes that open a new store
+    at the same moment (allocator, CLI, API replicas) take turns; DDL there is transactional.
+    On SQLite a loser of that race finds the tables on its second look."""
+    for attempt in range(3):
+        try:
+            with engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
+                metadata.create_all(conn)
+                _add_missing_columns(conn)
+            return
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError):
+            if attempt == 2 or engine.dialect.name != "sqlite":
+                raise
+
+
+def _add_missing_columns(conn: sa.Connection) -> None:
     """Additive migration: a store written by an older version gets the new nullable columns."""
-    inspector = sa.inspect(engine)
-    with engine.begin() as conn:
-        for table in metadata.sorted_tables:
-            have = {c["name"] for c in inspector.get_columns(table.name)}
-            for col in table.columns:
-                if col.name not in have and col.nullable:
-                    kind = col.type.compile(dialect=engine.dialect)
-                    conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {kind}')
+    inspector = sa.inspect(conn)
+    quote = conn.dialect.identifier_preparer.quote
+    for table in metadata.sorted_tables:
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        for col in table.columns:
+            if col.name not in have and col.nullable:
+                kind = col.type.compile(dialect=conn.dialect)
+                conn.exec_driver_sql(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(col.name)} {kind}")
 
 
 class JobStore:
@@ -240,7 +308,9 @@ class JobStore:
                         "job_id": job.id, "n": 1, "backend": backend, "outcome": "running", "queued_at": now,
                         "started_at": now, "predicted_s": predicted_s, "exported": False})
         except sa.exc.IntegrityError:
-            if job.idempotency_key is not None:  # lost a race with the same key
+            # Lost a race with the same key: on PostgreSQL this insert waited for the winner's
+            # commit, so the winner's row is visible now.
+            if job.idempotency_key is not None:
                 existing = self.find_by_key(job.tenant, job.idempotency_key)
                 if existing is not None:
                     return existing, False, None
@@ -263,9 +333,19 @@ class JobStore:
                     conn.execute(transitions_table.insert(), transitions)
             return [(job.id, True) for job in jobs]
         except sa.exc.IntegrityError:
-            return [self.add_job(job, now=now)[:2] for job in jobs]
+            pass
+        except sa.exc.OperationalError as exc:
+            # PostgreSQL: two batches sharing keys in different orders wait on each other and
+            # one is rolled back; one-job transactions cannot form such a cycle.
+            if not _is_retryable(exc):
+                raise
+        return [self.add_job(job, now=now)[:2] for job in jobs]
 
     def _row(self, job: PreparedJob, now: float) -> dict[str, Any]:
+        if job.idempotency_key is not None and "\x00" in job.idempotency_key:
+            # PostgreSQL cannot store it; refused on every database so both behave alike.
+            raise InvalidJobSpec("the idempotency key contains a NUL character.", field="idempotency_key",
+                                 fix="use printable characters only.")
         return {
             "id": job.id, "tenant": job.tenant, "idempotency_key": job.idempotency_key,
             "state": JobState.QUEUED.value, "priority": job.priority.value, "intent": job.intent.value,
@@ -286,16 +366,24 @@ class JobStore:
     def _transition(self, conn: sa.Connection, job_id: str, name: str, stimulus: str,
                     now: float, **fields: Any) -> JobState | None:
         sources, target = TRANSITIONS[name]
-        if len(sources) == 1:  # one possible source: the conditional UPDATE alone decides
-            (current,) = (src.value for src in sources)
+        for _ in range(4):
+            if len(sources) == 1:  # one possible source: the conditional UPDATE alone decides
+                (current,) = (src.value for src in sources)
+            else:  # FOR UPDATE (PostgreSQL; nothing on SQLite): the state cannot move before the UPDATE
+                current = conn.execute(sa.select(jobs_table.c.state).where(
+                    jobs_table.c.id == job_id).with_for_update()).scalar()
+            if current is None or JobState(current) not in sources:
+                return None
+            res = conn.execute(jobs_table.update().where(
+                jobs_table.c.id == job_id, jobs_table.c.state == current).values(
+                state=target.value, updated_at=now, **fields))
+            if res.rowcount == 1:
+                break
+            if len(sources) == 1:
+                return None
+            # Another transition committed between the read and the UPDATE (SQLite reads
+            # outside the write lock): look again, now inside it.
         else:
-            current = conn.execute(sa.select(jobs_table.c.state).where(jobs_table.c.id == job_id)).scalar()
-        if current is None or JobState(current) not in sources:
-            return None
-        res = conn.execute(jobs_table.update().where(
-            jobs_table.c.id == job_id, jobs_table.c.state == current).values(
-            state=target.value, updated_at=now, **fields))
-        if res.rowcount != 1:
             return None
         conn.execute(transitions_table.insert().values(
             job_id=job_id, name=name, from_state=current, to_state=target.value, at=now,
@@ -318,7 +406,7 @@ class JobStore:
                   queued_at: float | None, explanation: dict[str, Any] | None, now: float,
                   attempt: int | None = None) -> int | None:
         n = attempt or (conn.execute(sa.select(jobs_table.c.attempts).where(
-            jobs_table.c.id == job_id)).scalar() or 0) + 1
+            jobs_table.c.id == job_id).with_for_update()).scalar() or 0) + 1
         extra: dict[str, Any] = {"backend": backend, "attempts": n}
         if explanation is not None:
             extra["explanation"] = json.dumps(explanation)
@@ -347,12 +435,16 @@ class JobStore:
 
     def end_attempt(self, job_id: str, attempt: int, outcome: str, error: str, *,
                     then: str = "failover") -> bool:
-        """Close a failed attempt and move the job (``failover``/``requeue`` to QUEUED, or ``fail``)."""
+        """Close a failed attempt and move the job (``failover``/``requeue`` to QUEUED, or ``fail``).
+
+        The job row is written before the attempt row, as in ``complete`` and ``dispatch``: on
+        PostgreSQL the other order lets a racing ``complete`` deadlock with it."""
         now = time.time()
         with self.engine.begin() as conn:
+            fields = {"error": _text(error, 2000)} if then == "fail" else {}
+            moved = self._transition(conn, job_id, then, f"attempt {attempt}: {outcome}", now, **fields)
             self._finish_attempt(conn, job_id, attempt, outcome, now, error=error)
-            fields = {"error": error} if then == "fail" else {}
-            return self._transition(conn, job_id, then, f"attempt {attempt}: {outcome}", now, **fields) is not None
+            return moved is not None
 
     def _finish_attempt(self, conn: sa.Connection, job_id: str, attempt: int, outcome: str, now: float,
                         *, result: dict[str, Any] | None = None, error: str | None = None) -> None:
@@ -362,13 +454,13 @@ class JobStore:
                 if result.get(key) is not None:
                     values[key] = result[key]
         if error is not None:
-            values["error"] = error[:2000]
+            values["error"] = _text(error, 2000)
         conn.execute(attempts_table.update().where(
             attempts_table.c.job_id == job_id, attempts_table.c.n == attempt,
             attempts_table.c.outcome == "running").values(**values))
 
     def fail(self, job_id: str, error: str) -> bool:
-        return self.transition(job_id, "fail", stimulus="gave up", error=error[:2000])
+        return self.transition(job_id, "fail", stimulus="gave up", error=_text(error, 2000))
 
     def cancel(self, job_id: str) -> bool:
         return self.transition(job_id, "cancel", stimulus="cancelled by caller")
@@ -376,7 +468,7 @@ class JobStore:
     def flag(self, job_id: str, reason: str) -> None:
         """Mark a job that will miss its deadline (not a state change: it still runs)."""
         with self.engine.begin() as conn:
-            conn.execute(jobs_table.update().where(jobs_table.c.id == job_id).values(flag=reason[:500]))
+            conn.execute(jobs_table.update().where(jobs_table.c.id == job_id).values(flag=_text(reason, 500)))
 
     def save_explanation(self, job_id: str, explanation: dict[str, Any]) -> None:
         with self.engine.begin() as conn:

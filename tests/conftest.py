@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.dbs"]  # db_url: the store's tests on SQLite and PostgreSQL
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
