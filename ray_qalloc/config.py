@@ -38,6 +38,19 @@ class Limits(BaseModel):
     max_deadline_s: float = Field(7 * 86_400.0, gt=0, description="Longest accepted deadline.")
 
 
+class ApiSettings(BaseModel):
+    """The HTTP API's own limits (the intake limits apply to every job on top)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest accepted request body.")
+    max_batch_jobs: int = Field(1_000, gt=0, description="Most jobs in one POST /v1/jobs:batch.")
+    max_result_wait_s: float = Field(60.0, gt=0, description="Longest GET .../result waits before answering 202.")
+    max_page: int = Field(500, gt=0, description="Most jobs in one page of GET /v1/jobs.")
+    replicas: int = Field(1, gt=0, description="Serve replicas of the ingress.")
+    max_ongoing_requests: int = Field(64, gt=0, description="Requests one replica works on at once.")
+
+
 class Settings(BaseModel):
     """Everything ray-qalloc reads at start-up."""
 
@@ -50,6 +63,7 @@ class Settings(BaseModel):
     namespace: str = Field("qalloc", description="Ray namespace of the allocator and backends.")
     allocator_name: str = Field("qalloc-allocator", description="Name of the detached allocator actor.")
     limits: Limits = Field(default_factory=Limits)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     pool: list[str] = Field(default_factory=lambda: ["default"],
                             description="Backends to start: 'default', or backend names.")
     sim_threads: int = Field(1, gt=0, description="Threads one simulator run may use.")

@@ -14,6 +14,9 @@ The tree::
     ├── JobTimeout                  waiting for a result took longer than asked
     ├── BackendError                a backend could not run a circuit (not a crash)
     ├── StoreError                  the job store could not be opened or written
+    ├── Unauthorized / Forbidden    no valid token / a route or class not granted (HTTP 401 / 403)
+    ├── QuotaExceeded               a tenant's quota is spent (HTTP 429 with Retry-After)
+    ├── Conflict                    contradicts the job's state or an earlier request (HTTP 409)
     └── ConfigError                 configuration is inconsistent or unusable
 
 Messages say what was wrong and end with "To fix: ..." so that a person reading a
@@ -101,6 +104,36 @@ class BackendError(QAllocError):
 
 class StoreError(QAllocError):
     code = "store_error"
+
+
+class Unauthorized(QAllocError):
+    """No valid bearer token (HTTP 401)."""
+
+    code = "unauthorized"
+
+
+class Forbidden(QAllocError):
+    """A valid caller asking for what it may not do (HTTP 403)."""
+
+    code = "forbidden"
+
+
+class QuotaExceeded(QAllocError):
+    """A tenant's quota is spent; ``details.retry_after_s`` says when it frees (HTTP 429)."""
+
+    code = "quota_exceeded"
+
+
+class Conflict(QAllocError):
+    """The request contradicts the job's state or an earlier request (HTTP 409)."""
+
+    code = "conflict"
+
+
+class IdempotencyKeyReused(Conflict):
+    """An Idempotency-Key sent again with a different job."""
+
+    code = "idempotency_key_reused"
 
 
 class ConfigError(QAllocError):

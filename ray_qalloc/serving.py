@@ -1,0 +1,79 @@
+"""Ray Serve wiring of the API: the deployment, the builder ``serve run`` calls, and the
+local server behind ``qalloc serve``.
+
+Why replicas ask for no CPU: the simulators own the cores (their runs hold Ray CPU
+resources); an ingress replica mostly waits on the allocator and the store, and must not
+take a core a simulator run is waiting for.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from ray_qalloc.config import Settings, load_settings
+
+log = logging.getLogger("ray_qalloc.serving")
+
+APP_NAME = "qalloc"
+
+
+def deployment_for(settings: Settings) -> Application:
+    """The ingress deployment over the allocator of ``settings``, bound and ready to run."""
+    from ray_qalloc.api import create_app
+
+    api = create_app(settings)
+
+    @serve.deployment(name="QAllocIngress", num_replicas=settings.api.replicas,
+                      max_ongoing_requests=settings.api.max_ongoing_requests,
+                      ray_actor_options={"num_cpus": 0},
+                      health_check_period_s=5, health_check_timeout_s=10)
+    @serve.ingress(api)
+    class QAllocIngress:
+        """Each replica serves the FastAPI app; its state is opened lazily in the replica."""
+
+    return QAllocIngress.bind()
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry point of ``serve run`` / ``serve deploy`` (``import_path: ray_qalloc.serving:app_builder``).
+
+    ``args`` are Settings overrides (e.g. ``data_dir``, ``store_url``, ``pool``). The allocator
+    and the backends are started here when the cluster has none yet, so one config file
+    brings up the whole service."""
+    from ray_qalloc.session import connect
+
+    settings = load_settings(**(args or {}))
+    connect(settings=settings)
+    return deployment_for(settings)
+
+
+def start(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False) -> str:
+    """Start Serve on this Ray (allocator and backends first) and deploy the API. Returns its URL."""
+    from ray_qalloc.session import connect
+
+    connect(settings=settings)
+    serve.start(http_options={"host": host, "port": port}, detached=False)
+    serve.run(deployment_for(settings), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{host}:{port}"
+    if blocking:
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        done.wait()
+        stop()
+    return url
+
+
+def stop() -> None:
+    """Stop the API (accepted jobs stay in the store and the allocator keeps running them)."""
+    try:
+        serve.delete(APP_NAME)
+    except Exception:  # already gone
+        pass
+    serve.shutdown()

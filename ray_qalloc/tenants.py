@@ -1,0 +1,228 @@
+"""Tenants: bearer tokens (stored only as hashes) and per-tenant quotas.
+
+Why here and not in the HTTP layer: the CLI creates tokens without a server, and the same
+checks must hold whichever Serve replica answers. Everything lives in the job store's
+database (SQLite or PostgreSQL), in tables of its own.
+
+A token reads ``qat_<id>_<secret>``. ``id`` finds the row; only SHA-256 of the secret is
+stored, and it is compared with ``hmac.compare_digest`` (constant time). The secret has 256
+bits of entropy, so a plain hash suffices (no password stretching needed).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ray_qalloc.exceptions import Forbidden, QAllocError, QuotaExceeded, Unauthorized
+from ray_qalloc.jobs import Priority
+from ray_qalloc.store import attempts_table, jobs_table, make_engine
+
+TOKEN_PREFIX = "qat"
+_TENANT_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
+meta = sa.MetaData()
+tenants_table = sa.Table(
+    "tenants", meta,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("quota", sa.Text, nullable=False),          # JSON of Quota
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+tokens_table = sa.Table(
+    "tokens", meta,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("tenant", sa.String(64), nullable=False, index=True),
+    sa.Column("secret_sha256", sa.String(64), nullable=False),
+    sa.Column("admin", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float),
+)
+
+
+class Quota(BaseModel):
+    """What one tenant may use. Defaults are generous for everything but ``emergency``,
+    which is granted per tenant."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_active_jobs: int = Field(10_000, ge=0, description="Jobs queued or running at once.")
+    shots_per_day: int = Field(100_000_000, ge=0, description="Shots submitted per UTC day.")
+    qpu_seconds_per_day: float = Field(3_600.0, ge=0, description="QPU seconds used per UTC day.")
+    priorities: tuple[Priority, ...] = Field((Priority.HIGH, Priority.NORMAL, Priority.BATCH),
+                                             description="Priority classes this tenant may use.")
+
+    @field_validator("priorities", mode="before")
+    @classmethod
+    def _dedupe(cls, v: Any) -> Any:
+        return tuple(dict.fromkeys(v)) if isinstance(v, (list, tuple)) else v
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the tenant a token belongs to, and whether it may use admin routes."""
+
+    tenant: str
+    admin: bool
+    token_id: str
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def day_start(now: float) -> float:
+    d = dt.datetime.fromtimestamp(now, dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    return d.timestamp()
+
+
+class TenantStore:
+    """Tokens, quotas and usage of tenants, in the job store's database."""
+
+    def __init__(self, url: str) -> None:
+        import re
+
+        self._name_re = re.compile(_TENANT_PATTERN)
+        self.engine = make_engine(url)
+        meta.create_all(self.engine)
+        self._auth_cache: dict[str, tuple[float, str, Principal]] = {}
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- tenants and tokens ---------------------------------------------------------------
+    def _check_name(self, tenant: str) -> None:
+        if not self._name_re.match(tenant):
+            raise QAllocError(f"tenant name {tenant!r} is not valid.",
+                              fix="use 1-64 letters, digits, '_', '.' or '-'.", field="tenant")
+
+    def ensure_tenant(self, tenant: str, quota: Quota | None = None) -> None:
+        self._check_name(tenant)
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(tenants_table.c.name).where(tenants_table.c.name == tenant)).first()
+            if row is None:
+                conn.execute(tenants_table.insert().values(
+                    name=tenant, quota=(quota or Quota()).model_dump_json(), created_at=time.time()))
+            elif quota is not None:
+                conn.execute(tenants_table.update().where(tenants_table.c.name == tenant)
+                             .values(quota=quota.model_dump_json()))
+
+    def create_token(self, tenant: str, *, admin: bool = False) -> str:
+        """A new token for ``tenant`` (created if new). The token is returned once and never stored."""
+        self.ensure_tenant(tenant)
+        token_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+        with self.engine.begin() as conn:
+            conn.execute(tokens_table.insert().values(id=token_id, tenant=tenant, secret_sha256=_hash(secret),
+                                                      admin=admin, created_at=time.time()))
+        return f"{TOKEN_PREFIX}_{token_id}_{secret}"
+
+    def revoke(self, token_id: str) -> bool:
+        with self.engine.begin() as conn:
+            n = conn.execute(tokens_table.update().where(tokens_table.c.id == token_id,
+                                                         tokens_table.c.revoked_at.is_(None))
+                             .values(revoked_at=time.time())).rowcount
+        self._auth_cache.pop(token_id, None)
+        return n > 0
+
+    def tokens(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        q = sa.select(tokens_table.c.id, tokens_table.c.tenant, tokens_table.c.admin, tokens_table.c.created_at,
+                      tokens_table.c.revoked_at)
+        if tenant is not None:
+            q = q.where(tokens_table.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q.order_by(tokens_table.c.created_at))]
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The caller of an ``Authorization: Bearer <token>`` header, or Unauthorized."""
+        fix = "send 'Authorization: Bearer <token>'; an admin creates one with `qalloc token create TENANT`."
+        if not authorization:
+            raise Unauthorized("no bearer token was sent.", fix=fix)
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("the Authorization header is not 'Bearer <token>'.", fix=fix)
+        parts = token.strip().split("_", 2)
+        if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
+            raise Unauthorized("the bearer token is malformed.", fix=fix)
+        _, token_id, secret = parts
+        digest = _hash(secret)
+        cached = self._auth_cache.get(token_id)
+        # a short cache: a revoked token stops working within 5 s on every replica
+        if cached is not None and time.monotonic() - cached[0] < 5.0:
+            if hmac.compare_digest(cached[1], digest):
+                return cached[2]
+            raise Unauthorized("the bearer token is not valid.", fix=fix)
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(tokens_table).where(tokens_table.c.id == token_id)).first()
+        if row is None or row.revoked_at is not None or not hmac.compare_digest(row.secret_sha256, digest):
+            raise Unauthorized("the bearer token is not valid (unknown, revoked or wrong).", fix=fix)
+        principal = Principal(row.tenant, bool(row.admin), token_id)
+        self._auth_cache[token_id] = (time.monotonic(), row.secret_sha256, principal)
+        return principal
+
+    # ---- quotas -----------------------------------------------------------------------------
+    def quota(self, tenant: str) -> Quota:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(tenants_table.c.quota).where(tenants_table.c.name == tenant)).first()
+        return Quota() if row is None else Quota(**json.loads(row.quota))
+
+    def set_quota(self, tenant: str, quota: Quota) -> None:
+        self.ensure_tenant(tenant, quota)
+
+    def usage(self, tenant: str, now: float | None = None) -> dict[str, float]:
+        """Active jobs now, shots and QPU seconds since the start of the UTC day."""
+        now = time.time() if now is None else now
+        since = day_start(now)
+        j, a = jobs_table, attempts_table
+        with self.engine.connect() as conn:
+            active = conn.execute(sa.select(sa.func.count()).select_from(j).where(
+                j.c.tenant == tenant, j.c.state.in_(("queued", "running")))).scalar_one()
+            shots = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(j.c.shots), 0)).where(
+                j.c.tenant == tenant, j.c.created_at >= since)).scalar_one()
+            qpu = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(a.c.qpu_s), 0.0))
+                               .select_from(a.join(j, a.c.job_id == j.c.id))
+                               .where(j.c.tenant == tenant, a.c.started_at >= since)).scalar_one()
+        return {"active_jobs": int(active), "shots_today": int(shots), "qpu_seconds_today": float(qpu)}
+
+    def admit(self, tenant: str, jobs: list[dict[str, Any]], now: float | None = None) -> dict[str, Any]:
+        """Check a submission of ``jobs`` (dicts with ``shots``, ``priority``, ``intent``) against
+        the tenant's quota. Raises Forbidden (a class not granted) or QuotaExceeded (with
+        ``retry_after_s``). Returns the usage it was checked against, and ``qpu_exhausted``:
+        when the QPU budget is spent, ``auto`` jobs are still admitted, on simulators only."""
+        now = time.time() if now is None else now
+        q = self.quota(tenant)
+        allowed = {p.value for p in q.priorities}
+        for job in jobs:
+            prio = str(job.get("priority") or "normal")
+            if prio not in allowed:
+                raise Forbidden(f"tenant {tenant!r} may not submit priority {prio!r}.",
+                                fix=f"use one of {', '.join(sorted(allowed))}, or ask an admin to grant {prio!r}.",
+                                field="priority")
+        use = self.usage(tenant, now)
+        until_midnight = max(day_start(now) + 86_400.0 - now, 1.0)
+        if use["active_jobs"] + len(jobs) > q.max_active_jobs:
+            raise QuotaExceeded(f"tenant {tenant!r} has {use['active_jobs']} active jobs; {len(jobs)} more would pass "
+                                f"its limit of {q.max_active_jobs}.",
+                                fix="wait for jobs to finish (or cancel some), then retry.",
+                                limit="max_active_jobs", retry_after_s=5.0)
+        shots = sum(int(job.get("shots") or 0) for job in jobs)
+        if use["shots_today"] + shots > q.shots_per_day:
+            raise QuotaExceeded(f"tenant {tenant!r} submitted {use['shots_today']} shots today; {shots} more would "
+                                f"pass its limit of {q.shots_per_day} per day.",
+                                fix="retry after midnight UTC, or ask an admin for a larger quota.",
+                                limit="shots_per_day", retry_after_s=until_midnight)
+        exhausted = use["qpu_seconds_today"] >= q.qpu_seconds_per_day
+        if exhausted and any(job.get("intent") == "quantum" for job in jobs):
+            raise QuotaExceeded(f"tenant {tenant!r} used {use['qpu_seconds_today']:.1f} QPU seconds today, its limit "
+                                f"is {q.qpu_seconds_per_day:g}.",
+                                fix="retry after midnight UTC, submit with intent 'auto' or 'classical', "
+                                    "or ask an admin for more QPU time.",
+                                limit="qpu_seconds_per_day", retry_after_s=until_midnight)
+        return {**use, "qpu_exhausted": exhausted}
