@@ -566,3 +566,12 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
 def _reused(key: str | None, job_id: str) -> QAllocError:
     return IdempotencyKeyReused(f"Idempotency-Key {key!r} was already used for a different job ({job_id}).",
                                 field="Idempotency-Key", fix="use a new key for a new job.", job_id=job_id)
+
+
+def openapi_document() -> str:
+    """The OpenAPI document as committed in docs/openapi.json (stable key order)."""
+    import json
+
+    from ray_qalloc.config import Settings
+
+    return json.dumps(create_app(Settings(data_dir="/nonexistent")).openapi(), indent=2, sort_keys=True) + "\n"

@@ -367,5 +367,138 @@ def _short_reason(res: Any, n_scored: int, n_filtered: int) -> str:
     return f"best of {n_scored} candidates ({n_filtered} filtered out)"
 
 
+# ---- the HTTP API ----------------------------------------------------------------------------
+token_app = typer.Typer(help="API tokens of tenants (stored only as hashes).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+def _tenants():
+    from ray_qalloc.tenants import TenantStore
+
+    return TenantStore(_settings().resolved_store_url)
+
+
+@token_app.command("create")
+def token_create(tenant: str = typer.Argument(..., help="Tenant name (created if new)."),
+                 admin: bool = typer.Option(False, "--admin", help="May use the admin routes.")) -> None:
+    """Print a new token for TENANT. It is shown once: only its hash is kept."""
+    try:
+        token = _tenants().create_token(tenant, admin=admin)
+    except QAllocError as exc:
+        _fail(exc)
+    if _json_out():
+        _print_json({"tenant": tenant, "admin": admin, "token": token})
+    else:
+        err_console.print(f"token for tenant [bold]{tenant}[/bold]{' (admin)' if admin else ''} "
+                          "- shown once, keep it safe:")
+        print(token)
+
+
+@token_app.command("list")
+def token_list(tenant: Optional[str] = typer.Argument(None, help="Only this tenant's tokens.")) -> None:
+    """Token ids, tenants and state (never the tokens themselves)."""
+    rows = _tenants().tokens(tenant)
+    if _json_out():
+        _print_json(rows)
+        return
+    t = Table("id", "tenant", "admin", "created", "revoked")
+    for r in rows:
+        t.add_row(r["id"], r["tenant"], "yes" if r["admin"] else "",
+                  time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["created_at"])),
+                  time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["revoked_at"])) if r["revoked_at"] else "")
+    console.print(t)
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: str = typer.Argument(..., help="The id part of the token (`qat_<id>_...`).")) -> None:
+    """Revoke a token; every replica refuses it within 5 s."""
+    if not _tenants().revoke(token_id):
+        _fail(QAllocError(f"no active token with id {token_id!r}.", fix="see `qalloc token list`."))
+    console.print(f"revoked {token_id}")
+
+
+@app.command()
+def quota(tenant: str = typer.Argument(...),
+          max_active_jobs: Optional[int] = typer.Option(None, help="Jobs queued or running at once."),
+          shots_per_day: Optional[int] = typer.Option(None, help="Shots per UTC day."),
+          qpu_seconds_per_day: Optional[float] = typer.Option(None, help="QPU seconds per UTC day."),
+          priorities: Optional[str] = typer.Option(None, help="Comma-separated classes, e.g. emergency,high,normal,batch.")
+          ) -> None:
+    """Show a tenant's quota and today's usage; with options, change the quota first."""
+    from pydantic import ValidationError
+
+    from ray_qalloc.tenants import Quota
+
+    ts = _tenants()
+    q = ts.quota(tenant)
+    changes = {k: v for k, v in (("max_active_jobs", max_active_jobs), ("shots_per_day", shots_per_day),
+                                 ("qpu_seconds_per_day", qpu_seconds_per_day)) if v is not None}
+    if priorities is not None:
+        changes["priorities"] = [p.strip() for p in priorities.split(",") if p.strip()]
+    if changes:
+        try:
+            q = Quota(**{**q.model_dump(), **changes})
+            ts.set_quota(tenant, q)
+        except ValidationError as exc:
+            _fail(QAllocError(f"invalid quota: {exc.errors()[0]['msg']}", field=str(exc.errors()[0]['loc'][0])))
+        except QAllocError as exc:
+            _fail(exc)
+    data = {"tenant": tenant, "quota": q.model_dump(mode="json"), "usage": ts.usage(tenant)}
+    if _json_out():
+        _print_json(data)
+        return
+    t = Table("", "limit", "used today / now")
+    t.add_row("active jobs", str(q.max_active_jobs), str(data["usage"]["active_jobs"]))
+    t.add_row("shots per day", str(q.shots_per_day), str(data["usage"]["shots_today"]))
+    t.add_row("QPU seconds per day", f"{q.qpu_seconds_per_day:g}", f"{data['usage']['qpu_seconds_today']:.1f}")
+    t.add_row("priorities", ", ".join(data["quota"]["priorities"]), "")
+    console.print(t)
+
+
+@app.command()
+def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
+          port: int = typer.Option(8000, help="HTTP port."),
+          num_cpus: Optional[int] = typer.Option(None, help="CPUs for a local Ray (default: all).")) -> None:
+    """Start the HTTP API on Ray Serve (local Ray, embedded defaults) and serve until Ctrl-C."""
+    import ray
+
+    from ray_qalloc import serving
+    from ray_qalloc.session import connect
+
+    settings = _settings()
+    try:
+        connect(settings=settings, num_cpus=num_cpus)
+        url = serving.start(settings, host=host, port=port, blocking=False)
+    except QAllocError as exc:
+        _fail(exc)
+    err_console.print(f"ray-qalloc API on [bold]{url}[/bold]  (docs: {url}/docs, spec: {url}/openapi.json)\n"
+                      f"create a token:  qalloc token create TENANT\n"
+                      f"submit:          curl -H 'Authorization: Bearer $TOKEN' -H 'Content-Type: application/json' "
+                      f"-d '{{\"qasm\": \"...\"}}' {url}/v1/jobs\n"
+                      "Ctrl-C stops the server; accepted jobs stay in the store.")
+    import signal
+    import threading
+
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    serving.stop()
+    ray.shutdown()
+
+
+@app.command()
+def openapi(out: Optional[Path] = typer.Option(None, "--out", help="Write here instead of stdout.")) -> None:
+    """The API's OpenAPI document (the committed copy is docs/openapi.json)."""
+    from ray_qalloc.api import openapi_document
+
+    text = openapi_document()
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+        err_console.print(f"wrote {out}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

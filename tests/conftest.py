@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.dbs"]  # db_url: the store's tests on SQLite and PostgreSQL
+pytest_plugins = ["tests.dbs", "tests.serve_fixtures"]  # db_url: the store's tests on SQLite and PostgreSQL
 
 
 @pytest.fixture(scope="session")
