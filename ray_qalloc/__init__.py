@@ -23,6 +23,7 @@ _EXPORTS = {
     "Settings": "ray_qalloc.config",
     "load_settings": "ray_qalloc.config",
     "QAllocSampler": "ray_qalloc.sampler",
+    "Client": "ray_qalloc.client",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
