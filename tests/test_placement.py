@@ -107,17 +107,18 @@ def test_prior_scales_like_the_methods():
 
 
 def _objective(j: JobView, est: Estimate, wait: float) -> float:
-    from ray_qalloc.placement.pipeline import CLASS_WEIGHTS
+    from ray_qalloc.placement.pipeline import CLASS_WEIGHTS, QUANTUM_FIDELITY_FACTOR
 
     w = CLASS_WEIGHTS[j.priority]
-    return math.log(max(wait + est.runtime_s, 1e-6)) - w.fidelity * math.log(max(est.fidelity, 1e-9)) \
+    wf = w.fidelity * (QUANTUM_FIDELITY_FACTOR if j.intent == "quantum" else 1.0)
+    return math.log(max(wait + est.runtime_s, 1e-6)) - wf * math.log(max(est.fidelity, 1e-9)) \
         + w.money * est.cost
 
 
 @pytest.mark.parametrize("seed", range(40))
 def test_select_matches_brute_force(seed):
     rng = random.Random(seed)
-    j = job(priority=rng.choice(["emergency", "high", "normal", "batch"]))
+    j = job(priority=rng.choice(["emergency", "high", "normal", "batch"]), intent=rng.choice(["auto", "quantum"]))
     names = [f"b{i}" for i in range(rng.randint(1, 6))]
     p = Plan("j", {n: Estimate(n, 10 ** rng.uniform(-3, 2), rng.uniform(0.2, 1.0), rng.uniform(0, 5))
                    for n in names})
@@ -126,6 +127,15 @@ def test_select_matches_brute_force(seed):
     best = min(names, key=lambda n: (_objective(j, p.estimates[n], live[n].wait_s), n))
     assert choice.backend == best
     assert choice.can_start == live[best].can_start
+
+
+@pytest.mark.parametrize("intent, expect", [("auto", "fast"), ("quantum", "faithful")])
+def test_quantum_intent_weighs_fidelity_more(intent, expect):
+    # "faithful" has 3% more fidelity but a 20% longer expected completion: worth it only to a
+    # job that asked for quantum results
+    p = Plan("j", {"fast": Estimate("fast", 1.0, 0.90, 0.0), "faithful": Estimate("faithful", 1.0, 0.93, 0.0)})
+    live = {"fast": LiveState(0.0, True), "faithful": LiveState(0.2, False)}
+    assert select(job(intent=intent), p, live).backend == expect
 
 
 def test_select_with_nothing_feasible():

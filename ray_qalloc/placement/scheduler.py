@@ -585,7 +585,7 @@ class Scheduler:
         if current.backend is None:
             return None
         best_obj = current.scores[current.backend]["objective"]
-        static = static_objective(entry.plan, entry.job.priority)
+        static = static_objective(entry.plan, entry.job.priority, entry.job.intent)
         best: Run | None = None
         for b, est in entry.plan.estimates.items():
             state = self.backends.get(b)
