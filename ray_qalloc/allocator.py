@@ -60,6 +60,14 @@ class Member:
     calibration: dict[str, float] | None = None
     node_id: str | None = None
     calibration_taken_at: float | None = None
+    # circuit breaker: consecutive failed runs; while open, no runs until a probe succeeds
+    failures: int = 0
+    open_until: float = 0.0
+    cooldown_s: float = 0.0
+
+    @property
+    def breaker_open(self) -> bool:
+        return self.open_until > 0.0
 
     def view(self) -> BackendView:
         age = None if self.calibration_taken_at is None else max(time.time() - self.calibration_taken_at, 0.0)
@@ -106,7 +114,7 @@ class Allocator:
         self.store = JobStore(settings.resolved_store_url)
         self.history = RunHistory(settings.history_dir)
         self.predictor: Any = load_predictor(settings.models_dir)
-        self.filters = make_filters(settings.tenant_backends, settings.max_calibration_age_s)
+        self.filters = make_filters(settings.tenant_backends, settings.max_calibration_age_s, health=False)
         self._watcher = ArtifactWatcher(settings.models_dir, current=latest_artifact(settings.models_dir))
         self.members: dict[str, Member] = {}
         self.queued: dict[str, Queued] = {}
@@ -120,6 +128,7 @@ class Allocator:
         self.sched = Scheduler(SchedulerConfig(**settings.scheduler), node_cpus=self.node_cpus)
         self.flags: dict[str, str] = {}              # job -> why it will miss its deadline
         self._preempting: dict[str, str] = {}        # job -> backend whose run is being stopped for an emergency
+        self.draining = False                        # drain(): accept and store, start nothing new
         self.started_at = time.time()
         self._kick = asyncio.Event()
         self._ready = asyncio.Event()
@@ -174,11 +183,17 @@ class Allocator:
 
     async def _probe(self, m: Member, first: bool = False) -> None:
         timeout = 120.0 if first else self.settings.health_timeout_s
+        if m.breaker_open and time.time() < m.open_until:
+            return   # cooling down: not probed, stays out of placement
         try:
             info = await asyncio.wait_for(_aref(m.actor.ping.remote()), timeout)
             m.node_id = info.get("node_id")
             was = m.healthy
             m.healthy = True
+            if m.breaker_open:   # half-open: the probe answered; the next run decides
+                log.warning("backend %s: breaker half-open after %.0f s, trying it again", m.spec.name,
+                            m.cooldown_s)
+                m.open_until = 0.0
             if m.spec.name in self.sched.backends:
                 self.sched.set_health(m.spec.name, True)
                 if m.node_id:
@@ -251,7 +266,7 @@ class Allocator:
         # commit (the fast path), before the backend is called and before the reply.
         now = time.time()
         entry = self.sched.enqueue(view, p, now)
-        res = self.sched.decide(now)
+        res = self._decide(now)
         mine = next((d for d in res.dispatch if d.entry.job.id == job.id), None)
         dispatch_to = None
         if mine is not None:
@@ -294,7 +309,7 @@ class Allocator:
             answers[i] = {"id": job_id, "created": created}
             if created:
                 self._enqueue(job, view, now, p)
-        self._apply(self.sched.decide(time.time()))
+        self._apply(self._decide(time.time()))
         if len(jobs) >= 1000:
             gc.freeze()   # queued jobs are acyclic and long-lived: keep them out of future passes
         return answers
@@ -387,6 +402,7 @@ class Allocator:
                  "predicted_wait_s": (self.sched.predicted_wait(m.spec.name, time.time())
                                       if m.spec.name in self.sched.backends else None),
                  "healthy": m.healthy, "node_id": m.node_id,
+                 "breaker": ("open" if m.breaker_open else "half-open" if m.cooldown_s else "closed"),
                  "resource": m.spec.resource_name, "calibration": m.calibration}
                 for m in self.members.values()]
 
@@ -395,8 +411,24 @@ class Allocator:
 
         await self._wait_ready()
         return {"queued": len(self.queued), "running": len(self.running), "flagged": len(self.flags),
+                "draining": self.draining,
                 "store": self.store.counts_by_state(), "uptime_s": time.time() - self.started_at,
                 "pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss}
+
+    async def drain(self, timeout_s: float = 60.0) -> dict[str, int]:
+        """Graceful shutdown, step one: start no new runs, wait up to ``timeout_s`` for the
+        running ones to finish. Queued (and newly submitted) jobs stay in the store; the next
+        allocator to start, or ``resume()``, runs them."""
+        await self._wait_ready()
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return {"running": len(self.running), "queued": len(self.queued)}
+
+    async def resume(self) -> None:
+        self.draining = False
+        self._kick.set()
 
     async def record_provider_job(self, job_id: str, attempt: int, provider_job_id: str) -> None:
         """Called by a backend actor before it waits on a provider (QPU) job."""
@@ -432,7 +464,11 @@ class Allocator:
                 log.exception("dispatch pass failed")
 
     def _dispatch_pass(self) -> None:
-        self._apply(self.sched.decide(time.time()))
+        self._apply(self._decide(time.time()))
+
+    def _decide(self, now: float) -> PassResult:
+        """A scheduler pass, or nothing while draining (jobs are still accepted and stored)."""
+        return PassResult() if self.draining else self.sched.decide(now)
 
     def _apply(self, res: PassResult, skip: str | None = None) -> None:
         """Carry out one scheduler pass: start runs, record flags, preempt, give up."""
@@ -534,6 +570,7 @@ class Allocator:
     def _complete(self, r: Running, result: dict[str, Any]) -> None:
         if self.running.get(r.job.id) is r:
             self.running.pop(r.job.id)
+        self._run_succeeded(r.backend)
         self.sched.finish(r.job.id)
         self._preempting.pop(r.job.id, None)
         result = dict(result)
@@ -573,6 +610,8 @@ class Allocator:
         if outcome in ("actor_died", "timed_out"):
             self.members[r.backend].healthy = False  # until its next health check answers
             self.sched.set_health(r.backend, False)
+        if outcome in ("actor_died", "timed_out", "backend_error", "error"):
+            self._run_failed(r.backend)
         blocked = r.view.blocked | {r.backend} if block else r.view.blocked
         view = JobView(**{**r.view.__dict__, "blocked": blocked})
         if r.attempt >= self.settings.max_attempts:
@@ -589,6 +628,29 @@ class Allocator:
             return
         self._enqueue(r.job, view, r.created_at, p)
         self._kick.set()
+
+    def _run_failed(self, name: str) -> None:
+        """Circuit breaker: after ``breaker_failures`` failed runs in a row the backend gets no
+        runs until a health probe succeeds after a cooldown (doubling while it keeps failing),
+        so a broken backend does not burn every queued job's attempts."""
+        m = self.members.get(name)
+        if m is None:
+            return
+        m.failures += 1
+        if m.failures < self.settings.breaker_failures and not m.breaker_open and m.cooldown_s == 0.0:
+            return
+        s = self.settings
+        m.cooldown_s = s.breaker_cooldown_s if m.cooldown_s == 0.0 else min(2 * m.cooldown_s, s.breaker_max_cooldown_s)
+        m.open_until = time.time() + m.cooldown_s
+        m.healthy = False
+        if name in self.sched.backends:
+            self.sched.set_health(name, False)
+        log.warning("backend %s: breaker open for %.0f s after %d failed runs", name, m.cooldown_s, m.failures)
+
+    def _run_succeeded(self, name: str) -> None:
+        m = self.members.get(name)
+        if m is not None and (m.failures or m.cooldown_s):
+            m.failures, m.cooldown_s, m.open_until = 0, 0.0, 0.0
 
     def _requeue_preempted(self, r: Running) -> None:
         """Back to the queue (same place in line), not failed over: the backend is fine."""

@@ -74,6 +74,13 @@ class Settings(BaseModel):
     run_timeout_factor: float = Field(20.0, gt=1,
                                       description="An attempt times out after this many predicted runtimes.")
     max_attempts: int = Field(5, gt=0, description="Attempts per job before it is failed.")
+    breaker_failures: int = Field(3, gt=0, description="Consecutive failed runs that open a backend's "
+                                  "circuit breaker (no new runs until a probe succeeds).")
+    breaker_cooldown_s: float = Field(5.0, gt=0, description="First wait before an open breaker is probed; "
+                                      "doubles on each failed probe.")
+    breaker_max_cooldown_s: float = Field(300.0, gt=0, description="Longest wait between probes.")
+    call_timeout_s: float = Field(30.0, gt=0, description="Bound on every control call (status, cancel, ...) "
+                                  "made to an actor.")
     history_flush_s: float = Field(5.0, gt=0, description="How often the Parquet run history is written.")
     tenant_backends: dict[str, list[str]] = Field(
         default_factory=dict, description="Tenant -> backends it may use (names, or kind:qpu / kind:simulator); "

@@ -200,3 +200,70 @@ def test_tenant_permissions_are_enforced_at_placement(tmp_path):
 
     mine, other = run_async(main)
     assert mine["result"]["backend"] == "b" and other["result"]["backend"] == "a"
+
+
+def test_a_job_waits_for_its_only_backend_to_recover_instead_of_failing(tmp_path):
+    """Health is live state, not a plan filter: a job for a restarting backend waits for it."""
+    async def main():
+        a = FakeBackend("a")
+        alloc = make(tmp_path, [a])
+        await alloc.ready()
+        healthy_ping = a.ping.fn
+
+        async def down() -> dict[str, Any]:
+            raise RayActorError()
+
+        a.ping.fn = down
+        await asyncio.sleep(0.2)          # a health check sees it down
+        assert not alloc.members["a"].healthy
+        out = await alloc.submit(prepared())
+        await asyncio.sleep(0.2)
+        assert alloc.store.get(out["id"]).state == JobState.QUEUED     # waiting, not failed
+        a.ping.fn = healthy_ping          # it comes back
+        return await alloc.wait(out["id"], timeout=10)
+
+    rec = run_async(main)
+    assert rec["state"] == "completed" and rec["result"]["backend"] == "a"
+
+
+def test_circuit_breaker_opens_after_repeated_failures_and_closes_after_a_good_run(tmp_path):
+    async def main():
+        bad, good = FakeBackend("bad", "error"), FakeBackend("good", delay=0.05)
+        alloc = make(tmp_path, [bad, good], breaker_failures=2, breaker_cooldown_s=0.3)
+        # each job may use either; "bad" is tried first for some (fastest prediction ties by name)
+        outs = [await alloc.submit(prepared()) for _ in range(6)]
+        recs = [await alloc.wait(o["id"], timeout=10) for o in outs]
+        opened = alloc.members["bad"].breaker_open or alloc.members["bad"].cooldown_s > 0
+        runs_on_bad = len(bad.run.calls)
+        bad.behaviour = "ok"                        # repaired
+        await asyncio.sleep(0.5)                    # cooldown passes, a probe half-opens it
+        late = await alloc.submit(prepared(backends=("bad",)))
+        late_rec = await alloc.wait(late["id"], timeout=10)
+        return recs, opened, runs_on_bad, late_rec, alloc.members["bad"]
+
+    recs, opened, runs_on_bad, late_rec, member = run_async(main)
+    assert all(r["state"] == "completed" for r in recs)
+    assert opened and runs_on_bad <= 2             # the breaker stopped further runs on it
+    assert late_rec["state"] == "completed" and late_rec["result"]["backend"] == "bad"
+    assert member.failures == 0 and not member.breaker_open and member.cooldown_s == 0.0
+
+
+def test_drain_finishes_running_jobs_and_keeps_queued_ones_stored(tmp_path):
+    async def main():
+        a = FakeBackend("a", delay=0.2)
+        alloc = make(tmp_path, [a])
+        first = await alloc.submit(prepared())
+        await asyncio.sleep(0.05)
+        second = await alloc.submit(prepared())
+        left = await alloc.drain(timeout_s=5)
+        during = await alloc.submit(prepared())          # still accepted while draining
+        await asyncio.sleep(0.3)
+        states = [alloc.store.get(j["id"]).state for j in (first, second, during)]
+        await alloc.resume()
+        done = [await alloc.wait(j["id"], timeout=10) for j in (second, during)]
+        return left, states, done
+
+    left, states, done = run_async(main)
+    assert left == {"running": 0, "queued": 1}
+    assert states == [JobState.COMPLETED, JobState.QUEUED, JobState.QUEUED]
+    assert all(d["state"] == "completed" for d in done)

@@ -172,6 +172,11 @@ DEFAULT_FILTERS: tuple[Filter, ...] = (AllowListFilter(), IntentFilter(), Qubits
 
 
 def make_filters(tenant_backends: Mapping[str, Iterable[str]] | None = None,
-                 max_calibration_age_s: float | None = None) -> tuple[Filter, ...]:
-    """The default pipeline plus the configured tenant permissions and calibration freshness."""
-    return DEFAULT_FILTERS + (TenantFilter(tenant_backends), CalibrationFreshnessFilter(max_calibration_age_s))
+                 max_calibration_age_s: float | None = None, *, health: bool = True) -> tuple[Filter, ...]:
+    """The default pipeline plus the configured tenant permissions and calibration freshness.
+
+    ``health=False`` leaves health out of the plan: the live allocator tracks it in the
+    scheduler instead (an unhealthy backend is "not startable now"), so a job whose backends
+    are all restarting waits for them rather than being refused or failed."""
+    base = DEFAULT_FILTERS if health else tuple(f for f in DEFAULT_FILTERS if not isinstance(f, HealthFilter))
+    return base + (TenantFilter(tenant_backends), CalibrationFreshnessFilter(max_calibration_age_s))
