@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 import ray
+from ray.exceptions import GetTimeoutError
 
 from ray_qalloc.allocator import RemoteAllocator, allocator_options, pool_names
 from ray_qalloc.config import Settings, load_settings
-from ray_qalloc.exceptions import ConfigError, JobFailed, JobTimeout, NoFeasibleBackend
+from ray_qalloc.exceptions import ConfigError, JobFailed, JobTimeout, NoFeasibleBackend, QAllocError
 from ray_qalloc.jobs import JobState, make_spec, prepare_job
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,7 +79,7 @@ class JobHandle:
         while True:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             step = 30.0 if left is None else min(left, 30.0)
-            rec = self._client._call("wait", self.id, step)
+            rec = self._client._call("wait", self.id, step, timeout=step + self._client.settings.call_timeout_s)
             state = JobState(rec["state"])
             if state == JobState.COMPLETED:
                 return _result_from(rec)
@@ -135,7 +136,8 @@ class QAlloc:
         NoFeasibleBackend after the others were accepted (their handles are on the error as
         ``accepted``)."""
         prepared = [self._prepare(**j) for j in jobs]
-        answers = self._call("submit_many", prepared)
+        answers = self._call("submit_many", prepared,
+                             timeout=self.settings.call_timeout_s + len(prepared) / 500.0)
         handles = [JobHandle(self, a["id"], a["created"]) for a in answers if "id" in a]
         errors = [a["error"] for a in answers if "error" in a]
         if errors:
@@ -165,8 +167,15 @@ class QAlloc:
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
 
-    def _call(self, method: str, *args: Any) -> Any:
-        return ray.get(getattr(self._allocator, method).remote(*args))
+    def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        """One allocator call, bounded in time (a restarting allocator answers within seconds;
+        a hung one must not hang the caller)."""
+        limit = timeout if timeout is not None else self.settings.call_timeout_s
+        try:
+            return ray.get(getattr(self._allocator, method).remote(*args), timeout=limit)
+        except GetTimeoutError:
+            raise QAllocError(f"the allocator did not answer {method} within {limit:g} s.",
+                              fix="retry; accepted jobs are kept in the store.", unavailable=True) from None
 
 
 def node_resources(settings: Settings) -> dict[str, float]:
