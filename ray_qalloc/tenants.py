@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,8 @@ from ray_qalloc.jobs import Priority
 from ray_qalloc.store import attempts_table, jobs_table, make_engine
 
 TOKEN_PREFIX = "qat"
+#: How long ``admit`` trusts a tenant's usage read from the store (plus what it admitted since).
+USAGE_TTL_S = 2.0
 _TENANT_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
 meta = sa.MetaData()
@@ -52,7 +55,9 @@ class Quota(BaseModel):
     """What one tenant may use. Defaults are generous for everything but ``emergency``,
     which is granted per tenant."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: JSON has no infinity, so an infinite limit was stored as null and
+    # every later read of that tenant's quota failed (500 on each of its requests)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     max_active_jobs: int = Field(10_000, ge=0, description="Jobs queued or running at once.")
     shots_per_day: int = Field(100_000_000, ge=0, description="Shots submitted per UTC day.")
@@ -94,6 +99,9 @@ class TenantStore:
         self.engine = make_engine(url)
         meta.create_all(self.engine)
         self._auth_cache: dict[str, tuple[float, str, Principal]] = {}
+        # tenant -> (monotonic time read, UTC day start, usage incl. what this process admitted since)
+        self._usage_cache: dict[str, tuple[float, float, dict[str, float]]] = {}
+        self._usage_lock = threading.Lock()   # admit runs in a thread pool
 
     def close(self) -> None:
         self.engine.dispose()
@@ -195,7 +203,17 @@ class TenantStore:
         """Check a submission of ``jobs`` (dicts with ``shots``, ``priority``, ``intent``) against
         the tenant's quota. Raises Forbidden (a class not granted) or QuotaExceeded (with
         ``retry_after_s``). Returns the usage it was checked against, and ``qpu_exhausted``:
-        when the QPU budget is spent, ``auto`` jobs are still admitted, on simulators only."""
+        when the QPU budget is spent, ``auto`` jobs are still admitted, on simulators only.
+
+        Why usage is cached (``USAGE_TTL_S``) and the quota is not: the three usage queries
+        grow with the tenant's jobs (~3 ms at 10k jobs today, ~30 ms at 50k on SQLite) and were
+        the largest cost of POST /v1/jobs in a replica; the quota is one primary-key read, and an
+        admin's change must apply at once. The cache adds what this process admits, so its own
+        admissions count at once; a refusal is always decided on fresh numbers (finished jobs
+        free their slots at once). What other processes stored, and QPU seconds spent, within
+        the TTL can pass unseen: the same kind of slack the check-then-store race between
+        concurrent requests already has. An explicit ``now`` bypasses the cache."""
+        explicit = now is not None
         now = time.time() if now is None else now
         q = self.quota(tenant)
         allowed = {p.value for p in q.priorities}
@@ -205,24 +223,62 @@ class TenantStore:
                 raise Forbidden(f"tenant {tenant!r} may not submit priority {prio!r}.",
                                 fix=f"use one of {', '.join(sorted(allowed))}, or ask an admin to grant {prio!r}.",
                                 field="priority")
+        n, shots = len(jobs), sum(int(job.get("shots") or 0) for job in jobs)
+        quantum = any(job.get("intent") == "quantum" for job in jobs)
+        cached = None if explicit else self._cached_usage(tenant, now)
+        if cached is not None:
+            try:
+                exhausted = self._check(tenant, q, cached, n, shots, quantum, now)
+            except QuotaExceeded:
+                pass   # decided again below, on fresh numbers
+            else:
+                self._count(tenant, now, n, shots)
+                return {**cached, "qpu_exhausted": exhausted}
         use = self.usage(tenant, now)
+        exhausted = self._check(tenant, q, use, n, shots, quantum, now)
+        if not explicit:
+            with self._usage_lock:
+                self._usage_cache[tenant] = (time.monotonic(), day_start(now),
+                                             {**use, "active_jobs": use["active_jobs"] + n,
+                                              "shots_today": use["shots_today"] + shots})
+        return {**use, "qpu_exhausted": exhausted}
+
+    def _cached_usage(self, tenant: str, now: float) -> dict[str, float] | None:
+        with self._usage_lock:
+            entry = self._usage_cache.get(tenant)
+            if entry is None or time.monotonic() - entry[0] >= USAGE_TTL_S or entry[1] != day_start(now):
+                return None
+            return dict(entry[2])
+
+    def _count(self, tenant: str, now: float, n: int, shots: int) -> None:
+        """Add an admission to the cached usage (jobs it later refuses only make the cache stricter)."""
+        with self._usage_lock:
+            entry = self._usage_cache.get(tenant)
+            if entry is not None and entry[1] == day_start(now):
+                use = entry[2]
+                use["active_jobs"] += n
+                use["shots_today"] += shots
+
+    @staticmethod
+    def _check(tenant: str, q: Quota, use: dict[str, float], n: int, shots: int, quantum: bool,
+               now: float) -> bool:
+        """Raise QuotaExceeded if ``n`` jobs of ``shots`` in all would pass ``q``; else whether QPU time is spent."""
         until_midnight = max(day_start(now) + 86_400.0 - now, 1.0)
-        if use["active_jobs"] + len(jobs) > q.max_active_jobs:
-            raise QuotaExceeded(f"tenant {tenant!r} has {use['active_jobs']} active jobs; {len(jobs)} more would pass "
+        if use["active_jobs"] + n > q.max_active_jobs:
+            raise QuotaExceeded(f"tenant {tenant!r} has {use['active_jobs']} active jobs; {n} more would pass "
                                 f"its limit of {q.max_active_jobs}.",
                                 fix="wait for jobs to finish (or cancel some), then retry.",
                                 limit="max_active_jobs", retry_after_s=5.0)
-        shots = sum(int(job.get("shots") or 0) for job in jobs)
         if use["shots_today"] + shots > q.shots_per_day:
             raise QuotaExceeded(f"tenant {tenant!r} submitted {use['shots_today']} shots today; {shots} more would "
                                 f"pass its limit of {q.shots_per_day} per day.",
                                 fix="retry after midnight UTC, or ask an admin for a larger quota.",
                                 limit="shots_per_day", retry_after_s=until_midnight)
         exhausted = use["qpu_seconds_today"] >= q.qpu_seconds_per_day
-        if exhausted and any(job.get("intent") == "quantum" for job in jobs):
+        if exhausted and quantum:
             raise QuotaExceeded(f"tenant {tenant!r} used {use['qpu_seconds_today']:.1f} QPU seconds today, its limit "
                                 f"is {q.qpu_seconds_per_day:g}.",
                                 fix="retry after midnight UTC, submit with intent 'auto' or 'classical', "
                                     "or ask an admin for more QPU time.",
                                 limit="qpu_seconds_per_day", retry_after_s=until_midnight)
-        return {**use, "qpu_exhausted": exhausted}
+        return exhausted

@@ -1,0 +1,199 @@
+"""Fuzz the running API from its own OpenAPI document (schemathesis 4 on a real Ray Serve).
+
+Why from the live server: the document Serve serves is what clients generate code from, so
+it is the contract. Every operation in it is driven with schema-valid (positive) and
+schema-invalid (negative) requests plus the document's own examples; every answer must be
+a non-5xx that the document describes, and invalid input must not be accepted. Bounded for
+CI: ``FUZZ_EXAMPLES`` cases per operation and mode, no shrinking, a 10 s timeout per request
+(a hang fails the test), derandomized so a failure reproduces on the next run.
+
+Why not ``schemathesis.pytest.from_fixture(...).parametrize()``: in schemathesis 4.32.5 it
+renames pytest nodes through ``Node._nodeid``, which pytest 9.2 no longer has
+(AttributeError at run time). Hypothesis over ``APIOperation.as_strategy`` is the same
+generation without that glue; each operation and mode is a subtest, so one failure does not
+hide the others.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
+from hypothesis import strategies as st
+from schemathesis.checks import (content_type_conformance, negative_data_rejection, not_a_server_error,
+                                 response_headers_conformance, response_schema_conformance,
+                                 status_code_conformance)
+from schemathesis.generation import GenerationMode
+
+from tests.serve_fixtures import BELL
+
+FUZZ_EXAMPLES = int(os.environ.get("TEST_FUZZ_EXAMPLES", "12"))
+REQUEST_TIMEOUT_S = 10.0
+_BODY_OPS = ("POST /v1/jobs", "POST /v1/jobs:batch", "POST /v1/admin/tokens", "PUT /v1/admin/tenants/{tenant}/quota")
+# Status codes the API answers on purpose but its document does not list yet (reported for
+# api.py; delete an entry once the document lists the code, and the check covers it again):
+# 403 when a job asks for a priority not granted or names another tenant; 400 from Starlette
+# for a body that is not JSON ("There was an error parsing the body"; code invalid_request,
+# which ERROR_STATUS maps to 422 everywhere else).
+KNOWN_UNDOCUMENTED: frozenset[tuple[str, int]] = frozenset(
+    {("POST /v1/jobs", 403), ("POST /v1/jobs:batch", 403)} | {(op, 400) for op in _BODY_OPS})
+
+
+def status_code_documented(ctx: Any, response: Any, case: schemathesis.Case) -> bool | None:
+    """status_code_conformance, less the gaps listed in KNOWN_UNDOCUMENTED."""
+    if (case.operation.label, response.status_code) in KNOWN_UNDOCUMENTED:
+        return None
+    return status_code_conformance(ctx, response, case)
+
+
+CHECKS = [not_a_server_error, status_code_documented, content_type_conformance, response_headers_conformance,
+          response_schema_conformance, negative_data_rejection]
+FUZZ_SETTINGS = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+                         derandomize=os.environ.get("TEST_FUZZ_RANDOM") != "1",
+                         phases=[Phase.explicit, Phase.generate],   # no shrinking: bounded time
+                         suppress_health_check=list(HealthCheck), print_blob=False)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Bearer headers of a fresh tenant (default quota) and of a fresh admin."""
+
+    user: dict[str, str]
+    admin: dict[str, str]
+
+    def for_path(self, path: str) -> dict[str, str]:
+        return self.admin if path.startswith("/v1/admin") else self.user
+
+
+@pytest.fixture(scope="module")
+def fuzz_tokens(server: Any) -> Tokens:
+    suffix = uuid.uuid4().hex[:8]
+    return Tokens(user=server.headers(f"fuzz-{suffix}"), admin=server.headers(f"fuzz-admin-{suffix}", admin=True))
+
+
+@pytest.fixture(scope="module")
+def api_schema(server: Any) -> schemathesis.BaseSchema:
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", timeout=30)
+    schema.config.update(base_url=server.url, request_timeout=REQUEST_TIMEOUT_S)
+    return schema
+
+
+def _operations(schema: schemathesis.BaseSchema) -> list[schemathesis.APIOperation]:
+    ops, broken = [], []
+    for result in schema.get_all_operations():
+        try:
+            ops.append(result.ok())
+        except Exception:   # an Err: the document itself is broken for this operation
+            broken.append(str(result.err()))
+    assert not broken, f"the OpenAPI document has invalid operations: {broken}"
+    return ops
+
+
+def _with_real_circuit(case: schemathesis.Case) -> schemathesis.Case:
+    """Keep every generated field but put a real circuit in, so that cases get past the QASM
+    parser into intake limits, placement and the allocator (random text stops at the parser).
+    Shots within the limit are capped at 256: accepted jobs really run, on these 2 cores."""
+    body = case.body
+    jobs = body.get("jobs") if isinstance(body, dict) and case.operation.path.endswith(":batch") else [body]
+    for job in jobs if isinstance(jobs, list) else []:
+        if isinstance(job, dict):
+            job["qasm"] = BELL
+            shots = job.get("shots")
+            if isinstance(shots, (int, float)) and 1 <= shots <= 1_000_000:
+                job["shots"] = min(int(shots), 256)
+    return case
+
+
+def _cancel_leftovers(server: Any, headers: dict[str, str]) -> None:
+    """Cancel what the fuzz tenant still has queued or running: free the simulators for other tests."""
+    with httpx.Client(base_url=server.url, headers=headers, timeout=30) as c:
+        cursor: str | None = None
+        while True:
+            page = c.get("/v1/jobs", params={"limit": 500, **({"cursor": cursor} if cursor else {})}).json()
+            for job in page["jobs"]:
+                if job["state"] in ("queued", "running"):
+                    c.delete(f"/v1/jobs/{job['id']}")
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
+
+def _call(case: schemathesis.Case, headers: dict[str, str]) -> None:
+    case.call_and_validate(headers=headers, timeout=REQUEST_TIMEOUT_S, checks=CHECKS)
+
+
+def test_openapi_document_is_served_and_complete(api_schema: schemathesis.BaseSchema) -> None:
+    """The routes the fuzzer drives are the API's routes (a missing route would go untested)."""
+    labels = {op.label for op in _operations(api_schema)}
+    for label in ("POST /v1/jobs", "POST /v1/jobs:batch", "GET /v1/jobs/{job_id}/result",
+                  "PUT /v1/admin/tenants/{tenant}/quota", "GET /readyz"):
+        assert label in labels, sorted(labels)
+
+
+def test_api_fuzz(server: Any, api_schema: schemathesis.BaseSchema, fuzz_tokens: Tokens, subtests: Any) -> None:
+    """No 5xx, no hang, answers the document describes, invalid input refused: every operation."""
+    try:
+        _fuzz_all(api_schema, fuzz_tokens, subtests)
+    finally:
+        _cancel_leftovers(server, fuzz_tokens.user)
+
+
+def _fuzz_all(api_schema: schemathesis.BaseSchema, fuzz_tokens: Tokens, subtests: Any) -> None:
+    for op in _operations(api_schema):
+        headers = fuzz_tokens.for_path(op.path)
+        examples = api_schema.get_strategies_from_examples(op)
+        if examples:
+            with subtests.test(operation=op.label, mode="examples"):
+                @FUZZ_SETTINGS
+                @given(case=st.one_of(examples))
+                def from_examples(case: schemathesis.Case) -> None:
+                    _call(case, headers)
+
+                from_examples()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            with subtests.test(operation=op.label, mode=mode.value):
+                @FUZZ_SETTINGS
+                @given(case=op.as_strategy(mode, headers=headers))
+                def fuzz(case: schemathesis.Case) -> None:
+                    _call(case, headers)
+
+                try:
+                    fuzz()
+                except Unsatisfiable:
+                    # nothing to make invalid: no parameters or body besides the fixed token
+                    assert mode is GenerationMode.NEGATIVE, f"no valid request can be generated for {op.label}"
+        if op.label in ("POST /v1/jobs", "POST /v1/jobs:batch"):
+            with subtests.test(operation=op.label, mode="positive, real circuit"):
+                @FUZZ_SETTINGS
+                @given(case=op.as_strategy(GenerationMode.POSITIVE, headers=headers).map(_with_real_circuit))
+                def fuzz_intake(case: schemathesis.Case) -> None:
+                    _call(case, headers)
+
+                fuzz_intake()
+
+
+@pytest.mark.parametrize("body", [b'{"qpu_seconds_per_day": 1e999}', b'{"qpu_seconds_per_day": "Infinity"}',
+                                  b'{"qpu_seconds_per_day": "NaN"}', b'{"max_active_jobs": 1e999}',
+                                  b'{"shots_per_day": 100000000000000000000000000000000000000000}',
+                                  b'{"qpu_seconds_per_day": 1.7e308, "priorities": []}'])
+def test_a_quota_an_admin_sets_never_breaks_the_tenant(server: Any, fuzz_tokens: Tokens, body: bytes) -> None:
+    """Values the generator does not produce (JSON has no infinity, but ``1e999`` and the string
+    ``"Infinity"`` parse as one), and a state written by one route and read by others: an
+    infinite limit used to be stored as null, and every later request of the tenant was a 500."""
+    tenant = f"fuzz-quota-{uuid.uuid4().hex[:8]}"
+    user = server.headers(tenant)
+    with httpx.Client(base_url=server.url, timeout=REQUEST_TIMEOUT_S) as c:
+        r = c.put(f"/v1/admin/tenants/{tenant}/quota", content=body,
+                  headers={**fuzz_tokens.admin, "Content-Type": "application/json"})
+        assert r.status_code in (200, 422), r.text
+        for method, path, payload in (("GET", "/v1/me", None), ("POST", "/v1/jobs", {"qasm": "not qasm"}),
+                                      ("POST", "/v1/jobs:batch", {"jobs": [{"qasm": "not qasm"}]})):
+            answer = c.request(method, path, json=payload, headers=user)
+            assert answer.status_code < 500, (method, path, answer.text)
