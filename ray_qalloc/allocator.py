@@ -48,6 +48,8 @@ except ImportError:  # pragma: no cover
 
 _FINISHED_KEEP = 10_000
 _ACTOR_GONE = (RayActorError, ActorUnavailableError, WorkerCrashedError)
+_FIRST_PROBE_S = 30.0
+_UNREACHABLE_AFTER = 2   # missed health checks in a row before a simulator's runs are placed again
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Member:
     calibration_taken_at: float | None = None
     # circuit breaker: consecutive failed runs; while open, no runs until a probe succeeds
     failures: int = 0
+    missed: int = 0                   # health checks missed in a row
     open_until: float = 0.0
     cooldown_s: float = 0.0
 
@@ -182,7 +185,10 @@ class Allocator:
             self.sched.add_backend(m.spec, node=m.node_id or default_node, healthy=m.healthy)
 
     async def _probe(self, m: Member, first: bool = False) -> None:
-        timeout = 120.0 if first else self.settings.health_timeout_s
+        # The first probe waits for the actor to start and warm up, but not forever: a backend
+        # whose node is gone must not keep a restarted allocator from serving the others; it
+        # stays unhealthy and the health loop keeps probing it.
+        timeout = _FIRST_PROBE_S if first else self.settings.health_timeout_s
         if m.breaker_open and time.time() < m.open_until:
             return   # cooling down: not probed, stays out of placement
         try:
@@ -208,8 +214,25 @@ class Allocator:
             if m.healthy:
                 log.warning("backend %s failed its health check: %s", m.spec.name, type(exc).__name__)
             m.healthy = False
+            m.missed += 1
             if m.spec.name in self.sched.backends:
                 self.sched.set_health(m.spec.name, False)
+            if m.missed >= _UNREACHABLE_AFTER and m.spec.kind == "simulator":
+                self._fail_over_runs_on(m.spec.name, f"backend unreachable: {m.missed} health checks missed "
+                                                     f"({type(exc).__name__})")
+            return
+        m.missed = 0
+
+    def _fail_over_runs_on(self, name: str, why: str) -> None:
+        """Runs on a simulator that stopped answering are placed again without waiting for Ray
+        to declare its node dead (tens of seconds). A simulator run is idempotent, and a late
+        result of the abandoned attempt is ignored (completion is exactly-once per job), so
+        this costs at most duplicate work. QPU runs are not re-submitted (they cost money):
+        they are re-attached when the actor comes back."""
+        for r in [r for r in self.running.values() if r.backend == name]:
+            if r.task is not None:
+                r.task.cancel()
+            self._failover(r, "unreachable", why, block=False)
 
     async def _recover(self) -> None:
         """Rebuild the queue from the store; re-attach to runs that were in flight."""
@@ -217,7 +240,8 @@ class Allocator:
         for rec in self.store.active():
             job = compact(rec.to_prepared())
             blocked = frozenset(a["backend"] for a in self.store.attempts(rec.id)
-                                if a["outcome"] not in ("running", "completed", "superseded", "requeued"))
+                                if a["outcome"] not in ("running", "completed", "superseded", "requeued",
+                                                        "unreachable", "lost", "preempted"))
             view = self._view(job, blocked)
             if rec.state == JobState.QUEUED:
                 self._enqueue(job, view, rec.created_at)
@@ -284,7 +308,8 @@ class Allocator:
             if entry.flagged:  # hopeless from the start: say so now, not after the deadline
                 self._flag(job.id, entry.flagged)
         self._apply(res, skip=job.id)
-        return {"id": job_id, "created": created, "flag": self.flags.get(job_id)}
+        state = (JobState.RUNNING if job_id in self.running else JobState.QUEUED).value if created else None
+        return {"id": job_id, "created": created, "flag": self.flags.get(job_id), "state": state}
 
     async def submit_many(self, jobs: list[PreparedJob]) -> list[dict[str, Any]]:
         """Many jobs in one call and one store transaction. Each job gets its own answer:

@@ -49,6 +49,8 @@ class ApiSettings(BaseModel):
     max_page: int = Field(500, gt=0, description="Most jobs in one page of GET /v1/jobs.")
     replicas: int = Field(1, gt=0, description="Serve replicas of the ingress.")
     max_ongoing_requests: int = Field(64, gt=0, description="Requests one replica works on at once.")
+    replica_resources: dict[str, float] = Field(default_factory=dict, description="Custom resources each "
+                                                "replica needs (e.g. to keep replicas on the head node).")
 
 
 class Settings(BaseModel):

@@ -31,7 +31,7 @@ def deployment_for(settings: Settings) -> Application:
 
     @serve.deployment(name="QAllocIngress", num_replicas=settings.api.replicas,
                       max_ongoing_requests=settings.api.max_ongoing_requests,
-                      ray_actor_options={"num_cpus": 0},
+                      ray_actor_options={"num_cpus": 0, "resources": dict(settings.api.replica_resources)},
                       health_check_period_s=5, health_check_timeout_s=10)
     @serve.ingress(api)
     class QAllocIngress:

@@ -90,6 +90,25 @@ def test_batch_idempotency_key_makes_no_second_jobs(alice):
     assert all(j["created"] is False for j in b["jobs"])
 
 
+def test_batch_idempotency_key_with_different_jobs_is_refused_per_job(alice):
+    key = uuid.uuid4().hex
+    a = alice.post("/v1/jobs:batch", json={"jobs": [{"qasm": BELL, "backends": FAST}] * 2},
+                   headers={"Idempotency-Key": key}).json()
+    b = alice.post("/v1/jobs:batch", json={"jobs": [{"qasm": BELL, "backends": FAST},
+                                                    {"qasm": BELL, "shots": 3, "backends": FAST}]},
+                   headers={"Idempotency-Key": key}).json()
+    assert b["jobs"][0]["id"] == a["jobs"][0]["id"] and b["jobs"][0]["created"] is False
+    assert b["jobs"][1]["error"]["code"] == "idempotency_key_reused"
+
+
+def test_limits_are_checked_before_quotas(server):
+    t = tenant()
+    server.tenants.set_quota(t, Quota(shots_per_day=10))
+    with httpx.Client(base_url=server.url, headers=server.headers(t), timeout=30) as c:
+        r = c.post("/v1/jobs", json={"qasm": BELL, "shots": 10**30})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "limit_exceeded"
+
+
 def test_cancel_a_queued_job(alice):
     # the first job holds the density-matrix slot for a while; the second waits behind it
     busy = alice.post("/v1/jobs", json={"qasm": slow_qasm(), "shots": 64, "backends": ["aer_density_matrix"]})
