@@ -132,6 +132,7 @@ class Allocator:
         self.flags: dict[str, str] = {}              # job -> why it will miss its deadline
         self._preempting: dict[str, str] = {}        # job -> backend whose run is being stopped for an emergency
         self.draining = False                        # drain(): accept and store, start nothing new
+        self.startup: dict[str, float] = {}          # how long the last start took, by step (stats)
         self.started_at = time.time()
         self._kick = asyncio.Event()
         self._ready = asyncio.Event()
@@ -141,8 +142,13 @@ class Allocator:
     # ==== start-up and recovery ===============================================================
     async def _start(self) -> None:
         try:
+            t0 = time.monotonic()
             await self._start_backends()
+            t1 = time.monotonic()
             await self._recover()
+            self.startup = {"backends_s": t1 - t0, "recover_s": time.monotonic() - t1,
+                            "since_init_s": time.time() - self.started_at,
+                            "recovered_jobs": len(self.queued) + len(self.running)}
         except BaseException as exc:  # surfaced to every caller by _wait_ready
             log.exception("allocator failed to start")
             self._start_error = exc
@@ -436,7 +442,7 @@ class Allocator:
 
         await self._wait_ready()
         return {"queued": len(self.queued), "running": len(self.running), "flagged": len(self.flags),
-                "draining": self.draining,
+                "draining": self.draining, "startup": self.startup,
                 "store": self.store.counts_by_state(), "uptime_s": time.time() - self.started_at,
                 "pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss}
 
