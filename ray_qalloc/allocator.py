@@ -28,7 +28,8 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
 from ray_qalloc.backends.actor import RemoteBackendActor, backend_actor_options
-from ray_qalloc.backends.base import BackendSpec
+from ray_qalloc.autoscale import Requester, waiting_for
+from ray_qalloc.backends.base import BackendSpec, resource_name
 from ray_qalloc.config import Settings
 from ray_qalloc.costmodel.history import RunHistory
 from ray_qalloc.costmodel.registry import ArtifactWatcher, latest_artifact, load_predictor
@@ -65,6 +66,8 @@ class Member:
     # circuit breaker: consecutive failed runs; while open, no runs until a probe succeeds
     failures: int = 0
     missed: int = 0                   # health checks missed in a row
+    elastic: bool = False             # started only while a node offers its resource
+    last_used: float = 0.0
     open_until: float = 0.0
     cooldown_s: float = 0.0
 
@@ -136,6 +139,7 @@ class Allocator:
         self.started_at = time.time()
         self._kick = asyncio.Event()
         self._ready = asyncio.Event()
+        self._autoscale = Requester(slots={})
         self._start_error: BaseException | None = None
         self._tasks: list[asyncio.Task] = [asyncio.get_running_loop().create_task(self._start())]
 
@@ -172,18 +176,62 @@ class Allocator:
         for node in ray.nodes():
             if node.get("Alive"):
                 self.node_cpus[node["NodeID"]] = float(node.get("Resources", {}).get("CPU", 1.0))
+        # A cluster that declares qalloc resources places each backend on the nodes that offer
+        # its resource; a backend no node offers yet is *elastic*: its actor is started when an
+        # (autoscaled) node brings the resource, and stopped again when idle so the node can go.
+        # A plain cluster that declares none runs every backend without its resource.
+        declared = any(k.startswith(resource_name("")) for k in cluster)
+        self._autoscale = Requester(slots={})
         for name in pool_names(self.settings.pool):
             spec = make_backend(name).spec()
+            self._autoscale.slots[name] = spec.slots
             has_resource = cluster.get(spec.resource_name, 0.0) >= spec.slots
+            if not has_resource and declared:
+                log.warning("no node offers %s yet: %s waits for one (autoscaling may bring it)",
+                            spec.resource_name, name)
+                self.members[name] = Member(spec, None, elastic=True)
+                continue
             if not has_resource:
                 log.warning("no node offers %s; %s runs without its custom resource",
                             spec.resource_name, name)
-            opts = backend_actor_options(spec, self.settings.namespace, use_resource=has_resource)
-            actor = RemoteBackendActor.options(**opts).remote(
-                name, None, self.settings.namespace, self.settings.allocator_name)
-            self.members[name] = Member(spec, actor)
+            self.members[name] = Member(spec, self._start_actor(spec, use_resource=has_resource))
         await asyncio.gather(*(self._probe(m, first=True) for m in self.members.values()))
         self._register_pool()
+
+    def _start_actor(self, spec: BackendSpec, *, use_resource: bool = True) -> Any:
+        opts = backend_actor_options(spec, self.settings.namespace, use_resource=use_resource)
+        return RemoteBackendActor.options(**opts).remote(
+            spec.name, None, self.settings.namespace, self.settings.allocator_name)
+
+    def _elastic_tick(self, cluster: dict[str, float]) -> None:
+        """Start elastic backends whose resource appeared; stop idle ones so their node can go;
+        keep the autoscaling request in step with what queued jobs wait for."""
+        now = time.time()
+        waiting = [waiting_for(q.plan) for q in self.queued.values()]
+        wanted = {b for w in waiting for b in w[:1]}
+        for name, m in self.members.items():
+            if not m.elastic:
+                continue
+            if name in wanted or any(r.backend == name for r in self.running.values()):
+                m.last_used = now
+            if m.actor is None and name in wanted and cluster.get(m.spec.resource_name, 0.0) >= m.spec.slots:
+                log.warning("a node offers %s now: starting backend %s", m.spec.resource_name, name)
+                m.actor, m.last_used = self._start_actor(m.spec), now
+            elif (m.actor is not None and now - m.last_used > self.settings.elastic_idle_s
+                  and not any(r.backend == name for r in self.running.values())):
+                log.warning("elastic backend %s idle for %.0f s: stopping it so its node can be released",
+                            name, now - m.last_used)
+                try:
+                    ray.kill(m.actor, no_restart=True)
+                except Exception:  # already gone
+                    pass
+                m.actor, m.healthy = None, False
+                if name in self.sched.backends:
+                    self.sched.set_health(name, False)
+        try:
+            self._autoscale.update(waiting, cluster)
+        except Exception as exc:  # no autoscaler here, or the GCS is busy: try next tick
+            log.debug("autoscaling request not sent: %s", exc)
 
     def _register_pool(self) -> None:
         default_node = next(iter(self.node_cpus), "local")
@@ -197,6 +245,9 @@ class Allocator:
         timeout = _FIRST_PROBE_S if first else self.settings.health_timeout_s
         if m.breaker_open and time.time() < m.open_until:
             return   # cooling down: not probed, stays out of placement
+        if m.actor is None:   # elastic backend without a node yet
+            m.healthy = False
+            return
         try:
             info = await asyncio.wait_for(_aref(m.actor.ping.remote()), timeout)
             m.node_id = info.get("node_id")
@@ -434,6 +485,7 @@ class Allocator:
                                       if m.spec.name in self.sched.backends else None),
                  "healthy": m.healthy, "node_id": m.node_id,
                  "breaker": ("open" if m.breaker_open else "half-open" if m.cooldown_s else "closed"),
+                 "elastic": m.elastic, "started": m.actor is not None,
                  "resource": m.spec.resource_name, "calibration": m.calibration}
                 for m in self.members.values()]
 
@@ -711,6 +763,11 @@ class Allocator:
         while True:
             await asyncio.sleep(self.settings.health_interval_s)
             await asyncio.gather(*(self._probe(m) for m in self.members.values()), return_exceptions=True)
+            if self._injected is None and any(m.elastic for m in self.members.values()):
+                try:
+                    self._elastic_tick(ray.cluster_resources())
+                except Exception:  # never let the health loop die
+                    log.exception("elastic backends tick failed")
             self._poll_model()
 
     def _poll_model(self) -> None:

@@ -81,6 +81,8 @@ class Settings(BaseModel):
     breaker_cooldown_s: float = Field(5.0, gt=0, description="First wait before an open breaker is probed; "
                                       "doubles on each failed probe.")
     breaker_max_cooldown_s: float = Field(300.0, gt=0, description="Longest wait between probes.")
+    elastic_idle_s: float = Field(300.0, gt=0, description="An elastic backend (one whose resource came "
+                                  "with an autoscaled node) idle this long is stopped, so the node can go.")
     call_timeout_s: float = Field(30.0, gt=0, description="Bound on every control call (status, cancel, ...) "
                                   "made to an actor.")
     history_flush_s: float = Field(5.0, gt=0, description="How often the Parquet run history is written.")

@@ -33,6 +33,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
 GPU_BACKEND = "aer_statevector_gpu"
+HEAD_BACKEND = "aer_stabilizer"       # declared by the fake cluster's head
+ELASTIC_BACKEND = "aer_statevector"   # offered only by the cpu_worker type (scaled to zero)
 
 
 def _config() -> dict[str, Any]:
@@ -125,7 +127,7 @@ def test_request_launches_the_missing_node_type_and_clear_gives_it_back(tmp_path
     proc = subprocess.Popen([sys.executable, str(Path(__file__)), str(tmp_path)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        stdout, stderr = proc.communicate(timeout=230)
+        stdout, stderr = proc.communicate(timeout=420)
     except subprocess.TimeoutExpired:   # SIGTERM: the child still stops its cluster, then fails
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=60)
@@ -137,6 +139,9 @@ def test_request_launches_the_missing_node_type_and_clear_gives_it_back(tmp_path
     assert report["removed"] is True, report
     assert report["wait_cli"] == [0, f"ready: {next(iter(_cpu_pool_resources()))}"], report
     assert report["cpu_worker_after_wait"] is True and report["cpu_worker_removed"] is True, report
+    assert report["elastic_waiting"] is True, report
+    assert report["elastic_job"] == [ELASTIC_BACKEND, 50] and report["elastic_node"] is True, report
+    assert report["elastic_node_removed"] is True, report
     assert report["leftover_pids"] == [], report
     print(f"fake autoscaling cluster: {report['timeline']} (test {time.monotonic() - t0:.1f} s)")
 
@@ -268,6 +273,9 @@ def _fake_cluster_main(work: Path) -> dict[str, Any]:
     ray_bin = str(Path(sys.executable).with_name("ray"))
     cmd = [ray_bin, "start", "--head", "--block", f"--autoscaling-config={cfg_path}", f"--port={port}",
            "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp_dir}",
+           # the head hosts one backend: the cluster declares qalloc resources, so a pool backend
+           # no node offers is elastic (the allocator phase below)
+           '--resources={"%s": 1}' % resource_name(HEAD_BACKEND),
            f"--ray-client-server-port={_free_port()}", "--dashboard-agent-listen-port=0",
            "--min-worker-port=0", "--max-worker-port=0", "--disable-usage-stats"]
     # RAY_FAKE_CLUSTER: the fake provider refuses to run without it; the update interval makes
@@ -332,6 +340,29 @@ def _fake_cluster_main(work: Path) -> dict[str, Any]:
         # `wait` cleared its request too: that node goes once idle (and the stop is quicker).
         report["cpu_worker_removed"] = _poll(lambda: ray.cluster_resources().get(cpu_res, 0) == 0, 60)
         mark("cpu_worker_gone")
+
+        # The allocator does it by itself: a queued job that only a backend no node offers can
+        # run makes it request that node type; the backend starts on the new node and runs the
+        # job; once idle the backend is stopped, the request cleared, and the node given back.
+        from ray_qalloc import connect
+        from ray_qalloc.config import load_settings
+
+        qa = connect(settings=load_settings(data_dir=work / "qalloc", pool=[HEAD_BACKEND, ELASTIC_BACKEND],
+                                            health_interval_s=0.5, elastic_idle_s=4.0))
+        rows = {b["name"]: b for b in qa.backends()}
+        report["elastic_waiting"] = rows[ELASTIC_BACKEND]["elastic"] and not rows[ELASTIC_BACKEND]["started"]
+        mark("allocator_up")
+        bell = ('OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[2];\ncreg c[2];\nh q[0];\ncx q[0],q[1];\n'
+                "measure q -> c;\n")
+        job = qa.submit(bell, shots=50, backends=[ELASTIC_BACKEND])
+        res = job.result(timeout=150)
+        report["elastic_job"] = [res.backend, sum(res.counts.values())]
+        rows = {b["name"]: b for b in qa.backends()}
+        report["elastic_node"] = rows[ELASTIC_BACKEND]["node_id"] != head_node
+        mark("elastic_job_done")
+        report["elastic_node_removed"] = _poll(lambda: ray.cluster_resources().get(
+            resource_name(ELASTIC_BACKEND), 0) == 0, 120)
+        mark("elastic_node_gone")
     finally:
         if ray.is_initialized():
             ray.shutdown()
