@@ -152,6 +152,16 @@ class Harness:
             return {"what": "worker node", "canary_backends": None, "restore": True}
         raise ValueError(kind)
 
+    def allocator_startup(self) -> dict[str, Any]:
+        """How long the restarted allocator's start took, by step (its own account)."""
+        import ray
+
+        try:
+            actor = ray.get_actor(self.settings.allocator_name, namespace=self.settings.namespace)
+            return ray.get(actor.stats.remote(), timeout=30)["startup"]
+        except Exception as exc:  # noqa: BLE001 - a figure, not a failure
+            return {"error": type(exc).__name__}
+
     def restore_node(self) -> None:
         self.worker = self.cluster.add_node(num_cpus=1, resources=self.worker_res)
 
@@ -364,6 +374,8 @@ def run(jobs: int, baseline_jobs: int, seed: int, gap_s: float, console: Any,
             probe.join()
             rec = got.get("rec")
             row = {"kind": kind, "what": info["what"], "at_s": t_kill - c0, "recovery_s": rec}
+            if kind == "allocator":
+                row["allocator_startup"] = h.allocator_startup()
             if info.get("restore"):
                 back = canary(h.url, h.token, list(WORKER_BACKENDS[:1]))
                 row["node_back_s"] = back
@@ -371,7 +383,8 @@ def run(jobs: int, baseline_jobs: int, seed: int, gap_s: float, console: Any,
                               + (f"{back:.2f} s later" if back is not None else "[red]never[/red]"))
             recoveries.append(row)
             console.print(f"  t={row['at_s']:5.1f}s killed {kind:9s} ({info['what']}): "
-                          + (f"work flows again after {rec:.2f} s" if rec is not None else "[red]no recovery[/red]"))
+                          + (f"work flows again after {rec:.2f} s" if rec is not None else "[red]no recovery[/red]")
+                          + (f" (allocator start: {row['allocator_startup']})" if "allocator_startup" in row else ""))
         submitter.join()
         ids: list[str] = result.get("ids", [])
         c_end = wait_done(store, ids, 900)
