@@ -173,9 +173,7 @@ class Allocator:
             self._register_pool()
             return
         cluster = ray.cluster_resources()
-        for node in ray.nodes():
-            if node.get("Alive"):
-                self.node_cpus[node["NodeID"]] = float(node.get("Resources", {}).get("CPU", 1.0))
+        self._refresh_nodes()
         # A cluster that declares qalloc resources places each backend on the nodes that offer
         # its resource; a backend no node offers yet is *elastic*: its actor is started when an
         # (autoscaled) node brings the resource, and stopped again when idle so the node can go.
@@ -197,6 +195,15 @@ class Allocator:
             self.members[name] = Member(spec, self._start_actor(spec, use_resource=has_resource))
         await asyncio.gather(*(self._probe(m, first=True) for m in self.members.values()))
         self._register_pool()
+
+    def _refresh_nodes(self) -> None:
+        """Each live node's CPU count, for the scheduler's per-node core sharing (the scheduler
+        keeps its own copy: both are updated)."""
+        for node in ray.nodes():
+            if node.get("Alive"):
+                cpus = float(node.get("Resources", {}).get("CPU", 1.0))
+                self.node_cpus[node["NodeID"]] = cpus
+                self.sched.node_cpus[node["NodeID"]] = cpus
 
     def _start_actor(self, spec: BackendSpec, *, use_resource: bool = True) -> Any:
         opts = backend_actor_options(spec, self.settings.namespace, use_resource=use_resource)
@@ -257,6 +264,8 @@ class Allocator:
                 log.warning("backend %s: breaker half-open after %.0f s, trying it again", m.spec.name,
                             m.cooldown_s)
                 m.open_until = 0.0
+            if m.node_id and m.node_id not in self.sched.node_cpus and self._injected is None:
+                self._refresh_nodes()   # a node that joined since: learn its cores first
             if m.spec.name in self.sched.backends:
                 self.sched.set_health(m.spec.name, True)
                 if m.node_id:
@@ -704,6 +713,11 @@ class Allocator:
         if not self.store.end_attempt(r.job.id, r.attempt, outcome, error, then="failover"):
             return  # cancelled or already finished
         p = plan(view, [m.view() for m in self.members.values()], self.predictor, self.filters)
+        if _hopeless(p) and outcome == "actor_died" and r.backend not in r.view.blocked:
+            # the only backend(s) it may use died: Ray restarts the actor (here or on another
+            # node), so the job waits for it instead of failing; max_attempts bounds the retries
+            view = r.view
+            p = plan(view, [m.view() for m in self.members.values()], self.predictor, self.filters)
         # A backend that is only unhealthy (restarting) stays a candidate once it recovers.
         if _hopeless(p):
             self._give_up(r.job.id, f"attempt {r.attempt} failed on {r.backend} ({outcome}) and no other "

@@ -195,10 +195,6 @@ def test_a_job_running_on_a_lost_node_is_never_completed_twice(scenario):
     assert "mps_health_error" not in p4, p4.get("mps_health_error")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "allocator: _failover blocks the backend whose actor died and gives up (_hopeless) when the "
-    "job's allow-list has no other backend, although Ray restarts that actor (max_restarts=-1): "
-    "the job ends FAILED instead of waiting for its backend to come back"))
 def test_a_job_allowed_only_on_the_lost_nodes_backend_waits_for_it(scenario):
     p4 = phase(scenario, "pinned_loss")
     final = p4["final"]
@@ -208,10 +204,6 @@ def test_a_job_allowed_only_on_the_lost_nodes_backend_waits_for_it(scenario):
     assert final["transitions"].count("complete") == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "allocator: the scheduler never learns the nodes' CPU counts (Scheduler copies node_cpus in "
-    "Allocator.__init__, before _start_backends fills them), so every node counts as 1 core and a "
-    "2-CPU node runs one simulator job at a time"))
 def test_a_node_with_two_cpus_runs_two_single_threaded_simulator_jobs_at_once(scenario):
     p1 = phase(scenario, "placement")
     mps = p1["node_a_pair"]["mps"]["attempts"][-1]
