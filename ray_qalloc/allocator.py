@@ -140,6 +140,12 @@ class Allocator:
         self._kick = asyncio.Event()
         self._ready = asyncio.Event()
         self._autoscale = Requester(slots={})
+        # A restarted allocator serves at once with the backends that answer; one still warming
+        # up (restarted with it, or busy) is picked up by the health loop a moment later. A fresh
+        # one waits for its new backends' warm-up so that the first jobs find them ready.
+        self._first_probe_s = _FIRST_PROBE_S
+        if self._injected is None and _reconstructed():
+            self._first_probe_s = settings.health_timeout_s
         self._start_error: BaseException | None = None
         self._tasks: list[asyncio.Task] = [asyncio.get_running_loop().create_task(self._start())]
 
@@ -249,7 +255,7 @@ class Allocator:
         # The first probe waits for the actor to start and warm up, but not forever: a backend
         # whose node is gone must not keep a restarted allocator from serving the others; it
         # stays unhealthy and the health loop keeps probing it.
-        timeout = _FIRST_PROBE_S if first else self.settings.health_timeout_s
+        timeout = self._first_probe_s if first else self.settings.health_timeout_s
         if m.breaker_open and time.time() < m.open_until:
             return   # cooling down: not probed, stays out of placement
         if m.actor is None:   # elastic backend without a node yet
@@ -832,6 +838,14 @@ def pool_names(pool: list[str]) -> list[str]:
             if n not in out:
                 out.append(n)
     return out
+
+
+def _reconstructed() -> bool:
+    """True when Ray restarted this actor (after a crash or a kill), not on its first start."""
+    try:
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # not inside an actor (unit tests)
+        return False
 
 
 def _hopeless(p: Plan) -> bool:
