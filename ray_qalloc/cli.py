@@ -467,7 +467,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.
 
     settings = _settings()
     try:
-        connect(settings=settings, num_cpus=num_cpus)
+        qa = connect(settings=settings, num_cpus=num_cpus)
         url = serving.start(settings, host=host, port=port, blocking=False)
     except QAllocError as exc:
         _fail(exc)
@@ -483,8 +483,11 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
+    err_console.print("stopping: no new runs; running jobs get up to 30 s to finish, queued ones stay stored")
     serving.stop()
-    ray.shutdown()
+    qa.shutdown(drain_s=30.0)
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 @app.command()

@@ -162,9 +162,20 @@ class QAlloc:
     def allocator(self) -> Any:
         return self._allocator
 
-    def shutdown(self) -> None:
-        """Stop Ray if this connection started it (the store keeps every accepted job)."""
+    def drain(self, timeout_s: float = 60.0) -> dict[str, int]:
+        """Start no new runs and wait (bounded) for the running ones; queued jobs stay in the
+        store. Returns what is still running and queued."""
+        return self._call("drain", timeout_s, timeout=timeout_s + self.settings.call_timeout_s)
+
+    def shutdown(self, drain_s: float = 0.0) -> None:
+        """Stop Ray if this connection started it (the store keeps every accepted job). With
+        ``drain_s`` > 0, running jobs get that long to finish first."""
         if self._started_ray and ray.is_initialized():
+            if drain_s > 0:
+                try:
+                    self.drain(drain_s)
+                except Exception as exc:  # shutting down anyway: the store keeps the jobs
+                    log.warning("drain before shutdown failed: %s", exc)
             ray.shutdown()
 
     def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:

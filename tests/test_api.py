@@ -375,3 +375,36 @@ def test_sampler_over_http_matches_qiskit_reference(server):
     p, q = ours.get_counts(), ref.get_counts()
     tvd = 0.5 * sum(abs(p.get(k, 0) - q.get(k, 0)) / 4000 for k in set(p) | set(q))
     assert tvd < 0.05, (p, q)
+
+
+def test_a_failed_job_answers_409_job_failed(server):
+    from ray_qalloc.store import JobStore
+    from tests.helpers import prepared
+
+    t = tenant()
+    store = JobStore(server.settings.resolved_store_url)
+    job = prepared(tenant=t)
+    store.add_job(job)
+    assert store.fail(job.id, "every backend failed it")
+    with httpx.Client(base_url=server.url, headers=server.headers(t), timeout=30) as c:
+        r = c.get(f"/v1/jobs/{job.id}/result", params={"wait": 0})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "job_failed"
+        assert "every backend failed it" in r.json()["error"]["message"]
+        assert c.get(f"/v1/jobs/{job.id}").json()["state"] == "failed"
+    store.close()
+
+
+def test_no_allocator_answers_503_unavailable_and_not_ready(server):
+    from starlette.testclient import TestClient
+
+    from ray_qalloc.api import create_app
+
+    settings = server.settings.model_copy(update={"allocator_name": "no-such-allocator"})
+    with TestClient(create_app(settings)) as c:
+        headers = server.headers(tenant())
+        r = c.post("/v1/jobs", json={"qasm": BELL}, headers=headers)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+        assert r.headers["Retry-After"]
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "unavailable"
+        assert c.get("/healthz").status_code == 200
