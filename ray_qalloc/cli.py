@@ -460,11 +460,18 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.
           port: int = typer.Option(8000, help="HTTP port."),
           num_cpus: Optional[int] = typer.Option(None, help="CPUs for a local Ray (default: all).")) -> None:
     """Start the HTTP API on Ray Serve (local Ray, embedded defaults) and serve until Ctrl-C."""
+    import signal
+    import threading
+
     import ray
 
     from ray_qalloc import serving
     from ray_qalloc.session import connect
 
+    # Ctrl-C (or SIGTERM) at any point, start-up included, ends in the same orderly stop.
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
     settings = _settings()
     try:
         qa = connect(settings=settings, num_cpus=num_cpus)
@@ -476,12 +483,6 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.
                       f"submit:          curl -H 'Authorization: Bearer $TOKEN' -H 'Content-Type: application/json' "
                       f"-d '{{\"qasm\": \"...\"}}' {url}/v1/jobs\n"
                       "Ctrl-C stops the server; accepted jobs stay in the store.")
-    import signal
-    import threading
-
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
     done.wait()
     err_console.print("stopping: no new runs; running jobs get up to 30 s to finish, queued ones stay stored")
     serving.stop()
