@@ -356,6 +356,11 @@ class Allocator:
     async def submit(self, job: PreparedJob) -> dict[str, Any]:
         """Store, then queue. Raises NoFeasibleBackend (nothing stored) if no backend could ever run it."""
         await self._wait_ready()
+        if job.id in self.queued or job.id in self.running:
+            # the same call again (Ray re-sends a call to a restarted allocator, which already
+            # recovered the job from the store): answer it, change nothing
+            return {"id": job.id, "created": False, "flag": self.flags.get(job.id),
+                    "state": (JobState.RUNNING if job.id in self.running else JobState.QUEUED).value}
         job = compact(job)
         view, p = self._checked_plan(job, [m.view() for m in self.members.values()])
         # Enqueue and run one pass now; if this job starts at once, accept and dispatch it in one

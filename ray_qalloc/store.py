@@ -314,8 +314,18 @@ class JobStore:
                 existing = self.find_by_key(job.tenant, job.idempotency_key)
                 if existing is not None:
                     return existing, False, None
+            if self._same_job_stored(job):
+                # The same job again (ids are random per job): a retried call whose first try
+                # committed, e.g. Ray re-sending a submit to a restarted allocator.
+                return job.id, False, None
             raise StoreError(f"job id {job.id!r} already exists.", fix="submit with a new id.") from None
         return job.id, True, (1 if dispatch_to is not None else None)
+
+    def _same_job_stored(self, job: PreparedJob) -> bool:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(jobs_table.c.tenant, jobs_table.c.payload)
+                               .where(jobs_table.c.id == job.id)).first()
+        return row is not None and row.tenant == job.tenant and bytes(row.payload) == job.payload
 
     def add_jobs(self, jobs: list[PreparedJob], *, now: float | None = None) -> list[tuple[str, bool]]:
         """Many jobs (state QUEUED) in one transaction; ``(job_id, created)`` per job, in order.

@@ -13,7 +13,7 @@ from ray.exceptions import RayActorError
 from ray_qalloc.allocator import Allocator, Member
 from ray_qalloc.backends.base import BackendSpec
 from ray_qalloc.config import load_settings
-from ray_qalloc.exceptions import BackendError, NoFeasibleBackend
+from ray_qalloc.exceptions import BackendError, NoFeasibleBackend, StoreError
 from ray_qalloc.jobs import JobState
 from ray_qalloc.store import JobStore
 from tests.helpers import prepared
@@ -267,3 +267,33 @@ def test_drain_finishes_running_jobs_and_keeps_queued_ones_stored(tmp_path):
     assert left == {"running": 0, "queued": 1}
     assert states == [JobState.COMPLETED, JobState.QUEUED, JobState.QUEUED]
     assert all(d["state"] == "completed" for d in done)
+
+
+def test_the_same_submit_call_twice_makes_one_job(tmp_path):
+    """Ray re-sends an actor call whose first try may have committed (allocator restarted):
+    the job is stored and run once."""
+    async def main():
+        a = FakeBackend("a", delay=0.2)
+        alloc = make(tmp_path, [a])
+        job = prepared()
+        first = await alloc.submit(job)
+        again = await alloc.submit(job)          # while it runs
+        rec = await alloc.wait(job.id, timeout=10)
+        late = await alloc.submit(job)           # after it finished
+        return first, again, late, rec, alloc
+
+    first, again, late, rec, alloc = run_async(main)
+    assert first["created"] is True and again["created"] is False and late["created"] is False
+    assert first["id"] == again["id"] == late["id"] == rec["id"]
+    assert rec["state"] == "completed" and len(rec["attempt_history"]) == 1
+    assert alloc.store.counts_by_state() == {"completed": 1}
+
+
+def test_store_add_job_twice_with_the_same_job_is_not_an_error(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 'j.db'}")
+    job = prepared()
+    assert store.add_job(job)[:2] == (job.id, True)
+    assert store.add_job(job)[:2] == (job.id, False)
+    other = prepared(id=job.id, payload=b"another circuit")
+    with pytest.raises(StoreError):
+        store.add_job(other)
