@@ -484,7 +484,10 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
             state_now, result = JobState(data["state"]), data.get("result")
             attempts, history = data.get("attempts", 1), data.get("attempt_history", [])
         else:
-            state_now, result, attempts, history = rec.state, rec.result, rec.attempts, []
+            state_now, result, attempts = rec.state, rec.result, rec.attempts
+            history = [{"attempt": a["n"], "backend": a["backend"], "outcome": a["outcome"],
+                        "started_at": a["started_at"], "finished_at": a["finished_at"], "error": a["error"]}
+                       for a in await run_in_threadpool(state.store.attempts, job_id)]
         if state_now == JobState.COMPLETED and result:
             return ResultOut(id=job_id, state=state_now.value, counts=result.get("counts", {}), shots=rec.shots,
                              backend=result.get("backend", rec.backend or ""), wall_s=float(result.get("wall_s", 0)),

@@ -51,6 +51,8 @@ def test_submit_then_result_over_http(alice):
     assert out["backend"] == "aer_statevector"
     st = alice.get(f"/v1/jobs/{body['id']}").json()
     assert st["state"] == "completed" and st["shots"] == 200
+    again = alice.get(f"/v1/jobs/{body['id']}/result", params={"wait": 0}).json()   # read from the store
+    assert [h["outcome"] for h in again["failover_history"]] == ["completed"]
     ex = alice.get(f"/v1/jobs/{body['id']}/explain").json()
     assert ex["chosen"] == "aer_statevector" and "backends" in ex
 
