@@ -248,7 +248,7 @@ class Allocator:
 
     def _register_pool(self) -> None:
         default_node = next(iter(self.node_cpus), "local")
-        for name, m in self.members.items():
+        for m in self.members.values():
             self.sched.add_backend(m.spec, node=m.node_id or default_node, healthy=m.healthy)
 
     async def _probe(self, m: Member, first: bool = False) -> None:

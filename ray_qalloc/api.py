@@ -27,7 +27,7 @@ from ray_qalloc import __version__
 from ray_qalloc.config import Settings, load_settings
 from ray_qalloc.exceptions import (Conflict, Forbidden, IdempotencyKeyReused, IntakeError, JobNotFound,
                                    LimitExceeded,
-                                   NoFeasibleBackend, QAllocError, QuotaExceeded, Unauthorized)
+                                   QAllocError, QuotaExceeded, Unauthorized)
 from ray_qalloc.jobs import JobState, PreparedJob, make_spec, prepare_job
 from ray_qalloc.tenants import Principal, Quota, TenantStore
 

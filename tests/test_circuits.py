@@ -264,10 +264,10 @@ def test_include_file_would_have_parsed(gate_file: Path) -> None:
 
 
 @pytest.mark.parametrize("text", [
-    f'OPENQASM 2.0;\ninclude"mygates.inc";\nqreg q[1];',
-    f'OPENQASM 2.0;\ninclude\n"mygates.inc"\n;\nqreg q[1];',
-    f'OPENQASM 2.0;\ninclude "qelib1.inc"; include "mygates.inc";\nqreg q[1];',
-    f'OPENQASM 2.0;\ninclude "a//b.inc";\nqreg q[1];',
+    'OPENQASM 2.0;\ninclude"mygates.inc";\nqreg q[1];',
+    'OPENQASM 2.0;\ninclude\n"mygates.inc"\n;\nqreg q[1];',
+    'OPENQASM 2.0;\ninclude "qelib1.inc"; include "mygates.inc";\nqreg q[1];',
+    'OPENQASM 2.0;\ninclude "a//b.inc";\nqreg q[1];',
 ])
 def test_include_spelling_tricks(text: str, gate_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _no_open(monkeypatch)
@@ -420,7 +420,7 @@ def test_prepare_job_adds_measurements() -> None:
 
 def test_prepare_job_refuses_bad_circuit() -> None:
     with pytest.raises(ForbiddenInclude):
-        prepare_job(make_spec(circuit=f'OPENQASM 2.0;\ninclude "/etc/passwd";\n'), LIMITS)
+        prepare_job(make_spec(circuit='OPENQASM 2.0;\ninclude "/etc/passwd";\n'), LIMITS)
     with pytest.raises(InvalidJobSpec):
         prepare_job(make_spec(circuit=3), LIMITS)
 

@@ -436,7 +436,6 @@ def test_tune_quick_writes_a_loadable_artifact(measured, tmp_path):
 
 def test_allocator_picks_up_a_new_artifact_without_restart(tmp_path, model):
     """The allocator starts on the prior; a model published later is used for new jobs."""
-    import asyncio
 
     from ray_qalloc.costmodel.registry import save_artifact
     from tests.test_allocator_unit import FakeBackend, make, run_async

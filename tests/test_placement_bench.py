@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.baselines import POLICIES
-from benchmarks.placement import (METRICS, SimJob, case_id_of, goals, intake, main, measured_truth, percentile,
+from benchmarks.placement import (METRICS, SimJob, case_id_of, goals, intake, measured_truth, percentile,
                                   ratios, run, simulate)
 from ray_qalloc.backends.base import BackendSpec, Price
 from ray_qalloc.costmodel.history import RunHistory
