@@ -397,16 +397,21 @@ def test_a_failed_job_answers_409_job_failed(server):
 
 
 def test_no_allocator_answers_503_unavailable_and_not_ready(server):
-    from starlette.testclient import TestClient
+    import asyncio
 
     from ray_qalloc.api import create_app
 
     settings = server.settings.model_copy(update={"allocator_name": "no-such-allocator"})
-    with TestClient(create_app(settings)) as c:
-        headers = server.headers(tenant())
-        r = c.post("/v1/jobs", json={"qasm": BELL}, headers=headers)
-        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
-        assert r.headers["Retry-After"]
-        ready = c.get("/readyz")
-        assert ready.status_code == 503 and ready.json()["error"]["code"] == "unavailable"
-        assert c.get("/healthz").status_code == 200
+    headers = server.headers(tenant())
+
+    async def main() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=create_app(settings))
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as c:
+            return (await c.post("/v1/jobs", json={"qasm": BELL}, headers=headers),
+                    await c.get("/readyz"), await c.get("/healthz"))
+
+    r, ready, health = asyncio.run(main())
+    assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+    assert r.headers["Retry-After"]
+    assert ready.status_code == 503 and ready.json()["error"]["code"] == "unavailable"
+    assert health.status_code == 200
