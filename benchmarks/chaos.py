@@ -254,27 +254,28 @@ def canary(url: str, token: str, backends: list[str] | None, limit_s: float = 12
 
 
 def wait_done(store: Any, ids: list[str], limit_s: float) -> float:
-    """Wait until every id is terminal; returns the last completion time seen."""
+    """Wait until every id is terminal (or ``limit_s`` passes); returns the last update time."""
     import sqlalchemy as sa
 
     from ray_qalloc.store import jobs_table as j
 
     deadline = time.time() + limit_s
     pending = set(ids)
-    last = time.time()
+    last = 0.0
     while pending and time.time() < deadline:
-        chunk = list(pending)[:900]
-        with store.engine.connect() as conn:
-            rows = conn.execute(sa.select(j.c.id, j.c.state, j.c.updated_at).where(j.c.id.in_(chunk))).all()
-        for row in rows:
-            if row.state in ("completed", "failed", "cancelled"):
-                pending.discard(row.id)
-                last = max(last if pending else 0.0, row.updated_at)
+        for start in range(0, len(ids), 900):
+            chunk = [i for i in ids[start:start + 900] if i in pending]
+            if not chunk:
+                continue
+            with store.engine.connect() as conn:
+                rows = conn.execute(sa.select(j.c.id, j.c.state, j.c.updated_at).where(j.c.id.in_(chunk))).all()
+            for row in rows:
+                if row.state in ("completed", "failed", "cancelled"):
+                    pending.discard(row.id)
+                    last = max(last, row.updated_at)
         if pending:
             time.sleep(0.25)
-    with store.engine.connect() as conn:
-        rows = conn.execute(sa.select(sa.func.max(j.c.updated_at)).where(j.c.id.in_(ids[:900]))).scalar()
-    return float(rows or last)
+    return last or time.time()
 
 
 def reconcile(store: Any, ids: list[str]) -> dict[str, int]:

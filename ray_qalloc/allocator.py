@@ -185,7 +185,6 @@ class Allocator:
         # (autoscaled) node brings the resource, and stopped again when idle so the node can go.
         # A plain cluster that declares none runs every backend without its resource.
         declared = any(k.startswith(resource_name("")) for k in cluster)
-        self._autoscale = Requester(slots={})
         for name in pool_names(self.settings.pool):
             spec = make_backend(name).spec()
             self._autoscale.slots[name] = spec.slots
@@ -222,16 +221,16 @@ class Allocator:
         now = time.time()
         waiting = [waiting_for(q.plan) for q in self.queued.values()]
         wanted = {b for w in waiting for b in w[:1]}
+        busy = {r.backend for r in self.running.values()}
         for name, m in self.members.items():
             if not m.elastic:
                 continue
-            if name in wanted or any(r.backend == name for r in self.running.values()):
+            if name in wanted or name in busy:
                 m.last_used = now
             if m.actor is None and name in wanted and cluster.get(m.spec.resource_name, 0.0) >= m.spec.slots:
                 log.warning("a node offers %s now: starting backend %s", m.spec.resource_name, name)
                 m.actor, m.last_used = self._start_actor(m.spec), now
-            elif (m.actor is not None and now - m.last_used > self.settings.elastic_idle_s
-                  and not any(r.backend == name for r in self.running.values())):
+            elif m.actor is not None and now - m.last_used > self.settings.elastic_idle_s:
                 log.warning("elastic backend %s idle for %.0f s: stopping it so its node can be released",
                             name, now - m.last_used)
                 try:
@@ -359,8 +358,7 @@ class Allocator:
         if job.id in self.queued or job.id in self.running:
             # the same call again (Ray re-sends a call to a restarted allocator, which already
             # recovered the job from the store): answer it, change nothing
-            return {"id": job.id, "created": False, "flag": self.flags.get(job.id),
-                    "state": (JobState.RUNNING if job.id in self.running else JobState.QUEUED).value}
+            return {"id": job.id, "created": False, "flag": self.flags.get(job.id), "state": self._live_state(job.id)}
         job = compact(job)
         view, p = self._checked_plan(job, [m.view() for m in self.members.values()])
         # Enqueue and run one pass now; if this job starts at once, accept and dispatch it in one
@@ -385,8 +383,12 @@ class Allocator:
             if entry.flagged:  # hopeless from the start: say so now, not after the deadline
                 self._flag(job.id, entry.flagged)
         self._apply(res, skip=job.id)
-        state = (JobState.RUNNING if job_id in self.running else JobState.QUEUED).value if created else None
-        return {"id": job_id, "created": created, "flag": self.flags.get(job_id), "state": state}
+        return {"id": job_id, "created": created, "flag": self.flags.get(job_id),
+                "state": self._live_state(job_id) if created else None}
+
+    def _live_state(self, job_id: str) -> str:
+        """State of a job this allocator holds (running or queued), without a store read."""
+        return (JobState.RUNNING if job_id in self.running else JobState.QUEUED).value
 
     async def submit_many(self, jobs: list[PreparedJob]) -> list[dict[str, Any]]:
         """Many jobs in one call and one store transaction. Each job gets its own answer:
@@ -434,7 +436,7 @@ class Allocator:
         await self._wait_ready()
         rec = self.store.get(job_id)
         out = rec.public()
-        out["attempt_history"] = self._attempt_history(job_id)
+        out["attempt_history"] = self.store.attempt_history(job_id)
         return out
 
     async def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
@@ -460,7 +462,7 @@ class Allocator:
         rec = self.store.get(job_id)
         out = rec.public()
         out["result"] = rec.result
-        out["attempt_history"] = self._attempt_history(job_id)
+        out["attempt_history"] = self.store.attempt_history(job_id)
         return out
 
     async def explain(self, job_id: str) -> dict[str, Any]:
@@ -476,7 +478,7 @@ class Allocator:
                                        "backends": {}}
         data["state"] = rec.state.value
         data["flag"] = rec.flag
-        data["failover_history"] = self._attempt_history(job_id)
+        data["failover_history"] = self.store.attempt_history(job_id)
         return data
 
     async def cancel(self, job_id: str) -> bool:
@@ -778,10 +780,7 @@ class Allocator:
             if not fut.done():
                 fut.set_result(None)
 
-    def _attempt_history(self, job_id: str) -> list[dict[str, Any]]:
-        return [{"attempt": a["n"], "backend": a["backend"], "outcome": a["outcome"],
-                 "started_at": a["started_at"], "finished_at": a["finished_at"], "error": a["error"]}
-                for a in self.store.attempts(job_id)]
+
 
     # ==== background loops ====================================================================
     async def _health_loop(self) -> None:

@@ -11,6 +11,7 @@ stable (see ``ERROR_STATUS``).
 
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -370,17 +371,21 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
     async def _simulators() -> list[str]:
         return [b["name"] for b in await state.backends() if b["kind"] == "simulator"]
 
-    def _prepare(p: Principal, job: JobIn, key: str | None, sims_only: list[str] | None) -> PreparedJob:
+    def _prepare(p: Principal, job: JobIn, key: str | None) -> PreparedJob:
         if job.tenant is not None and job.tenant != p.tenant:
             raise Forbidden(f"field 'tenant' is {job.tenant!r} but the token belongs to {p.tenant!r}.",
                             field="tenant", fix="leave 'tenant' out; it comes from the token.")
-        backends = job.backends
-        if sims_only is not None and job.intent == "auto":
-            backends = [b for b in (backends or sims_only) if b in sims_only] or sims_only
         spec = make_spec(circuit=job.qasm, shots=job.shots, priority=job.priority, deadline_s=job.deadline_s,
                          intent=job.intent, fidelity_min=job.fidelity_min, tenant=p.tenant,
-                         idempotency_key=key, backends=tuple(backends) if backends else None)
+                         idempotency_key=key, backends=tuple(job.backends) if job.backends else None)
         return prepare_job(spec, settings.limits)
+
+    def _on_simulators(job: PreparedJob, sims: list[str] | None) -> PreparedJob:
+        """The tenant's QPU time is spent: an ``auto`` job may still run, on simulators only."""
+        if sims is None or job.intent.value != "auto":
+            return job
+        allowed = [b for b in (job.backends or sims) if b in sims] or sims
+        return dataclasses.replace(job, backends=tuple(allowed))
 
     def _same_request(rec: Any, job: PreparedJob) -> bool:
         return (rec.payload == job.payload and rec.shots == job.shots and rec.priority == job.priority
@@ -393,11 +398,10 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
     async def submit(job: JobIn, p: Caller,
                      idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JSONResponse:
         """Validate, store and queue one job. With `Idempotency-Key`, a retry returns the same job."""
-        prepared = _prepare(p, job, idempotency_key, None)   # intake on the loop; limits before quotas
+        prepared = _prepare(p, job, idempotency_key)   # intake on the loop; limits before quotas
         usage = state.tenants.admit(p.tenant, [job.model_dump()])
         sims = await _simulators() if usage["qpu_exhausted"] else None
-        if sims is not None and job.intent == "auto":
-            prepared = _prepare(p, job, idempotency_key, sims)
+        prepared = _on_simulators(prepared, sims)
         out = await state.call("submit", prepared)
         job_state = out.get("state")
         if not out["created"]:
@@ -421,19 +425,19 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
             raise LimitExceeded(f"the batch has {len(batch.jobs)} jobs, more than max_batch_jobs="
                                 f"{api.max_batch_jobs}.", field="jobs", fix="split it into smaller batches.",
                                 limit=api.max_batch_jobs)
-        usage = state.tenants.admit(p.tenant, [j.model_dump() for j in batch.jobs])
-        sims = await _simulators() if usage["qpu_exhausted"] else None
-
         def prepare_all() -> list[PreparedJob | ErrorDetail]:
             out: list[PreparedJob | ErrorDetail] = []
             for i, j in enumerate(batch.jobs):
                 try:
-                    out.append(_prepare(p, j, f"{idempotency_key}/{i}" if idempotency_key else None, sims))
+                    out.append(_prepare(p, j, f"{idempotency_key}/{i}" if idempotency_key else None))
                 except QAllocError as exc:
                     out.append(ErrorDetail(**{k: v for k, v in exc.to_dict().items() if k != "details"}))
             return out
 
-        prepared = prepare_all()   # intake on the loop
+        prepared = prepare_all()   # intake on the loop; limits before quotas
+        usage = state.tenants.admit(p.tenant, [j.model_dump() for j in batch.jobs])
+        sims = await _simulators() if usage["qpu_exhausted"] else None
+        prepared = [_on_simulators(x, sims) if isinstance(x, PreparedJob) else x for x in prepared]
         good = [x for x in prepared if isinstance(x, PreparedJob)]
         answers = iter(await state.call("submit_many", good, timeout=120.0) if good else [])
         items: list[BatchItem] = []
@@ -485,9 +489,7 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
             attempts, history = data.get("attempts", 1), data.get("attempt_history", [])
         else:
             state_now, result, attempts = rec.state, rec.result, rec.attempts
-            history = [{"attempt": a["n"], "backend": a["backend"], "outcome": a["outcome"],
-                        "started_at": a["started_at"], "finished_at": a["finished_at"], "error": a["error"]}
-                       for a in await run_in_threadpool(state.store.attempts, job_id)]
+            history = await run_in_threadpool(state.store.attempt_history, job_id)
         if state_now == JobState.COMPLETED and result:
             return ResultOut(id=job_id, state=state_now.value, counts=result.get("counts", {}), shots=rec.shots,
                              backend=result.get("backend", rec.backend or ""), wall_s=float(result.get("wall_s", 0)),

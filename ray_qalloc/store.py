@@ -523,6 +523,12 @@ class JobStore:
                 attempts_table.c.job_id == job_id).order_by(attempts_table.c.n)).all()
         return [dict(r._mapping) for r in rows]
 
+
+    def attempt_history(self, job_id: str) -> list[dict[str, Any]]:
+        """The failover history as clients see it: one entry per attempt, in order."""
+        return [{"attempt": a["n"], "backend": a["backend"], "outcome": a["outcome"],
+                 "started_at": a["started_at"], "finished_at": a["finished_at"], "error": a["error"]}
+                for a in self.attempts(job_id)]
     def attempt(self, job_id: str, n: int) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(attempts_table).where(
