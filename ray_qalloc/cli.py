@@ -475,7 +475,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.
     settings = _settings()
     try:
         qa = connect(settings=settings, num_cpus=num_cpus)
-        url = serving.start(settings, host=host, port=port, blocking=False)
+        url = serving.start(settings, host=host, port=port)
     except QAllocError as exc:
         _fail(exc)
     err_console.print(f"ray-qalloc API on [bold]{url}[/bold]  (docs: {url}/docs, spec: {url}/openapi.json)\n"

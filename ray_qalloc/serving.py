@@ -9,8 +9,6 @@ take a core a simulator run is waiting for.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from typing import Any
 
 from ray import serve
@@ -53,21 +51,15 @@ def app_builder(args: dict[str, Any]) -> Application:
     return deployment_for(settings)
 
 
-def start(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False) -> str:
-    """Start Serve on this Ray (allocator and backends first) and deploy the API. Returns its URL."""
+def start(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000) -> str:
+    """Start Serve on this Ray (allocator and backends first) and deploy the API. Returns its URL;
+    the caller decides how long to serve (``qalloc serve`` waits for Ctrl-C, then ``stop()``)."""
     from ray_qalloc.session import connect
 
     connect(settings=settings)
     serve.start(http_options={"host": host, "port": port}, detached=False)
     serve.run(deployment_for(settings), name=APP_NAME, route_prefix="/", blocking=False)
-    url = f"http://{host}:{port}"
-    if blocking:
-        done = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: done.set())
-        done.wait()
-        stop()
-    return url
+    return f"http://{host}:{port}"
 
 
 def stop() -> None:
