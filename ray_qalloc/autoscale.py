@@ -67,7 +67,8 @@ def waiting_for(plan: PlanLike) -> list[str]:
 def bundles_to_request(waiting: Iterable[Sequence[str]], cluster: Mapping[str, float], *,
                        slots: Mapping[str, int] | None = None, held: Collection[str] = (),
                        max_per_backend: int = DEFAULT_MAX_PER_BACKEND,
-                       max_bundles: int = DEFAULT_MAX_BUNDLES) -> list[Bundle]:
+                       max_bundles: int = DEFAULT_MAX_BUNDLES,
+                       resource_of: Callable[[str], str] = resource_name) -> list[Bundle]:
     """The resource bundles to ask the autoscaler for, given what queued jobs wait for.
 
     ``waiting``: one entry per queued job, the backends it could run on, best first
@@ -90,7 +91,7 @@ def bundles_to_request(waiting: Iterable[Sequence[str]], cluster: Mapping[str, f
         return float(max(int(slots.get(b, 1)), 1))
 
     def offered(b: str) -> bool:
-        return cluster.get(resource_name(b), 0.0) >= size(b)
+        return cluster.get(resource_of(b), 0.0) >= size(b)
 
     need: Counter[str] = Counter()
     for backends in waiting:
@@ -106,7 +107,7 @@ def bundles_to_request(waiting: Iterable[Sequence[str]], cluster: Mapping[str, f
         for _ in range(min(need[b], max(max_per_backend, 0))):
             if len(out) >= max(max_bundles, 0):
                 return out
-            out.append({resource_name(b): size(b)})
+            out.append({resource_of(b): size(b)})
     return out
 
 
@@ -139,8 +140,13 @@ class Requester:
 
     def __init__(self, *, slots: Mapping[str, int] | None = None,
                  max_per_backend: int = DEFAULT_MAX_PER_BACKEND, max_bundles: int = DEFAULT_MAX_BUNDLES,
-                 send: Callable[[Sequence[Mapping[str, float]]], None] = request) -> None:
+                 send: Callable[[Sequence[Mapping[str, float]]], None] = request,
+                 resource_of: Callable[[str], str] = resource_name) -> None:
+        """``resource_of``: the Ray resource a node must offer to run a backend (a pool's members
+        all need ``qalloc_pool_cpu``)."""
         self.slots = dict(slots or {})
+        self.resource_of = resource_of
+        self._held: set[str] = set()
         self.max_per_backend = max_per_backend
         self.max_bundles = max_bundles
         self._send = send
@@ -152,9 +158,12 @@ class Requester:
             import ray
 
             cluster = ray.cluster_resources()
-        bundles = bundles_to_request(waiting, cluster, slots=self.slots,
-                                     held=backends_of(self.current or []),
-                                     max_per_backend=self.max_per_backend, max_bundles=self.max_bundles)
+        waiting = [list(w) for w in waiting]
+        bundles = bundles_to_request(waiting, cluster, slots=self.slots, held=self._held,
+                                     max_per_backend=self.max_per_backend, max_bundles=self.max_bundles,
+                                     resource_of=self.resource_of)
+        asked = {k for b in bundles for k in b}
+        self._held = {name for w in waiting for name in w if self.resource_of(name) in asked}
         if bundles != self.current:
             if bundles or self.current:   # the first empty decision needs no call
                 log.info("autoscaling request: %s", bundles or "cleared")
@@ -202,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m ray_qalloc.autoscale wait [RESOURCE[=N] ...] [--timeout S]``
 
     With no resources named, waits for those of the configured pool (``QALLOC_POOL``,
-    default pool), as ``ray_qalloc.session.node_resources`` computes them.
+    default pool), as ``ray_qalloc.resources.node_resources`` computes them.
     """
     p = argparse.ArgumentParser(prog="python -m ray_qalloc.autoscale")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -221,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             wanted[name] = float(units or 1)
     else:
         from ray_qalloc.config import load_settings
-        from ray_qalloc.session import node_resources
+        from ray_qalloc.resources import node_resources
 
         wanted = node_resources(load_settings())
     ray.init(address=args.address, logging_level=logging.WARNING, log_to_driver=False)

@@ -53,6 +53,19 @@ class ApiSettings(BaseModel):
                                                 "replica needs (e.g. to keep replicas on the head node).")
 
 
+class HedgeSettings(BaseModel):
+    """Hedged runs: the first defence against a wrong runtime prediction."""
+
+    model_config = ConfigDict(frozen=True)
+
+    enabled: bool = Field(True, description="Start backup runs for overrunning simulator runs.")
+    overrun_factor: float = Field(3.0, gt=1, description="A run is overrunning once it has run this many "
+                                  "times its predicted runtime (then its overrun is remembered at once).")
+    min_overrun_s: float = Field(0.5, ge=0, description="Runs shorter than this are never hedged (a backup "
+                                 "costs a worker start).")
+    interval_s: float = Field(0.25, gt=0, description="How often running jobs are checked for overruns.")
+
+
 class Settings(BaseModel):
     """Everything ray-qalloc reads at start-up."""
 
@@ -75,6 +88,7 @@ class Settings(BaseModel):
                                        description="An attempt never times out sooner than this.")
     run_timeout_factor: float = Field(20.0, gt=1,
                                       description="An attempt times out after this many predicted runtimes.")
+    hedge: HedgeSettings = Field(default_factory=HedgeSettings)
     max_attempts: int = Field(5, gt=0, description="Attempts per job before it is failed.")
     breaker_failures: int = Field(3, gt=0, description="Consecutive failed runs that open a backend's "
                                   "circuit breaker (no new runs until a probe succeeds).")
@@ -162,8 +176,8 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
     for key, value in overrides.items():
         if value is None:
             continue
-        if key == "limits" and isinstance(value, dict):
-            data["limits"] = {**data.get("limits", {}), **value}
+        if key in ("limits", "hedge", "api") and isinstance(value, dict):
+            data[key] = {**data.get(key, {}), **value}
         else:
             data[key] = value
     try:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ray_qalloc.config import Limits
 from ray_qalloc.exceptions import InvalidJobSpec, LimitExceeded
+from ray_qalloc.priority import rank as _class_rank
 
 
 class Priority(str, enum.Enum):
@@ -34,7 +35,7 @@ class Priority(str, enum.Enum):
         return _PRIORITY_RANK[self]
 
 
-_PRIORITY_RANK = {Priority.EMERGENCY: 0, Priority.HIGH: 1, Priority.NORMAL: 2, Priority.BATCH: 3}
+_PRIORITY_RANK = {p: _class_rank(p.value) for p in Priority}   # the order lives in ray_qalloc.priority
 
 
 class Intent(str, enum.Enum):
@@ -66,6 +67,8 @@ TRANSITIONS: dict[str, tuple[frozenset[JobState], JobState]] = {
     "complete": (frozenset({JobState.RUNNING}), JobState.COMPLETED),
     "failover": (frozenset({JobState.RUNNING}), JobState.QUEUED),
     "requeue": (frozenset({JobState.RUNNING}), JobState.QUEUED),
+    # a backup attempt started beside an overrunning one (the first result wins)
+    "hedge": (frozenset({JobState.RUNNING}), JobState.RUNNING),
     "fail": (frozenset({JobState.QUEUED, JobState.RUNNING}), JobState.FAILED),
     "cancel": (frozenset({JobState.QUEUED, JobState.RUNNING}), JobState.CANCELLED),
 }

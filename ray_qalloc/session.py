@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 import ray
 from ray.exceptions import GetTimeoutError
 
-from ray_qalloc.allocator import RemoteAllocator, allocator_options, pool_names
+from ray_qalloc.allocator import RemoteAllocator, allocator_options
+from ray_qalloc.resources import node_resources
 from ray_qalloc.config import Settings, load_settings
 from ray_qalloc.exceptions import ConfigError, JobFailed, JobTimeout, NoFeasibleBackend, QAllocError
 from ray_qalloc.jobs import JobState, make_spec, prepare_job
@@ -187,17 +188,6 @@ class QAlloc:
         except GetTimeoutError:
             raise QAllocError(f"the allocator did not answer {method} within {limit:g} s.",
                               fix="retry; accepted jobs are kept in the store.", unavailable=True) from None
-
-
-def node_resources(settings: Settings) -> dict[str, float]:
-    """Custom resources a node must offer to host this pool's backends."""
-    from ray_qalloc.backends.registry import make_backend
-
-    out: dict[str, float] = {}
-    for name in pool_names(settings.pool):
-        spec = make_backend(name).spec()
-        out[spec.resource_name] = float(spec.slots)
-    return out
 
 
 def connect(address: str | None = None, *, data_dir: str | Path | None = None,

@@ -427,6 +427,27 @@ class JobStore:
             started_at=now, predicted_s=predicted_s, exported=False))
         return n
 
+    def hedge(self, job_id: str, backend: str, *, predicted_s: float | None) -> int | None:
+        """A backup attempt beside a running one (RUNNING stays RUNNING); its number, or None when
+        the job is no longer running."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            n = (conn.execute(sa.select(jobs_table.c.attempts).where(
+                jobs_table.c.id == job_id).with_for_update()).scalar() or 0) + 1
+            if self._transition(conn, job_id, "hedge", f"backup attempt {n} on {backend}", now,
+                                attempts=n) is None:
+                return None
+            conn.execute(attempts_table.insert().values(
+                job_id=job_id, n=n, backend=backend, outcome="running", queued_at=now, started_at=now,
+                predicted_s=predicted_s, exported=False))
+        return n
+
+    def close_attempt(self, job_id: str, attempt: int, outcome: str, error: str = "") -> None:
+        """End one attempt without moving the job (the other attempt of a hedged job goes on, or
+        already decided it)."""
+        with self.engine.begin() as conn:
+            self._finish_attempt(conn, job_id, attempt, outcome, time.time(), error=error or None)
+
     def set_provider_job_id(self, job_id: str, attempt: int, provider_job_id: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(attempts_table.update().where(

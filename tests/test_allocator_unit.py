@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pytest
 from ray.exceptions import RayActorError
 
-from ray_qalloc.allocator import Allocator, Member
+from ray_qalloc.allocator import Allocator
 from ray_qalloc.backends.base import BackendSpec
 from ray_qalloc.config import load_settings
 from ray_qalloc.exceptions import BackendError, NoFeasibleBackend, StoreError
@@ -24,9 +24,9 @@ class FakeMethod:
         self.fn = fn
         self.calls: list[tuple] = []
 
-    def remote(self, *args: Any) -> Any:
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
         self.calls.append(args)
-        return self.fn(*args)
+        return self.fn(*args, **kwargs)
 
 
 class FakeBackend:
@@ -39,6 +39,9 @@ class FakeBackend:
         self.calibration = FakeMethod(self._calibration)
         self.run = FakeMethod(self._run)
         self.attach = FakeMethod(self._attach)
+        self.stop = FakeMethod(self._stop)
+        self.warmed = FakeMethod(self._warmed)
+        self.stopped: list[tuple[str, int]] = []
         self.known: dict[tuple[str, int], dict[str, Any]] = {}
 
     async def _ping(self) -> dict[str, Any]:
@@ -47,7 +50,14 @@ class FakeBackend:
     async def _calibration(self) -> None:
         return None
 
-    async def _run(self, job_id: str, attempt: int, payload: bytes, shots: int) -> dict[str, Any]:
+    async def _warmed(self, timeout_s: float = 0.0) -> bool:
+        return True
+
+    async def _stop(self, job_id: str, attempt: int) -> bool:
+        self.stopped.append((job_id, attempt))
+        return True
+
+    async def _run(self, job_id: str, attempt: int, payload: bytes, shots: int, **variant: Any) -> dict[str, Any]:
         await asyncio.sleep(self.delay)
         if self.behaviour == "hang":
             await self.hang.wait()
@@ -62,8 +72,11 @@ class FakeBackend:
         return self.known.get((job_id, attempt))
 
 
-def sim(name: str, threads: int = 1) -> BackendSpec:
-    return BackendSpec(name, "simulator", "aer", 30, method="statevector", memory_bytes=2**30, threads=threads)
+def sim(name: str, threads: int = 1, pool: str | None = None) -> BackendSpec:
+    """A simulator backend of its own, or with ``pool`` a method variant of that pool (all
+    variants of a pool share its actor and its cores, ``cpus``)."""
+    return BackendSpec(name, "simulator", "aer", 30, method="statevector", memory_bytes=2**30,
+                       threads=threads, pool=pool)
 
 
 def run_async(coro_fn: Callable[[], Any]) -> Any:
@@ -74,8 +87,8 @@ def make(tmp_path, fakes: list[FakeBackend], specs: list[BackendSpec] | None = N
          **settings: Any) -> Allocator:
     cfg = load_settings(data_dir=tmp_path, health_interval_s=0.05, history_flush_s=60.0, **settings)
     specs = specs or [sim(f.name) for f in fakes]
-    members = {s.name: Member(s, f) for s, f in zip(specs, fakes)}
-    return Allocator(cfg, members=members, node_cpus={"n1": cpus})
+    members = {s.name: (s, f) for s, f in zip(specs, fakes)}
+    return Allocator(cfg, members=members, node_cpus={"n1": cpus, **{f"backend:{s.name}": cpus for s in specs}})
 
 
 def test_timed_out_attempt_fails_over_and_late_result_is_ignored(tmp_path):
@@ -134,7 +147,7 @@ def test_node_cores_are_shared_by_simulator_backends(tmp_path):
     """Two methods on a one-core node: the second job waits although its backend is idle."""
     async def main():
         a, b = FakeBackend("a", delay=0.3), FakeBackend("b", delay=0.3)
-        alloc = make(tmp_path, [a, b], cpus=1.0)
+        alloc = make(tmp_path, [a, b], [sim("a", pool="n1"), sim("b", pool="n1")], cpus=1.0)
         j1 = await alloc.submit(prepared(backends=("a",)))
         j2 = await alloc.submit(prepared(backends=("b",)))
         r1 = await alloc.wait(j1["id"], timeout=10)

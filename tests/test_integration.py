@@ -1,4 +1,4 @@
-"""The whole job path on a real local Ray: intake → store → allocator → backend actor → result.
+"""The whole job path on a real local Ray: intake → store → allocator → pool / QPU actor → result.
 
 One Ray instance and one allocator for the whole session (fixture ``qa``).
 """
@@ -14,7 +14,9 @@ from qiskit import QuantumCircuit
 from qiskit.circuit.library import QFT
 
 from ray_qalloc.backends.actor import actor_name
-from ray_qalloc.backends.registry import DEFAULT_POOL
+from ray_qalloc.backends.pool_actor import pool_actor_name
+from ray_qalloc.backends.pools import POOL_RESOURCE_CPU, parse_candidate
+from ray_qalloc.backends.registry import FAKE_QPU_POOL
 from ray_qalloc.exceptions import ForbiddenInclude, IntakeError, InvalidJobSpec, LimitExceeded
 from ray_qalloc.store import JobStore
 
@@ -56,37 +58,56 @@ def wait_state(handle, state: str, timeout: float = 60.0) -> dict:
     raise AssertionError(f"job never reached {state}: {handle.status()}")
 
 
-def test_custom_resources_exist_and_work_runs_under_them(qa):
+def test_custom_resources_exist_and_runs_hold_the_cpus_they_use(qa):
     resources = ray.cluster_resources()
-    for name in DEFAULT_POOL:
+    assert resources.get(POOL_RESOURCE_CPU, 0) >= 1
+    for name in FAKE_QPU_POOL:
         assert resources.get(f"qalloc_backend_{name}", 0) >= 1, name
-    res = qa.submit(BELL_QASM, shots=200, backends=["aer_mps"]).result(timeout=120)
-    assert res.backend == "aer_mps"
-    assert res.metadata["resources"].get("qalloc_backend_aer_mps", 0) >= 1
+    res = qa.submit(BELL_QASM, shots=200, backends=["mps"]).result(timeout=120)
+    c = parse_candidate(res.backend)
+    assert c is not None and c.method == "matrix_product_state" and c.threads == 1, res.backend
+    assert res.metadata["resources"].get("CPU") == 1.0          # Ray sees the core the run holds
+    wide = QFT(16).decompose()
+    wide.measure_all()
+    res = qa.submit(wide, shots=200, backends=[f"{c.pool}/statevector@2"]).result(timeout=120)
+    assert res.backend == f"{c.pool}/statevector@2" and res.metadata["resources"].get("CPU") == 2.0
 
 
-SIM_BACKENDS = ["aer_statevector", "aer_mps", "aer_stabilizer", "aer_density_matrix"]
+def test_every_method_of_the_pool_is_a_candidate_and_small_circuits_skip_many_threads(qa):
+    rows = {b["name"]: b for b in qa.backends()}
+    pools = {b["pool"] for b in rows.values() if b["pool"]}
+    assert len(pools) == 1
+    (pool,) = pools
+    methods = {(parse_candidate(n).method, parse_candidate(n).threads) for n in rows if n.startswith(pool)}
+    assert {("statevector", 1), ("statevector", 2), ("matrix_product_state", 1), ("stabilizer", 1),
+            ("density_matrix", 1)} <= methods
+    ex = qa.submit(BELL_QASM, shots=100).explain()
+    assert ex["backends"][f"{pool}/statevector@2"]["status"] == "filtered"
+    assert ex["backends"][f"{pool}/statevector@2"]["filter"] == "threads"
 
 
-@pytest.mark.parametrize("backend", SIM_BACKENDS)
-def test_simulators_are_statistically_right(qa, backend):
+SIM_METHODS = ["statevector", "mps", "stabilizer", "density_matrix"]
+
+
+@pytest.mark.parametrize("method", SIM_METHODS)
+def test_simulators_are_statistically_right(qa, method):
     shots = 4000
-    res = qa.submit(BELL_QASM, shots=shots, backends=[backend]).result(timeout=120)
-    assert res.backend == backend and sum(res.counts.values()) == shots
+    res = qa.submit(BELL_QASM, shots=shots, backends=[method]).result(timeout=120)
+    assert res.backend.split("/")[1] == method and sum(res.counts.values()) == shots
     assert set(res.counts) <= {"00", "11"}
     p00 = res.counts.get("00", 0) / shots
     assert abs(p00 - 0.5) < 5 * math.sqrt(0.25 / shots)
 
 
-@pytest.mark.parametrize("backend", ["aer_statevector", "aer_mps", "aer_density_matrix"])
-def test_rotation_probabilities(qa, backend):
+@pytest.mark.parametrize("method", ["statevector", "aer_mps", "density_matrix"])   # old names still read
+def test_rotation_probabilities(qa, method):
     theta, shots = 1.1, 4000
-    res = qa.submit(ry_circuit(theta), shots=shots, backends=[backend]).result(timeout=120)
+    res = qa.submit(ry_circuit(theta), shots=shots, backends=[method]).result(timeout=120)
     p1 = math.sin(theta / 2) ** 2
     assert abs(res.counts.get("1", 0) / shots - p1) < 5 * math.sqrt(p1 * (1 - p1) / shots)
 
 
-@pytest.mark.parametrize("backend", [b for b in DEFAULT_POOL if b.startswith("qpu_")])
+@pytest.mark.parametrize("backend", FAKE_QPU_POOL)
 def test_emulated_qpus_are_noisy_but_right(qa, backend):
     shots = 4000
     h = qa.submit(ghz(3), shots=shots, intent="quantum", backends=[backend])
@@ -101,14 +122,15 @@ def test_emulated_qpus_are_noisy_but_right(qa, backend):
 def test_auto_intent_places_clifford_wide_circuit_on_stabilizer(qa):
     h = qa.submit(ghz(40), shots=500)
     res = h.result(timeout=120)
-    assert res.backend == "aer_stabilizer"
+    assert res.backend.endswith("/stabilizer")
     assert set(res.counts) == {"0" * 40, "1" * 40}
     ex = h.explain()
-    assert ex["chosen"] == "aer_stabilizer"
+    assert ex["chosen"] == res.backend
     rows = ex["backends"]
-    assert set(rows) == set(DEFAULT_POOL)
-    assert rows["aer_density_matrix"]["status"] == "filtered"       # 16·4⁴⁰ bytes
-    assert "needs" in rows["aer_density_matrix"]["reasons"][0]
+    assert set(rows) == {b["name"] for b in qa.backends()}
+    dm = res.backend.replace("/stabilizer", "/density_matrix")
+    assert rows[dm]["status"] == "filtered"       # 16·4⁴⁰ bytes
+    assert "needs" in rows[dm]["reasons"][0]
 
 
 def test_quantum_intent_goes_to_a_qpu_and_explains_why(qa):
@@ -116,7 +138,8 @@ def test_quantum_intent_goes_to_a_qpu_and_explains_why(qa):
     res = h.result(timeout=180)
     assert res.backend.startswith("qpu_")
     ex = h.explain()
-    assert all(ex["backends"][b]["status"] == "filtered" for b in SIM_BACKENDS)
+    sims = [b["name"] for b in qa.backends() if b["kind"] == "simulator"]
+    assert sims and all(ex["backends"][b]["status"] == "filtered" for b in sims)
     assert ex["backends"][res.backend]["chosen"]
 
 
@@ -175,7 +198,7 @@ def test_killing_a_backend_mid_job_fails_over_and_records_once(qa):
 
 
 def test_killing_the_allocator_loses_nothing(qa):
-    jobs = [qa.submit(ghz(n), shots=300, backends=["aer_statevector", "aer_mps"]) for n in range(2, 8)]
+    jobs = [qa.submit(ghz(n), shots=300, backends=["statevector", "mps"]) for n in range(2, 8)]
     slow = QFT(9).decompose()
     slow.measure_all()
     jobs.append(qa.submit(slow, shots=500, intent="quantum", backends=["qpu_sherbrooke"]))
@@ -218,7 +241,55 @@ def test_submit_many_refuses_only_the_impossible_job(qa):
     wide.measure(range(150), range(150))
     with pytest.raises(NoFeasibleBackend) as info:
         qa.submit_many([{"circuit": ghz(3), "shots": 100},
-                        {"circuit": wide, "shots": 100, "intent": "classical", "backends": ["aer_statevector"]}])
+                        {"circuit": wide, "shots": 100, "intent": "classical", "backends": ["statevector"]}])
     accepted = info.value.details["accepted"]
     assert len(accepted) == 1
     assert qa.job(accepted[0]).result(timeout=120).counts
+
+
+def _pool(qa) -> str:
+    return next(b["pool"] for b in qa.backends() if b["pool"])
+
+
+def volume_law(n: int, seed: int = 3) -> QuantumCircuit:
+    """Quantum volume: entanglement grows with depth; MPS takes without bound, a statevector ~0.2 s at 18."""
+    from qiskit.circuit.library import quantum_volume
+
+    qc = quantum_volume(n, seed=seed).decompose()
+    qc.measure_all()
+    return qc
+
+
+def test_cancelling_a_running_simulation_frees_its_core_at_once(qa):
+    pool = _pool(qa)
+    h = qa.submit(volume_law(18), shots=100, backends=[f"{pool}/mps"])     # would run for minutes
+    wait_state(h, "running")
+    time.sleep(1.0)
+    busy = ray.available_resources().get("CPU", 0.0)
+    t0 = time.monotonic()
+    assert h.cancel()
+    freed = None
+    while time.monotonic() - t0 < 10:
+        if ray.available_resources().get("CPU", 0.0) >= busy + 1.0:
+            freed = time.monotonic() - t0
+            break
+        time.sleep(0.05)
+    assert freed is not None and freed < 5.0, "the cancelled run kept its core"
+    assert h.status()["state"] == "cancelled"
+    # the pool serves the next job at once
+    assert qa.submit(BELL_QASM, shots=100, backends=[f"{pool}/mps"]).result(timeout=60).counts
+
+
+def test_killing_the_pool_mid_job_places_the_run_again(qa):
+    pool = _pool(qa)
+    circuit = QFT(20).decompose()
+    circuit.measure_all()
+    h = qa.submit(circuit, shots=200, backends=[f"{pool}/statevector", f"{pool}/density_matrix@2"])
+    wait_state(h, "running")
+    ray.kill(ray.get_actor(pool_actor_name(pool), namespace=qa.settings.namespace), no_restart=False)
+    res = h.result(timeout=300)
+    assert res.counts
+    outcomes = [a["outcome"] for a in h.status()["attempt_history"]]
+    assert outcomes[-1] == "completed" and len(outcomes) >= 2, outcomes
+    store = JobStore(qa.settings.resolved_store_url)
+    assert [t["name"] for t in store.transitions(h.id)].count("complete") == 1

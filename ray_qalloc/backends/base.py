@@ -47,6 +47,7 @@ class BackendSpec:
     noisy: bool = False              # results carry hardware noise (QPUs, emulated QPUs)
     price: Price = field(default_factory=Price)
     description: str = ""
+    pool: str | None = None          # the simulator pool this (method, threads) variant runs in
 
     @property
     def resource_name(self) -> str:

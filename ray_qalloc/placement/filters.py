@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Protocol
 
+from ray_qalloc.gates import CLIFFORD_GATES, CONTROL_FLOW_BLOCKS, IDENTITY, LOOP_CONTROL, NOT_GATES
 from ray_qalloc.placement.model import OK, BackendView, Estimate, JobView, Status
 
 # Operations every backend accepts: transpilation maps standard gates to any basis.
-_DIRECTIVES = frozenset({"measure", "barrier", "reset", "delay", "id"})
-_CONTROL_FLOW = frozenset({"if_else", "for_loop", "while_loop", "switch_case", "break_loop", "continue_loop"})
-CLIFFORD_OPS = frozenset({"h", "s", "sdg", "x", "y", "z", "cx", "cz", "cy", "swap", "id", "sx", "sxdg",
-                          "iswap", "ecr", "dcx"}) | _DIRECTIVES
+_DIRECTIVES = NOT_GATES | {IDENTITY}
+_CONTROL_FLOW = CONTROL_FLOW_BLOCKS | LOOP_CONTROL
+CLIFFORD_OPS = CLIFFORD_GATES | _DIRECTIVES
 
 
 class Filter(Protocol):
@@ -167,7 +167,27 @@ class FidelityFilter:
         return OK
 
 
-DEFAULT_FILTERS: tuple[Filter, ...] = (AllowListFilter(), IntentFilter(), QubitsFilter(), MemoryFilter(), OperationsFilter(),
+# Aer's statevector_parallel_threshold (and density matrix's): below this width a run uses one
+# thread whatever it was given, so a many-thread variant would only hold idle cores.
+PARALLEL_MIN_QUBITS = 14
+
+
+class ThreadsFilter:
+    """A pool's many-thread variant is for circuits wide enough for Aer to parallelise."""
+
+    name = "threads"
+
+    def check(self, job: JobView, backend: BackendView) -> Status:
+        spec = backend.spec
+        if spec.kind == "simulator" and spec.pool is not None and spec.threads > 1 \
+                and job.num_qubits < PARALLEL_MIN_QUBITS:
+            return Status("unresolvable", self.name,
+                          (f"Aer runs circuits under {PARALLEL_MIN_QUBITS} qubits on one thread; "
+                           f"{spec.threads} threads would idle",))
+        return OK
+
+
+DEFAULT_FILTERS: tuple[Filter, ...] = (AllowListFilter(), IntentFilter(), QubitsFilter(), ThreadsFilter(), MemoryFilter(), OperationsFilter(),
                                        BlockedFilter(), HealthFilter())
 
 

@@ -1,0 +1,359 @@
+"""The fleet: which executors exist, where they run, whether they answer — pools and health.
+
+Two kinds of *host* (one Ray actor each):
+
+* a **pool** per node that offers ``qalloc_pool_cpu`` (``PoolActor``): it offers placement one
+  *member* per (method, threads) variant (``cpu-1a2b3c4d/mps``, ``.../statevector@2``), all on
+  the pool's core budget;
+* a **backend** actor per QPU (``BackendActor``): one member, its own slots.
+
+Health is a host's (one ping answers for every member of a pool); the circuit breaker is a
+member's (a method that keeps failing on a pool is switched off there, the other methods stay).
+
+The fleet tells its listener (the dispatcher) what changed — a member's health, members that
+appeared (a node joined, a pool answered for the first time), a host that stopped answering —
+and never touches the queue itself. Ray calls are bounded in time; an actor that does not
+answer is unhealthy, not an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+
+from ray_qalloc.backends.actor import RemoteBackendActor, backend_actor_options
+from ray_qalloc.backends.base import BackendSpec, resource_name
+from ray_qalloc.backends.pools import POOL_RESOURCE_CPU, pool_candidate_specs, pool_name
+from ray_qalloc.config import Settings
+from ray_qalloc.placement import BackendView
+from ray_qalloc.resources import split_pool
+
+log = logging.getLogger("ray_qalloc.fleet")
+
+try:  # Ray ≥ 2.x raises this for an actor that is restarting
+    from ray.exceptions import ActorUnavailableError
+except ImportError:  # pragma: no cover
+    ActorUnavailableError = RayActorError  # type: ignore[misc,assignment]
+
+ACTOR_GONE = (RayActorError, ActorUnavailableError, WorkerCrashedError)
+FIRST_PROBE_S = 60.0
+UNREACHABLE_AFTER = 2      # missed health checks in a row before a pool's runs are placed again
+ELASTIC_POOL = "cpu-elastic"   # stands for the pool of a node the autoscaler may bring
+
+
+@dataclass
+class Member:
+    """One placement candidate: a QPU, or a (method, threads) variant of a pool."""
+
+    spec: BackendSpec
+    host: str
+    healthy: bool = False
+    calibration: dict[str, float] | None = None
+    calibration_taken_at: float | None = None
+    failures: int = 0                 # circuit breaker: consecutive failed runs
+    open_until: float = 0.0
+    cooldown_s: float = 0.0
+
+    @property
+    def breaker_open(self) -> bool:
+        return self.open_until > 0.0
+
+    @property
+    def breaker(self) -> str:
+        return "open" if self.breaker_open else "half-open" if self.cooldown_s else "closed"
+
+    @property
+    def run_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``run`` on this member's host (a pool needs the variant)."""
+        if self.spec.pool is None:
+            return {}
+        return {"method": self.spec.method, "threads": self.spec.threads, "name": self.spec.name}
+
+    def view(self) -> BackendView:
+        age = None if self.calibration_taken_at is None else max(time.time() - self.calibration_taken_at, 0.0)
+        return BackendView(self.spec, self.healthy, self.calibration, age)
+
+
+@dataclass
+class Host:
+    """One executor actor: a node's pool, or a QPU's backend actor."""
+
+    name: str
+    kind: str                          # "pool" | "backend"
+    actor: Any
+    node_id: str | None = None
+    members: list[str] = field(default_factory=list)
+    healthy: bool = False
+    missed: int = 0
+    elastic: bool = False              # started only while a node offers its resource
+    last_used: float = 0.0
+    cores: float = 0.0
+    memory_bytes: int = 0
+    spec: BackendSpec | None = None    # a backend host's spec (pools make theirs from the node)
+
+
+class FleetListener(Protocol):
+    def member_health(self, name: str, healthy: bool) -> None: ...
+
+    def members_added(self, members: list[Member]) -> None: ...
+
+    def host_unreachable(self, host: Host, why: str) -> None: ...
+
+
+class Fleet:
+    """Hosts and members; probes them; keeps breakers. See the module docstring."""
+
+    def __init__(self, settings: Settings, listener: FleetListener) -> None:
+        self.settings = settings
+        self.listener = listener
+        self.hosts: dict[str, Host] = {}
+        self.members: dict[str, Member] = {}
+        self.methods, self.backend_names = split_pool(settings.pool)
+        self.first_probe_s = FIRST_PROBE_S
+        self._declared = False
+
+    # ---- start-up ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        from ray_qalloc.backends.registry import make_backend
+
+        cluster = ray.cluster_resources()
+        # A cluster that declares qalloc resources runs each executor where its resource is; a
+        # plain cluster (an HPC centre's Ray job) gets a pool on every node with CPUs.
+        self._declared = any(k.startswith(("qalloc_backend_", "qalloc_pool_")) for k in cluster)
+        if self.methods:
+            self.discover_pools()
+            if not any(h.kind == "pool" for h in self.hosts.values()) and self._declared:
+                log.warning("no node offers %s yet: simulator jobs wait for one (autoscaling may bring it)",
+                            POOL_RESOURCE_CPU)
+                self.hosts[ELASTIC_POOL] = Host(ELASTIC_POOL, "pool", None, elastic=True)
+                self._add_members(self.hosts[ELASTIC_POOL], self._placeholder_specs())
+        for name in self.backend_names:
+            spec = make_backend(name).spec()
+            has = cluster.get(spec.resource_name, 0.0) >= spec.slots
+            host = Host(name, "backend", None, spec=spec)
+            if not has and self._declared:
+                log.warning("no node offers %s yet: %s waits for one (autoscaling may bring it)",
+                            spec.resource_name, name)
+                host.elastic = True
+            else:
+                if not has:
+                    log.warning("no node offers %s; %s runs without its custom resource", spec.resource_name, name)
+                host.actor = self._start_backend(spec, use_resource=has)
+            self.hosts[name] = host
+            self._add_members(host, [spec])
+        await asyncio.gather(*(self.probe(h, first=True) for h in list(self.hosts.values())))
+
+    def _placeholder_specs(self) -> list[BackendSpec]:
+        """Members of the pool a new node would bring: planned with one core and no memory
+        figure yet, so jobs wait for them (unhealthy) instead of being refused."""
+        from ray_qalloc.backends.aer import default_memory_bytes
+
+        return pool_candidate_specs(ELASTIC_POOL, cores=1, memory_bytes=default_memory_bytes(),
+                                    methods=self.methods)
+
+    def discover_pools(self) -> list[Host]:
+        """Start a pool on every live node that offers one and has none yet (nodes that joined)."""
+        started = []
+        for node in ray.nodes():
+            if not node.get("Alive"):
+                continue
+            res = node.get("Resources", {})
+            offers = res.get(POOL_RESOURCE_CPU, 0.0) >= 1.0 if self._declared else res.get("CPU", 0.0) > 0
+            name = pool_name(node["NodeID"])
+            if not offers or name in self.hosts:
+                continue
+            from ray_qalloc.backends.pool_actor import RemotePoolActor, pool_actor_options
+
+            actor = RemotePoolActor.options(**pool_actor_options(
+                name, node["NodeID"], self.settings.namespace, use_resource=self._declared)).remote(
+                name, node["NodeID"], tuple(self.methods))
+            host = Host(name, "pool", actor, node_id=node["NodeID"], cores=float(res.get("CPU", 1.0)))
+            self.hosts[name] = host
+            started.append(host)
+            log.info("pool %s on node %s (%g CPUs)", name, node["NodeID"][:8], host.cores)
+        return started
+
+    def _start_backend(self, spec: BackendSpec, *, use_resource: bool = True) -> Any:
+        opts = backend_actor_options(spec, self.settings.namespace, use_resource=use_resource)
+        return RemoteBackendActor.options(**opts).remote(
+            spec.name, None, self.settings.namespace, self.settings.allocator_name)
+
+    def _add_members(self, host: Host, specs: list[BackendSpec]) -> list[Member]:
+        added = []
+        for spec in specs:
+            if spec.name in self.members:
+                continue
+            m = Member(spec, host.name, healthy=host.healthy)
+            self.members[spec.name] = m
+            host.members.append(spec.name)
+            added.append(m)
+        return added
+
+    # ---- health --------------------------------------------------------------------------------
+    async def probe(self, host: Host, first: bool = False) -> None:
+        """Ping a host; on the first answer of a pool, make its members from what it measured."""
+        timeout = self.first_probe_s if first else self.settings.health_timeout_s
+        if host.actor is None:   # elastic, no node yet
+            self._set_host_health(host, False)
+            return
+        try:
+            info = await asyncio.wait_for(_aref(host.actor.ping.remote()), timeout)
+            host.node_id = info.get("node_id") or host.node_id
+            if host.kind == "pool":
+                if first:   # a fresh pool warms a worker per core; its first jobs should not pay for that
+                    await asyncio.wait_for(_aref(host.actor.warmed.remote(timeout)), timeout)
+                host.cores = float(info.get("cores") or host.cores or 1.0)
+                host.memory_bytes = int(info.get("memory_bytes") or 0)
+                if not host.members and self.methods:
+                    specs = pool_candidate_specs(host.name, cores=host.cores, memory_bytes=host.memory_bytes,
+                                                 methods=self.methods)
+                    self.listener.members_added(self._add_members(host, specs))
+            else:
+                for name in host.members:
+                    m = self.members[name]
+                    if first or m.calibration is None:
+                        cal = await asyncio.wait_for(_aref(host.actor.calibration.remote()), timeout)
+                        m.calibration = cal.summary() if cal is not None else None
+                        m.calibration_taken_at = getattr(cal, "taken_at", None)
+        except (asyncio.TimeoutError, *ACTOR_GONE, RayTaskError) as exc:
+            if host.healthy:
+                log.warning("%s %s failed its health check: %s", host.kind, host.name, type(exc).__name__)
+            host.missed += 1
+            self._set_host_health(host, False)
+            if host.missed >= UNREACHABLE_AFTER and host.kind == "pool":
+                self.listener.host_unreachable(host, f"pool unreachable: {host.missed} health checks missed "
+                                                     f"({type(exc).__name__})")
+            return
+        host.missed = 0
+        self._set_host_health(host, True)
+
+    def _set_host_health(self, host: Host, healthy: bool) -> None:
+        host.healthy = healthy
+        now = time.time()
+        for name in host.members:
+            m = self.members[name]
+            ok = healthy
+            if m.breaker_open:
+                if healthy and now >= m.open_until:   # half-open: the probe answered; the next run decides
+                    log.warning("member %s: breaker half-open after %.0f s, trying it again", name, m.cooldown_s)
+                    m.open_until = 0.0
+                else:
+                    ok = False
+            if m.healthy != ok:
+                m.healthy = ok
+                self.listener.member_health(name, ok)
+
+    def mark_unhealthy(self, name: str) -> None:
+        """A run on ``name`` died with its actor or timed out: out of placement until a probe answers."""
+        m = self.members.get(name)
+        if m is None:
+            return
+        host = self.hosts[m.host]
+        self._set_host_health(host, False)
+
+    def run_failed(self, name: str) -> None:
+        """Circuit breaker: after ``breaker_failures`` failed runs in a row the member gets no runs
+        until a probe succeeds after a cooldown (doubling while it keeps failing), so a broken
+        method does not burn every queued job's attempts."""
+        m = self.members.get(name)
+        if m is None:
+            return
+        m.failures += 1
+        s = self.settings
+        if m.failures < s.breaker_failures and not m.breaker_open and m.cooldown_s == 0.0:
+            return
+        m.cooldown_s = s.breaker_cooldown_s if m.cooldown_s == 0.0 else min(2 * m.cooldown_s, s.breaker_max_cooldown_s)
+        m.open_until = time.time() + m.cooldown_s
+        if m.healthy:
+            m.healthy = False
+            self.listener.member_health(name, False)
+        log.warning("member %s: breaker open for %.0f s after %d failed runs", name, m.cooldown_s, m.failures)
+
+    def run_succeeded(self, name: str) -> None:
+        m = self.members.get(name)
+        if m is not None and (m.failures or m.cooldown_s):
+            m.failures, m.cooldown_s, m.open_until = 0, 0.0, 0.0
+
+    async def tick(self) -> None:
+        """One health round: probe every host; start pools on nodes that joined."""
+        if any(h.kind == "pool" for h in self.hosts.values()) or self.methods:
+            try:
+                for host in self.discover_pools():
+                    self._drop_placeholder()
+                    await self.probe(host, first=True)
+            except Exception:  # the GCS is busy: next tick
+                log.exception("pool discovery failed")
+        await asyncio.gather(*(self.probe(h) for h in list(self.hosts.values())), return_exceptions=True)
+
+    def _drop_placeholder(self) -> None:
+        host = self.hosts.get(ELASTIC_POOL)
+        if host is None:
+            return
+        for name in host.members:
+            self.members.pop(name, None)
+            self.listener.member_health(name, False)
+        host.members.clear()
+
+    # ---- elastic QPU backends ------------------------------------------------------------------
+    def elastic_tick(self, wanted: set[str], busy: set[str], cluster: dict[str, float]) -> None:
+        """Start elastic backends whose resource appeared and that queued jobs want; stop idle
+        ones so their node can be released."""
+        now = time.time()
+        for host in self.hosts.values():
+            if not host.elastic or host.kind != "backend" or host.spec is None:
+                continue
+            if set(host.members) & (wanted | busy):
+                host.last_used = now
+            spec = host.spec
+            if host.actor is None and set(host.members) & wanted and cluster.get(spec.resource_name, 0.0) >= spec.slots:
+                log.warning("a node offers %s now: starting backend %s", spec.resource_name, host.name)
+                host.actor, host.last_used = self._start_backend(spec), now
+            elif host.actor is not None and now - host.last_used > self.settings.elastic_idle_s:
+                log.warning("elastic backend %s idle for %.0f s: stopping it so its node can be released",
+                            host.name, now - host.last_used)
+                try:
+                    ray.kill(host.actor, no_restart=True)
+                except Exception:  # already gone
+                    pass
+                host.actor = None
+                self._set_host_health(host, False)
+
+    # ---- views -----------------------------------------------------------------------------------
+    def views(self) -> list[BackendView]:
+        return [m.view() for m in self.members.values()]
+
+    def host_of(self, name: str) -> Host | None:
+        m = self.members.get(name)
+        return None if m is None else self.hosts.get(m.host)
+
+    def actor_of(self, name: str) -> Any:
+        host = self.host_of(name)
+        return None if host is None else host.actor
+
+    def resource_of(self, name: str) -> str:
+        """The Ray resource a node must offer to run member ``name`` (for autoscaling requests)."""
+        m = self.members.get(name)
+        if m is not None and m.spec.pool is not None:
+            return POOL_RESOURCE_CPU
+        return resource_name(name)
+
+    def sched_node(self, m: Member) -> str:
+        """The scheduler's core budget a member counts against: its pool; a QPU is its own."""
+        return m.spec.pool or f"backend:{m.spec.name}"
+
+    def sched_cores(self, m: Member) -> float:
+        host = self.hosts[m.host]
+        if m.spec.pool is not None:
+            return max(host.cores, 1.0)
+        return float(max(m.spec.slots, 1) * max(m.spec.threads, 1))
+
+
+async def _aref(ref: Any) -> Any:
+    """Await an ObjectRef (a coroutine, so asyncio.wait_for can cancel it)."""
+    return await ref

@@ -1,0 +1,77 @@
+"""What the live allocator does about runs that overrun their prediction.
+
+Two defences, one tick (``tick``, every ``settings.hedge.interval_s``):
+
+1. **memory** — a run past ``overrun_factor``× its prediction is remembered *at once* as a
+   censored lower bound (it took at least this long on that variant), so the next job of the
+   same circuit — or of a close neighbour — is planned with that knowledge;
+2. **hedging** — ``placement.hedging.decide_hedges`` may start one backup run on another
+   method or pool that is free now and predicted to finish sooner; the first result wins and
+   the dispatcher stops the other run.
+
+The benchmark's simulation calls the same pure functions (``decide_hedges``, ``RunMemory``), so
+what it measures is what runs live. The hard run timeout stays as the last line of defence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray_qalloc.config import Settings
+from ray_qalloc.costmodel.memory import MemoryPredictor, RunMemory
+
+
+def wrap_predictor(fresh: Any, previous: Any = None) -> MemoryPredictor:
+    """A predictor that consults run memory; a hot-reloaded model keeps the memory it had."""
+    if isinstance(fresh, MemoryPredictor):
+        return fresh
+    memory = previous.memory if isinstance(previous, MemoryPredictor) else RunMemory()
+    return MemoryPredictor(fresh, memory)
+
+
+def hedge_policy(settings: Settings) -> Any:
+    from ray_qalloc.placement.hedging import HedgePolicy
+
+    h = settings.hedge
+    return HedgePolicy(k=h.overrun_factor, min_elapsed_s=h.min_overrun_s)
+
+
+def tick(d: Any, settings: Settings, now: float) -> int:
+    """One check of the dispatcher's running jobs; returns the backups started."""
+    from ray_qalloc.placement.hedging import RunningInfo, decide_hedges
+    from ray_qalloc.placement.scheduler import LiveView
+
+    h = settings.hedge
+    policy = hedge_policy(settings)
+
+    def note(r: Any, at: float) -> None:
+        remember = getattr(d.predictor, "remember", None)
+        m = d.fleet.members.get(r.backend)
+        if remember is not None and m is not None and m.spec.kind == "simulator":
+            remember(r.view, m.spec, at - r.started_at, censored=True, predicted_s=r.predicted_s)
+            d.overruns_noted = getattr(d, "overruns_noted", 0) + 1
+
+    def decide(runs: list[Any], at: float) -> list[tuple[str, str]]:
+        infos = []
+        for r in runs:
+            m = d.fleet.members.get(r.backend)
+            if m is None:
+                continue
+            est = r.plan.estimates.get(r.backend)
+            infos.append(RunningInfo(r.job.id, r.backend, r.started_at, r.predicted_s,
+                                     est.log_sd if est is not None else 0.0, m.spec.kind, r.backup is not None))
+        plans = {r.job.id: _without_blocked(r) for r in runs}
+        live = LiveView(d.sched, at, False)
+        return [(x.job_id, x.backend) for x in decide_hedges(infos, plans, live, at, policy)]
+
+    return d.hedge_tick(now, decide if h.enabled else None, note, h.overrun_factor, h.min_overrun_s)
+
+
+def _without_blocked(r: Any) -> Any:
+    """The run's plan minus backends the job may not use again (failover history)."""
+    from ray_qalloc.placement.model import Plan
+
+    if not r.view.blocked:
+        return r.plan
+    return Plan(r.plan.job_id, {b: e for b, e in r.plan.estimates.items() if b not in r.view.blocked},
+                dict(r.plan.filtered))
