@@ -49,10 +49,11 @@ class Allocator:
     """See module docstring. Created by ``ray_qalloc.connect`` via ``allocator_options``."""
 
     def __init__(self, settings: Settings, members: Mapping[str, tuple[BackendSpec, Any]] | None = None,
-                 node_cpus: dict[str, float] | None = None) -> None:
+                 node_cpus: dict[str, float] | None = None, predictor: Any = None) -> None:
         """``members`` injects a ready fleet (unit tests use small fakes): name -> (spec, actor);
         members whose spec names a pool share that pool's host and core budget (``node_cpus``).
-        By default the fleet comes from ``settings.pool`` and the cluster's nodes."""
+        By default the fleet comes from ``settings.pool`` and the cluster's nodes. ``predictor``
+        replaces the cost model from the registry (it still gets run memory)."""
         logging.basicConfig(level=logging.WARNING)
         # A long queue is a million long-lived objects; the cyclic GC's full passes over them
         # (every few hundred submits at the default thresholds) cost ~1 s each. Collect the young
@@ -70,7 +71,7 @@ class Allocator:
         from ray_qalloc import overruns
 
         self.d = Dispatcher(settings, self.store, None, self.sched,  # type: ignore[arg-type]
-                            overruns.wrap_predictor(load_predictor(settings.models_dir)), self._kick.set)
+                            overruns.wrap_predictor(predictor or load_predictor(settings.models_dir)), self._kick.set)
         self.fleet = Fleet(settings, self.d)
         self.d.fleet = self.fleet
         self.startup: dict[str, float] = {}          # how long the last start took, by step (stats)

@@ -62,7 +62,8 @@ def tick(d: Any, settings: Settings, now: float) -> int:
                                      est.log_sd if est is not None else 0.0, m.spec.kind, r.backup is not None))
         plans = {r.job.id: _without_blocked(r) for r in runs}
         live = LiveView(d.sched, at, False)
-        return [(x.job_id, x.backend) for x in decide_hedges(infos, plans, live, at, policy)]
+        kinds = {name: m.spec.kind for name, m in d.fleet.members.items()}
+        return [(x.job_id, x.backend) for x in decide_hedges(infos, plans, live, at, policy, kinds)]
 
     return d.hedge_tick(now, decide if h.enabled else None, note, h.overrun_factor, h.min_overrun_s)
 

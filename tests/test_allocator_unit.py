@@ -53,7 +53,7 @@ class FakeBackend:
     async def _warmed(self, timeout_s: float = 0.0) -> bool:
         return True
 
-    async def _stop(self, job_id: str, attempt: int) -> bool:
+    def _stop(self, job_id: str, attempt: int) -> bool:   # fire and forget, like the real call
         self.stopped.append((job_id, attempt))
         return True
 
@@ -310,3 +310,84 @@ def test_store_add_job_twice_with_the_same_job_is_not_an_error(tmp_path):
     other = prepared(id=job.id, payload=b"another circuit")
     with pytest.raises(StoreError):
         store.add_job(other)
+
+
+def _no_phantoms(alloc: Allocator) -> None:
+    """Every run the scheduler counts is a run the dispatcher watches, and vice versa."""
+    watched = {r.sched_id for r in alloc.d._all_runs()}
+    assert set(alloc.sched.runs) == watched, (set(alloc.sched.runs), watched)
+    assert set(alloc.sched.entries) == set(alloc.d.queued)
+    check = getattr(alloc.sched, "validate_state", None)
+    if check is not None:
+        check()
+
+
+def test_a_submit_whose_commit_fails_leaves_no_phantom_run(tmp_path):
+    """Regression: the pass made for a submit started runs before the job was committed; a store
+    error (here a NUL byte in the idempotency key, refused by the store) left the pass's runs
+    holding their slots with nobody running them. Now the pass is undone."""
+    async def main():
+        a = FakeBackend("a", delay=0.3)
+        alloc = make(tmp_path, [a])
+        busy = await alloc.submit(prepared())                    # takes the only slot
+        waiting = await alloc.submit(prepared())                 # queued behind it
+        await asyncio.sleep(0.05)
+        before = len(a.run.calls)
+        with pytest.raises(Exception, match="NUL"):
+            await alloc.submit(prepared(idempotency_key="bad\x00key"))
+        _no_phantoms(alloc)
+        assert len(a.run.calls) == before
+        recs = [await alloc.wait(j["id"], timeout=10) for j in (busy, waiting)]
+        _no_phantoms(alloc)
+        return alloc, recs
+
+    alloc, recs = run_async(main)
+    assert [r["state"] for r in recs] == ["completed", "completed"]
+    assert alloc.store.counts_by_state() == {"completed": 2}      # nothing stored for the bad one
+
+
+def test_a_dispatch_whose_commit_fails_keeps_the_job_in_line(tmp_path):
+    """A database blip at dispatch: the job is not started (no phantom run), keeps its place,
+    and starts at a later pass."""
+    async def main():
+        a = FakeBackend("a", delay=0.1)
+        alloc = make(tmp_path, [a])
+        first = await alloc.submit(prepared())
+        second = await alloc.submit(prepared())
+        real = alloc.store.dispatch
+        failures = {"n": 0}
+
+        def flaky(*args: Any, **kw: Any) -> Any:
+            if failures["n"] == 0:
+                failures["n"] += 1
+                raise StoreError("database is locked", fix="retry")
+            return real(*args, **kw)
+
+        alloc.store.dispatch = flaky                 # the next dispatch commit fails once
+        r1 = await alloc.wait(first["id"], timeout=10)
+        await asyncio.sleep(0.05)
+        _no_phantoms(alloc)
+        r2 = await alloc.wait(second["id"], timeout=10)
+        _no_phantoms(alloc)
+        return alloc, r1, r2, failures["n"]
+
+    alloc, r1, r2, n = run_async(main)
+    assert n == 1 and alloc.d.commit_failures == 1
+    assert r1["state"] == r2["state"] == "completed"
+    assert len(r2["attempt_history"]) == 1          # started once, after the blip
+
+
+def test_cancel_stops_the_run_on_its_pool(tmp_path):
+    async def main():
+        a = FakeBackend("a", "hang")
+        alloc = make(tmp_path, [a], [sim("a", pool="n1")], cpus=1.0)
+        job = await alloc.submit(prepared())
+        await asyncio.sleep(0.05)
+        assert await alloc.cancel(job["id"])
+        await asyncio.sleep(0.05)
+        _no_phantoms(alloc)
+        return a, job, alloc
+
+    a, job, alloc = run_async(main)
+    assert a.stopped == [(job["id"], 1)]
+    assert alloc.store.get(job["id"]).state == JobState.CANCELLED

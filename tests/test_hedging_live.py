@@ -1,0 +1,98 @@
+"""Hedging and stopping, live: a real PoolActor on the session's Ray runs a volume-law circuit
+that the cost model wrongly believes is fast on MPS. The run overruns, a backup starts on
+statevector, the first result wins and the MPS run is stopped (its core comes back); the next
+job of the same circuit goes to statevector at once (run memory)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import pytest
+import ray
+
+from ray_qalloc.allocator import Allocator
+from ray_qalloc.backends.pool_actor import RemotePoolActor, pool_actor_options
+from ray_qalloc.backends.pools import pool_candidate_specs
+from ray_qalloc.config import Limits, load_settings
+from ray_qalloc.costmodel.prior import HeuristicPrior
+from ray_qalloc.jobs import make_spec, prepare_job
+from ray_qalloc.placement import BackendView, Estimate, JobView
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class MpsOptimist:
+    """The heuristic prior, except that it believes MPS is 1000× faster than it says: the kind of
+    model error a circuit unlike the training data causes."""
+
+    source = "test:mps-optimist"
+
+    def __init__(self) -> None:
+        self.base = HeuristicPrior()
+
+    def predict(self, job: JobView, backends: Sequence[BackendView]) -> list[Estimate]:
+        out = []
+        for e in self.base.predict(job, backends):
+            if e.backend.endswith("/mps"):
+                e = dataclasses.replace(e, runtime_s=e.runtime_s / 1000.0, log_sd=0.0)
+            out.append(e)
+        return out
+
+
+def volume_law(n: int):
+    from qiskit.circuit.library import quantum_volume
+
+    qc = quantum_volume(n, seed=3).decompose()
+    qc.measure_all()
+    return qc
+
+
+def test_an_overrunning_run_is_hedged_and_the_loser_is_stopped(qa, tmp_path):
+    node = ray.get_runtime_context().get_node_id()
+    pool = "cpu-hedge"
+    actor = RemotePoolActor.options(**pool_actor_options(pool, node, "hedge-test", use_resource=False)).remote(
+        pool, node, ("statevector",))
+    specs = pool_candidate_specs(pool, cores=2, memory_bytes=4 << 30,
+                                 methods=["matrix_product_state", "statevector"])
+    specs = [s for s in specs if s.threads == 1]
+    settings = load_settings(data_dir=tmp_path, health_interval_s=0.5, history_flush_s=60.0,
+                             hedge={"overrun_factor": 3.0, "min_overrun_s": 0.5, "interval_s": 0.1})
+    job = prepare_job(make_spec(circuit=volume_law(18), shots=100), Limits())
+    again = prepare_job(make_spec(circuit=volume_law(18), shots=100), Limits())
+
+    async def main() -> tuple[Any, ...]:
+        alloc = Allocator(settings, members={s.name: (s, actor) for s in specs}, node_cpus={pool: 2.0},
+                          predictor=MpsOptimist())
+        await alloc.ready()
+        t0 = time.monotonic()
+        first = await alloc.submit(job)
+        rec = await alloc.wait(first["id"], timeout=120)
+        took = time.monotonic() - t0
+        await asyncio.sleep(1.0)
+        running_after = await _aref(actor.running.remote())
+        second = await alloc.submit(again)
+        rec2 = await alloc.wait(second["id"], timeout=120)
+        ex2 = await alloc.explain(second["id"])
+        stats = await alloc.stats()
+        return rec, took, running_after, rec2, ex2, stats
+
+    rec, took, running_after, rec2, ex2, stats = asyncio.run(main())
+    ray.kill(actor)
+    history = [(h["backend"], h["outcome"]) for h in rec["attempt_history"]]
+    assert rec["state"] == "completed"
+    assert history == [(f"{pool}/mps", "hedge_lost"), (f"{pool}/statevector", "completed")], history
+    assert rec["result"]["backend"] == f"{pool}/statevector"
+    assert took < 30.0                     # MPS alone runs for minutes on this circuit
+    assert running_after == []             # the losing MPS run was stopped, not left to burn a core
+    assert stats["hedges"] == 1
+    # the next job of the same circuit is placed by what ran, not by the model's guess
+    assert rec2["result"]["backend"] == f"{pool}/statevector"
+    assert [h["outcome"] for h in rec2["attempt_history"]] == ["completed"]
+    assert ex2["backends"][f"{pool}/mps"]["source"].startswith("memory")
+
+
+async def _aref(ref: Any) -> Any:
+    return await ref
