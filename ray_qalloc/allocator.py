@@ -271,7 +271,7 @@ class Allocator:
             if not self.store.get(job_id):
                 raise JobNotFound(f"no job with id {job_id!r}.", field="job_id")
             return False
-        self.d.queued.pop(job_id, None)
+        self.d.take(job_id)
         self.sched.remove(job_id)
         self.d.cancel_running(job_id)
         self.d.notify(job_id)
@@ -319,7 +319,7 @@ class Allocator:
         await self._wait_ready()
         return {"queued": len(self.d.queued), "running": len(self.d.running), "flagged": len(self.d.flags),
                 "draining": self.d.draining, "startup": self.startup, "hedges": self.d.hedges,
-                "commit_failures": self.d.commit_failures,
+                "commit_failures": self.d.commit_failures, "overruns_noted": self.d.overruns_noted,
                 "store": self.store.counts_by_state(), "uptime_s": time.time() - self.started_at,
                 "pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss}
 

@@ -75,33 +75,60 @@ def _fail(exc: QAllocError) -> None:
 # ---- backends ------------------------------------------------------------------------------
 @app.command()
 def backends() -> None:
-    """The backend pool with each backend's calibration summary."""
-    from ray_qalloc.allocator import pool_names
-    from ray_qalloc.backends.registry import make_backend
+    """What the configured pool offers: a simulator pool per node (its method variants, sized
+    here from this machine; on a cluster each node's pool measures its own) and each QPU with
+    its calibration summary. Needs no Ray; ``qalloc -o json backends`` for the live view is the
+    API's ``GET /v1/backends``."""
+    import os
 
+    from ray_qalloc.backends.aer import default_memory_bytes
+    from ray_qalloc.backends.pools import pool_candidate_specs, pool_name
+    from ray_qalloc.backends.registry import make_backend
+    from ray_qalloc.resources import split_pool
+
+    methods, others = split_pool(_settings().pool)
     rows = []
-    for name in pool_names(_settings().pool):
+    if methods:
+        for spec in pool_candidate_specs(pool_name(None), cores=os.cpu_count() or 1,
+                                         memory_bytes=default_memory_bytes(), methods=methods):
+            rows.append({"name": spec.name, "kind": spec.kind, "family": spec.family, "pool": spec.pool,
+                         "method": spec.method, "threads": spec.threads, "device": None, "qubits": spec.num_qubits,
+                         "slots": spec.slots, "resource": "qalloc_pool_cpu", "calibration": None})
+    for name in others:
         b = make_backend(name)
         spec = b.spec()
         cal = b.calibration()
-        rows.append({"name": spec.name, "kind": spec.kind, "family": spec.family,
-                     "method": spec.method, "device": spec.device, "qubits": spec.num_qubits,
-                     "slots": spec.slots, "resource": spec.resource_name,
+        rows.append({"name": spec.name, "kind": spec.kind, "family": spec.family, "pool": None,
+                     "method": spec.method, "threads": spec.threads, "device": spec.device,
+                     "qubits": spec.num_qubits, "slots": spec.slots, "resource": spec.resource_name,
                      "calibration": cal.summary() if cal is not None else None})
     if _json_out():
         _print_json(rows)
         return
-    t = Table(title="ray-qalloc backend pool")
-    for col in ("backend", "kind", "method / device", "qubits", "slots", "T1 µs", "T2 µs", "readout err",
-                "1q err", "2q err"):
-        t.add_column(col, justify="right" if col not in ("backend", "kind", "method / device") else "left")
+    t = Table(title="ray-qalloc pool (simulator pool: one per node offering qalloc_pool_cpu; "
+                    "cpu-local is this machine's)")
+    for col in ("backend", "kind", "pool / device", "method", "threads", "qubits", "slots", "T1 µs", "T2 µs",
+                "readout err", "1q err", "2q err"):
+        t.add_column(col, justify="left" if col in ("backend", "kind", "pool / device", "method") else "right")
     for r in rows:
         c = r["calibration"] or {}
-        t.add_row(r["name"], r["kind"], r["method"] or r["device"] or "", str(r["qubits"]), str(r["slots"]),
+        t.add_row(r["name"], r["kind"], r["pool"] or r["device"] or "", r["method"] or "", str(r["threads"]),
+                  str(r["qubits"]), str(r["slots"]),
                   _num(c.get("t1_median_us"), ".0f"), _num(c.get("t2_median_us"), ".0f"),
                   _num(c.get("readout_error_median"), ".3f"), _num(c.get("gate_1q_error_median"), ".1e"),
                   _num(c.get("gate_2q_error_median"), ".1e"))
     console.print(t)
+
+
+def where(backend: str) -> tuple[str, str]:
+    """(pool or device, method) of a backend name, for tables."""
+    from ray_qalloc.backends.pools import METHOD_SHORT, parse_candidate
+
+    c = parse_candidate(backend)
+    if c is None:
+        return backend, "QPU" if backend.startswith(("qpu_", "ibm_")) else "-"
+    short = METHOD_SHORT.get(c.method, c.method)
+    return c.pool, short if c.threads == 1 else f"{short} ×{c.threads} threads"
 
 
 def _num(v: Any, fmt: str) -> str:
@@ -307,7 +334,7 @@ def demo(jobs: int = typer.Option(0, help="Run only the first N demo jobs (0: al
 
     items = list(DEMO[:jobs] if jobs else DEMO)
     t0 = time.time()
-    with console.status("starting Ray, the allocator and the backend pool ..."):
+    with console.status("starting Ray, the allocator, the simulator pool and the emulated QPUs ..."):
         try:
             qa = connect(settings=_settings(), num_cpus=num_cpus)
         except QAllocError as exc:
@@ -334,14 +361,15 @@ def demo(jobs: int = typer.Option(0, help="Run only the first N demo jobs (0: al
                     chosen = ex["backends"].get(res.backend, {})
                     n_scored = sum(1 for r in ex["backends"].values() if r["status"] == "scored")
                     n_filtered = len(ex["backends"]) - n_scored
+                    pool, method = where(res.backend)
                     rows.append({"job": item.label, "id": h.id, "priority": item.priority, "intent": item.intent,
-                                 "backend": res.backend,
+                                 "backend": res.backend, "pool": pool, "method": method,
                                  "reason": _short_reason(res, n_scored, n_filtered),
                                  "wait_s": res.queue_s, "run_s": res.wall_s, "qpu_s": res.qpu_s,
                                  "est_fidelity": chosen.get("fidelity"), "attempts": res.attempts})
                 except QAllocError as exc:
                     rows.append({"job": item.label, "id": h.id, "priority": item.priority, "intent": item.intent,
-                                 "backend": "-", "reason": str(exc)[:60], "wait_s": None, "run_s": None,
+                                 "backend": "-", "pool": "-", "method": "-", "reason": str(exc)[:60], "wait_s": None, "run_s": None,
                                  "qpu_s": None, "est_fidelity": None, "attempts": None})
                 progress.advance(done)
         qa.flush_history()
@@ -352,10 +380,11 @@ def demo(jobs: int = typer.Option(0, help="Run only the first N demo jobs (0: al
         _print_json({"jobs": rows, "startup_s": start_s, "total_s": total_s})
         return
     t = Table(title=f"ray-qalloc demo: {len(rows)} jobs (start-up {start_s:.1f} s, total {total_s:.1f} s)")
-    for col in ("job", "priority", "intent", "backend", "reason", "wait s", "run s", "QPU s", "est. fidelity"):
+    for col in ("job", "priority", "intent", "pool / QPU", "method", "reason", "wait s", "run s", "QPU s",
+                "est. fidelity"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r["job"], r["priority"], r["intent"], r["backend"], r["reason"], _num(r["wait_s"], ".3f"),
+        t.add_row(r["job"], r["priority"], r["intent"], r["pool"], r["method"], r["reason"], _num(r["wait_s"], ".3f"),
                   _num(r["run_s"], ".3f"), _num(r["qpu_s"], ".2f"), _num(r["est_fidelity"], ".3f"))
     console.print(t)
     console.print("Explain any job: [bold]qalloc explain JOB_ID[/bold]  (ids: qalloc -o json demo)")

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -35,6 +36,9 @@ from ray_qalloc.store import JobStore
 log = logging.getLogger("ray_qalloc.dispatch")
 
 _FINISHED_KEEP = 10_000
+# A run off its prediction by more than this factor (either way) re-plans the queued jobs of
+# its circuit: memory now knows better than the plans they were given.
+_REPLAN_LOG_RATIO = math.log(2.0)
 _HEDGE_SUFFIX = "#backup"
 
 
@@ -96,8 +100,10 @@ class Dispatcher:
         self.finished: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._preempting: dict[str, str] = {}   # job -> backend whose run is being stopped for an emergency
         self._stopping: set[tuple[str, int]] = set()   # (job, attempt) stopped on purpose
+        self._by_circuit: dict[str, set[str]] = {}   # circuit key -> its queued jobs
         self.draining = False
         self.hedges = 0
+        self.overruns_noted = 0
         self.commit_failures = 0
 
     # ==== fleet events (FleetListener) ==========================================================
@@ -138,7 +144,7 @@ class Dispatcher:
         allowed = resolve_allowed(job.backends, self.fleet.members) if job.backends else None
         return JobView(job.id, job.num_qubits, job.ops, job.features, job.shots, job.intent.value,
                        job.priority.value, job.fidelity_min, job.deadline_s, job.tenant, blocked, allowed,
-                       **_key_field(job))
+                       circuit_key(job))
 
     def plan_for(self, view: JobView) -> Plan:
         return plan(view, self.fleet.views(), self.predictor, self.filters)
@@ -166,22 +172,54 @@ class Dispatcher:
         deadline is already out of reach."""
         if p is None:
             p = self.plan_for(view)
-        self.queued[job.id] = Queued(job, view, p, time.time(), created_at)
+        self._put(Queued(job, view, p, time.time(), created_at))
         entry = self.sched.enqueue(view, p, created_at)
         if entry.flagged:
             self.flag(job.id, entry.flagged)
+
+    def _put(self, q: Queued) -> None:
+        self.queued[q.job.id] = q
+        key = q.view.circuit_key
+        if key is not None:
+            self._by_circuit.setdefault(key, set()).add(q.job.id)
+
+    def take(self, job_id: str) -> Queued | None:
+        """A job leaves the queue (started, cancelled, given up)."""
+        q = self.queued.pop(job_id, None)
+        if q is not None and q.view.circuit_key is not None:
+            same = self._by_circuit.get(q.view.circuit_key)
+            if same is not None:
+                same.discard(job_id)
+                if not same:
+                    del self._by_circuit[q.view.circuit_key]
+        return q
+
+    def replan_circuit(self, key: str | None) -> int:
+        """What ran (or overran) changed what memory knows of this circuit: queued jobs of the same
+        circuit are planned again now, each keeping its place — so the next one goes elsewhere
+        instead of repeating a mistake the first one found."""
+        ids = self._by_circuit.get(key or "", ())
+        for job_id in list(ids):
+            q = self.queued.get(job_id)
+            if q is not None:
+                self._replan(q)
+        return len(ids)
+
+    def _replan(self, q: Queued) -> None:
+        self.sched.remove(q.job.id)
+        view = self.view(q.job, q.view.blocked)
+        p = self.plan_for(view)
+        q.view, q.plan = view, p
+        entry = self.sched.enqueue(view, p, q.created_at)
+        if entry.flagged and q.job.id not in self.flags:   # a flag, once raised, keeps its first reason
+            self.flag(q.job.id, entry.flagged)
 
     def replan_queued(self) -> None:
         """The pool changed (a node joined or left): queued jobs are planned again over what
         exists now, each keeping its place in line."""
         for q in list(self.queued.values()):
-            self.sched.remove(q.job.id)
-            view = self.view(q.job, q.view.blocked)
-            p = self.plan_for(view)
-            q.view, q.plan = view, p
-            entry = self.sched.enqueue(view, p, q.created_at)
-            if entry.flagged:
-                self.flag(q.job.id, entry.flagged)
+            self._replan(q)
+        self.kick()
 
     def submit(self, job: PreparedJob) -> dict[str, Any]:
         """Store, then queue. The fast path: when this job starts at once it is accepted and
@@ -214,7 +252,7 @@ class Dispatcher:
                 self.choices[job.id] = {"chosen": mine.choice.backend, "reason": mine.choice.reason}
                 self.launch(q, mine.choice.backend, attempt)
             else:
-                self.queued[job.id] = q
+                self._put(q)
             if entry.flagged:  # hopeless from the start: say so now, not after the deadline
                 self.flag(job.id, entry.flagged)
         self.apply(res, skip=job.id)
@@ -270,7 +308,7 @@ class Dispatcher:
     def apply(self, res: PassResult, skip: str | None = None) -> None:
         """Carry out one pass: commit each start, then start it; flags, preemptions, give-ups."""
         for entry in res.unplaceable:
-            if self.queued.pop(entry.job.id, None) is not None:
+            if self.take(entry.job.id) is not None:
                 self.give_up(entry.job.id, "no feasible backend left: " + _why_not(entry.plan), entry.plan)
         for entry in res.flagged:
             self.flag(entry.job.id, entry.flagged or "deadline at risk")
@@ -303,7 +341,7 @@ class Dispatcher:
         est = q.plan.estimates[name]
         attempt = self.store.dispatch(q.job.id, name, predicted_s=est.runtime_s, queued_at=q.enqueued_at,
                                       explanation=explain(q.plan, d.explained))
-        self.queued.pop(q.job.id, None)
+        self.take(q.job.id)
         if attempt is None:  # cancelled meanwhile
             self.sched.finish(q.job.id)
             return
@@ -458,6 +496,8 @@ class Dispatcher:
         remember = getattr(self.predictor, "remember", None)
         if remember is not None and m.spec.kind == "simulator":
             remember(r.view, m.spec, float(actual), censored=False, predicted_s=r.predicted_s)
+            if abs(math.log(max(float(actual), 1e-6) / max(r.predicted_s, 1e-6))) > _REPLAN_LOG_RATIO:
+                self.replan_circuit(r.view.circuit_key)
 
     def _remember_final(self, r: Running, result: dict[str, Any]) -> None:
         job, now = r.job, time.time()
@@ -630,13 +670,6 @@ def _classify(exc: BaseException) -> tuple[str, str]:
     if isinstance(cause, BackendError) or isinstance(exc, BackendError):
         return "backend_error", str(cause)[:500]
     return "error", text
-
-
-def _key_field(job: PreparedJob) -> dict[str, Any]:
-    """``circuit_key`` for JobView when placement's model has the field (it is being added)."""
-    if "circuit_key" in JobView.__dataclass_fields__:
-        return {"circuit_key": circuit_key(job)}
-    return {}
 
 
 def _hopeless(p: Plan) -> bool:

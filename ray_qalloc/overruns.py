@@ -49,7 +49,8 @@ def tick(d: Any, settings: Settings, now: float) -> int:
         m = d.fleet.members.get(r.backend)
         if remember is not None and m is not None and m.spec.kind == "simulator":
             remember(r.view, m.spec, at - r.started_at, censored=True, predicted_s=r.predicted_s)
-            d.overruns_noted = getattr(d, "overruns_noted", 0) + 1
+            d.overruns_noted += 1
+            d.replan_circuit(r.view.circuit_key)
 
     def decide(runs: list[Any], at: float) -> list[tuple[str, str]]:
         infos = []

@@ -94,7 +94,8 @@ def make(tmp_path, fakes: list[FakeBackend], specs: list[BackendSpec] | None = N
 def test_timed_out_attempt_fails_over_and_late_result_is_ignored(tmp_path):
     async def main():
         a, b = FakeBackend("a", "hang"), FakeBackend("b")
-        alloc = make(tmp_path, [a, b], run_timeout_floor_s=0.05, run_timeout_factor=1.5)
+        alloc = make(tmp_path, [a, b], run_timeout_floor_s=0.05, run_timeout_factor=1.5,
+                     hedge={"enabled": False})        # the timeout alone (hedging is tested apart)
         out = await alloc.submit(prepared(shots=10))
         rec = await alloc.wait(out["id"], timeout=10)
         a.hang.set()  # the hung run finally answers: must not be recorded

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ray_qalloc.cli import app
-from ray_qalloc.backends.registry import DEFAULT_POOL
+from ray_qalloc.backends.registry import FAKE_QPU_POOL
 
 runner = CliRunner()
 
@@ -32,9 +32,11 @@ def test_backends_lists_the_pool_with_calibration(qa):
     code, out = run("--data-dir", str(qa.settings.data_dir), "-o", "json", "backends")
     assert code == 0, out
     rows = {r["name"]: r for r in json.loads(out)}
-    assert set(rows) == set(DEFAULT_POOL)
+    assert set(FAKE_QPU_POOL) <= set(rows)
     assert rows["qpu_torino"]["calibration"]["t1_median_us"] > 10
-    assert rows["aer_statevector"]["calibration"] is None
+    sims = [r for r in rows.values() if r["kind"] == "simulator"]
+    assert {r["method"] for r in sims} == {"statevector", "matrix_product_state", "stabilizer", "density_matrix"}
+    assert all(r["pool"] == "cpu-local" and r["calibration"] is None for r in sims)
     code, out = run("--data-dir", str(qa.settings.data_dir), "backends")
     assert code == 0 and "qpu_fez" in out and "T1" in out
 
@@ -52,7 +54,7 @@ def test_submit_status_explain_round_trip(qa, tmp_path):
     assert st["state"] == "completed" and [t["name"] for t in st["transitions"]][-1] == "complete"
     code, out = run("--data-dir", dd, "-o", "json", "explain", sub["id"])
     ex = json.loads(out)
-    assert ex["chosen"] == sub["backend"] and set(ex["backends"]) == set(DEFAULT_POOL)
+    assert ex["chosen"] == sub["backend"] and set(ex["backends"]) == {b["name"] for b in qa.backends()}
     code, out = run("--data-dir", dd, "explain", sub["id"])
     assert code == 0 and sub["backend"] in out and "scored" in out
 
@@ -82,5 +84,7 @@ def test_demo_prints_a_row_per_job(qa):
     assert code == 0, out
     data = json.loads(out[out.index("{"):])
     assert len(data["jobs"]) == 3
-    assert all(r["backend"] in DEFAULT_POOL for r in data["jobs"])
-    assert data["jobs"][0]["backend"] == "aer_stabilizer"   # GHZ-24: Clifford
+    names = {b["name"] for b in qa.backends()}
+    assert all(r["backend"] in names for r in data["jobs"])
+    assert data["jobs"][0]["method"] == "stabilizer"         # GHZ-24: Clifford
+    assert data["jobs"][0]["pool"] == data["jobs"][0]["backend"].split("/")[0]
