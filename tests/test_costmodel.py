@@ -369,6 +369,81 @@ def test_online_correction_moves_predictions_toward_observations(model):
     assert pred.correction("aer_mps") == pytest.approx(math.exp(3.0))
 
 
+def test_estimates_carry_a_per_method_spread_from_the_artifact_or_defaults(model, measured):
+    from ray_qalloc.costmodel.model import runtime_metrics
+    from ray_qalloc.costmodel.prior import METHOD_LOG_SD, QPU_LOG_SD
+
+    job, views = job_of(rotations(10)), sim_views() + qpu_views()
+    # the training metrics now hold per-method residuals; a model without them uses defaults
+    data = runtime_data(measured["table"])
+    metrics = runtime_metrics(model.predict_log_runtime(data.X), data)
+    assert {f"rmse_log_{m}" for m in ("statevector", "matrix_product_state")} <= set(metrics)
+    plain = by_name(LearnedPredictor(model, exploration_rate=0).predict(job, views))
+    assert plain["aer_statevector"].log_sd == METHOD_LOG_SD["statevector"]
+    assert plain["aer_mps"].log_sd == METHOD_LOG_SD["matrix_product_state"]
+    assert plain["qpu_torino"].log_sd == QPU_LOG_SD
+    meta = {**model.meta, "metrics": {**model.meta.get("metrics", {}), "cv_rmse_log_matrix_product_state": 2.2,
+                                      "cv_rmse_log_statevector": float("nan")}}
+    cv = CostModel(model.runtime, model.memory, model.fidelity, meta)
+    got = by_name(LearnedPredictor(cv, exploration_rate=0).predict(job, views))
+    assert got["aer_mps"].log_sd == 2.2
+    assert got["aer_statevector"].log_sd == METHOD_LOG_SD["statevector"]   # NaN in the artifact: ignored
+
+
+def test_spread_grows_for_a_backend_whose_predictions_are_far_off_and_is_bounded(model):
+    from ray_qalloc.costmodel.model import LearnedPredictor as LP
+
+    pred = LP(model, exploration_rate=0, ewma_alpha=0.2)
+    job, views = job_of(rotations(10)), sim_views()
+    sv = [v for v in views if v.name == "aer_statevector"]
+    base = pred.predict(job, sv)[0].log_sd
+    for _ in range(20):   # spot on: the spread never talks itself below the method's
+        e = pred.predict(job, sv)[0]
+        pred.observe("aer_statevector", e.runtime_s, e.runtime_s)
+    assert pred.predict(job, sv)[0].log_sd == base
+    rng = np.random.default_rng(0)
+    for _ in range(40):   # off by ×e^±2 at random: the bias cannot learn it, the spread does
+        e = pred.predict(job, sv)[0]
+        pred.observe("aer_statevector", e.runtime_s, e.runtime_s * math.exp(2.0 * rng.choice([-1, 1])))
+    grown = pred.predict(job, sv)[0].log_sd
+    assert 1.2 < grown <= 3.0
+    for _ in range(100):  # absurd observations: bounded by the same ±3 clip as the bias
+        pred.observe("aer_mps", 1.0, 1e9)
+    assert pred.spread("aer_mps") == pytest.approx(3.0)
+
+
+def test_memory_predictor_forwards_observe_with_the_models_own_prediction(model):
+    from ray_qalloc.costmodel.memory import MemoryPredictor
+
+    base = LearnedPredictor(model, exploration_rate=0)
+    mp = MemoryPredictor(base)
+    job, views = job_of(rotations(10), circuit_key="rot10"), sim_views()
+    sv = [v for v in views if v.name == "aer_statevector"]
+    honest = base.predict(job, sv)[0].runtime_s
+    mp.remember(job, sv[0].spec, honest * 4, predicted_s=honest)
+    shown = mp.predict(job, sv)[0]
+    assert shown.source == "memory:exact" and shown.runtime_s == pytest.approx(honest * 4)
+    mp.observe("aer_statevector", shown.runtime_s, honest * 4)     # what the allocator passes
+    assert base.correction("aer_statevector") == pytest.approx(math.exp(base.alpha * math.log(4.0)))
+    assert mp.source == base.source and mp.correction("aer_mps") == 1.0 and mp.explorations == 0
+
+
+def test_memory_takes_ratios_against_the_honest_prediction_not_an_explored_one(model):
+    from ray_qalloc.costmodel.memory import MemoryPredictor
+
+    mp = MemoryPredictor(LearnedPredictor(model, exploration_rate=0.2, explore_factor=4.0, seed=3))
+    first, twin = job_of(ghz(10), circuit_key="a"), job_of(ghz(10), circuit_key="b")   # same features
+    views = sim_views()
+    honest = by_name(LearnedPredictor(model, exploration_rate=0).predict(first, views))
+    e = next(e for _ in range(1000) for e in mp.predict(first, views) if e.source.endswith(":explore"))
+    view = next(v for v in views if v.name == e.backend)
+    actual = honest[e.backend].runtime_s * 2.0
+    mp.remember(first, view.spec, actual, predicted_s=e.runtime_s)     # it ran on the shrunk estimate
+    hit = next(x for x in mp.predict(twin, [view]))
+    assert hit.source == "memory:neighbour"
+    assert hit.runtime_s == pytest.approx(actual, rel=1e-6)           # ratio 2, not 8
+
+
 def test_exploration_is_bounded_and_never_for_emergency_or_deadline(model):
     job, views = job_of(ghz(10)), sim_views()
     honest = by_name(LearnedPredictor(model, exploration_rate=0).predict(job, views))
@@ -462,6 +537,7 @@ def test_allocator_picks_up_a_new_artifact_without_restart(tmp_path, model):
     assert {r["source"] for r in before["backends"].values() if r["status"] == "scored"} == {
         getattr(shipped, "source", "prior")}
     sources = {r["source"] for r in after["backends"].values() if r["status"] == "scored"}
-    assert sources == {f"model:{model.version}"}
+    # the same circuit ran before: run memory answers for the variant it ran on, the model for the rest
+    assert f"model:{model.version}" in sources and sources <= {f"model:{model.version}", "memory:exact"}
     # online correction: the completed run moved that backend's correction away from 1
     assert alloc.predictor.correction(after["chosen"]) != 1.0

@@ -46,7 +46,7 @@ import xgboost as xgb
 
 from ray_qalloc.backends.base import BackendSpec
 from ray_qalloc.circuits import FEATURE_NAMES, FEATURE_SCHEMA_VERSION
-from ray_qalloc.costmodel.prior import HeuristicPrior, qpu_fidelity
+from ray_qalloc.costmodel.prior import HeuristicPrior, method_log_sd, qpu_fidelity
 from ray_qalloc.placement.model import BackendView, Estimate, JobView
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ _IDX = {name: i for i, name in enumerate(MODEL_FEATURES)}
 _LOG_CLIP = 3.0           # bound on online and fidelity corrections, in log space (×20)
 _MIN_MEMORY_ROWS = 20     # fewer measured peaks than this: analytic memory only
 _MIN_FIDELITY_ROWS = 20
+_MIN_METHOD_ROWS = 5      # fewer uncensored rows of a method than this: no per-method residual
+_MIN_LOG_SD = 0.05        # no estimate of a run is more certain than timing noise
 
 DEFAULT_PARAMS: dict[str, Any] = {
     "max_depth": 6, "eta": 0.1, "min_child_weight": 1.0, "subsample": 0.9,
@@ -377,6 +379,11 @@ def runtime_metrics(log_pred: np.ndarray, data: RuntimeData) -> dict[str, float]
         out["spearman"] = _spearman(log_pred[done], np.log(data.lower[done]))
     if (~done).any():
         out["censored_above_cap"] = float(np.mean(log_pred[~done] >= np.log(data.lower[~done])))
+    for m in METHODS:  # per-method spread: what LearnedPredictor gives its estimates as log_sd
+        rows = done & (data.X[:, _IDX[f"b_method_{m}"]] > 0.5)
+        if rows.sum() >= _MIN_METHOD_ROWS:
+            e = log_pred[rows] - np.log(data.lower[rows])
+            out[f"rmse_log_{m}"] = float(np.sqrt(np.mean(e ** 2)))
     return out
 
 
@@ -645,6 +652,13 @@ class LearnedPredictor:
       under ``explore_max_s``. So an exploratory choice costs at most ``explore_factor``× the
       best predicted runtime, on at most ``exploration_rate`` of jobs. Never for emergency jobs
       or jobs with a deadline. ``observe`` undoes the shrink before learning from the outcome.
+    * Spread (``Estimate.log_sd``): per method, the artifact's out-of-fold RMSE of log runtime
+      (``metrics.cv_rmse_log_<method>``, written by training since per-method residuals were
+      added; train-set RMSE is far too optimistic to use), else the prior's per-method default.
+      ``observe`` keeps a per-backend EWMA of squared residuals, started at that spread², and
+      a backend's spread is the larger of the two (at most ±3 in log space). Only larger:
+      the runs a backend sees are the ones selection sent there, the easy ones for a risky
+      method, so their small residuals must not talk its spread down.
     """
 
     def __init__(self, model: CostModel, *, fallback: Any = None, exploration_rate: float = 0.02,
@@ -664,6 +678,9 @@ class LearnedPredictor:
         self._vectors: dict[str, tuple[BackendSpec, Any, np.ndarray]] = {}
         self._cache: OrderedDict[bytes, tuple[list[float], list[float]]] = OrderedDict()
         self.explorations = 0
+        self._method_sd = _artifact_spreads(model.meta)
+        self._base_sd: dict[str, float] = {}      # backend -> spread before observations
+        self._sq: dict[str, float] = {}           # backend -> EWMA of squared log residuals
 
     # -- Predictor protocol -----------------------------------------------------------------
 
@@ -685,6 +702,23 @@ class LearnedPredictor:
         residual = _clip(math.log(actual_s / honest), _LOG_CLIP)
         self._bias[backend] = _clip(self._bias.get(backend, 0.0) + self.alpha * residual, _LOG_CLIP)
         self._observed[backend] = self._observed.get(backend, 0) + 1
+        base = self._base_sd.get(backend, _OTHER_SD)
+        sq = self._sq.get(backend, base * base)
+        self._sq[backend] = sq + self.alpha * (residual * residual - sq)
+
+    def spread(self, backend: str, base: float | None = None) -> float:
+        """Current log_sd of ``backend``'s runtime predictions (``base``: its method's spread)."""
+        if base is None:
+            base = self._base_sd.get(backend, _OTHER_SD)
+        sq = self._sq.get(backend)
+        sd = base if sq is None or sq <= base * base else math.sqrt(sq)
+        return min(max(sd, _MIN_LOG_SD), _LOG_CLIP)
+
+    def _spread_of(self, spec: BackendSpec) -> float:
+        base = (method_log_sd(None, "qpu") if spec.kind == "qpu"
+                else self._method_sd.get(spec.method or "", method_log_sd(spec.method)))
+        self._base_sd[spec.name] = base
+        return self.spread(spec.name, base)
 
     def correction(self, backend: str) -> float:
         """Current multiplicative correction of ``backend``'s runtime predictions."""
@@ -715,7 +749,8 @@ class LearnedPredictor:
         runtime = [math.exp(v + self._bias.get(b.name, 0.0)) for v, b in zip(log_rt, backends)]
         shown = self._explore(job, backends, runtime)
         return {b.name: Estimate(b.name, shown[i], 1.0, b.spec.price.cost(runtime[i], job.shots), memory[i],
-                                 self.source if shown[i] == runtime[i] else f"{self.source}:explore")
+                                 self.source if shown[i] == runtime[i] else f"{self.source}:explore",
+                                 self._spread_of(b.spec))
                 for i, b in enumerate(backends)}
 
     def _raw(self, X: np.ndarray) -> tuple[list[float], list[float]]:
@@ -744,7 +779,9 @@ class LearnedPredictor:
             if ratios is not None and backends[i].spec.kind == "qpu":
                 fidelity = min(max(fidelity * math.exp(ratios[i]), 0.0), 1.0)
                 source = f"{self.source}:fidelity"
-            out[est.backend] = Estimate(est.backend, runtime, fidelity, est.cost, est.memory_bytes, source)
+            self._base_sd[est.backend] = est.log_sd
+            out[est.backend] = Estimate(est.backend, runtime, fidelity, est.cost, est.memory_bytes, source,
+                                        self.spread(est.backend, est.log_sd))
         return out
 
     def _fidelity_ratios(self, job: JobView, backends: list[BackendView]) -> list[float] | None:
@@ -775,6 +812,20 @@ class LearnedPredictor:
             self._explored.popitem(last=False)
         self.explorations += 1
         return shown
+
+
+_OTHER_SD = method_log_sd("other")
+
+
+def _artifact_spreads(meta: Mapping[str, Any]) -> dict[str, float]:
+    """Per-method log_sd from an artifact's out-of-fold residuals; methods it lacks are absent."""
+    metrics = meta.get("metrics") or {}
+    out: dict[str, float] = {}
+    for m in METHODS:
+        value = metrics.get(f"cv_rmse_log_{m}") if isinstance(metrics, Mapping) else None
+        if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+            out[m] = min(max(float(value), _MIN_LOG_SD), _LOG_CLIP)
+    return out
 
 
 def _clip(x: float, bound: float) -> float:

@@ -30,6 +30,7 @@ class JobView:
     tenant: str = "default"
     blocked: frozenset[str] = frozenset()  # backends this job must not use again (failover)
     allowed: frozenset[str] | None = None  # only these backends (None: any)
+    circuit_key: str | None = None         # content hash of the circuit (run memory), None: unknown
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,10 @@ class Estimate:
     fidelity: float             # expected fidelity of the result, in [0, 1]
     cost: float                 # money
     memory_bytes: float = 0.0   # predicted peak memory
-    source: str = "prior"       # "prior" or a model artifact id
+    source: str = "prior"       # "prior", a model artifact id, or "memory:<how>"
+    # Spread of log(actual / predicted) runtime: runtime is taken as log-normal with median
+    # ``runtime_s`` and this sd. 0 = certain (e.g. measured on this very circuit).
+    log_sd: float = 0.0
 
 
 @dataclass
@@ -86,6 +90,9 @@ class Plan:
     estimates: dict[str, Estimate] = field(default_factory=dict)
     filtered: dict[str, Status] = field(default_factory=dict)
     static: dict[str, dict[str, float]] = field(default_factory=dict, repr=False, compare=False)
+    # select's per-plan precomputation (pipeline.py), keyed like ``static``
+    rows: dict[str, tuple[tuple[str, float, float], ...]] = field(default_factory=dict, repr=False,
+                                                                  compare=False)
 
     @property
     def feasible(self) -> list[str]:
@@ -97,7 +104,7 @@ class Plan:
             "filtered": {b: {"code": s.code, "plugin": s.plugin, "reasons": list(s.reasons)}
                          for b, s in self.filtered.items()},
             "estimates": {b: {"runtime_s": e.runtime_s, "fidelity": e.fidelity, "cost": e.cost,
-                              "memory_bytes": e.memory_bytes, "source": e.source}
+                              "memory_bytes": e.memory_bytes, "source": e.source, "log_sd": e.log_sd}
                           for b, e in self.estimates.items()},
         }
 

@@ -1,0 +1,128 @@
+"""Hedged runs, table-driven: when a backup starts, where, and when it must not."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ray_qalloc.placement.hedging import (OVERRUN_QUANTILE_Z, HedgePolicy, RunningInfo, decide_hedges,
+                                          overrun_bound, remaining_estimate)
+from ray_qalloc.placement.model import Estimate, LiveState, Plan
+
+A, B = "cpu-aaaaaaaa", "cpu-bbbbbbbb"
+SV, SV2, MPS, STAB = f"{A}/statevector", f"{A}/statevector@2", f"{A}/mps", f"{A}/stabilizer"
+SV_B, MPS_B = f"{B}/statevector", f"{B}/mps"
+QPU = "qpu_torino"
+
+
+def est(name: str, runtime: float, log_sd: float = 0.0) -> Estimate:
+    return Estimate(name, runtime, 1.0, 0.0, log_sd=log_sd)
+
+
+def plan_of(job_id: str, **runtimes: float) -> Plan:
+    names = {"sv": SV, "sv2": SV2, "mps": MPS, "stab": STAB, "sv_b": SV_B, "mps_b": MPS_B, "qpu": QPU}
+    return Plan(job_id, {names[k]: est(names[k], v) for k, v in runtimes.items()})
+
+
+def run(job_id: str = "j", backend: str = MPS, predicted: float = 1.0, started: float = 0.0, **kw) -> RunningInfo:
+    return RunningInfo(job_id, backend, started, predicted, **kw)
+
+
+FREE = {n: LiveState(0.0, True) for n in (SV, SV2, MPS, STAB, SV_B, MPS_B, QPU)}
+
+
+def busy(*names: str) -> dict[str, LiveState]:
+    return {**FREE, **{n: LiveState(5.0, False) for n in names}}
+
+
+# (case, runs, plans, live, now, expected [(job, backend)])
+CASES = [
+    ("overrun, a faster free method: backup there",
+     [run()], {"j": plan_of("j", mps=1.0, sv=0.3)}, FREE, 4.0, [("j", SV)]),
+    ("not yet k× its prediction",
+     [run()], {"j": plan_of("j", mps=1.0, sv=0.3)}, FREE, 2.9, []),
+    ("a QPU run is never hedged",
+     [run(backend=QPU, kind="qpu")], {"j": plan_of("j", qpu=1.0, sv=0.3)}, FREE, 100.0, []),
+    ("one backup per job, ever",
+     [run(has_backup=True)], {"j": plan_of("j", mps=1.0, sv=0.3)}, FREE, 10.0, []),
+    ("only on free capacity",
+     [run()], {"j": plan_of("j", mps=1.0, sv=0.3)}, busy(SV), 4.0, []),
+    ("only when predicted faster than the expected rest (as long again as it ran)",
+     [run()], {"j": plan_of("j", mps=1.0, sv=5.0)}, FREE, 4.0, []),
+    ("the fastest free option of its plan wins",
+     [run()], {"j": plan_of("j", mps=1.0, sv=0.3, sv2=0.2, stab=2.0)}, FREE, 4.0, [("j", SV2)]),
+    ("never onto a QPU",
+     [run()], {"j": plan_of("j", mps=1.0, qpu=0.1)}, FREE, 4.0, []),
+    ("the same method on another pool carries the overrun's evidence",
+     [run()], {"j": plan_of("j", mps=1.0, mps_b=1.0)}, FREE, 4.0, []),
+    ("... unless it is predicted far faster even so",
+     [run()], {"j": plan_of("j", mps=1.0, mps_b=0.05)}, FREE, 4.0, [("j", MPS_B)]),
+    ("sub-second runs are left alone",
+     [run(predicted=0.01)], {"j": plan_of("j", mps=0.01, sv=0.001)}, FREE, 0.5, []),
+    ("... but not forever",
+     [run(predicted=0.01)], {"j": plan_of("j", mps=0.01, sv=0.001)}, FREE, 1.5, [("j", SV)]),
+    ("a job without a plan is skipped",
+     [run()], {}, FREE, 10.0, []),
+    ("two overruns, one free pool: the worst overrun gets it",
+     [run("a", predicted=1.0), run("b", predicted=0.5)],
+     {"a": plan_of("a", mps=1.0, sv=0.3), "b": plan_of("b", mps=0.5, sv=0.3)}, busy(SV_B), 4.0, [("b", SV)]),
+    ("one backup per pool per call (candidates of a pool share its cores)",
+     [run("a"), run("b")],
+     {"a": plan_of("a", mps=1.0, sv=0.3), "b": plan_of("b", mps=1.0, sv2=0.2)}, busy(SV_B), 4.0, [("a", SV)]),
+    ("two pools free: both jobs get a backup",
+     [run("a"), run("b", started=0.1)],
+     {"a": plan_of("a", mps=1.0, sv=0.3), "b": plan_of("b", mps=1.0, sv_b=0.3)}, FREE, 4.0,
+     [("a", SV), ("b", SV_B)]),
+]
+
+
+@pytest.mark.parametrize("case, runs, plans, live, now, expected", CASES, ids=[c[0] for c in CASES])
+def test_decide_hedges(case, runs, plans, live, now, expected):
+    hedges = decide_hedges(runs, plans, live, now, HedgePolicy(k=3.0))
+    assert [(h.job_id, h.backend) for h in hedges] == expected
+    for h in hedges:
+        r = next(x for x in runs if x.job_id == h.job_id)
+        assert h.backend != r.backend and h.backup_s < h.remaining_s and h.reason
+
+
+def test_a_rough_prediction_gets_the_room_its_spread_says():
+    """σ = 1.5: its 90th percentile is 6.8× the median, so a run at 4× is not yet surprising."""
+    plans = {"j": plan_of("j", mps=1.0, sv=0.3)}
+    assert decide_hedges([run(log_sd=1.5)], plans, FREE, 4.0) == []
+    limit = math.exp(OVERRUN_QUANTILE_Z * 1.5)
+    assert [h.backend for h in decide_hedges([run(log_sd=1.5)], plans, FREE, limit + 0.1)] == [SV]
+    assert [h.backend for h in decide_hedges([run(log_sd=0.0)], plans, FREE, 4.0)] == [SV]
+
+
+def test_the_backup_is_weighed_by_its_own_spread():
+    """An uncertain backup must beat the rest by its expected (mean) runtime, not its median."""
+    plans = {"j": Plan("j", {MPS: est(MPS, 1.0), SV: est(SV, 3.0, log_sd=1.0)})}
+    assert decide_hedges([run()], plans, FREE, 4.0) == []           # 3·e^0.5 = 4.9 s > 4 s left
+    plans = {"j": Plan("j", {MPS: est(MPS, 1.0), SV: est(SV, 3.0)})}
+    assert [h.backend for h in decide_hedges([run()], plans, FREE, 4.0)] == [SV]
+
+
+def test_overrun_bound_is_the_elapsed_time_once_past_the_threshold():
+    policy = HedgePolicy(k=3.0)
+    assert overrun_bound(run(), 2.0, policy) is None
+    assert overrun_bound(run(), 7.5, policy) == 7.5
+    assert overrun_bound(run(backend=QPU, kind="qpu"), 1e6, policy) is None
+    assert overrun_bound(run(), 100.0, HedgePolicy(enabled=False)) is None
+
+
+def test_remaining_time_of_an_overrun_grows_with_what_it_has_run():
+    r = run(predicted=10.0)
+    assert remaining_estimate(r, 2.0) == 8.0          # within its prediction: the rest of it
+    assert remaining_estimate(r, 30.0) == 30.0        # past it: as long again
+    assert remaining_estimate(r, 60.0) > remaining_estimate(r, 30.0)
+
+
+def test_measured_case_quantum_volume_on_mps_is_bounded():
+    """QV-18: MPS > 20 s where ~1 s was predicted (σ 1.5), statevector 0.22 s. Hedging starts
+    the statevector backup once the run passes its threshold, so the job takes about that
+    threshold plus 0.22 s, not the MPS run's unbounded time."""
+    plans = {"qv": Plan("qv", {MPS: est(MPS, 1.0, 1.5), SV: est(SV, 0.22, 0.5)})}
+    r = RunningInfo("qv", MPS, 0.0, 1.0, 1.5)
+    t = next(t / 10 for t in range(1, 1000) if decide_hedges([r], plans, FREE, t / 10))
+    assert t <= HedgePolicy().threshold(r) + 0.1 < 20.0
