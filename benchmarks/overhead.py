@@ -4,10 +4,10 @@ For circuits from about 1 ms to about 1 s (layered ry + cz circuits of growing w
 repetition runs the same circuit twice, back to back, in alternating order:
 
 * direct: ``AerSimulator(method="statevector", max_parallel_threads=1).run(circuit)``,
-  the same simulator settings as ray-qalloc's ``aer_statevector`` backend;
-* ray-qalloc: ``submit(circuit, backends=["aer_statevector"]).result()`` on a local Ray:
-  intake (validation, features, QPY), the store write, placement, dispatch to the backend
-  actor, the run, completion and the reply.
+  the same simulator settings as the pool's one-thread statevector variant;
+* ray-qalloc: ``submit(circuit, backends=["<pool>/statevector"]).result()`` on a local Ray:
+  intake (validation, features, QPY), the store write, placement, dispatch to the node's pool
+  actor, which runs it as a Ray task holding one CPU, completion and the reply.
 
 Pinning the job to the statevector backend makes both sides do the same simulation, so
 the difference is the overhead, not a different choice of method.
@@ -17,6 +17,11 @@ the difference is the overhead, not a different choice of method.
 JSON ``summary``: ``overhead_ratio_median_large`` (median of qalloc/direct over circuits
 whose direct run takes ≥ 100 ms; goal ≤ 1.05) and ``overhead_ms_median_small`` (median of
 qalloc − direct, in ms, over circuits whose direct run takes < 20 ms; goal ≤ 5 ms).
+``hops_ms_median_small``: where the time of a small job goes, from the result's ``timeline``
+(one clock, one machine): client → allocator (the submit call and intake in the caller),
+placement + the accept/dispatch commit, allocator → task start (pool actor hop and Ray task
+scheduling), the run itself (decode + Aer), task → allocator (result through the pool actor),
+the completion commit, and allocator → client (the reply to ``result()``).
 """
 
 from __future__ import annotations
@@ -76,9 +81,12 @@ def run(reps: int, sizes: tuple[tuple[int, int], ...] = SIZES, console: Console 
     try:
         circuits = [(n, layers, layered_circuit(n, layers)) for n, layers in sizes]
         # warm both paths (first actor call, first Aer call per process)
+        pool = next(b["pool"] for b in qa.backends() if b["pool"])
+        pin = [f"{pool}/statevector"]         # one thread, like the direct run
+        hops: list[dict[str, float]] = []
         for _, _, qc in circuits[:2]:
             sim.run(qc, shots=SHOTS).result()
-            qa.submit(qc, shots=SHOTS, backends=["aer_statevector"]).result(timeout=120)
+            qa.submit(qc, shots=SHOTS, backends=pin).result(timeout=120)
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("measuring", total=len(circuits) * reps)
             for n, layers, qc in circuits:
@@ -91,8 +99,13 @@ def run(reps: int, sizes: tuple[tuple[int, int], ...] = SIZES, console: Console 
                             sim.run(qc, shots=SHOTS).result()
                             direct.append(time.perf_counter() - t)
                         else:
-                            qa.submit(qc, shots=SHOTS, backends=["aer_statevector"]).result(timeout=600)
+                            t_wall = time.time()
+                            res = qa.submit(qc, shots=SHOTS, backends=pin).result(timeout=600)
                             qalloc.append(time.perf_counter() - t)
+                            h = _hops(t_wall, time.time(), res)
+                            if h is not None:
+                                h["qubits"] = n
+                                hops.append(h)
                     progress.advance(task)
                 d, q = statistics.median(direct), statistics.median(qalloc)
                 rows.append({"qubits": n, "layers": layers, "gates": qc.size(), "direct_s": d, "qalloc_s": q,
@@ -100,6 +113,8 @@ def run(reps: int, sizes: tuple[tuple[int, int], ...] = SIZES, console: Console 
                              "direct_all_s": direct, "qalloc_all_s": qalloc})
     finally:
         qa.shutdown()
+    small_n = {r["qubits"] for r in rows if r["direct_s"] < SMALL_S}
+    small_hops = [h for h in hops if h["qubits"] in small_n]
     large = [r["ratio"] for r in rows if r["direct_s"] >= LARGE_S]
     small = [r["overhead_ms"] for r in rows if r["direct_s"] < SMALL_S]
     summary = {
@@ -108,9 +123,24 @@ def run(reps: int, sizes: tuple[tuple[int, int], ...] = SIZES, console: Console 
         "overhead_ms_median_all": statistics.median(r["overhead_ms"] for r in rows),
         "n_large": len(large), "n_small": len(small), "reps": reps, "startup_s": startup_s,
         "goal_ratio_large": 1.05, "goal_ms_small": 5.0,
+        "hops_ms_median_small": {k: statistics.median(h[k] for h in small_hops) for k in HOPS} if small_hops else None,
     }
     return {"benchmark": "overhead", "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
             "rows": rows, "summary": summary}
+
+
+HOPS: tuple[str, ...] = ("client_to_allocator", "place_and_commit", "allocator_to_run", "run",
+                         "run_to_allocator", "complete_commit", "allocator_to_client")
+
+
+def _hops(t_submit: float, t_done: float, res: Any) -> dict[str, float] | None:
+    """Milliseconds per hop of one job, from its timeline (None off the fast path)."""
+    tl = res.metadata.get("timeline")
+    if not tl or not tl.get("accepted_at") or not tl.get("completed_at") or not tl.get("run_started_at"):
+        return None
+    marks = [t_submit, tl["accepted_at"], tl["committed_at"], tl["run_started_at"], tl["run_finished_at"],
+             tl["result_at_allocator"], tl["completed_at"], t_done]
+    return {k: (b - a) * 1e3 for k, a, b in zip(HOPS, marks, marks[1:])}
 
 
 def print_table(result: dict[str, Any], console: Console) -> None:
@@ -126,6 +156,9 @@ def print_table(result: dict[str, Any], console: Console) -> None:
                   f"{s['n_large']} circuits ≥ {LARGE_S * 1e3:.0f} ms)")
     console.print(f"overhead_ms_median_small   = {s['overhead_ms_median_small']:.2f} ms (goal ≤ 5 ms, "
                   f"{s['n_small']} circuits < {SMALL_S * 1e3:.0f} ms)")
+    if s.get("hops_ms_median_small"):
+        console.print("where a small job's time goes (median ms): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in s["hops_ms_median_small"].items()))
 
 
 def main() -> None:

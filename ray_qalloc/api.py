@@ -29,7 +29,11 @@ from ray_qalloc.config import Settings, load_settings
 from ray_qalloc.exceptions import (Conflict, Forbidden, IdempotencyKeyReused, IntakeError, JobNotFound,
                                    LimitExceeded,
                                    QAllocError, QuotaExceeded, Unauthorized)
+from ray_qalloc.backends.base import BackendSpec
+from ray_qalloc.backends.pools import resolve_allowed
 from ray_qalloc.jobs import JobState, PreparedJob, make_spec, prepare_job
+from ray_qalloc.placement.filters import TenantFilter
+from ray_qalloc.placement.model import BackendView, JobView
 from ray_qalloc.tenants import Principal, Quota, TenantStore
 
 log = logging.getLogger("ray_qalloc.api")
@@ -66,7 +70,10 @@ class JobIn(BaseModel):
     deadline_s: float | None = Field(None, gt=0, description="Seconds from submission to the wanted result.")
     intent: Intent = Field("auto", description="`quantum` needs a QPU, `classical` a simulator, `auto` either.")
     fidelity_min: float | None = Field(None, gt=0, le=1, description="Lowest acceptable estimated fidelity.")
-    backends: list[str] | None = Field(None, max_length=64, description="Only these backends may run the job.")
+    backends: list[str] | None = Field(None, max_length=64, description=(
+        "Only these may run the job: backend or candidate names (`cpu-1a2b3c4d/mps`), pool names "
+        "(`cpu-1a2b3c4d`: every method there) or method names (`statevector`, `mps`, `stabilizer`, "
+        "`density_matrix`: that method on every pool)."))
     tenant: str | None = Field(None, description="Optional; must be the token's tenant when given.")
     id: str | None = Field(None, max_length=200, description="A trace's own job id; echoed as `client_id`.")
     arrival_s: float | None = Field(None, description="Trace replay field; ignored.")
@@ -384,8 +391,8 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
         """The tenant's QPU time is spent: an ``auto`` job may still run, on simulators only."""
         if sims is None or job.intent.value != "auto":
             return job
-        allowed = [b for b in (job.backends or sims) if b in sims] or sims
-        return dataclasses.replace(job, backends=tuple(allowed))
+        allowed = sorted(resolve_allowed(job.backends, sims)) if job.backends else sims
+        return dataclasses.replace(job, backends=tuple(allowed or sims))
 
     def _same_request(rec: Any, job: PreparedJob) -> bool:
         return (rec.payload == job.payload and rec.shots == job.shots and rec.priority == job.priority
@@ -521,12 +528,19 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
         await run_in_threadpool(own, p, job_id)
         return await state.call("explain", job_id)
 
+    def _spec_of_row(r: dict[str, Any]) -> BackendSpec:
+        return BackendSpec(r["name"], r["kind"], r.get("family") or "", int(r.get("num_qubits") or 0),
+                           method=r.get("method"), pool=r.get("pool"))
+
     @app.get("/v1/backends", tags=["pool"])
     async def backends(p: Caller) -> list[dict[str, Any]]:
         """The pool: each backend's kind, size, health, load and calibration summary."""
-        allowed = settings.tenant_backends.get(p.tenant)
         rows = await state.call("backends")
-        return [r for r in rows if allowed is None or r["name"] in allowed]
+        if p.tenant not in settings.tenant_backends:
+            return rows
+        may = TenantFilter(settings.tenant_backends)
+        view = JobView("-", 0, frozenset(), {}, 1, tenant=p.tenant)
+        return [r for r in rows if may.check(view, BackendView(_spec_of_row(r))).ok]
 
     @app.get("/v1/me", response_model=TenantOut, tags=["tenants"])
     async def me(p: Caller) -> TenantOut:

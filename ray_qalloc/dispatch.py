@@ -66,6 +66,8 @@ class Running:
     backup: "Running | None" = None    # the hedge of this run, while it runs
     primary: "Running | None" = None   # set on a backup: the run it hedges
     overrun_noted: bool = False
+    accepted_at: float = 0.0           # the submit call reached the allocator (fast path only)
+    committed_at: float = 0.0          # its accept+dispatch commit returned
 
     def __post_init__(self) -> None:
         if not self.sched_id:
@@ -228,6 +230,7 @@ class Dispatcher:
             # the same call again (Ray re-sends a call to a restarted allocator, which already
             # recovered the job from the store): answer it, change nothing
             return {"id": job.id, "created": False, "flag": self.flags.get(job.id), "state": self.live_state(job.id)}
+        accepted_at = time.time()
         job = compact(job)
         view, p = self.checked_plan(job)
         now = time.time()
@@ -250,7 +253,9 @@ class Dispatcher:
             q = Queued(job, view, p, now, now)
             if attempt is not None and mine is not None:
                 self.choices[job.id] = {"chosen": mine.choice.backend, "reason": mine.choice.reason}
-                self.launch(q, mine.choice.backend, attempt)
+                committed_at = time.time()
+                r = self.launch(q, mine.choice.backend, attempt)
+                r.accepted_at, r.committed_at = accepted_at, committed_at
             else:
                 self._put(q)
             if entry.flagged:  # hopeless from the start: say so now, not after the deadline
@@ -459,6 +464,7 @@ class Dispatcher:
             self.fleet.run_failed(backend)
 
     def complete(self, r: Running, result: dict[str, Any]) -> None:
+        arrived = time.time()
         twin = r.backup if r.primary is None else r.primary
         self._forget(r)
         if twin is not None and self._is_live(twin):   # the first result wins; stop the other run
@@ -471,11 +477,18 @@ class Dispatcher:
         result["queue_s"] = r.started_at - (r.created_at or r.started_at)
         result["launched_at"] = r.started_at
         result.setdefault("backend", r.backend)
+        meta = result["metadata"] = dict(result.get("metadata") or {})
+        # where the time went, per hop (the overhead benchmark reads it): wall-clock stamps of one
+        # machine's clock, so hops across processes on one node compare
+        meta["timeline"] = {"accepted_at": r.accepted_at or None, "committed_at": r.committed_at or None,
+                              "launched_at": r.started_at, "run_started_at": meta.get("received_at"),
+                              "run_finished_at": meta.get("finished_at"), "result_at_allocator": arrived}
         recorded = self.store.complete(r.job.id, r.attempt, result)
         if twin is not None:
             self.store.close_attempt(r.job.id, twin.attempt, "hedge_lost",
                                      f"attempt {r.attempt} on {r.backend} finished first")
         if recorded and r.attempt == 1:
+            meta["timeline"]["completed_at"] = time.time()
             self._remember_final(r, result)
         if recorded:
             self.learn(r, result)

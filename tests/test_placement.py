@@ -148,3 +148,20 @@ def test_placement_imports_neither_ray_nor_qiskit():
     code = ("import sys, ray_qalloc.placement, ray_qalloc.costmodel.prior;"
             "bad=[m for m in ('ray','qiskit') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_tenant_permissions_name_pools_and_methods():
+    from ray_qalloc.backends.pools import pool_candidate_specs
+
+    flt = TenantFilter({"lab": ["cpu-aaaa", "kind:qpu"], "soc": ["statevector"], "old": ["aer_mps"]})
+    specs = {s.name: s for s in pool_candidate_specs("cpu-aaaa", cores=2, memory_bytes=1 << 30)
+             + pool_candidate_specs("cpu-bbbb", cores=2, memory_bytes=1 << 30)}
+    qpu = BackendSpec("qpu_fez", "qpu", "fake_qpu", 156)
+
+    def ok(tenant: str, spec: BackendSpec) -> bool:
+        return flt.check(JobView("j", 2, frozenset(), {}, 10, tenant=tenant), BackendView(spec)).ok
+
+    assert ok("lab", specs["cpu-aaaa/mps"]) and not ok("lab", specs["cpu-bbbb/mps"]) and ok("lab", qpu)
+    assert ok("soc", specs["cpu-bbbb/statevector@2"]) and not ok("soc", specs["cpu-aaaa/mps"]) and not ok("soc", qpu)
+    assert ok("old", specs["cpu-bbbb/mps"]) and not ok("old", specs["cpu-bbbb/statevector"])
+    assert ok("anyone", specs["cpu-aaaa/stabilizer"])

@@ -103,17 +103,24 @@ class AllowListFilter:
 
 
 class TenantFilter:
-    """Tenant permissions: a tenant with an entry may use only the backends it names
-    (``name``, or ``kind:qpu`` / ``kind:simulator`` for a whole kind); others use any."""
+    """Tenant permissions: a tenant with an entry may use only the backends it names — a name, a
+    pool (all its method variants), a method (``statevector``, ``mps``, old ``aer_statevector``: that
+    method on every pool), or ``kind:qpu`` / ``kind:simulator`` for a whole kind; others use any."""
 
     name = "tenant"
 
     def __init__(self, permissions: Mapping[str, Iterable[str]] | None = None) -> None:
+        from ray_qalloc.backends.pools import method_of_name
+
         self.permissions = {t: frozenset(v) for t, v in (permissions or {}).items()}
+        self._methods = {t: frozenset(m for e in v if "/" not in e and (m := method_of_name(e)) is not None)
+                         for t, v in self.permissions.items()}
 
     def check(self, job: JobView, backend: BackendView) -> Status:
         allowed = self.permissions.get(job.tenant)
-        if allowed is None or backend.name in allowed or f"kind:{backend.spec.kind}" in allowed:
+        spec = backend.spec
+        if (allowed is None or backend.name in allowed or f"kind:{spec.kind}" in allowed
+                or (spec.pool is not None and (spec.pool in allowed or spec.method in self._methods[job.tenant]))):
             return OK
         return Status("unresolvable", self.name, (f"tenant {job.tenant!r} may not use this backend",))
 
