@@ -133,8 +133,12 @@ def _spec_of(name: str) -> BackendSpec | None:
     Only local backends are built: an ``ibm_*`` name must never reach the network from a
     training job, and QPU rows need only their kind (from the name) for the runtime model.
     """
+    from ray_qalloc.backends.pools import candidate_spec, parse_candidate
     from ray_qalloc.backends.registry import make_backend
 
+    c = parse_candidate(name)
+    if c is not None:   # a pool's variant: method and threads are in its name
+        return candidate_spec(c.pool, c.method, c.threads, cores=c.threads, memory_bytes=1 << 30)
     if not name.startswith("aer_"):
         return None
     try:
