@@ -32,7 +32,6 @@ from ray_qalloc.config import Settings
 from ray_qalloc.costmodel.history import RunHistory
 from ray_qalloc.costmodel.registry import ArtifactWatcher, latest_artifact, load_predictor
 from ray_qalloc.dispatch import Dispatcher, Queued, Running
-from ray_qalloc.exceptions import JobNotFound
 from ray_qalloc.fleet import Fleet, Member
 from ray_qalloc.jobs import JobState, PreparedJob, compact
 from ray_qalloc.placement import explain
@@ -203,19 +202,24 @@ class Allocator:
     async def submit(self, job: PreparedJob) -> dict[str, Any]:
         """Store, then queue. Raises NoFeasibleBackend (nothing stored) if no backend could ever run it."""
         await self._wait_ready()
-        return self.d.submit(job)
+        return await self.d.submit(job)
 
     async def submit_many(self, jobs: list[PreparedJob]) -> list[dict[str, Any]]:
         await self._wait_ready()
-        answers = self.d.submit_many(jobs)
+        answers = await self.d.submit_many(jobs)
         if len(jobs) >= 1000:
             gc.freeze()   # queued jobs are acyclic and long-lived: keep them out of future passes
         return answers
 
     async def status(self, job_id: str) -> dict[str, Any]:
         await self._wait_ready()
+        return await self.d.db(self._status, job_id)
+
+    def _status(self, job_id: str, with_result: bool = False) -> dict[str, Any]:
         rec = self.store.get(job_id)
         out = rec.public()
+        if with_result:
+            out["result"] = rec.result
         out["attempt_history"] = self.store.attempt_history(job_id)
         return out
 
@@ -226,7 +230,7 @@ class Allocator:
         known = job_id in d.running or job_id in d.queued
         if not known and job_id in d.finished:
             return d.finished[job_id]
-        state = JobState.RUNNING if known else self.store.get(job_id).state
+        state = JobState.RUNNING if known else (await self.d.db(self.store.get, job_id)).state
         if not state.terminal and (timeout is None or timeout > 0):
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             d.waiters.setdefault(job_id, []).append(fut)
@@ -242,15 +246,11 @@ class Allocator:
                     d.waiters.pop(job_id, None)
             if job_id in d.finished:
                 return d.finished[job_id]
-        rec = self.store.get(job_id)
-        out = rec.public()
-        out["result"] = rec.result
-        out["attempt_history"] = self.store.attempt_history(job_id)
-        return out
+        return await self.d.db(self._status, job_id, True)
 
     async def explain(self, job_id: str) -> dict[str, Any]:
         await self._wait_ready()
-        rec = self.store.get(job_id)
+        rec = await self.d.db(self.store.get, job_id)
         q = self.d.queued.get(job_id) or self.d.running.get(job_id)
         if q is not None and rec.explanation is None:   # queued: the plan, and the current choice
             data = explain(q.plan, None)
@@ -261,16 +261,16 @@ class Allocator:
                                        "backends": {}}
         data["state"] = rec.state.value
         data["flag"] = rec.flag
-        data["failover_history"] = self.store.attempt_history(job_id)
+        data["failover_history"] = await self.d.db(self.store.attempt_history, job_id)
         return data
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a job; a running simulation is stopped at once (its cores free), not left to finish."""
         await self._wait_ready()
-        if not self.store.cancel(job_id):
-            if not self.store.get(job_id):
-                raise JobNotFound(f"no job with id {job_id!r}.", field="job_id")
+        if not await self.d.db(self.store.cancel, job_id):
+            await self.d.db(self.store.get, job_id)    # raises JobNotFound for an unknown id
             return False
+        self.d.cancelled(job_id)
         self.d.take(job_id)
         self.sched.remove(job_id)
         self.d.cancel_running(job_id)
@@ -320,7 +320,7 @@ class Allocator:
         return {"queued": len(self.d.queued), "running": len(self.d.running), "flagged": len(self.d.flags),
                 "draining": self.d.draining, "startup": self.startup, "hedges": self.d.hedges,
                 "commit_failures": self.d.commit_failures, "overruns_noted": self.d.overruns_noted,
-                "store": self.store.counts_by_state(), "uptime_s": time.time() - self.started_at,
+                "store": await self.d.db(self.store.counts_by_state), "uptime_s": time.time() - self.started_at,
                 "pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss}
 
     async def drain(self, timeout_s: float = 60.0) -> dict[str, int]:
@@ -339,12 +339,12 @@ class Allocator:
         self._kick.set()
 
     async def record_provider_job(self, job_id: str, attempt: int, provider_job_id: str) -> None:
-        """Called by a QPU backend actor before it waits on a provider job."""
-        self.store.set_provider_job_id(job_id, attempt, provider_job_id)
+        """Called by a QPU backend actor before it waits on a provider job (stored before it waits)."""
+        await self.d.db(self.store.set_provider_job_id, job_id, attempt, provider_job_id)
 
     async def flush_history(self) -> int:
         await self._wait_ready()
-        return self._flush_history()
+        return await self.d.db(self._flush_history)
 
     # ==== background loops ====================================================================
     async def _scheduler(self) -> None:
@@ -352,7 +352,7 @@ class Allocator:
             await self._kick.wait()
             self._kick.clear()
             try:
-                self.d.apply(self.d.decide(time.time()))
+                await self.d.apply(self.d.decide(time.time()))
             except Exception:  # never let the loop die; the next kick retries
                 log.exception("dispatch pass failed")
 
@@ -391,7 +391,7 @@ class Allocator:
         while True:
             await asyncio.sleep(interval)
             try:
-                overruns.tick(self.d, self.settings, time.time())
+                await overruns.tick(self.d, self.settings, time.time())
             except Exception:
                 log.exception("hedge tick failed")
 
@@ -412,7 +412,7 @@ class Allocator:
         while True:
             await asyncio.sleep(self.settings.history_flush_s)
             try:
-                self._flush_history()
+                await self.d.db(self._flush_history)
             except Exception:  # the store keeps the rows; the next flush retries
                 log.exception("history flush failed")
 

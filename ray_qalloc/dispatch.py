@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import functools
 import hashlib
 import logging
 import math
@@ -103,10 +105,24 @@ class Dispatcher:
         self._preempting: dict[str, str] = {}   # job -> backend whose run is being stopped for an emergency
         self._stopping: set[tuple[str, int]] = set()   # (job, attempt) stopped on purpose
         self._by_circuit: dict[str, set[str]] = {}   # circuit key -> its queued jobs
+        # Every store call runs on one thread of its own, in the order made: a slow database
+        # (a PostgreSQL across the network) must not stall health pings or other jobs' events.
+        self._db_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qalloc-store")
+        self._dispatching: dict[str, bool] = {}   # job -> cancelled while its dispatch was committing
         self.draining = False
         self.hedges = 0
         self.overruns_noted = 0
         self.commit_failures = 0
+
+    # ==== the store, off the event loop ===========================================================
+    async def db(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """Run one store call on the store thread and wait for it (the loop serves others meanwhile)."""
+        return await asyncio.get_running_loop().run_in_executor(self._db_thread, functools.partial(fn, *args, **kw))
+
+    def db_later(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        """A store write nobody waits on (a flag): queued behind the writes before it."""
+        fut = self._db_thread.submit(fn, *args, **kw)
+        fut.add_done_callback(_log_failure)
 
     # ==== fleet events (FleetListener) ==========================================================
     def member_health(self, name: str, healthy: bool) -> None:
@@ -131,7 +147,7 @@ class Dispatcher:
         for r in [r for r in self._all_runs() if r.backend in host.members]:
             if r.task is not None:
                 r.task.cancel()
-            self.failover(r, "unreachable", why, block=False)
+            asyncio.ensure_future(self._ended(r, "unreachable", why, block=False))
 
     def _all_runs(self) -> list[Running]:
         out = []
@@ -208,6 +224,8 @@ class Dispatcher:
         return len(ids)
 
     def _replan(self, q: Queued) -> None:
+        if q.job.id in self._dispatching:   # being started: its plan no longer matters
+            return
         self.sched.remove(q.job.id)
         view = self.view(q.job, q.view.blocked)
         p = self.plan_for(view)
@@ -223,7 +241,7 @@ class Dispatcher:
             self._replan(q)
         self.kick()
 
-    def submit(self, job: PreparedJob) -> dict[str, Any]:
+    async def submit(self, job: PreparedJob) -> dict[str, Any]:
         """Store, then queue. The fast path: when this job starts at once it is accepted and
         dispatched in ONE commit, before the backend is called and before the reply."""
         if job.id in self.queued or job.id in self.running:
@@ -241,7 +259,7 @@ class Dispatcher:
         if mine is not None:
             dispatch_to = (mine.choice.backend, p.estimates[mine.choice.backend].runtime_s, explain(p, mine.explained))
         try:
-            job_id, created, attempt = self.store.add_job(job, now=now, dispatch_to=dispatch_to)
+            job_id, created, attempt = await self.db(self.store.add_job, job, now=now, dispatch_to=dispatch_to)
         except BaseException:
             # nothing was committed: nothing may have changed — undo the whole pass
             self.undo(res)
@@ -260,11 +278,11 @@ class Dispatcher:
                 self._put(q)
             if entry.flagged:  # hopeless from the start: say so now, not after the deadline
                 self.flag(job.id, entry.flagged)
-        self.apply(res, skip=job.id)
+        await self.apply(res, skip=job.id)
         return {"id": job_id, "created": created, "flag": self.flags.get(job_id),
                 "state": self.live_state(job_id) if created else None}
 
-    def submit_many(self, jobs: list[PreparedJob]) -> list[dict[str, Any]]:
+    async def submit_many(self, jobs: list[PreparedJob]) -> list[dict[str, Any]]:
         """Many jobs, one store transaction; each job answered on its own (``error`` for a job no
         backend could run: nothing stored for it)."""
         answers: list[dict[str, Any]] = []
@@ -279,12 +297,12 @@ class Dispatcher:
             answers.append({})
             good.append((i, job, view, p))
         now = time.time()
-        results = self.store.add_jobs([g[1] for g in good], now=now)
+        results = await self.db(self.store.add_jobs, [g[1] for g in good], now=now)
         for (i, job, view, p), (job_id, created) in zip(good, results):
             answers[i] = {"id": job_id, "created": created}
             if created:
                 self.enqueue(job, view, now, p)
-        self.apply(self.decide(time.time()))
+        await self.apply(self.decide(time.time()))
         return answers
 
     def live_state(self, job_id: str) -> str:
@@ -310,11 +328,11 @@ class Dispatcher:
         if d.entry.job.id in self.queued:
             self.sched.enqueue(d.entry.job, d.entry.plan, d.entry.arrival, d.entry.seq)
 
-    def apply(self, res: PassResult, skip: str | None = None) -> None:
+    async def apply(self, res: PassResult, skip: str | None = None) -> None:
         """Carry out one pass: commit each start, then start it; flags, preemptions, give-ups."""
         for entry in res.unplaceable:
             if self.take(entry.job.id) is not None:
-                self.give_up(entry.job.id, "no feasible backend left: " + _why_not(entry.plan), entry.plan)
+                await self.give_up(entry.job.id, "no feasible backend left: " + _why_not(entry.plan), entry.plan)
         for entry in res.flagged:
             self.flag(entry.job.id, entry.flagged or "deadline at risk")
         failed = False
@@ -329,7 +347,7 @@ class Dispatcher:
                 self._undo_start(d)
                 continue
             try:
-                self._dispatch(q, d)
+                await self._dispatch(q, d)
             except Exception:
                 log.exception("dispatch of job %s not committed; it keeps its place in line", q.job.id)
                 self.commit_failures += 1
@@ -340,14 +358,18 @@ class Dispatcher:
         if failed:
             asyncio.get_running_loop().call_later(1.0, self.kick)
 
-    def _dispatch(self, q: Queued, d: Decision) -> None:
+    async def _dispatch(self, q: Queued, d: Decision) -> None:
         name = d.choice.backend
         assert name is not None
         est = q.plan.estimates[name]
-        attempt = self.store.dispatch(q.job.id, name, predicted_s=est.runtime_s, queued_at=q.enqueued_at,
-                                      explanation=explain(q.plan, d.explained))
+        self._dispatching[q.job.id] = False
+        try:
+            attempt = await self.db(self.store.dispatch, q.job.id, name, predicted_s=est.runtime_s,
+                                    queued_at=q.enqueued_at, explanation=explain(q.plan, d.explained))
+        finally:
+            cancelled = self._dispatching.pop(q.job.id, False)
         self.take(q.job.id)
-        if attempt is None:  # cancelled meanwhile
+        if attempt is None or cancelled:  # cancelled meanwhile (before or after the commit)
             self.sched.finish(q.job.id)
             return
         self.choices[q.job.id] = {"chosen": name, "reason": d.choice.reason}
@@ -357,8 +379,13 @@ class Dispatcher:
         """A job that will miss its deadline is flagged (stored, shown in status and explain)."""
         if self.flags.get(job_id) == reason:
             return
-        self.store.flag(job_id, reason)
         self.flags[job_id] = reason
+        self.db_later(self.store.flag, job_id, reason)
+
+    def cancelled(self, job_id: str) -> None:
+        """A cancel committed: a dispatch of this job being committed right now must not start it."""
+        if job_id in self._dispatching:
+            self._dispatching[job_id] = True
 
     # ==== runs ===================================================================================
     def launch(self, q: Queued, name: str, attempt: int, *, started_at: float | None = None,
@@ -380,7 +407,7 @@ class Dispatcher:
         except Exception as exc:  # no actor (gone, elastic and stopped), a bad call: this attempt failed
             r.task = None
             outcome = "actor_died" if self.fleet.actor_of(name) is None else "error"
-            asyncio.get_running_loop().call_soon(self._ended, r, outcome, f"{type(exc).__name__}: {exc}")
+            asyncio.ensure_future(self._ended(r, outcome, f"{type(exc).__name__}: {exc}"))
             return r
         r.task = asyncio.get_running_loop().create_task(self._watch(r, ref))
         return r
@@ -402,27 +429,29 @@ class Dispatcher:
             raise
         except asyncio.TimeoutError:
             self.stop(r)
-            self._ended(r, "timed_out", f"no result after {self._timeout(r):.0f} s")
+            await self._ended(r, "timed_out", f"no result after {self._timeout(r):.0f} s")
             return
         except Exception as exc:  # noqa: BLE001 - classified: every failure ends this attempt
             outcome, error = _classify(exc)
-            self._ended(r, outcome, error)
+            await self._ended(r, outcome, error)
             return
         if result is None:  # re-attach found nothing: the run was lost with its actor
-            self._ended(r, "lost", "the executor no longer knew this run", block=False)
+            await self._ended(r, "lost", "the executor no longer knew this run", block=False)
             return
-        self.complete(r, result)
+        await self.complete(r, result)
 
-    def _ended(self, r: Running, outcome: str, error: str, *, block: bool = True) -> None:
+    async def _ended(self, r: Running, outcome: str, error: str, *, block: bool = True) -> None:
         """An attempt ended without a result. A run stopped on purpose is only closed; a run whose
         twin (hedge) still runs is closed and the twin goes on; otherwise the job fails over."""
+        if not self._is_live(r):   # already handled (an unreachable pool, then the run's own error)
+            return
         key = (r.job.id, r.attempt)
         if key in self._stopping:
             self._stopping.discard(key)
             if r.job.id in self._preempting and r.primary is None:
                 self._preempting.pop(r.job.id, None)
                 self._forget(r)
-                self.requeue_preempted(r)
+                await self.requeue_preempted(r)
                 return
             self._forget(r)
             return
@@ -434,9 +463,9 @@ class Dispatcher:
                         r.job.id, r.attempt, r.backend, outcome, error)
             self._count_failure(r.backend, outcome)
             self._forget(r)
-            self.store.close_attempt(r.job.id, r.attempt, outcome, error)
+            await self.db(self.store.close_attempt, r.job.id, r.attempt, outcome, error)
             return
-        self.failover(r, outcome, error, block=block)
+        await self.failover(r, outcome, error, block=block)
 
     def _is_live(self, r: Running) -> bool:
         main = self.running.get(r.job.id)
@@ -463,7 +492,7 @@ class Dispatcher:
         if outcome in ("actor_died", "timed_out", "backend_error", "error"):
             self.fleet.run_failed(backend)
 
-    def complete(self, r: Running, result: dict[str, Any]) -> None:
+    async def complete(self, r: Running, result: dict[str, Any]) -> None:
         arrived = time.time()
         twin = r.backup if r.primary is None else r.primary
         self._forget(r)
@@ -473,6 +502,7 @@ class Dispatcher:
         self.running.pop(r.job.id, None)
         self.fleet.run_succeeded(r.backend)
         self._preempting.pop(r.job.id, None)
+        self._stopping.discard((r.job.id, r.attempt))
         result = dict(result)
         result["queue_s"] = r.started_at - (r.created_at or r.started_at)
         result["launched_at"] = r.started_at
@@ -483,10 +513,10 @@ class Dispatcher:
         meta["timeline"] = {"accepted_at": r.accepted_at or None, "committed_at": r.committed_at or None,
                               "launched_at": r.started_at, "run_started_at": meta.get("received_at"),
                               "run_finished_at": meta.get("finished_at"), "result_at_allocator": arrived}
-        recorded = self.store.complete(r.job.id, r.attempt, result)
+        recorded = await self.db(self.store.complete, r.job.id, r.attempt, result)
         if twin is not None:
-            self.store.close_attempt(r.job.id, twin.attempt, "hedge_lost",
-                                     f"attempt {r.attempt} on {r.backend} finished first")
+            await self.db(self.store.close_attempt, r.job.id, twin.attempt, "hedge_lost",
+                          f"attempt {r.attempt} on {r.backend} finished first")
         if recorded and r.attempt == 1:
             meta["timeline"]["completed_at"] = time.time()
             self._remember_final(r, result)
@@ -527,20 +557,20 @@ class Dispatcher:
         while len(self.finished) > _FINISHED_KEEP:
             self.finished.popitem(last=False)
 
-    def failover(self, r: Running, outcome: str, error: str, *, block: bool = True) -> None:
+    async def failover(self, r: Running, outcome: str, error: str, *, block: bool = True) -> None:
         self._forget(r)
         if self._preempting.pop(r.job.id, None) is not None and outcome in ("actor_died", "error"):
-            self.requeue_preempted(r)
+            await self.requeue_preempted(r)
             return
         log.warning("job %s attempt %d on %s: %s (%s)", r.job.id, r.attempt, r.backend, outcome, error)
         self._count_failure(r.backend, outcome)
         blocked = r.view.blocked | {r.backend} if block else r.view.blocked
         view = replace(r.view, blocked=blocked)
         if r.attempt >= self.settings.max_attempts:
-            self.store.end_attempt(r.job.id, r.attempt, outcome, error, then="fail")
+            await self.db(self.store.end_attempt, r.job.id, r.attempt, outcome, error, then="fail")
             self._done(r.job.id)
             return
-        if not self.store.end_attempt(r.job.id, r.attempt, outcome, error, then="failover"):
+        if not await self.db(self.store.end_attempt, r.job.id, r.attempt, outcome, error, then="failover"):
             return  # cancelled or already finished
         p = self.plan_for(view)
         if _hopeless(p) and outcome == "actor_died" and r.backend not in r.view.blocked:
@@ -549,23 +579,23 @@ class Dispatcher:
             view = r.view
             p = self.plan_for(view)
         if _hopeless(p):
-            self.give_up(r.job.id, f"attempt {r.attempt} failed on {r.backend} ({outcome}) and no other "
-                                   "backend can run it", p)
+            await self.give_up(r.job.id, f"attempt {r.attempt} failed on {r.backend} ({outcome}) and no other "
+                                         "backend can run it", p)
             return
         self.enqueue(r.job, view, r.created_at, p)
         self.kick()
 
-    def requeue_preempted(self, r: Running) -> None:
+    async def requeue_preempted(self, r: Running) -> None:
         """Back to the queue (same place in line), not failed over: the backend is fine."""
-        if not self.store.end_attempt(r.job.id, r.attempt, "preempted", "stopped for an emergency job",
-                                      then="requeue"):
+        if not await self.db(self.store.end_attempt, r.job.id, r.attempt, "preempted",
+                             "stopped for an emergency job", then="requeue"):
             return
         self.enqueue(r.job, r.view, r.created_at, r.plan)
         self.kick()
 
-    def give_up(self, job_id: str, error: str, p: Plan) -> None:
-        self.store.save_explanation(job_id, explain(p, None))
-        self.store.fail(job_id, error)
+    async def give_up(self, job_id: str, error: str, p: Plan) -> None:
+        await self.db(self.store.save_explanation, job_id, explain(p, None))
+        await self.db(self.store.fail, job_id, error)
         self._done(job_id)
 
     def _done(self, job_id: str) -> None:
@@ -625,10 +655,10 @@ class Dispatcher:
             r.task.cancel()
             self._preempting.pop(r.job.id, None)
             self._forget(r)
-            self.requeue_preempted(r)
+            asyncio.ensure_future(self.requeue_preempted(r))
 
     # ==== hedging ===============================================================================
-    def hedge_tick(self, now: float, decide: Callable[..., list[Any]] | None, note_overrun: Callable[..., None] | None,
+    async def hedge_tick(self, now: float, decide: Callable[..., list[Any]] | None, note_overrun: Callable[..., None] | None,
                    k: float, min_elapsed_s: float = 0.0) -> int:
         """Runs past ``k``× their prediction (and ``min_elapsed_s``): remember the overrun at once
         (so the next job of that circuit goes elsewhere), and start one backup where ``decide``
@@ -648,25 +678,40 @@ class Dispatcher:
             r = self.running.get(job_id)
             if r is None or r.backup is not None or backend == r.backend:
                 continue
-            if self.start_backup(r, backend):
+            if await self.start_backup(r, backend):
                 started += 1
         return started
 
-    def start_backup(self, r: Running, backend: str) -> bool:
+    async def start_backup(self, r: Running, backend: str) -> bool:
         est = r.plan.estimates.get(backend)
         if est is None or backend not in self.fleet.members:
             return False
-        attempt = self.store.hedge(r.job.id, backend, predicted_s=est.runtime_s)
-        if attempt is None:
-            return False
+        # the backup's core is taken in the scheduler's books before the commit (no pass may give
+        # it away meanwhile), and given back if the commit says the job is no longer running
         now = time.time()
         self.sched.start(r.job.id + _HEDGE_SUFFIX, backend, now, est.runtime_s, r.job.priority.value)
+        try:
+            attempt = await self.db(self.store.hedge, r.job.id, backend, predicted_s=est.runtime_s)
+        except Exception:
+            self.sched.finish(r.job.id + _HEDGE_SUFFIX)
+            raise
+        if attempt is None or not self._is_live(r) or r.backup is not None:
+            self.sched.finish(r.job.id + _HEDGE_SUFFIX)
+            if attempt is not None:
+                await self.db(self.store.close_attempt, r.job.id, attempt, "superseded", "the job ended meanwhile")
+            return False
         q = Queued(r.job, r.view, r.plan, now, r.created_at)
         self.launch(q, backend, attempt, primary=r)
         self.hedges += 1
         log.warning("job %s overran %.3g s on %s (predicted %.3g s): backup attempt %d on %s",
                     r.job.id, now - r.started_at, r.backend, r.predicted_s, attempt, backend)
         return True
+
+
+def _log_failure(fut: "concurrent.futures.Future[Any]") -> None:
+    exc = fut.exception()
+    if exc is not None:
+        log.error("store write failed: %s: %s", type(exc).__name__, exc)
 
 
 def _classify(exc: BaseException) -> tuple[str, str]:

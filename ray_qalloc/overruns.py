@@ -36,7 +36,7 @@ def hedge_policy(settings: Settings) -> Any:
     return HedgePolicy(k=h.overrun_factor, min_elapsed_s=h.min_overrun_s)
 
 
-def tick(d: Any, settings: Settings, now: float) -> int:
+async def tick(d: Any, settings: Settings, now: float) -> int:
     """One check of the dispatcher's running jobs; returns the backups started."""
     from ray_qalloc.placement.hedging import RunningInfo, decide_hedges
     from ray_qalloc.placement.scheduler import LiveView
@@ -66,7 +66,7 @@ def tick(d: Any, settings: Settings, now: float) -> int:
         kinds = {name: m.spec.kind for name, m in d.fleet.members.items()}
         return [(x.job_id, x.backend) for x in decide_hedges(infos, plans, live, at, policy, kinds)]
 
-    return d.hedge_tick(now, decide if h.enabled else None, note, h.overrun_factor, h.min_overrun_s)
+    return await d.hedge_tick(now, decide if h.enabled else None, note, h.overrun_factor, h.min_overrun_s)
 
 
 def _without_blocked(r: Any) -> Any:

@@ -65,7 +65,7 @@ class FakeBackend:
             raise RayActorError()
         if self.behaviour == "error":
             raise BackendError("cannot run this circuit here", fix="try another backend")
-        return {"counts": {"000": shots}, "shots": shots, "backend": self.name, "wall_s": self.delay,
+        return {"counts": {"000": shots}, "shots": shots, "backend": variant.get("name", self.name), "wall_s": self.delay,
                 "metadata": {}}
 
     async def _attach(self, job_id: str, attempt: int) -> dict[str, Any] | None:
@@ -257,7 +257,9 @@ def test_circuit_breaker_opens_after_repeated_failures_and_closes_after_a_good_r
 
     recs, opened, runs_on_bad, late_rec, member = run_async(main)
     assert all(r["state"] == "completed" for r in recs)
-    assert opened and runs_on_bad <= 2             # the breaker stopped further runs on it
+    # the breaker stopped further runs on it: two failures open it; at most one trial run when the
+    # 0.3 s cooldown ends while the six jobs are still being placed (without it: six runs)
+    assert opened and runs_on_bad <= 3
     assert late_rec["state"] == "completed" and late_rec["result"]["backend"] == "bad"
     assert member.failures == 0 and not member.breaker_open and member.cooldown_s == 0.0
 
@@ -392,3 +394,29 @@ def test_cancel_stops_the_run_on_its_pool(tmp_path):
     a, job, alloc = run_async(main)
     assert a.stopped == [(job["id"], 1)]
     assert alloc.store.get(job["id"]).state == JobState.CANCELLED
+
+
+def test_old_store_rows_naming_aer_methods_still_read_and_recover(tmp_path):
+    """A store written by the per-method design: a queued job allowed on ``aer_statevector`` and a
+    job RUNNING on the old ``aer_mps`` backend. After the upgrade the first runs on the pool's
+    statevector, the second is placed again (its old executor is gone), both complete."""
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    queued = prepared(backends=("aer_statevector",))
+    running = prepared()
+    store.add_job(queued)
+    store.add_job(running)
+    store.dispatch(running.id, "aer_mps", predicted_s=0.1, queued_at=time.time())
+    pool = FakeBackend("cpu-n1", delay=0.01)
+    specs = [sim("cpu-n1/statevector", pool="cpu-n1"),
+             BackendSpec("cpu-n1/mps", "simulator", "aer", 30, method="matrix_product_state", pool="cpu-n1")]
+
+    async def main():
+        alloc = Allocator(load_settings(data_dir=tmp_path, health_interval_s=0.05, history_flush_s=60.0),
+                          members={s.name: (s, pool) for s in specs}, node_cpus={"cpu-n1": 2.0})
+        return [await alloc.wait(j.id, timeout=10) for j in (queued, running)]
+
+    q, r = run_async(main)
+    assert q["state"] == r["state"] == "completed"
+    assert q["result"]["backend"] == "cpu-n1/statevector"
+    assert [(h["backend"], h["outcome"]) for h in r["attempt_history"]][0] == ("aer_mps", "requeued")
+    assert store.get(running.id).allowed_backends is None
