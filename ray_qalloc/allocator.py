@@ -35,7 +35,7 @@ from ray_qalloc.dispatch import Dispatcher, Queued, Running
 from ray_qalloc.fleet import Fleet, Member
 from ray_qalloc.jobs import JobState, PreparedJob, compact
 from ray_qalloc.placement import explain
-from ray_qalloc.placement.scheduler import Scheduler, SchedulerConfig
+from ray_qalloc.placement.scheduler import Scheduler
 from ray_qalloc.store import JobStore
 
 log = logging.getLogger("ray_qalloc.allocator")
@@ -64,7 +64,7 @@ class Allocator:
         self.store = JobStore(settings.resolved_store_url)
         self.history = RunHistory(settings.history_dir)
         self._watcher = ArtifactWatcher(settings.models_dir, current=latest_artifact(settings.models_dir))
-        self.sched = Scheduler(SchedulerConfig(**settings.scheduler), node_cpus=dict(node_cpus or {}))
+        self.sched = Scheduler(settings.scheduler_config(), node_cpus=dict(node_cpus or {}))
         self._kick = asyncio.Event()
         self._ready = asyncio.Event()
         from ray_qalloc import overruns

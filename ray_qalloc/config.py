@@ -66,6 +66,38 @@ class HedgeSettings(BaseModel):
     interval_s: float = Field(0.25, gt=0, description="How often running jobs are checked for overruns.")
 
 
+class ClassWeights(BaseModel):
+    """How one priority class trades time against fidelity and money (see placement.pipeline)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    fidelity: float = Field(4.0, ge=0, description="Weight of -log(fidelity) against log(completion time).")
+    money: float = Field(0.0, ge=0, description="Weight of the money cost.")
+
+
+def _default_class_weights() -> dict[str, ClassWeights]:
+    from ray_qalloc.placement.pipeline import CLASS_WEIGHTS
+
+    return {c: ClassWeights(fidelity=w.fidelity, money=w.money) for c, w in CLASS_WEIGHTS.items()}
+
+
+class PlacementSettings(BaseModel):
+    """The selector's trade-offs; the allocator and the placement benchmark read the same ones."""
+
+    model_config = ConfigDict(frozen=True)
+
+    class_weights: dict[str, ClassWeights] = Field(default_factory=_default_class_weights,
+                                                   description="Per priority class: fidelity and money weights.")
+    quantum_fidelity_factor: float = Field(2.0, ge=0, description="Quantum-intent jobs weigh fidelity this "
+                                           "many times their class's weight.")
+
+    def table(self) -> Any:
+        from ray_qalloc.placement.pipeline import Weights, WeightTable
+
+        return WeightTable({c: Weights(w.fidelity, w.money) for c, w in self.class_weights.items()},
+                           self.quantum_fidelity_factor)
+
+
 class Settings(BaseModel):
     """Everything ray-qalloc reads at start-up."""
 
@@ -89,6 +121,7 @@ class Settings(BaseModel):
     run_timeout_factor: float = Field(20.0, gt=1,
                                       description="An attempt times out after this many predicted runtimes.")
     hedge: HedgeSettings = Field(default_factory=HedgeSettings)
+    placement: PlacementSettings = Field(default_factory=PlacementSettings)
     max_attempts: int = Field(5, gt=0, description="Attempts per job before it is failed.")
     breaker_failures: int = Field(3, gt=0, description="Consecutive failed runs that open a backend's "
                                   "circuit breaker (no new runs until a probe succeeds).")
@@ -141,6 +174,12 @@ class Settings(BaseModel):
         """The model registry: ``qalloc train`` publishes here, the allocator loads from here."""
         return self.data_dir / "models"
 
+    def scheduler_config(self) -> Any:
+        """The scheduler's typed config from these settings (the allocator's and the simulation's)."""
+        from ray_qalloc.placement.scheduler import SchedulerConfig
+
+        return SchedulerConfig(**self.scheduler)
+
     def copy_with(self, **changes: Any) -> "Settings":
         return self.model_copy(update=changes)
 
@@ -176,7 +215,7 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
     for key, value in overrides.items():
         if value is None:
             continue
-        if key in ("limits", "hedge", "api") and isinstance(value, dict):
+        if key in ("limits", "hedge", "api", "placement") and isinstance(value, dict):
             data[key] = {**data.get(key, {}), **value}
         else:
             data[key] = value

@@ -93,6 +93,7 @@ class Dispatcher:
         self.predictor = predictor
         self.kick = kick
         self.filters = make_filters(settings.tenant_backends, settings.max_calibration_age_s, health=False)
+        self.weights = settings.placement.table()
         self.queued: dict[str, Queued] = {}
         self.running: dict[str, Running] = {}
         self.waiters: dict[str, list[asyncio.Future[None]]] = {}
@@ -165,7 +166,7 @@ class Dispatcher:
                        circuit_key(job))
 
     def plan_for(self, view: JobView) -> Plan:
-        return plan(view, self.fleet.views(), self.predictor, self.filters)
+        return plan(view, self.fleet.views(), self.predictor, self.filters, self.weights)
 
     def checked_plan(self, job: PreparedJob) -> tuple[JobView, Plan]:
         if job.backends:

@@ -165,3 +165,18 @@ def test_tenant_permissions_name_pools_and_methods():
     assert ok("soc", specs["cpu-bbbb/statevector@2"]) and not ok("soc", specs["cpu-aaaa/mps"]) and not ok("soc", qpu)
     assert ok("old", specs["cpu-bbbb/mps"]) and not ok("old", specs["cpu-bbbb/statevector"])
     assert ok("anyone", specs["cpu-aaaa/stabilizer"])
+
+
+def test_class_weights_come_from_the_typed_settings():
+    """The allocator and the benchmark make plans with ``Settings.placement``: a class that does not
+    weigh fidelity takes the faster, noisier backend; the default class does not."""
+    from ray_qalloc.config import load_settings
+
+    job = JobView("j", 3, frozenset({"h", "cx"}), {}, 100, intent="quantum")
+    est = {"fast_noisy": Estimate("fast_noisy", 1.0, 0.5, 0.0), "slow_clean": Estimate("slow_clean", 2.0, 0.99, 0.0)}
+    live = {"fast_noisy": LiveState(0.0, True), "slow_clean": LiveState(0.0, True)}
+    default = Plan("j", dict(est), weights=load_settings().placement.table())
+    careless = Plan("j", dict(est), weights=load_settings(
+        placement={"class_weights": {"normal": {"fidelity": 0.0}}}).placement.table())
+    assert select(job, default, live).backend == "slow_clean"
+    assert select(job, careless, live).backend == "fast_noisy"

@@ -93,6 +93,9 @@ class Plan:
     # select's per-plan precomputation (pipeline.py), keyed like ``static``
     rows: dict[str, tuple[tuple[str, float, float], ...]] = field(default_factory=dict, repr=False,
                                                                   compare=False)
+    # how this job's class trades time against fidelity and money (pipeline.WeightTable);
+    # None: the defaults. Set by whoever makes the plan, from the typed settings.
+    weights: Any = field(default=None, repr=False, compare=False)
 
     @property
     def feasible(self) -> list[str]:

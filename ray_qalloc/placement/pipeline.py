@@ -22,9 +22,10 @@ class Predictor(Protocol):
 
 
 def plan(job: JobView, backends: Sequence[BackendView], predictor: Predictor,
-         filters: Sequence[Filter] = DEFAULT_FILTERS) -> Plan:
-    """Run the filters, then ask the predictor once for every backend still standing."""
-    result = Plan(job.id)
+         filters: Sequence[Filter] = DEFAULT_FILTERS, weights: "WeightTable | None" = None) -> Plan:
+    """Run the filters, then ask the predictor once for every backend still standing.
+    ``weights``: the class weights select will use for this job (default ``DEFAULT_WEIGHTS``)."""
+    result = Plan(job.id, weights=weights)
     survivors: list[BackendView] = []
     for backend in backends:
         for f in filters:
@@ -93,6 +94,21 @@ class Choice:
 # fidelity goal (≥ 0.99 of best-fidelity) on the 200-job trace; it cost 8% mean JCT there.
 QUANTUM_FIDELITY_FACTOR = 2.0
 
+
+@dataclass(frozen=True)
+class WeightTable:
+    """Every class's weights and the quantum-intent factor: one value, made from the typed
+    settings (``Settings.placement``) by the allocator and by the benchmark's simulation alike."""
+
+    classes: Mapping[str, Weights]
+    quantum_fidelity_factor: float = QUANTUM_FIDELITY_FACTOR
+
+    def of(self, priority: str) -> Weights:
+        return self.classes.get(priority) or self.classes.get("normal") or Weights()
+
+
+DEFAULT_WEIGHTS = WeightTable(CLASS_WEIGHTS, QUANTUM_FIDELITY_FACTOR)
+
 # Bound on the spread ``select`` believes, in log space. Past σ = 2 (a factor 7.4 either way
 # at one sd) an estimate says "unknown", not "slow"; the mean's e^(σ²/2) would otherwise grow
 # without bound (σ = 3: ×90) and rule out a candidate on noise. What a wrong pick really costs
@@ -135,8 +151,9 @@ def _rows(p: Plan, priority: str, intent: str) -> tuple[tuple[str, float, float]
     key = _cache_key(priority, intent)
     rows = p.rows.get(key)
     if rows is None:
-        w = CLASS_WEIGHTS.get(priority, CLASS_WEIGHTS["normal"])
-        wf = w.fidelity * (QUANTUM_FIDELITY_FACTOR if intent == "quantum" else 1.0)
+        table: WeightTable = p.weights or DEFAULT_WEIGHTS
+        w = table.of(priority)
+        wf = w.fidelity * (table.quantum_fidelity_factor if intent == "quantum" else 1.0)
         rows = tuple((name, expected_runtime(e.runtime_s, e.log_sd),
                       -wf * math.log(max(e.fidelity, 1e-9)) + w.money * e.cost)
                      for name, e in p.estimates.items())
