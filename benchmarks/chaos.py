@@ -3,18 +3,22 @@
     python -m benchmarks.chaos --jobs 300 --json OUT [--baseline-jobs 100] [--seed 0]
 
 On this machine it starts a two-node Ray (a head and a worker, real raylet processes on
-loopback, each declaring the ``qalloc_backend_*`` resources of its backends), the allocator,
-and the API on Ray Serve with two replicas (kept on the head: the node kill must not take
-the whole API with it). Then, in one run:
+loopback) in the pool design: the head offers a simulator pool (``qalloc_pool_cpu``, 2 CPUs)
+and the emulated QPUs (``qalloc_backend_qpu_*``), the worker offers a pool (1 CPU). Then the
+allocator, and the API on Ray Serve with two replicas (kept on the head: the node kill must
+not take the whole API with it). Then, in one run:
 
 1. **baseline** — ``--baseline-jobs`` jobs through the API, nothing killed: jobs/s;
-2. **chaos** — ``--jobs`` jobs of the same mix while, every few seconds, in turn: a backend
-   actor, the allocator actor, a Serve replica, and the worker node are killed (the node is
-   started again a few seconds later). A prober GETs ``/healthz`` every 20 ms throughout.
+2. **chaos** — ``--jobs`` jobs of the same mix while, every few seconds, in turn: an executor
+   actor (the head's pool actor, then a QPU's actor), the allocator actor, a Serve replica,
+   and the worker node are killed (a new worker node is started a few seconds later). A
+   prober GETs ``/healthz`` every 20 ms throughout.
 
 Recovery of a kill = time from the kill until a canary job submitted after it completes
-end to end (for a backend kill, a canary pinned to that backend: the time until *it* works
-again; for the node kill, any backend: the time until work is re-placed). At the end every
+end to end (for an executor kill, a canary pinned to that executor — the pool by its name,
+or the QPU: the time until *it* works again; for the node kill, any backend: the time until
+work is re-placed; ``node_back_s``: a canary pinned to the new node's pool, which the
+allocator has to discover first). At the end every
 accepted job is reconciled against the store: ``lost`` = accepted and not completed,
 ``duplicated_results`` = jobs with more than one recorded completion.
 
@@ -46,8 +50,9 @@ from rich.table import Table
 from benchmarks._common import make_console, write_json
 
 KINDS = ("backend", "allocator", "replica", "node")
-HEAD_BACKENDS = ("aer_statevector", "aer_stabilizer", "qpu_torino", "qpu_sherbrooke", "qpu_fez")
-WORKER_BACKENDS = ("aer_mps", "aer_density_matrix")
+POOL = ["default"]           # the four Aer methods on every node's pool, and the three emulated QPUs
+KILLED_QPU = "qpu_fez"       # the QPU whose actor the second executor kill takes
+HEAD_CPUS, WORKER_CPUS = 2, 1
 BELL = ('OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[2];\ncreg c[2];\nh q[0];\ncx q[0],q[1];\n'
         "measure q -> c;\n")
 
@@ -99,21 +104,22 @@ class Harness:
         from ray.cluster_utils import Cluster
 
         from ray_qalloc import serving
+        from ray_qalloc.backends.pools import POOL_RESOURCE_CPU
         from ray_qalloc.config import load_settings
-        from ray_qalloc.session import connect, node_resources
+        from ray_qalloc.resources import node_resources
+        from ray_qalloc.session import connect
         from ray_qalloc.tenants import Quota, TenantStore
 
         self.settings = load_settings(
-            data_dir=data_dir, pool=list(HEAD_BACKENDS + WORKER_BACKENDS), health_interval_s=0.5,
+            data_dir=data_dir, pool=POOL, health_interval_s=0.5,
             health_timeout_s=3.0, run_timeout_floor_s=60.0, breaker_cooldown_s=1.0,
             api={"replicas": 2, "replica_resources": {"qalloc_head": 0.01}})
-        res = node_resources(self.settings)
-        self.head_res = {k: v for k, v in res.items() if any(k.endswith(b) for b in HEAD_BACKENDS)}
-        self.head_res["qalloc_head"] = 1.0
-        self.worker_res = {k: v for k, v in res.items() if any(k.endswith(b) for b in WORKER_BACKENDS)}
+        # the head: a pool, every QPU, and the API's replicas; the worker: a pool
+        self.head_res = {**node_resources(self.settings), "qalloc_head": 1.0}
+        self.worker_res = {POOL_RESOURCE_CPU: 1.0}
         self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 2, "resources": self.head_res, "temp_dir": ray_tmp, "include_dashboard": False})
-        self.worker = self.cluster.add_node(num_cpus=1, resources=self.worker_res)
+            "num_cpus": HEAD_CPUS, "resources": self.head_res, "temp_dir": ray_tmp, "include_dashboard": False})
+        self.worker = self.cluster.add_node(num_cpus=WORKER_CPUS, resources=self.worker_res)
         ray.init(address=self.cluster.address, namespace=self.settings.namespace, logging_level=logging.ERROR,
                  log_to_driver=False)
         self.qa = connect(settings=self.settings)
@@ -125,18 +131,37 @@ class Harness:
         tenants.close()
         self._backend_turn = 0
 
+    @property
+    def head_pool(self) -> str:
+        from ray_qalloc.backends.pools import pool_name
+
+        return pool_name(self.cluster.head_node.node_id)
+
+    @property
+    def worker_pool(self) -> str:
+        from ray_qalloc.backends.pools import pool_name
+
+        return pool_name(self.worker.node_id)
+
     def kill(self, kind: str) -> dict[str, Any]:
         """Kill one thing of ``kind``; returns what was killed and how a canary should run."""
         import ray
         import ray.util
 
         from ray_qalloc.backends.actor import actor_name
+        from ray_qalloc.backends.pool_actor import pool_actor_name
 
         ns = self.settings.namespace
         if kind == "backend":
-            name = HEAD_BACKENDS[self._backend_turn % 2]      # the simulators on the head
+            # in turn: the head's pool actor (its runs die with it; Ray restarts it on the head),
+            # then a QPU's actor; the canary is pinned to the executor that was killed
+            turn = self._backend_turn
             self._backend_turn += 1
-            ray.kill(ray.get_actor(actor_name(name), namespace=ns), no_restart=False)
+            if turn % 2 == 0:
+                name, actor = self.head_pool, pool_actor_name(self.head_pool)
+            else:
+                name, actor = KILLED_QPU, actor_name(KILLED_QPU)
+            ray.kill(ray.get_actor(actor, namespace=ns), no_restart=False)
             return {"what": name, "canary_backends": [name]}
         if kind == "allocator":
             ray.kill(ray.get_actor(self.settings.allocator_name, namespace=ns), no_restart=False)
@@ -149,7 +174,7 @@ class Harness:
             return {"what": victim["name"].split("#")[-1], "canary_backends": None}
         if kind == "node":
             self.cluster.remove_node(self.worker, allow_graceful=False)
-            return {"what": "worker node", "canary_backends": None, "restore": True}
+            return {"what": f"worker node ({self.worker_pool})", "canary_backends": None, "restore": True}
         raise ValueError(kind)
 
     def allocator_startup(self) -> dict[str, Any]:
@@ -163,7 +188,8 @@ class Harness:
             return {"error": type(exc).__name__}
 
     def restore_node(self) -> None:
-        self.worker = self.cluster.add_node(num_cpus=1, resources=self.worker_res)
+        """A new worker node (a new node id, so a new pool name) that the allocator must find."""
+        self.worker = self.cluster.add_node(num_cpus=WORKER_CPUS, resources=self.worker_res)
 
     def shutdown(self) -> None:
         import ray
@@ -319,12 +345,30 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 # ---- the run -----------------------------------------------------------------------------------
+def _own_ray_environment(tmp: Path) -> None:
+    """This run's Ray talks to nobody else's: token authentication with a fresh token of its
+    own (passed on to every node it starts), and Ray's "current cluster" address file under
+    ``tmp`` rather than ``/tmp/ray`` (where another ``ray.init()`` on this machine would find
+    this cluster, and which may not exist). Set before Ray starts anything in this process."""
+    import secrets
+
+    token = tmp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_TMPDIR": str(tmp)})
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.pop("RAY_ADDRESS", None)
+    (tmp / "ray").mkdir(exist_ok=True)
+
+
 def run(jobs: int, baseline_jobs: int, seed: int, gap_s: float, console: Any,
         node_down_s: float = 8.0) -> dict[str, Any]:
-    from ray_qalloc.store import JobStore
-
     data_dir = Path(tempfile.mkdtemp(prefix="qalloc-chaos-"))
     ray_tmp = tempfile.mkdtemp(prefix="qc", dir="/tmp")
+    _own_ray_environment(Path(ray_tmp))
+
+    from ray_qalloc.store import JobStore
+
     h = None
     try:
         console.print("starting a 2-node Ray, the allocator and the API (2 replicas) ...")
@@ -378,9 +422,12 @@ def run(jobs: int, baseline_jobs: int, seed: int, gap_s: float, console: Any,
             if kind == "allocator":
                 row["allocator_startup"] = h.allocator_startup()
             if info.get("restore"):
-                back = canary(h.url, h.token, list(WORKER_BACKENDS[:1]))
+                # pinned to the new node's pool: refused as unknown until the allocator has found
+                # it (the canary keeps submitting), then it must run there
+                back = canary(h.url, h.token, [h.worker_pool])
                 row["node_back_s"] = back
-                console.print(f"  node restarted after {node_down_s:g} s; its backends work again "
+                row["new_pool"] = h.worker_pool
+                console.print(f"  node restarted after {node_down_s:g} s; its pool {h.worker_pool} works "
                               + (f"{back:.2f} s later" if back is not None else "[red]never[/red]"))
             recoveries.append(row)
             console.print(f"  t={row['at_s']:5.1f}s killed {kind:9s} ({info['what']}): "

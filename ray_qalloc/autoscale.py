@@ -79,9 +79,10 @@ def bundles_to_request(waiting: Iterable[Sequence[str]], cluster: Mapping[str, f
     A job asks for nothing when a backend it can use is offered by a node the cluster has
     anyway; otherwise it asks for its best backend. A backend that is offered only because
     it was requested (in ``held``) keeps being asked for while jobs still wait for it, so a
-    node is not released from the request between arriving and being used. Each backend gets
-    at most ``max_per_backend`` bundles (one per waiting job), the whole request at most
-    ``max_bundles`` (backends with the most waiting jobs first). An empty list means "clear
+    node is not released from the request between arriving and being used. Each bundle shape
+    (``resource_of(backend)``: the members of a pool share ``qalloc_pool_cpu``) gets at most
+    ``max_per_backend`` bundles (one per waiting job), the whole request at most
+    ``max_bundles`` (shapes with the most waiting jobs first). An empty list means "clear
     the request": nothing waits for a node, and idle nodes may be given back.
     """
     slots = slots or {}
@@ -93,21 +94,25 @@ def bundles_to_request(waiting: Iterable[Sequence[str]], cluster: Mapping[str, f
     def offered(b: str) -> bool:
         return cluster.get(resource_of(b), 0.0) >= size(b)
 
-    need: Counter[str] = Counter()
+    # Counted per bundle shape, not per backend name: every member of a pool (``cpu-elastic/mps``,
+    # ``cpu-elastic/statevector``, ...) needs the same ``qalloc_pool_cpu`` node, and jobs that
+    # wait for different methods of it must not ask for a node each.
+    need: Counter[tuple[str, float]] = Counter()
     for backends in waiting:
         if not backends:
             continue  # nothing can run it; the allocator fails it, no node would help
         present = [b for b in backends if offered(b)]
         if present and not all(b in held for b in present):
             continue  # a node the cluster keeps anyway can run it: it waits for a slot, not a node
-        need[present[0] if present else backends[0]] += 1
-    order = sorted(need, key=lambda b: (-need[b], b))
+        best = present[0] if present else backends[0]
+        need[(resource_of(best), size(best))] += 1
+    order = sorted(need, key=lambda k: (-need[k], k))
     out: list[Bundle] = []
-    for b in order:
-        for _ in range(min(need[b], max(max_per_backend, 0))):
+    for res, units in order:
+        for _ in range(min(need[(res, units)], max(max_per_backend, 0))):
             if len(out) >= max(max_bundles, 0):
                 return out
-            out.append({resource_of(b): size(b)})
+            out.append({res: units})
     return out
 
 

@@ -135,6 +135,9 @@ class Dispatcher:
     def members_added(self, members: list[Member]) -> None:
         for m in members:
             self.fleet.members[m.spec.name] = m
+            if m.spec.name in self.sched.backends:   # came back (a pool restarted): known already
+                self.sched.set_health(m.spec.name, m.healthy)
+                continue
             self.sched.node_cpus[self.fleet.sched_node(m)] = self.fleet.sched_cores(m)
             self.sched.add_backend(m.spec, node=self.fleet.sched_node(m), healthy=m.healthy)
         if members and self.queued:

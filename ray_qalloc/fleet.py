@@ -14,6 +14,14 @@ The fleet tells its listener (the dispatcher) what changed — a member's health
 appeared (a node joined, a pool answered for the first time), a host that stopped answering —
 and never touches the queue itself. Ray calls are bounded in time; an actor that does not
 answer is unhealthy, not an error.
+
+Elastic pools: on a cluster that declares qalloc resources but where no node offers a pool
+yet, the fleet plans with a placeholder pool (``ELASTIC_POOL``, members unhealthy: jobs wait
+for it, and the autoscaling request asks for ``qalloc_pool_cpu``). Pools found while the fleet
+is elastic are elastic themselves: once idle for ``settings.elastic_idle_s`` the pool's actor is
+stopped (its detached actor holds ``qalloc_pool_cpu``, which keeps the node busy for the
+autoscaler forever otherwise), its members leave placement and the placeholder comes back. The
+node it ran on is not given a pool again unless a queued job wants one.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import RayActorError, WorkerCrashedError
 
 from ray_qalloc.backends.actor import RemoteBackendActor, backend_actor_options
 from ray_qalloc.backends.base import BackendSpec, resource_name
@@ -41,7 +49,16 @@ try:  # Ray ≥ 2.x raises this for an actor that is restarting
 except ImportError:  # pragma: no cover
     ActorUnavailableError = RayActorError  # type: ignore[misc,assignment]
 
-ACTOR_GONE = (RayActorError, ActorUnavailableError, WorkerCrashedError)
+try:  # the actor (or the task) is bound to a node that died: hard node affinity, a pool's run
+    from ray.exceptions import ActorUnschedulableError, NodeDiedError
+except ImportError:  # pragma: no cover
+    ActorUnschedulableError = NodeDiedError = RayActorError  # type: ignore[misc,assignment]
+
+# An executor that is gone, for now or for good: its runs fail over (the backend is blocked for
+# that job) and its host is unhealthy until a probe answers. ``ActorUnschedulableError`` is what
+# a pool pinned to a dead node raises from then on (it derives from RayError, not
+# RayActorError); ``NodeDiedError`` is what a call in flight on that node may raise instead.
+ACTOR_GONE = (RayActorError, ActorUnavailableError, WorkerCrashedError, ActorUnschedulableError, NodeDiedError)
 FIRST_PROBE_S = 60.0
 UNREACHABLE_AFTER = 2      # missed health checks in a row before a pool's runs are placed again
 ELASTIC_POOL = "cpu-elastic"   # stands for the pool of a node the autoscaler may bring
@@ -95,6 +112,7 @@ class Host:
     last_used: float = 0.0
     cores: float = 0.0
     memory_bytes: int = 0
+    running: int = 0                   # runs in flight, as the pool's last ping counted them
     spec: BackendSpec | None = None    # a backend host's spec (pools make theirs from the node)
 
 
@@ -104,6 +122,8 @@ class FleetListener(Protocol):
     def members_added(self, members: list[Member]) -> None: ...
 
     def host_unreachable(self, host: Host, why: str) -> None: ...
+
+    # optional: ``replan_queued()`` — members came back under names the listener knew already
 
 
 class Fleet:
@@ -117,6 +137,10 @@ class Fleet:
         self.methods, self.backend_names = split_pool(settings.pool)
         self.first_probe_s = FIRST_PROBE_S
         self._declared = False
+        self.elastic_pools = False          # no pool at start: pools found later may be stopped when idle
+        self._announced: set[str] = set()   # member names the listener (the scheduler) knows
+        self._retired: set[str] = set()     # nodes whose idle elastic pool was stopped
+        self._first_probes: dict[str, asyncio.Task] = {}
 
     # ---- start-up ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -131,6 +155,7 @@ class Fleet:
             if not any(h.kind == "pool" for h in self.hosts.values()) and self._declared:
                 log.warning("no node offers %s yet: simulator jobs wait for one (autoscaling may bring it)",
                             POOL_RESOURCE_CPU)
+                self.elastic_pools = True
                 self.hosts[ELASTIC_POOL] = Host(ELASTIC_POOL, "pool", None, elastic=True)
                 self._add_members(self.hosts[ELASTIC_POOL], self._placeholder_specs())
         for name in self.backend_names:
@@ -147,6 +172,8 @@ class Fleet:
                 host.actor = self._start_backend(spec, use_resource=has)
             self.hosts[name] = host
             self._add_members(host, [spec])
+        # the allocator registers every member made so far with its scheduler
+        self._announced.update(self.members)
         await asyncio.gather(*(self.probe(h, first=True) for h in list(self.hosts.values())))
 
     def _placeholder_specs(self) -> list[BackendSpec]:
@@ -158,7 +185,10 @@ class Fleet:
                                     methods=self.methods)
 
     def discover_pools(self) -> list[Host]:
-        """Start a pool on every live node that offers one and has none yet (nodes that joined)."""
+        """Start a pool on every live node that offers one and has none yet (nodes that joined).
+
+        A node whose idle elastic pool was stopped is skipped (it is waiting to be given back)
+        until a queued job wants a pool again (``elastic_tick``)."""
         started = []
         for node in ray.nodes():
             if not node.get("Alive"):
@@ -166,17 +196,19 @@ class Fleet:
             res = node.get("Resources", {})
             offers = res.get(POOL_RESOURCE_CPU, 0.0) >= 1.0 if self._declared else res.get("CPU", 0.0) > 0
             name = pool_name(node["NodeID"])
-            if not offers or name in self.hosts:
+            if not offers or name in self.hosts or node["NodeID"] in self._retired:
                 continue
             from ray_qalloc.backends.pool_actor import RemotePoolActor, pool_actor_options
 
             actor = RemotePoolActor.options(**pool_actor_options(
                 name, node["NodeID"], self.settings.namespace, use_resource=self._declared)).remote(
                 name, node["NodeID"], tuple(self.methods))
-            host = Host(name, "pool", actor, node_id=node["NodeID"], cores=float(res.get("CPU", 1.0)))
+            host = Host(name, "pool", actor, node_id=node["NodeID"], cores=float(res.get("CPU", 1.0)),
+                        elastic=self.elastic_pools, last_used=time.time())
             self.hosts[name] = host
             started.append(host)
-            log.info("pool %s on node %s (%g CPUs)", name, node["NodeID"][:8], host.cores)
+            log.info("pool %s on node %s (%g CPUs%s)", name, node["NodeID"][:8], host.cores,
+                     ", elastic" if host.elastic else "")
         return started
 
     def _start_backend(self, spec: BackendSpec, *, use_resource: bool = True) -> Any:
@@ -195,6 +227,24 @@ class Fleet:
             added.append(m)
         return added
 
+    def _announce(self, members: list[Member]) -> None:
+        """Tell the listener about members that entered placement.
+
+        A name the listener already knows (a placeholder coming back, a pool started again on
+        the same node) is not added to it twice — its scheduler would count the backend twice —
+        the queue is only planned again, so queued jobs see the member again."""
+        new = [m for m in members if m.spec.name not in self._announced]
+        known = [m for m in members if m.spec.name in self._announced]
+        self._announced.update(m.spec.name for m in new)
+        if new:
+            self.listener.members_added(new)
+        if known:
+            for m in known:
+                self.listener.member_health(m.spec.name, m.healthy)
+            replan = getattr(self.listener, "replan_queued", None)
+            if replan is not None:
+                replan()
+
     # ---- health --------------------------------------------------------------------------------
     async def probe(self, host: Host, first: bool = False) -> None:
         """Ping a host; on the first answer of a pool, make its members from what it measured."""
@@ -204,16 +254,22 @@ class Fleet:
             return
         try:
             info = await asyncio.wait_for(_aref(host.actor.ping.remote()), timeout)
+            if self.hosts.get(host.name) is not host:   # stopped meanwhile (an idle elastic pool)
+                return
             host.node_id = info.get("node_id") or host.node_id
             if host.kind == "pool":
                 if first:   # a fresh pool warms a worker per core; its first jobs should not pay for that
                     await asyncio.wait_for(_aref(host.actor.warmed.remote(timeout)), timeout)
                 host.cores = float(info.get("cores") or host.cores or 1.0)
                 host.memory_bytes = int(info.get("memory_bytes") or 0)
+                host.running = int(info.get("running") or 0)
                 if not host.members and self.methods:
                     specs = pool_candidate_specs(host.name, cores=host.cores, memory_bytes=host.memory_bytes,
                                                  methods=self.methods)
-                    self.listener.members_added(self._add_members(host, specs))
+                    # a real pool answered: the placeholder that stood for it goes now, not
+                    # before (if this pool never answers, jobs keep waiting for the placeholder)
+                    self._drop_placeholder()
+                    self._announce(self._add_members(host, specs))
             else:
                 for name in host.members:
                     m = self.members[name]
@@ -221,10 +277,13 @@ class Fleet:
                         cal = await asyncio.wait_for(_aref(host.actor.calibration.remote()), timeout)
                         m.calibration = cal.summary() if cal is not None else None
                         m.calibration_taken_at = getattr(cal, "taken_at", None)
-        except (asyncio.TimeoutError, *ACTOR_GONE, RayTaskError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the reason, a host that does not answer is unhealthy
+            # (catching only known Ray errors let ActorUnschedulableError — a pool pinned to a
+            # dead node — escape, and its members stayed healthy forever)
             if host.healthy:
                 log.warning("%s %s failed its health check: %s", host.kind, host.name, type(exc).__name__)
             host.missed += 1
+            host.running = 0   # unknown now; its runs are failed over, it must not count as busy forever
             self._set_host_health(host, False)
             if host.missed >= UNREACHABLE_AFTER and host.kind == "pool":
                 self.listener.host_unreachable(host, f"pool unreachable: {host.missed} health checks missed "
@@ -281,15 +340,21 @@ class Fleet:
             m.failures, m.cooldown_s, m.open_until = 0, 0.0, 0.0
 
     async def tick(self) -> None:
-        """One health round: probe every host; start pools on nodes that joined."""
+        """One health round: probe every host; start pools on nodes that joined.
+
+        A new pool's first probe waits for its warm-up (seconds to a minute): it runs on its
+        own, so the other hosts are still probed every round meanwhile (a node lost while
+        another joins is noticed as quickly as ever)."""
         if any(h.kind == "pool" for h in self.hosts.values()) or self.methods:
             try:
                 for host in self.discover_pools():
-                    self._drop_placeholder()
-                    await self.probe(host, first=True)
+                    task = asyncio.get_running_loop().create_task(self.probe(host, first=True))
+                    self._first_probes[host.name] = task
+                    task.add_done_callback(lambda _t, n=host.name: self._first_probes.pop(n, None))
             except Exception:  # the GCS is busy: next tick
                 log.exception("pool discovery failed")
-        await asyncio.gather(*(self.probe(h) for h in list(self.hosts.values())), return_exceptions=True)
+        await asyncio.gather(*(self.probe(h) for h in list(self.hosts.values()) if h.name not in self._first_probes),
+                             return_exceptions=True)
 
     def _drop_placeholder(self) -> None:
         host = self.hosts.get(ELASTIC_POOL)
@@ -300,11 +365,44 @@ class Fleet:
             self.listener.member_health(name, False)
         host.members.clear()
 
+    def _restore_placeholder(self) -> None:
+        """No elastic pool is left: queued simulator jobs wait for (and ask for) a new node."""
+        host = self.hosts.get(ELASTIC_POOL)
+        if host is None or host.members:
+            return
+        if any(h.kind == "pool" and h.actor is not None for h in self.hosts.values()):
+            return
+        self._announce(self._add_members(host, self._placeholder_specs()))
+
+    def _stop_pool(self, host: Host, why: str) -> None:
+        """Stop an elastic pool: kill its actor (frees ``qalloc_pool_cpu``, so the autoscaler may
+        give the node back), take its members out of placement, bring the placeholder back."""
+        log.warning("elastic pool %s %s: stopping it so its node can be released", host.name, why)
+        try:
+            ray.kill(host.actor, no_restart=True)
+        except Exception:  # already gone
+            pass
+        task = self._first_probes.pop(host.name, None)
+        if task is not None:
+            task.cancel()
+        host.actor = None
+        for name in host.members:
+            m = self.members.pop(name, None)
+            if m is not None and m.healthy:
+                m.healthy = False
+            self.listener.member_health(name, False)
+        host.members.clear()
+        self.hosts.pop(host.name, None)
+        if host.node_id:
+            self._retired.add(host.node_id)
+        self._restore_placeholder()
+
     # ---- elastic QPU backends ------------------------------------------------------------------
     def elastic_tick(self, wanted: set[str], busy: set[str], cluster: dict[str, float]) -> None:
         """Start elastic backends whose resource appeared and that queued jobs want; stop idle
-        ones so their node can be released."""
+        ones (QPU backends and elastic pools) so their node can be released."""
         now = time.time()
+        self._elastic_pools_tick(wanted, busy, now)
         for host in self.hosts.values():
             if not host.elastic or host.kind != "backend" or host.spec is None:
                 continue
@@ -323,6 +421,22 @@ class Fleet:
                     pass
                 host.actor = None
                 self._set_host_health(host, False)
+
+    def _elastic_pools_tick(self, wanted: set[str], busy: set[str], now: float) -> None:
+        if not self.elastic_pools:
+            return
+        placeholder = self.hosts.get(ELASTIC_POOL)
+        if placeholder is not None and set(placeholder.members) & wanted and self._retired:
+            # a job waits for a pool: nodes kept only until they are given back may serve again
+            log.warning("a queued job wants a pool: nodes of stopped pools may host one again")
+            self._retired.clear()
+        for host in list(self.hosts.values()):
+            if host.kind != "pool" or not host.elastic or host.actor is None:
+                continue
+            if set(host.members) & (wanted | busy) or host.running or host.name in self._first_probes:
+                host.last_used = now
+            elif now - host.last_used > self.settings.elastic_idle_s:
+                self._stop_pool(host, f"idle for {now - host.last_used:.0f} s")
 
     # ---- views -----------------------------------------------------------------------------------
     def views(self) -> list[BackendView]:

@@ -1,6 +1,8 @@
 """cluster.yaml against the installed Ray's cluster-config schema, and autoscaling on Ray's
 fake multinode provider: a request for a resource the cluster lacks launches the node type
-that offers it, and clearing the request gives the idle node back.
+that offers it, and clearing the request gives the idle node back; the allocator does it by
+itself for a simulator pool (a placeholder pool while no node offers ``qalloc_pool_cpu``, the
+real pool once one joins, stopped again once idle so the node can go).
 
 Why a subprocess for the autoscaling test: it needs its own Ray head (with an autoscaler),
 while the session's ``qa`` fixture may hold a local Ray in this process. The child starts
@@ -32,19 +34,22 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
-GPU_BACKEND = "aer_statevector_gpu"
-HEAD_BACKEND = "aer_stabilizer"       # declared by the fake cluster's head
-ELASTIC_BACKEND = "aer_statevector"   # offered only by the cpu_worker type (scaled to zero)
+POOL_CPU = "qalloc_pool_cpu"           # a node that offers it gets one simulator pool
+POOL_GPU = "qalloc_pool_gpu"           # the GPU pool's resource (the GPU pool is a later issue)
+HEAD_QPU = "qpu_fez"                   # the fake cluster's head offers this QPU, and no pool
+ELASTIC_METHOD = "statevector"         # a job allowed only on this method waits for a pool
 
 
 def _config() -> dict[str, Any]:
     return yaml.safe_load(CLUSTER_YAML.read_text())
 
 
-def _cpu_pool_resources() -> dict[str, int]:
-    from ray_qalloc.backends.registry import DEFAULT_POOL, make_backend
+def _default_resources() -> dict[str, float]:
+    """What the default configuration needs of the cluster: a pool, and each QPU's slots."""
+    from ray_qalloc.config import load_settings
+    from ray_qalloc.resources import node_resources
 
-    return {make_backend(n).spec().resource_name: make_backend(n).spec().slots for n in DEFAULT_POOL}
+    return node_resources(load_settings(environ={}, pool=["default"]))
 
 
 # ---- the config ---------------------------------------------------------------------------------
@@ -66,14 +71,20 @@ def test_cluster_yaml_matches_rays_schema():
     assert types["head"]["max_workers"] == 0
 
 
-def test_node_types_declare_the_backends_they_host():
+def test_node_types_declare_the_executors_they_host():
+    """cpu_worker: one simulator pool; gpu_worker: the GPU pool's resource; the head: the API
+    (``qalloc_head``, which keeps Serve replicas there) and every QPU of the default pool."""
     types = _config()["available_node_types"]
-    assert types["cpu_worker"]["resources"] == _cpu_pool_resources()
-    from ray_qalloc.backends.registry import make_backend
-
-    gpu = make_backend(GPU_BACKEND).spec()
-    assert types["gpu_worker"]["resources"] == {gpu.resource_name: gpu.slots}
-    assert not any(k.startswith("qalloc_") for k in types["head"]["resources"])   # the head hosts none
+    assert types["cpu_worker"]["resources"] == {POOL_CPU: 1}
+    assert types["gpu_worker"]["resources"] == {POOL_GPU: 1}
+    needed = _default_resources()
+    qpus = {k: v for k, v in needed.items() if k != POOL_CPU}
+    assert qpus and all(k.startswith("qalloc_backend_qpu_") for k in qpus), needed
+    assert types["head"]["resources"] == {"qalloc_head": 1, **qpus}
+    assert not any(k.startswith("qalloc_pool_") for k in types["head"]["resources"])   # no pool there
+    # the cluster offers everything the default configuration needs, the pool from its workers
+    offered = {k for t in types.values() for k in t["resources"]}
+    assert set(needed) <= offered
     assert types["cpu_worker"]["min_workers"] >= 1 and types["gpu_worker"]["min_workers"] == 0
     for name in ("cpu_worker", "gpu_worker"):
         assert types[name]["max_workers"] >= max(types[name]["min_workers"], 1)
@@ -107,22 +118,153 @@ def test_start_commands_start_ray_with_auth_and_serve_on_the_head():
     assert "serve deploy serve/config.yaml" in head and "python -m ray_qalloc.autoscale wait" in head
     serve_cfg = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     assert serve_cfg["applications"][0]["import_path"] == "ray_qalloc.serving:app_builder"
-    # every backend the pool names is one the registry can build
-    from ray_qalloc.allocator import pool_names
+    # every QPU the pool names is one the registry can build; its methods run on the pools
     from ray_qalloc.backends.registry import make_backend
+    from ray_qalloc.config import load_settings
+    from ray_qalloc.resources import split_pool
 
     pools = set(re.findall(r"QALLOC_POOL=(\S+)", head + " " + worker))
-    assert pools >= {"default", f"default,{GPU_BACKEND}"}
+    assert pools == {"default"}
     for pool in pools:
-        for name in pool_names(pool.split(",")) + [GPU_BACKEND]:
+        methods, backends = split_pool(pool.split(","))
+        assert methods and backends
+        for name in backends:
             make_backend(name)
+    # the API's replicas stay on the head (spot workers come and go): the settings say so, and
+    # the head offers the resource they ask for
+    replica = set(re.findall(r"QALLOC_API__REPLICA_RESOURCES='([^']+)'", head + " " + worker))
+    assert len(replica) == 1
+    settings = load_settings(environ={"QALLOC_API__REPLICA_RESOURCES": replica.pop()})
+    assert set(settings.api.replica_resources) == {"qalloc_head"}
+    assert "qalloc_head" in cfg["available_node_types"]["head"]["resources"]
+
+
+# ---- the fleet's elastic pools, without Ray ------------------------------------------------------
+class _Listener:
+    """Records what the fleet tells the dispatcher."""
+
+    def __init__(self) -> None:
+        self.added: list[str] = []
+        self.health: list[tuple[str, bool]] = []
+        self.replans = 0
+
+    def member_health(self, name: str, healthy: bool) -> None:
+        self.health.append((name, healthy))
+
+    def members_added(self, members: list[Any]) -> None:
+        self.added += [m.spec.name for m in members]
+
+    def host_unreachable(self, host: Any, why: str) -> None:
+        pass
+
+    def replan_queued(self) -> None:
+        self.replans += 1
+
+
+class _Call:
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)   # a coroutine: the fleet awaits it like an ObjectRef
+
+
+class _FakePool:
+    def __init__(self, node_id: str) -> None:
+        self.node_id, self.running = node_id, 0
+
+        async def ping() -> dict[str, Any]:
+            return {"node_id": self.node_id, "cores": 2.0, "memory_bytes": 2**33, "running": self.running}
+
+        async def warmed(timeout_s: float = 60.0) -> bool:
+            return True
+
+        self.ping, self.warmed = _Call(ping), _Call(warmed)
+
+
+def test_an_idle_elastic_pool_is_stopped_and_the_placeholder_comes_back(tmp_path, monkeypatch):
+    """The fleet's side of scale-to-zero: a pool found while the fleet is elastic takes the
+    placeholder's place; idle past ``elastic_idle_s`` its actor is killed, its members leave
+    placement, the placeholder is back, and its node gets no new pool until a job wants one."""
+    import asyncio
+
+    import ray
+
+    from ray_qalloc import fleet as fleet_mod
+    from ray_qalloc.backends.pools import pool_name
+    from ray_qalloc.config import load_settings
+
+    killed: list[Any] = []
+    monkeypatch.setattr(ray, "kill", lambda actor, no_restart=True: killed.append((actor, no_restart)))
+    node = "ab12cd34" + "0" * 48
+    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": node, "Alive": True,
+                                                "Resources": {"CPU": 2.0, POOL_CPU: 1.0}}])
+    settings = load_settings(environ={}, data_dir=tmp_path, pool=["statevector", "mps"], elastic_idle_s=5.0)
+    listener = _Listener()
+    f = fleet_mod.Fleet(settings, listener)
+    # what start() makes of a declared cluster without a pool
+    f._declared = f.elastic_pools = True
+    f.hosts[fleet_mod.ELASTIC_POOL] = fleet_mod.Host(fleet_mod.ELASTIC_POOL, "pool", None, elastic=True)
+    f._add_members(f.hosts[fleet_mod.ELASTIC_POOL], f._placeholder_specs())
+    f._announced.update(f.members)
+    placeholder = sorted(f.members)
+    assert placeholder == [f"{fleet_mod.ELASTIC_POOL}/mps", f"{fleet_mod.ELASTIC_POOL}/statevector"]
+
+    # a node joined: its pool (elastic, like the fleet) answers and replaces the placeholder
+    name = pool_name(node)
+    actor = _FakePool(node)
+    host = fleet_mod.Host(name, "pool", actor, node_id=node, elastic=True, last_used=time.time())
+    f.hosts[name] = host
+    asyncio.run(f.probe(host, first=True))
+    assert sorted(f.members) == sorted([f"{name}/mps", f"{name}/statevector", f"{name}/statevector@2"])
+    assert sorted(listener.added) == sorted(f.members) and host.healthy
+    assert all((p, False) in listener.health for p in placeholder)
+
+    # busy (a run in flight, or a queued job wants it): kept, however long ago it was started
+    host.last_used = time.time() - 60
+    f.elastic_tick(set(), {f"{name}/mps"}, {})
+    assert name in f.hosts and not killed
+    host.last_used, host.running = time.time() - 60, 1
+    f.elastic_tick(set(), set(), {})
+    assert name in f.hosts and not killed
+    host.running = 0
+
+    # idle: stopped, its members out of placement, the placeholder back (re-planned, not re-added)
+    host.last_used = time.time() - 60
+    listener.added.clear()
+    f.elastic_tick(set(), set(), {})
+    assert killed == [(actor, True)] and name not in f.hosts
+    assert sorted(f.members) == placeholder and listener.added == [] and listener.replans == 1
+    assert (f"{name}/mps", False) in listener.health
+    # the node is not given a pool again while it waits to be given back ...
+    assert f.discover_pools() == []
+    # ... unless a queued job wants a pool: then it may serve again
+    f.elastic_tick({f"{fleet_mod.ELASTIC_POOL}/statevector"}, set(), {})
+    assert f._retired == set()
+
+
+def test_jobs_waiting_for_different_methods_of_a_pool_ask_for_one_node():
+    """Every member of a pool needs the same node resource: one bundle, not one per method."""
+    from ray_qalloc import autoscale
+    from ray_qalloc.backends.base import resource_name
+
+    def resource_of(b: str) -> str:
+        return POOL_CPU if b.startswith("cpu-") else resource_name(b)
+
+    waiting = [["cpu-elastic/statevector"], ["cpu-elastic/mps"], ["cpu-elastic/statevector@2"], [HEAD_QPU]]
+    assert autoscale.bundles_to_request(waiting, {}, resource_of=resource_of) == [
+        {POOL_CPU: 1.0}, {resource_name(HEAD_QPU): 1.0}]
+    assert autoscale.bundles_to_request(waiting, {}, resource_of=resource_of, max_per_backend=2) == [
+        {POOL_CPU: 1.0}, {POOL_CPU: 1.0}, {resource_name(HEAD_QPU): 1.0}]
 
 
 # ---- autoscaling on Ray's fake multinode provider -------------------------------------------------
 def test_request_launches_the_missing_node_type_and_clear_gives_it_back(tmp_path):
-    """Queued jobs that only the GPU backend can run make the autoscaler launch a gpu_worker
-    (and no cpu_worker); clearing the request lets the idle node go. Then the head's
-    `python -m ray_qalloc.autoscale wait` brings up the CPU pool's node."""
+    """Queued jobs that only a GPU pool can run make the autoscaler launch a gpu_worker (and no
+    cpu_worker); clearing the request lets the idle node go. Then the head's
+    `python -m ray_qalloc.autoscale wait` brings up a cpu_worker. Then the allocator by itself:
+    its placeholder pool makes it ask for `qalloc_pool_cpu`, the pool found on the new node runs
+    the queued job, and once idle the pool is stopped and the node given back."""
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, str(Path(__file__)), str(tmp_path)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -134,13 +276,25 @@ def test_request_launches_the_missing_node_type_and_clear_gives_it_back(tmp_path
     out = stdout + stderr
     assert proc.returncode == 0, out[-6000:]
     report = json.loads(stdout.strip().splitlines()[-1])
-    assert report["launched"] == [f"qalloc_backend_{GPU_BACKEND}"], report
+    assert report["launched"] == [POOL_GPU], report
+    assert report["gpu_bundles"] == [{POOL_GPU: 1.0}], report
     assert report["cpu_worker_launched"] is False, report
     assert report["removed"] is True, report
-    assert report["wait_cli"] == [0, f"ready: {next(iter(_cpu_pool_resources()))}"], report
+    assert report["wait_cli"] == [0, f"ready: {POOL_CPU}"], report
     assert report["cpu_worker_after_wait"] is True and report["cpu_worker_removed"] is True, report
-    assert report["elastic_waiting"] is True, report
-    assert report["elastic_job"] == [ELASTIC_BACKEND, 50] and report["elastic_node"] is True, report
+    # the allocator: a placeholder pool at first, its members unhealthy (jobs wait for them)
+    ph = report["placeholder"]
+    assert ph["pools"] == ["cpu-elastic"] and ph["members"] and not ph["healthy"] and not ph["started"], report
+    assert report["queued_state"] == "queued", report
+    assert report["elastic_request"] == [{POOL_CPU: 1.0}], report
+    # the pool found on the autoscaled node replaced it and ran the queued job, once
+    assert report["pools_while_running"] == [f"cpu-{report['elastic_node'][:8]}"], report
+    assert report["elastic_node"] != report["head_node"], report
+    assert report["elastic_job"] == [f"cpu-{report['elastic_node'][:8]}/{ELASTIC_METHOD}", 50], report
+    assert report["elastic_attempts"] == ["completed"], report
+    # idle: the pool was stopped, the placeholder is back, the request cleared, the node gone
+    assert report["pools_after_idle"] == ["cpu-elastic"], report
+    assert report["request_after_idle"] == [], report
     assert report["elastic_node_removed"] is True, report
     assert report["leftover_pids"] == [], report
     print(f"fake autoscaling cluster: {report['timeline']} (test {time.monotonic() - t0:.1f} s)")
@@ -273,9 +427,9 @@ def _fake_cluster_main(work: Path) -> dict[str, Any]:
     ray_bin = str(Path(sys.executable).with_name("ray"))
     cmd = [ray_bin, "start", "--head", "--block", f"--autoscaling-config={cfg_path}", f"--port={port}",
            "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp_dir}",
-           # the head hosts one backend: the cluster declares qalloc resources, so a pool backend
-           # no node offers is elastic (the allocator phase below)
-           '--resources={"%s": 1}' % resource_name(HEAD_BACKEND),
+           # the head hosts a QPU and no pool: the cluster declares qalloc resources, so while no
+           # node offers qalloc_pool_cpu the allocator plans with a placeholder pool (below)
+           '--resources={"%s": 1}' % resource_name(HEAD_QPU),
            f"--ray-client-server-port={_free_port()}", "--dashboard-agent-listen-port=0",
            "--min-worker-port=0", "--max-worker-port=0", "--disable-usage-stats"]
     # RAY_FAKE_CLUSTER: the fake provider refuses to run without it; the update interval makes
@@ -286,8 +440,7 @@ def _fake_cluster_main(work: Path) -> dict[str, Any]:
     log = open(work / "head.log", "w")
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     report: dict[str, Any] = {"launched": [], "cpu_worker_launched": None, "removed": False}
-    gpu_res = resource_name(GPU_BACKEND)
-    cpu_res = next(iter(_cpu_pool_resources()))
+    gpu_res, cpu_res = POOL_GPU, POOL_CPU
     try:
         addr_file = Path(temp_dir) / "ray_current_cluster"
         if not _poll(lambda: addr_file.exists() or head.poll() is not None, 90):
@@ -299,11 +452,13 @@ def _fake_cluster_main(work: Path) -> dict[str, Any]:
         before = ray.cluster_resources()
         assert gpu_res not in before and cpu_res not in before, before
 
-        # Two queued jobs that only the GPU statevector can run (the CPU pool's node type is
-        # scaled to zero here, so a job that a CPU simulator could run would ask for it too).
-        waiting = [[GPU_BACKEND], [GPU_BACKEND]]
-        req = autoscale.Requester()
+        # Two queued jobs that only a GPU pool's methods can run (the CPU pool's node type is
+        # scaled to zero here, so a job that a CPU simulator could run would ask for it too):
+        # members of one pool need one node of its type, whatever method each job waits for.
+        waiting = [["gpu-elastic/statevector"], ["gpu-elastic/tensor_network"]]
+        req = autoscale.Requester(resource_of=lambda b: gpu_res if b.startswith("gpu-") else resource_name(b))
         bundles = req.update(waiting, before)
+        report["gpu_bundles"] = bundles
         assert bundles == [{gpu_res: 1.0}], bundles
         mark("requested")
         if not _poll(lambda: ray.cluster_resources().get(gpu_res, 0) >= 1, 120):
@@ -313,7 +468,7 @@ def _fake_cluster_main(work: Path) -> dict[str, Any]:
         report["launched"] = sorted(k for k in now if k.startswith("qalloc_") and k not in before)
         report["cpu_worker_launched"] = cpu_res in now
 
-        # A job placed by that resource runs on the new node.
+        # A task placed by that resource runs on the new node.
         @ray.remote(num_cpus=0, resources={gpu_res: 1})
         def where() -> str:
             return ray.get_runtime_context().get_node_id()
@@ -341,27 +496,49 @@ def _fake_cluster_main(work: Path) -> dict[str, Any]:
         report["cpu_worker_removed"] = _poll(lambda: ray.cluster_resources().get(cpu_res, 0) == 0, 60)
         mark("cpu_worker_gone")
 
-        # The allocator does it by itself: a queued job that only a backend no node offers can
-        # run makes it request that node type; the backend starts on the new node and runs the
-        # job; once idle the backend is stopped, the request cleared, and the node given back.
+        # The allocator does it by itself. No node offers a pool: it plans with a placeholder
+        # pool (members unhealthy), so a simulator job waits, queued, and the allocator asks for
+        # `qalloc_pool_cpu`; the autoscaler brings a cpu_worker; the allocator's health tick
+        # finds it and starts a pool there (elastic: the fleet had none at start), the queued
+        # job is re-planned onto it and runs; once idle the pool is stopped, the placeholder is
+        # back, the request is cleared, and the node is given back.
         from ray_qalloc import connect
         from ray_qalloc.config import load_settings
 
-        qa = connect(settings=load_settings(data_dir=work / "qalloc", pool=[HEAD_BACKEND, ELASTIC_BACKEND],
+        report["head_node"] = head_node
+        qa = connect(settings=load_settings(data_dir=work / "qalloc", pool=[ELASTIC_METHOD, HEAD_QPU],
                                             health_interval_s=0.5, elastic_idle_s=4.0))
-        rows = {b["name"]: b for b in qa.backends()}
-        report["elastic_waiting"] = rows[ELASTIC_BACKEND]["elastic"] and not rows[ELASTIC_BACKEND]["started"]
+
+        def pools() -> list[str]:
+            return sorted({b["pool"] for b in qa.backends() if b["pool"]})
+
+        def request() -> Any:
+            return ray.get(qa.allocator.__ray_call__.remote(lambda self: self._autoscale.current), timeout=30)
+
+        rows = [b for b in qa.backends() if b["pool"]]
+        report["placeholder"] = {"pools": pools(), "members": [b["name"] for b in rows],
+                                 "healthy": any(b["healthy"] for b in rows),
+                                 "started": any(b["started"] for b in rows)}
         mark("allocator_up")
         bell = ('OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[2];\ncreg c[2];\nh q[0];\ncx q[0],q[1];\n'
                 "measure q -> c;\n")
-        job = qa.submit(bell, shots=50, backends=[ELASTIC_BACKEND])
+        job = qa.submit(bell, shots=50, backends=[ELASTIC_METHOD])
+        report["queued_state"] = job.status()["state"]
+        _poll(lambda: bool(request()), 30)
+        report["elastic_request"] = request()
+        mark("pool_requested")
         res = job.result(timeout=150)
-        report["elastic_job"] = [res.backend, sum(res.counts.values())]
-        rows = {b["name"]: b for b in qa.backends()}
-        report["elastic_node"] = rows[ELASTIC_BACKEND]["node_id"] != head_node
         mark("elastic_job_done")
-        report["elastic_node_removed"] = _poll(lambda: ray.cluster_resources().get(
-            resource_name(ELASTIC_BACKEND), 0) == 0, 120)
+        report["elastic_job"] = [res.backend, sum(res.counts.values())]
+        report["elastic_node"] = res.metadata.get("node_id")
+        report["elastic_attempts"] = [a["outcome"] for a in job.status()["attempt_history"]]
+        report["pools_while_running"] = pools()
+        # idle for elastic_idle_s: the pool is stopped and the placeholder comes back
+        _poll(lambda: pools() == ["cpu-elastic"], 60)
+        report["pools_after_idle"] = pools()
+        report["request_after_idle"] = request()
+        mark("elastic_pool_stopped")
+        report["elastic_node_removed"] = _poll(lambda: ray.cluster_resources().get(cpu_res, 0) == 0, 120)
         mark("elastic_node_gone")
     finally:
         if ray.is_initialized():

@@ -2,13 +2,14 @@
 
 The scenario (``tests/multinode_scenario.py``) runs once per module in its own Python process,
 because this pytest process may already run a local Ray (the ``qa`` fixture): it starts a
-``ray.cluster_utils.Cluster`` on loopback (token authentication passed on to every node),
-each node declaring its own ``qalloc_backend_<name>`` resources, runs ray-qalloc on it, kills
-a node, adds it back, and writes what it saw as JSON. The tests below check that record.
+``ray.cluster_utils.Cluster`` on loopback (token authentication passed on to every node), runs
+ray-qalloc on it in the pool design (one simulator pool per node that offers
+``qalloc_pool_cpu``), kills nodes, adds new ones, and writes what it saw as JSON. The tests
+below check that record.
 
-    head   qalloc_backend_aer_stabilizer                          (allocator pinned here)
-    A      qalloc_backend_aer_statevector, qalloc_backend_aer_mps  (killed, then added back)
-    B      qalloc_backend_aer_statevector, qalloc_backend_aer_density_matrix
+    head   qalloc_backend_qpu_fez      (the QPU's actor; the allocator is pinned here; no pool)
+    A, B   qalloc_pool_cpu: 1, 2 CPUs  (A killed under a run; B removed later)
+    C, D   qalloc_pool_cpu: 1, 2 CPUs  (join later; C killed under a run on the last pool)
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = pytest.mark.timeout(360)
 
 SCRIPT = Path(__file__).with_name("multinode_scenario.py")
 SCENARIO_TIMEOUT_S = 240
-SV, MPS, DM, STAB = "aer_statevector", "aer_mps", "aer_density_matrix", "aer_stabilizer"
+QPU = "qpu_fez"
+LOST = ("unreachable", "actor_died", "lost")   # how an attempt on a lost node ends
 
 
 @pytest.fixture(scope="module")
@@ -96,117 +98,139 @@ def test_scenario_ran_to_its_end(scenario):
     assert scenario["returncode"] == 0, scenario["log_tail"]
 
 
-def test_every_node_declares_its_own_resources_and_token_auth_is_passed_on(scenario):
+def test_nodes_declare_pools_and_qpus_and_token_auth_is_passed_on(scenario):
     c = scenario.get("cluster") or pytest.fail(f"no cluster: {scenario.get('error')}")
     nodes = c["nodes"]
     assert len(set(nodes.values())) == 3
     assert sorted(c["alive_nodes"]) == sorted(nodes.values())
     assert c["driver_node"] == nodes["head"]
-    assert c["resources"][nodes["head"]] == {f"qalloc_backend_{STAB}": 1.0}
-    assert c["resources"][nodes["A"]] == {f"qalloc_backend_{SV}": 1.0, f"qalloc_backend_{MPS}": 1.0}
-    assert c["resources"][nodes["B"]] == {f"qalloc_backend_{SV}": 1.0, f"qalloc_backend_{DM}": 1.0}
+    assert c["resources"][nodes["head"]] == {f"qalloc_backend_{QPU}": 1.0}
+    assert c["resources"][nodes["A"]] == c["resources"][nodes["B"]] == {"qalloc_pool_cpu": 1.0}
+    assert c["pools"] == {"A": f"cpu-{nodes['A'][:8]}", "B": f"cpu-{nodes['B'][:8]}"}
     # token authentication is on, in the driver and in the worker processes of every node
     assert c["driver_token_mode"] is True
     assert c["worker_token_mode"] == {n: True for n in nodes.values()}
 
 
-def test_each_backend_runs_on_the_node_that_holds_its_resource(scenario):
+def test_a_pool_per_node_and_a_job_pinned_to_a_pool_runs_on_its_node(scenario):
+    nodes, pools = scenario["cluster"]["nodes"], scenario["cluster"]["pools"]
     p1 = phase(scenario, "placement")
-    expected = p1["expected_node"]
-    for name, node in expected.items():
-        assert p1["backends"][name] == {"healthy": True, "node_id": node}, name
-        job = p1["jobs"][name]
+    seen = p1["pools_seen"]
+    assert set(seen) == {pools["A"], pools["B"]}     # no pool on the head: it does not offer one
+    for key in ("A", "B"):
+        assert seen[pools[key]]["node_id"] == nodes[key] and seen[pools[key]]["healthy"], seen
+        assert seen[pools[key]]["members"] >= 4       # every method (and multi-thread variants)
+    assert p1["qpu"] == {"healthy": True, "node_id": nodes["head"]}
+    for key in ("A", "B"):
+        job = p1["jobs"][f"pool_{key.lower()}"]
         completed_once(job)
-        assert len(job["attempts"]) == 1 and job["attempts"][0]["backend"] == name
-        assert job["result_backend"] == name and job["node_id"] == node, name
-        assert job["resources"].get(f"qalloc_backend_{name}", 0) >= 1, job["resources"]
+        assert len(job["attempts"]) == 1 and job["attempts"][0]["backend"].startswith(pools[key] + "/")
+        assert job["node_id"] == nodes[key], job
+        # the run was a Ray task holding the CPUs of its threads
+        assert job["threads"] >= 1 and job["resources"].get("CPU") == job["threads"], job
         assert job["shots"] == 200
+    qpu = p1["jobs"]["qpu"]
+    completed_once(qpu)
+    assert qpu["result_backend"] == QPU and qpu["node_id"] == nodes["head"], qpu
+
+
+def test_each_pool_reports_its_nodes_memory(scenario):
+    nodes = scenario["cluster"]["nodes"]
+    rows = {r["name"]: r for r in phase(scenario, "placement")["pool_rows"]}
+    for key in ("A", "B"):
+        row = rows[f"cpu-{nodes[key][:8]}"]
+        assert row["node_id"] == nodes[key] and row["cores"] == 2.0, row
+        assert row["memory_bytes"] > 64 * 1024 * 1024, row
+
+
+def test_two_single_threaded_jobs_of_different_methods_share_a_pool_at_once(scenario):
+    pools = scenario["cluster"]["pools"]
+    p1 = phase(scenario, "placement")
+    mps, sv = p1["node_a_pair"]["mps"], p1["node_a_pair"]["sv"]
+    completed_once(mps)
+    completed_once(sv)
+    assert mps["backend"] == f"{pools['A']}/mps" and sv["backend"] == f"{pools['A']}/statevector"
+    assert mps["resources"].get("CPU") == sv["resources"].get("CPU") == 1.0
+    a, b = mps["attempts"][-1], sv["attempts"][-1]
+    assert b["started_at"] < a["finished_at"] and a["started_at"] < b["finished_at"], (a, b)
 
 
 def test_losing_a_node_re_places_its_jobs_and_completes_each_exactly_once(scenario):
-    nodes = scenario["cluster"]["nodes"]
+    nodes, pools = scenario["cluster"]["nodes"], scenario["cluster"]["pools"]
     p2 = phase(scenario, "node_loss")
-    assert p2["in_flight_on_a"], "no job was running on node A when it was killed"
+    assert p2["in_flight_on_a"], "no job was running on pool A when node A was killed"
     jobs = {j["id"]: j for j in p2["jobs"]}
     assert sorted(jobs) == sorted(p2["submitted"])          # none lost
     for job in jobs.values():
         completed_once(job)                                 # none twice
         assert p2["results"][job["id"]]["shots"] == 1_000_000
-        done = job["attempts"][-1]
-        if done["finished_at"] > p2["removed_at"]:          # nothing ran on A after the crash
+        if job["attempts"][-1]["finished_at"] > p2["removed_at"]:   # nothing ran on A after the crash
             assert job["node_id"] != nodes["A"], job
-    # the attempt that was running on A's statevector died with it and the job was re-placed
+    # the attempts that were running on pool A died with it and their jobs were re-placed on
+    # pool B (so may one dispatched to A in the moment before the allocator noticed the loss)
     failed_over = [j for j in jobs.values() if any(a["outcome"] != "completed" for a in j["attempts"])]
     assert failed_over, f"no attempt died with node A (in flight when killed: {p2['in_flight_on_a']})"
-    assert {j["id"] for j in failed_over} <= set(p2["in_flight_on_a"]) | set(jobs)
+    assert {j["id"] for j in failed_over} & set(p2["in_flight_on_a"])
     for job in failed_over:
         first, last = job["attempts"][0], job["attempts"][-1]
-        assert (first["backend"], first["outcome"]) == (SV, "actor_died"), job
-        assert first["started_at"] < p2["removed_at"] < first["finished_at"], job
-        assert last["backend"] != SV and job["node_id"] == nodes["B"], job   # elsewhere, on B
-        assert job["transitions"] == ["accept", "dispatch", "failover", "dispatch", "complete"]
+        assert first["backend"].startswith(pools["A"] + "/") and first["outcome"] in LOST, job
+        assert first["finished_at"] > p2["removed_at"], job
+        assert [a["outcome"] for a in job["attempts"]][1:] == ["completed"], job
+        assert last["backend"].startswith(pools["B"] + "/") and job["node_id"] == nodes["B"], job
+        assert job["transitions"] == ["accept", "dispatch", "failover", "dispatch", "complete"], job
     for job_id, history in p2["in_flight_history"].items():   # the public status shows it too
         if job_id in {j["id"] for j in failed_over}:
-            assert [a["outcome"] for a in history] == ["actor_died", "completed"]
+            assert [a["outcome"] for a in history][-1] == "completed" and history[0]["outcome"] in LOST
 
 
-def test_ray_restarts_the_lost_statevector_on_the_other_node_and_the_allocator_uses_it(scenario):
-    nodes = scenario["cluster"]["nodes"]
+def test_the_lost_pools_members_become_unhealthy_and_the_others_stay(scenario):
+    pools = scenario["cluster"]["pools"]
     p2 = phase(scenario, "node_loss")
-    assert "sv_error" not in p2, p2.get("sv_error")
-    gone = p2["backends_while_a_gone"]
-    assert gone[SV] == {"healthy": True, "node_id": nodes["B"]}
-    assert p2["sv_after"] == {"backend": SV, "node_id": nodes["B"]}
-    # aer_mps lived only on A: unhealthy while A is gone, and a job allowed only there waits
-    assert gone[MPS]["healthy"] is False
-    assert gone[STAB]["healthy"] and gone[DM]["healthy"]
-    waiting = p2["waiting_while_a_gone"]
-    assert waiting["state"] == "queued" and waiting["attempts"] == [], waiting
+    assert "a_unhealthy_error" not in p2, p2.get("a_unhealthy_error")
+    after = p2["backends_after"]
+    a_members = [n for n in after if n.startswith(pools["A"] + "/")]
+    b_members = [n for n in after if n.startswith(pools["B"] + "/")]
+    assert a_members and b_members
+    assert not any(after[n]["healthy"] for n in a_members), after
+    assert all(after[n]["healthy"] for n in b_members) and after[QPU]["healthy"], after
 
 
-def test_a_node_that_comes_back_is_used_again(scenario):
+def test_a_node_that_joins_is_discovered_and_queued_jobs_are_re_planned_onto_it(scenario):
     nodes = scenario["cluster"]["nodes"]
-    p3 = phase(scenario, "node_back")
-    new = p3["new_node"]
-    assert new not in nodes.values()
-    assert "mps_health_error" not in p3, p3.get("mps_health_error")
-    # Ray restarted aer_mps on the new node; the allocator pinged it there and marks it healthy
-    assert p3["backends"][MPS] == {"healthy": True, "node_id": new}
-    assert p3["actor_pings"][MPS]["node_id"] == new
-    # the statevector stays where Ray restarted it (B); nothing else moved
-    assert p3["backends"][SV]["node_id"] == nodes["B"]
-    assert p3["backends"][STAB]["node_id"] == nodes["head"] and p3["backends"][DM]["node_id"] == nodes["B"]
-    # the job that waited while A was gone, and a new one, ran there
-    assert p3.get("waiting_result") == {"backend": MPS, "node_id": new}, p3.get("waiting_error")
-    completed_once(p3["waiting_job"])
-    assert len(p3["waiting_job"]["attempts"]) == 1
-    assert p3.get("new_result") == {"backend": MPS, "node_id": new}, p3.get("new_error")
+    p3 = phase(scenario, "node_joins")
+    new, pool_c = p3["new_node"], p3["new_pool"]
+    assert new not in nodes.values() and pool_c == f"cpu-{new[:8]}"
+    assert "discovery_error" not in p3, p3.get("discovery_error")
+    assert p3["pools_seen"][pool_c]["node_id"] == new and p3["pools_seen"][pool_c]["healthy"]
+    assert {r["name"]: r for r in p3["pool_rows"]}[pool_c]["memory_bytes"] > 0
+    # the jobs were queued (the queue held) before C existed, and some ran on C afterwards
+    assert set(p3["queued_states"]) == {"queued"}, p3["queued_states"]
+    assert "queued_error" not in p3, p3.get("queued_error")
+    for job in p3["queued_final"]:
+        completed_once(job)
+        assert len(job["attempts"]) == 1, job
+    on_c = [j for j in p3["queued_final"] if j["node_id"] == new]
+    assert on_c, [(j["backend"], j["node_id"]) for j in p3["queued_final"]]
+    assert all(j["backend"].startswith(pool_c + "/") for j in on_c)
+    # and a new job allowed only on the new pool runs there
+    assert p3.get("new_result", {}).get("node_id") == new, p3.get("new_error")
+    assert p3["new_result"]["backend"].startswith(pool_c + "/")
     completed_once(p3["new_job"])
 
 
-def test_a_job_running_on_a_lost_node_is_never_completed_twice(scenario):
-    """Phase 4's job (allowed only on aer_mps) was running when its node died."""
-    p4 = phase(scenario, "pinned_loss")
+def test_a_job_running_on_the_last_pool_waits_queued_and_completes_when_a_node_comes_back(scenario):
+    p4 = phase(scenario, "last_pool_lost")
+    assert "requeue_error" not in p4, p4.get("requeue_error")
+    gone = p4["while_gone"]
+    # with no pool left the job waits: queued, not failed; its attempt on C ended as lost
+    assert gone["state"] == "queued", gone
+    assert len(gone["attempts"]) == 1 and gone["attempts"][0]["outcome"] in LOST, gone
+    assert not any(p["healthy"] for p in p4["pools_while_gone"].values()), p4["pools_while_gone"]
+    # a node came back: the job completed there, exactly once
     final = p4["final"]
-    assert final["attempts"][0]["backend"] == MPS
-    assert final["attempts"][0]["outcome"] == "actor_died", final
-    assert [a["outcome"] for a in final["attempts"]].count("completed") <= 1
-    assert final["transitions"].count("complete") <= 1
-    assert "mps_health_error" not in p4, p4.get("mps_health_error")
-
-
-def test_a_job_allowed_only_on_the_lost_nodes_backend_waits_for_it(scenario):
-    p4 = phase(scenario, "pinned_loss")
-    final = p4["final"]
-    assert final["state"] == "completed", p4.get("error")
-    assert p4["result"] == {"backend": MPS, "node_id": p4["new_node"]}
-    assert [a["outcome"] for a in final["attempts"]] == ["actor_died", "completed"]
+    completed_once(final)
+    assert p4.get("result", {}).get("node_id") == p4["new_node"], p4.get("error")
+    assert p4["result"]["backend"] == f"{p4['new_pool']}/mps"
+    assert [a["outcome"] for a in final["attempts"]][1:] == ["completed"], final
     assert final["transitions"].count("complete") == 1
-
-
-def test_a_node_with_two_cpus_runs_two_single_threaded_simulator_jobs_at_once(scenario):
-    p1 = phase(scenario, "placement")
-    mps = p1["node_a_pair"]["mps"]["attempts"][-1]
-    sv = p1["node_a_pair"]["sv"]["attempts"][-1]
-    assert mps["outcome"] == sv["outcome"] == "completed"
-    assert sv["started_at"] < mps["finished_at"] and mps["started_at"] < sv["finished_at"], (mps, sv)
+    assert p4["store_counts"].get("failed", 0) == 0, p4["store_counts"]
