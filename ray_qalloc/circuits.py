@@ -29,6 +29,7 @@ from qiskit.circuit.library.standard_gates import get_standard_gate_name_mapping
 
 from ray_qalloc.config import Limits
 from ray_qalloc.exceptions import ForbiddenInclude, InvalidCircuit, InvalidJobSpec, LimitExceeded
+from ray_qalloc.gates import BOX, CLIFFORD_GATES, CONTROL_FLOW_BLOCKS, DIRECTIVES, NOT_GATES, ROTATION_GATES
 
 FEATURE_SCHEMA_VERSION: int = 1
 
@@ -55,19 +56,9 @@ FEATURE_NAMES: tuple[str, ...] = tuple(sorted({
     "shots", "size", "t_count", "two_qubit_count", "two_qubit_depth", *_COUNTED_KINDS,
 }))
 
-CLIFFORD_GATES: frozenset[str] = frozenset({
-    "h", "s", "sdg", "x", "y", "z", "cx", "cz", "cy", "swap", "id", "sx", "sxdg", "iswap",
-    "ecr", "dcx",
-})
-
-ROTATION_GATES: frozenset[str] = frozenset({
-    "rx", "ry", "rz", "p", "u", "u1", "u2", "u3", "r", "crx", "cry", "crz", "cp", "cu", "cu1",
-    "cu3", "rxx", "ryy", "rzz", "rzx", "xx_minus_yy", "xx_plus_yy",
-})
-
-_DIRECTIVES: frozenset[str] = frozenset({"barrier", "delay"})
-_NOT_GATES: frozenset[str] = frozenset({"barrier", "delay", "measure", "reset"})
-_CONTROL_FLOW: frozenset[str] = frozenset({"if_else", "for_loop", "while_loop", "switch_case", "box"})
+_DIRECTIVES: frozenset[str] = DIRECTIVES
+_NOT_GATES: frozenset[str] = NOT_GATES
+_CONTROL_FLOW: frozenset[str] = CONTROL_FLOW_BLOCKS | {BOX}
 
 _STANDARD: dict[str, Instruction] = {**get_standard_gate_name_mapping()}
 #: Leaves that have a definition we must not expand (synthesising a unitary is expensive).

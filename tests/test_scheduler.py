@@ -7,6 +7,8 @@ import pytest
 
 from ray_qalloc.backends.base import BackendSpec
 from ray_qalloc.placement.model import Estimate, JobView, Plan
+from ray_qalloc.placement import scheduler as scheduler_module
+from ray_qalloc.placement.invariants import InvariantViolation
 from ray_qalloc.placement.scheduler import Scheduler, SchedulerConfig
 
 
@@ -30,7 +32,7 @@ def plan_for(j: JobView, runtimes: dict[str, float], fidelity: dict[str, float] 
 
 
 def sched(*specs: BackendSpec, **cfg) -> Scheduler:
-    s = Scheduler(SchedulerConfig(**cfg), node_cpus={"local": 64})
+    s = Scheduler(SchedulerConfig(check_invariants=True, **cfg), node_cpus={"local": 64})
     for spec in specs:
         s.add_backend(spec)
     return s
@@ -192,7 +194,7 @@ def test_congested_qpu_sends_auto_jobs_to_a_simulator_and_back():
 
 
 def test_simulators_share_their_node_cores():
-    s = Scheduler(SchedulerConfig(), node_cpus={"n1": 1})
+    s = Scheduler(SchedulerConfig(check_invariants=True), node_cpus={"n1": 1})
     s.add_backend(sim("a", threads=1), node="n1")
     s.add_backend(sim("b", threads=1), node="n1")
     ja, jb = job("ja"), job("jb")
@@ -232,3 +234,176 @@ def test_a_run_past_its_predicted_end_is_not_a_free_slot():
     live = s.live(5.0)
     assert not live["a"].can_start and live["a"].wait_s == pytest.approx(2.5)
     assert started(s.decide(5.0)) == [("j", "b")]
+
+
+def pool(cores: int, *variants: tuple[str, int], name: str = "p", **cfg) -> Scheduler:
+    """A scheduler with one simulator pool: each (method, threads) candidate has the pool's cores as slots."""
+    s = Scheduler(SchedulerConfig(check_invariants=True, **cfg), node_cpus={name: cores})
+    for method, threads in variants:
+        s.add_backend(BackendSpec(f"{name}/{method}@{threads}", "simulator", "aer", 30, slots=cores,
+                                  method=method, threads=threads, pool=name), node=name)
+    return s
+
+
+def enqueue(s: Scheduler, jid: str, runtimes: dict[str, float], arrival: float = 0.0, **kw) -> JobView:
+    j = job(jid, **kw)
+    s.enqueue(j, plan_for(j, runtimes), arrival)
+    return j
+
+
+# ---- invariants -------------------------------------------------------------------------------
+def test_validate_state_names_a_cache_that_drifted():
+    s = sched(sim("a", slots=2), sim("b"))
+    enqueue(s, "j", {"a": 1.0, "b": 2.0})
+    s.validate_state()
+    s.backends["a"].queued_work_s += 1.0
+    with pytest.raises(InvariantViolation, match="queued work"):
+        s.validate_state()
+    s.backends["a"].queued_work_s -= 1.0
+    s.decide(0.0)
+    s.backends["a"].can_start = False           # stale load: a slot is free
+    with pytest.raises(InvariantViolation, match="cached load"):
+        s.validate_state()
+
+
+def test_check_invariants_runs_after_every_mutating_call_and_is_off_by_default(monkeypatch):
+    plain = Scheduler()
+    assert "decide" not in vars(plain) and "enqueue" not in vars(plain)   # no wrapper: nothing to pay
+    s = sched(sim("a"))
+    enqueue(s, "j", {"a": 1.0})
+    s._index["a"].clear()                        # a queued job the pass could never find
+    with pytest.raises(InvariantViolation, match="not in the index"):
+        s.remove("nobody")
+    monkeypatch.setattr(scheduler_module, "_CHECK_FROM_ENV", True)   # RAY_QALLOC_CHECK_INVARIANTS=1
+    assert "decide" in vars(Scheduler())
+    assert scheduler_module.CHECK_INVARIANTS_ENV == "RAY_QALLOC_CHECK_INVARIANTS"
+
+
+def test_writing_node_cpus_refreshes_the_cached_load():
+    s = Scheduler(SchedulerConfig(check_invariants=True), node_cpus={"n": 1})
+    s.add_backend(sim("a", slots=2, threads=1), node="n")
+    enqueue(s, "j1", {"a": 1.0})
+    enqueue(s, "j2", {"a": 1.0})
+    assert started(s.decide(0.0)) == [("j1", "a")]
+    s.node_cpus["n"] = 2.0                       # the node reported more cores: usable at once
+    assert s.live(0.0)["a"].can_start
+    assert started(s.decide(0.0)) == [("j2", "a")]
+
+
+# ---- reservations per pool --------------------------------------------------------------------
+def test_pool_reserved_cores_are_kept_for_emergency_jobs_and_their_runs_count_against_them():
+    s = pool(3, ("statevector", 1), ("mps", 1), reserved={"p": 1})
+    for i in range(3):
+        enqueue(s, f"n{i}", {"p/statevector@1": 5.0, "p/mps@1": 5.0})
+    assert len(s.decide(0.0).dispatch) == 2                     # the third core is held
+    assert not s.live(0.0)["p/mps@1"].can_start and s.live(0.0, emergency=True)["p/mps@1"].can_start
+    enqueue(s, "e1", {"p/mps@1": 1.0}, priority="emergency")
+    assert started(s.decide(0.0)) == [("e1", "p/mps@1")]        # any method may use the held core
+    s.finish("n0")                                              # a core frees while e1 holds the reservation
+    assert [j for j, _ in started(s.decide(1.0))] == ["n2"]
+    s.finish("e1")                                              # held again: nobody but emergencies
+    assert s.decide(2.0).dispatch == [] and not s.live(2.0)["p/statevector@1"].can_start
+
+
+def test_backend_reservations_still_work_beside_pool_ones():
+    s = pool(2, ("statevector", 1), reserved={"p/statevector@1": 1})
+    enqueue(s, "n1", {"p/statevector@1": 1.0})
+    enqueue(s, "n2", {"p/statevector@1": 1.0})
+    assert started(s.decide(0.0)) == [("n1", "p/statevector@1")]
+
+
+# ---- place in line ----------------------------------------------------------------------------
+def test_a_requeued_job_keeps_its_place_without_its_old_seq():
+    s = sched(sim("a"), preempt_min_remaining_s=0.0)
+    b1 = enqueue(s, "b1", {"a": 10.0}, priority="batch")
+    assert started(s.decide(0.0)) == [("b1", "a")]
+    enqueue(s, "b2", {"a": 1.0}, arrival=1.0, priority="batch")
+    enqueue(s, "e", {"a": 1.0}, arrival=2.0, priority="emergency")
+    res = s.decide(2.0)
+    s.requeue(res.preempt[0][0], b1, plan_for(b1, {"a": 10.0}), arrival=0.0)   # no seq passed
+    assert started(s.decide(2.0)) == [("e", "a")]
+    s.finish("e")
+    assert started(s.decide(3.0)) == [("b1", "a")]          # arrived first: ahead of b2, enqueued before it
+
+
+def test_a_job_queued_again_is_not_served_by_its_earlier_index_items():
+    # regression (found by the reference comparison): index items of a job's earlier entry
+    # were taken for the new entry's (both had version 0), so it was served at its old key
+    s = sched(sim("a"))
+    j2 = enqueue(s, "j2", {"a": 1.0}, arrival=0.0)
+    assert started(s.decide(0.0)) == [("j2", "a")]           # a is full: j2's item stays in a's heap
+    enqueue(s, "j3", {"a": 1.0}, arrival=0.0)
+    s.requeue(s.runs["j2"], j2, plan_for(j2, {"a": 1.0}), arrival=5.0)   # queued again, later
+    assert started(s.decide(5.0)) == [("j3", "a")]
+
+
+def test_aging_follows_arrival_even_for_jobs_queued_again():
+    # regression: the aging queue was in enqueue order, so a re-queued old batch job waited
+    # behind younger ones before it aged
+    s = sched(sim("a"), aging_s=10.0, preemption=False)
+    old = enqueue(s, "old", {"a": 100.0}, priority="batch")
+    assert started(s.decide(0.0)) == [("old", "a")]
+    enqueue(s, "young", {"a": 1.0}, arrival=8.0, priority="batch")
+    s.requeue(s.runs["old"], old, plan_for(old, {"a": 100.0}), arrival=0.0)   # failed over at 9 s
+    enqueue(s, "n", {"a": 1.0}, arrival=11.0)
+    assert started(s.decide(12.0)) == [("old", "a")]     # waited 12 s: served as normal, ahead of n
+
+
+# ---- regressions found by the reference and the property tests -------------------------------
+def test_an_emergency_job_sees_no_wait_on_a_reserved_free_slot():
+    s = sched(sim("a", slots=2), reserved={"a": 1})
+    enqueue(s, "n", {"a": 100.0})
+    s.decide(0.0)
+    assert s.live(1.0, emergency=True)["a"].wait_s == 0.0 and s.live(1.0)["a"].wait_s == pytest.approx(99.0)
+
+
+def test_a_core_bound_overrun_is_judged_from_its_start():
+    s = pool(1, ("statevector", 1), ("mps", 1))
+    enqueue(s, "hog", {"p/statevector@1": 1.0})
+    s.decide(0.0)
+    s.finish("hog")
+    s.start("hog", "p/statevector@1", 100.0, 1.0)              # started at 100, due at 101, still running at 105
+    # the mps candidate waits for a core: half as long again as the run has run, not half of "now"
+    assert s.live(105.0)["p/mps@1"].wait_s == pytest.approx(2.5)
+
+
+def test_nobody_waits_for_a_slot_that_only_emergency_jobs_may_ever_use():
+    s = sched(sim("a"), qpu("q"), reserved={"q": 1}, preemption=False)
+    enqueue(s, "e", {"q": 1.0}, priority="emergency", intent="quantum")
+    s.decide(0.0)
+    enqueue(s, "n", {"q": 0.5, "a": 3.0}, fidelity_min=None)
+    assert s.live(0.0)["q"].wait_s == float("inf")
+    assert started(s.decide(0.0)) == [("n", "a")]
+
+
+def test_a_congested_qpu_is_not_skipped_for_a_simulator_that_is_down():
+    # regression: the auto job dropped the congested QPU for a simulator that was down, was
+    # left with nothing and given up as unplaceable
+    s = Scheduler(SchedulerConfig(check_invariants=True, qpu_wait_high_s=5.0, qpu_wait_low_s=1.0),
+                  node_cpus={"local": 64})
+    s.add_backend(BackendSpec("q", "qpu", "fake_qpu", 127, slots=2, threads=0, noisy=True))
+    s.add_backend(sim("a"))
+    enqueue(s, "w", {"q": 100.0}, intent="quantum")
+    s.decide(0.0)
+    s.set_health("a", False)
+    enqueue(s, "auto", {"q": 1.0, "a": 1.0}, arrival=2.0)
+    res = s.decide(2.0)
+    assert s.backends["q"].congested and res.unplaceable == [] and started(res) == [("auto", "q")]
+
+
+def test_preemption_victims_go_to_the_most_urgent_emergency_job_first():
+    s = sched(sim("a"), preempt_min_remaining_s=0.0)
+    enqueue(s, "b", {"a": 100.0}, priority="batch")
+    s.decide(0.0)
+    enqueue(s, "late", {"a": 1.0}, arrival=1.0, priority="emergency", deadline_s=50.0)
+    enqueue(s, "soon", {"a": 1.0}, arrival=1.0, priority="emergency", deadline_s=5.0)
+    assert [(r.job_id, e.job.id) for r, e in s.decide(1.0).preempt] == [("b", "soon")]
+
+
+def test_a_stale_unplaceable_entry_does_not_drop_the_job_queued_again():
+    s = sched(sim("a"))
+    j = job("j")
+    s.enqueue(j, Plan("j"), 0.0)                 # nothing feasible: reported at the next pass ...
+    s.remove("j")
+    enqueue(s, "j", {"a": 1.0}, arrival=0.5)     # ... but it was withdrawn and queued again, placeable
+    assert started(s.decide(1.0)) == [("j", "a")]

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ray_qalloc.backends.base import BackendSpec, Calibration, Price, RunResult
 from ray_qalloc.exceptions import BackendError
+from ray_qalloc.gates import CLIFFORD_GATES, NOT_GATES, PAULI, QUARTER_TURN_CLIFFORD_GATES
 
 if TYPE_CHECKING:  # pragma: no cover
     from qiskit import QuantumCircuit
@@ -40,7 +41,7 @@ ALIASES: dict[str, str] = {"mps": "matrix_product_state", "sv": "statevector",
                            "automatic": "automatic"}
 
 # Operations every method handles even when they are missing from its target.
-ALWAYS_SUPPORTED: frozenset[str] = frozenset({"measure", "barrier", "reset", "delay"})
+ALWAYS_SUPPORTED: frozenset[str] = NOT_GATES
 # Widest circuits of methods not bound by a simple memory formula.
 MPS_MAX_QUBITS = 1000
 STABILIZER_MAX_QUBITS = 5000
@@ -48,9 +49,8 @@ DEFAULT_MEMORY_FRACTION = 0.5
 DEFAULT_PRICE = Price(per_second=0.0001)
 _TRANSPILE_LEVEL = 1
 # Rotation-like gates the stabilizer method accepts only at multiples of pi/2.
-_CLIFFORD_ANGLE_GATES = frozenset({"rz", "p", "u1", "rx", "ry", "r", "rzz", "rxx", "ryy", "rzx"})
-_CLIFFORD_NAMES = frozenset({"x", "y", "z", "h", "s", "sdg", "sx", "sxdg", "cx", "cy", "cz", "swap",
-                             "ecr", "id", "pauli", "iswap", "dcx"}) | ALWAYS_SUPPORTED
+_CLIFFORD_ANGLE_GATES = QUARTER_TURN_CLIFFORD_GATES
+_CLIFFORD_NAMES = CLIFFORD_GATES | {PAULI} | ALWAYS_SUPPORTED
 
 
 def canonical_method(method: str) -> str:

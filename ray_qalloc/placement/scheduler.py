@@ -11,8 +11,9 @@ What it decides, per pass (``decide(now)``):
   served as ``normal`` (aging: batch never starves);
 * **where** — the policy (``select`` for qalloc, or a baseline) weighs each job's
   precomputed estimates against live load: arithmetic only, no model call;
-* **reservation** — ``reserved[backend]`` slots are kept for emergency jobs; no other class
-  may take them;
+* **reservation** — ``reserved[backend]`` slots, and ``reserved[pool]`` cores of a pool (a
+  scheduler node), are kept for emergency jobs; no other class may take them, and emergency
+  runs there count against the hold;
 * **deadlines** — a job that can no longer finish by its deadline is *flagged* (the caller
   records it); it is not silently run late;
 * **congestion** — when a QPU's predicted wait passes ``qpu_wait_high_s``, ``auto`` jobs whose
@@ -20,35 +21,49 @@ What it decides, per pass (``decide(now)``):
   ``qpu_wait_low_s`` (hysteresis);
 * **preemption** — an emergency job that cannot start anywhere may take the slot of a running
   ``batch`` job on a simulator (``preempt`` in the pass result); the caller stops that run and
-  re-queues the batch job, which keeps its place (arrival order).
+  re-queues the batch job, which keeps its place: order within a class is (deadline, arrival),
+  so re-enqueueing with the original arrival puts it back where it was.
 
 Decision cost: each considered job costs one ``select`` over its feasible backends; a pass
-looks at most ``lookahead`` jobs per class past jobs that cannot start, so a pass over a long
-queue stays bounded.
+looks at most ``lookahead`` jobs past jobs that cannot start, so a pass over a long queue
+stays bounded. A job is looked at only when one of its backends has room now.
+
+Checks: ``validate_state()`` recomputes every cached structure from scratch
+(``placement/invariants.py``); ``SchedulerConfig(check_invariants=True)``, or the environment
+variable ``RAY_QALLOC_CHECK_INVARIANTS=1`` (read once, at import), runs it after every
+mutating call. Not ``QALLOC_*``: that prefix belongs to the settings tree, which refuses names
+it does not know.
 """
 
 from __future__ import annotations
 
-import collections
+import functools
 import heapq
 import itertools
 import math
+import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol, TypeVar
 
 from ray_qalloc.backends.base import BackendSpec
 from ray_qalloc.placement.model import JobView, LiveState, Plan
 from ray_qalloc.placement.pipeline import Choice, select, static_objective
+from ray_qalloc.priority import CLASSES, RANK as _RANK, known as _known_class
 
-CLASSES: tuple[str, ...] = ("emergency", "high", "normal", "batch")
-_RANK = {c: i for i, c in enumerate(CLASSES)}
+__all__ = ["CLASSES", "CHECK_INVARIANTS_ENV", "Decision", "Entry", "LiveView", "PassResult", "Policy",
+           "QallocPolicy", "Run", "Scheduler", "SchedulerConfig"]
+
+CHECK_INVARIANTS_ENV = "RAY_QALLOC_CHECK_INVARIANTS"
+_EMERGENCY, _BATCH = CLASSES[0], CLASSES[-1]
+_CHECK_FROM_ENV = os.environ.get(CHECK_INVARIANTS_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Knobs of the queue; all have working defaults."""
 
-    reserved: Mapping[str, int] = field(default_factory=dict)   # backend -> slots kept for emergency
+    # backend -> slots, or pool (scheduler node) -> cores, kept for emergency jobs
+    reserved: Mapping[str, int] = field(default_factory=dict)
     aging_s: float = 300.0            # a batch job waiting this long is served as normal
     qpu_wait_high_s: float = 600.0    # QPU congested above this predicted wait ...
     qpu_wait_low_s: float = 300.0     # ... and clear again below this one
@@ -57,6 +72,12 @@ class SchedulerConfig:
     preemption: bool = True
     preempt_recheck_batch: int = 32   # waiting emergency jobs re-considered for preemption per second
     explain: bool = True              # keep every backend's scores of a dispatch (for explain)
+    # Pure optimisations, each with its production default; 0 turns it off (every pass sees
+    # everything), which the reference-scheduler test needs for an exact comparison.
+    decline_ttl_s: float = 1.0        # a free backend whose jobs all chose to wait is skipped this long (x1-2)
+    congestion_interval_s: float = 1.0    # QPU congestion re-evaluated at most this often
+    preempt_recheck_s: float = 1.0    # waiting emergency jobs re-considered for preemption this often
+    check_invariants: bool = False    # validate_state() after every mutating call (tests)
 
 
 @dataclass
@@ -70,16 +91,19 @@ class Entry:
     cls: str = "normal"               # current class (batch may age to normal)
     flagged: str | None = None        # why it will miss its deadline, once flagged
     excluded: frozenset[str] = frozenset()   # backends dropped by congestion, for explain
-    version: int = 0                  # bumped when its key changes (aging): older index items are stale
+    # unique among all entries, renewed when its key changes (aging): index items of an older
+    # entry of the same job (queued, started, queued again) or of an older key are stale
+    version: int = 0
 
     @property
     def deadline_at(self) -> float:
         d = self.job.deadline_s
         return self.arrival + d if d is not None else math.inf
 
-    def key(self) -> tuple[int, float, int]:
-        """Class, then earliest deadline, then arrival order."""
-        return (_RANK[self.cls], self.deadline_at, self.seq)
+    def key(self) -> tuple[int, float, float, int]:
+        """Class, then earliest deadline, then arrival (a re-queued job keeps its place without
+        its old ``seq``), then ``seq`` among equal arrivals."""
+        return (_RANK[self.cls], self.deadline_at, self.arrival, self.seq)
 
 
 @dataclass
@@ -111,6 +135,62 @@ class BackendSlotState:
     free_run_started: float = 0.0     # start of the run predicted to free it (to judge overruns)
     can_start: bool = True            # for non-emergency jobs (reserved slots held back)
     can_start_emergency: bool = True
+    free_at_emergency: float = 0.0    # the same for an emergency job: reserved slots are its own
+    free_run_started_emergency: float = 0.0
+
+
+Load = tuple[float, float, bool, float, float, bool]   # free_at, its run's start, can_start; the same for emergency
+
+
+def backend_load(spec: BackendSpec, healthy: bool, runs: Iterable[Run], reserved: int,
+                 short: bool, short_emergency: bool, core_first: Run | None, never: bool = False) -> Load:
+    """When a backend can next take a job, for other jobs and for emergency ones.
+
+    ``reserved``: its slots kept for emergency jobs (emergency runs count against them, so
+    the hold grows again as they end: the wait walks the runs in order of their predicted
+    end); ``short`` / ``short_emergency``: its node's free cores (less the pool's emergency
+    hold, for other jobs) are fewer than its threads; ``never``: the pool's reserved cores
+    leave too few for it whatever ends; ``core_first``: the thread-holding run on the node
+    predicted to end first (the wait for a core is taken as the wait for that run). The one
+    formula, so that the cache, ``validate_state`` and every view agree. A slot that never
+    frees for other jobs (all reserved) is infinitely far: they must not wait for it."""
+    ends = sorted(runs, key=lambda r: (r.ends, r.started))
+    emergency = sum(1 for r in ends if r.priority == _EMERGENCY)
+    hold = max(reserved - emergency, 0)
+    free = spec.slots - len(ends)
+    at, started = 0.0, 0.0
+    if free - hold <= 0:
+        at = math.inf
+        for k, r in enumerate(ends, 1):
+            emergency -= r.priority == _EMERGENCY
+            if free + k - max(reserved - emergency, 0) > 0:
+                at, started = r.ends, r.started
+                break
+    at_e, started_e = 0.0, 0.0
+    if free <= 0 and ends:       # the (1 - free)-th run to end frees a slot for an emergency job
+        r = ends[min(-free, len(ends) - 1)]
+        at_e, started_e = r.ends, r.started
+    if never and short:
+        at = math.inf
+    if core_first is not None:
+        if short and core_first.ends > at:
+            at, started = core_first.ends, core_first.started
+        if short_emergency and core_first.ends > at_e:
+            at_e, started_e = core_first.ends, core_first.started
+    can_e = healthy and free > 0 and not short_emergency
+    can = can_e and free - hold > 0 and not short
+    return at, started, can, at_e, started_e, can_e
+
+
+def emergency_threads(backends: Iterable[BackendSlotState]) -> float:
+    """Threads emergency runs hold on these backends: what a pool's reserved cores count against."""
+    return sum(b.spec.threads for b in backends for r in b.runs.values() if r.priority == _EMERGENCY)
+
+
+def first_core_run(backends: Iterable[BackendSlotState]) -> Run | None:
+    """The thread-holding run predicted to end first (ties: the one started first)."""
+    return min((r for b in backends if b.spec.threads > 0 for r in b.runs.values()),
+               key=lambda r: (r.ends, r.started), default=None)
 
 
 class Policy(Protocol):
@@ -164,12 +244,15 @@ class LiveView(Mapping[str, LiveState]):
             return default
         if not b.healthy:
             return LiveState(math.inf, False)
-        can = b.can_start_emergency if self.emergency else b.can_start
-        wait = b.free_at - self.now
+        if self.emergency:
+            can, free_at, started = b.can_start_emergency, b.free_at_emergency, b.free_run_started_emergency
+        else:
+            can, free_at, started = b.can_start, b.free_at, b.free_run_started
+        wait = 0.0 if can else free_at - self.now
         if wait < 0.0:
             # past its predicted end but still running: an overrun is not a free slot; expect
             # about half as long again as it has run so far (runtimes are heavy-tailed)
-            wait = 0.0 if can else max(0.5 * (self.now - b.free_run_started), 0.0)
+            wait = max(0.5 * (self.now - started), 0.0)
         if self.ahead:
             extra = self.ahead.get(key)
             if extra:
@@ -208,7 +291,46 @@ class PassResult:
     preempt: list[tuple[Run, Entry]] = field(default_factory=list)   # (batch run to stop, emergency job)
 
 
-_Item = tuple[tuple[int, float, int], int, str]   # (entry key, entry version, job id)
+_Item = tuple[tuple[int, float, float, int], int, str]   # (entry key, entry version, job id)
+_MUTATORS = ("add_backend", "set_health", "set_node", "enqueue", "remove", "start", "finish", "decide", "requeue")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class _Cores(dict[str, float]):
+    """node -> cores. A plain dict to its readers (callers write it directly), but a changed
+    count refreshes that node's cached load at once, so a write cannot leave the cache stale."""
+
+    def __init__(self, data: Mapping[str, float], on_change: Callable[[str, float | None], None]) -> None:
+        super().__init__(data)
+        self._on_change = on_change
+
+    def __setitem__(self, node: str, cpus: float) -> None:
+        old = self.get(node)
+        super().__setitem__(node, cpus)
+        if old != cpus:
+            self._on_change(node, old)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for node, cpus in dict(*args, **kwargs).items():
+            self[node] = cpus
+
+
+def _checked(sched: "Scheduler", method: _F) -> _F:
+    """``method`` followed by ``validate_state()`` once the outermost mutating call returns
+    (a pass calls ``start``; the state is only whole again when the pass is done)."""
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        sched._depth += 1
+        try:
+            result = method(*args, **kwargs)
+        finally:
+            sched._depth -= 1
+        if sched._depth == 0:
+            sched.validate_state()
+        return result
+
+    return call  # type: ignore[return-value]
 
 
 class Scheduler:
@@ -225,7 +347,7 @@ class Scheduler:
                  node_cpus: Mapping[str, float] | None = None) -> None:
         self.config = config or SchedulerConfig()
         self.policy: Policy = policy or QallocPolicy()
-        self.node_cpus: dict[str, float] = dict(node_cpus or {})
+        self.node_cpus: dict[str, float] = _Cores(node_cpus or {}, self._cores_changed)
         self.backends: dict[str, BackendSlotState] = {}
         self.entries: dict[str, Entry] = {}
         self.runs: dict[str, Run] = {}
@@ -234,9 +356,10 @@ class Scheduler:
         self._node_busy: dict[str, float] = {}          # node -> threads in use
         self._startable: set[str] = set()               # backends an emergency job could start on now
         self._seq = itertools.count()
+        self._versions = itertools.count(1)
         self._preferred: dict[str, tuple[str, float]] = {}
-        self._batch_fifo: collections.deque[str] = collections.deque()
-        self._deadlines: list[tuple[float, str]] = []   # (latest start that meets the deadline, job)
+        self._aging: list[tuple[float, int, str]] = []  # batch jobs by (arrival, seq, id): oldest first
+        self._deadlines: list[tuple[float, int, str]] = []   # (latest start that meets the deadline, seq, job)
         self._pending_unplaceable: list[Entry] = []
         # emergency jobs to consider for preemption at the next pass: new arrivals, and those a
         # pass saw waiting; each is checked once, so a pass never rescans the queue
@@ -247,8 +370,22 @@ class Scheduler:
         self.examined = 0            # jobs a pass has weighed, in all (benchmarks divide by it)
         self._congestion_checked = -math.inf
         # Free backends whose queued jobs all preferred to wait elsewhere at the last pass: not
-        # re-examined until a job is queued for them, a slot frees on their node, or 1 s passes.
+        # re-examined until a job is queued for them, a slot frees on their node, or the TTL passes.
         self._declined: dict[str, float] = {}
+        # nodes whose limits a caller broke from outside (a start without room, a moved backend,
+        # fewer cores): validate_state does not hold their capacity against the scheduler
+        self._forced: set[str] = set()
+        self._depth = 0
+        if self.config.check_invariants or _CHECK_FROM_ENV:
+            for name in _MUTATORS:
+                setattr(self, name, _checked(self, getattr(self, name)))
+
+    def validate_state(self) -> None:
+        """Recompute every cached structure from scratch and raise ``InvariantViolation`` naming
+        the first that differs (tests; see ``placement/invariants.py``)."""
+        from ray_qalloc.placement.invariants import check
+
+        check(self)
 
     # ---- pool -------------------------------------------------------------------------------
     def add_backend(self, spec: BackendSpec, node: str = "local", healthy: bool = True) -> None:
@@ -274,30 +411,41 @@ class Scheduler:
         self._nodes.setdefault(node, []).append(backend)
         self.node_cpus.setdefault(node, self.node_cpus.get(old, 1.0))
         self._node_busy[node] = self._node_busy.get(node, 0.0) + len(b.runs) * b.spec.threads
+        if b.runs:
+            self._forced.add(node)
         self._refresh_node(old)
+        self._refresh_node(node)
+
+    def _cores_changed(self, node: str, old: float | None) -> None:
+        if old is not None and self.node_cpus[node] < old and self._node_busy.get(node, 0.0) > 0:
+            self._forced.add(node)
         self._refresh_node(node)
 
     # ---- queue ------------------------------------------------------------------------------
     def enqueue(self, job: JobView, plan: Plan, arrival: float, seq: int | None = None) -> Entry:
-        entry = Entry(job, plan, arrival, next(self._seq) if seq is None else seq,
-                      job.priority if job.priority in _RANK else "normal")
+        """Queue a job. Its place in line is (class, deadline, arrival): re-enqueueing a
+        preempted or failed-over job with its original ``arrival`` puts it back where it was."""
+        if job.id in self.entries:
+            self.remove(job.id)       # queued again (a new plan): the old entry's counts go
+        entry = Entry(job, plan, arrival, next(self._seq) if seq is None else seq, _known_class(job.priority),
+                      version=next(self._versions))
         self.entries[job.id] = entry
         if not any(b in self.backends for b in plan.estimates):
             self._pending_unplaceable.append(entry)
             return entry
         self._index_entry(entry)
-        if entry.cls == "batch":
-            self._batch_fifo.append(job.id)
-        elif entry.cls == "emergency":
+        if entry.cls == _BATCH:
+            heapq.heappush(self._aging, (arrival, entry.seq, job.id))
+        elif entry.cls == _EMERGENCY:
             self._emergency_new.add(job.id)
         self._count_queued(entry, +1)
         if job.deadline_s is not None:
             # flag at once if the predicted queue already makes it late; and remember the latest
             # start that could still meet the deadline on the fastest backend
-            view = LiveView(self, arrival, entry.cls == "emergency")
+            view = LiveView(self, arrival, entry.cls == _EMERGENCY)
             self._flag(entry, self.policy.choose(entry, view, arrival), arrival, PassResult())
             fastest = min(e.runtime_s for b, e in plan.estimates.items() if b in self.backends)
-            heapq.heappush(self._deadlines, (entry.deadline_at - fastest, job.id))
+            heapq.heappush(self._deadlines, (entry.deadline_at - fastest, entry.seq, job.id))
         return entry
 
     def _index_entry(self, entry: Entry) -> None:
@@ -337,6 +485,8 @@ class Scheduler:
         run = Run(job_id, backend, prio, now, predicted_s)
         self.runs[job_id] = run
         b = self.backends[backend]
+        if not (b.can_start_emergency if prio == _EMERGENCY else b.can_start):
+            self._forced.add(b.node)      # the caller started it without room (e.g. re-attached)
         b.runs[job_id] = run
         before = self._node_busy.get(b.node, 0.0)
         self._node_busy[b.node] = before + b.spec.threads
@@ -351,6 +501,8 @@ class Scheduler:
                 before = self._node_busy.get(b.node, 0.0)
                 self._node_busy[b.node] = before - b.spec.threads
                 self._refresh_node(b.node, run.backend, before)
+                if b.node in self._forced and not any(self.backends[n].runs for n in self._nodes[b.node]):
+                    self._forced.discard(b.node)
         return run
 
     # ---- cached load ------------------------------------------------------------------------
@@ -358,39 +510,35 @@ class Scheduler:
         """Recompute free_at / can_start of the backends of one node.
 
         With ``changed`` (a run started or ended there) only that backend and those whose
-        core budget is or was short are recomputed: the others' state did not move."""
+        core budget is or was short are recomputed: the others' state did not move. A pool
+        with reserved cores is recomputed whole (its hold moves with its emergency runs)."""
         names = self._nodes.get(node, ())
         cores = self.node_cpus.get(node, 1.0)
         busy = self._node_busy.get(node, 0.0)
-        core_free_at = None
+        reserved = self.config.reserved
+        pool_hold = reserved.get(node, 0)
+        if pool_hold:
+            pool_hold = max(pool_hold - emergency_threads(self.backends[n] for n in names), 0)
+        partial = changed is not None and not reserved.get(node)
+        before = busy_before or 0.0
+        first: Run | None = None
+        first_known = False
         for name in names:
             b = self.backends[name]
-            spec = b.spec
-            if (changed is not None and name != changed
-                    and (spec.threads <= 0 or (cores - busy >= spec.threads
-                                               and cores - (busy_before or 0.0) >= spec.threads))):
+            threads = b.spec.threads
+            if (partial and name != changed
+                    and (threads <= 0 or (cores - busy >= threads and cores - before >= threads))):
                 continue
-            slots = max(spec.slots, 1)
-            hold = max(self.config.reserved.get(name, 0)
-                       - sum(1 for r in b.runs.values() if r.priority == "emergency"), 0)
-            free_e = spec.slots - len(b.runs)
-            can_e = b.healthy and free_e > 0
-            can = can_e and free_e - hold > 0
-            runs = sorted(b.runs.values(), key=lambda r: r.ends)
-            free_at, free_started = 0.0, 0.0
-            if not can and runs:
-                r = runs[min(len(runs) - 1, max(len(runs) + hold - slots, 0))]
-                free_at, free_started = r.ends, r.started
-            if spec.threads > 0 and cores - busy < spec.threads:
-                if core_free_at is None:
-                    core_free_at = min((r.ends for n in names for r in self.backends[n].runs.values()
-                                        if self.backends[n].spec.threads > 0), default=0.0)
-                can = can_e = False
-                if core_free_at > free_at:
-                    free_at, free_started = core_free_at, 0.0
-            b.free_at, b.free_run_started, b.can_start, b.can_start_emergency = free_at, free_started, can, can_e
+            short_e = threads > 0 and cores - busy < threads
+            short = threads > 0 and cores - busy - pool_hold < threads
+            if short and not first_known:
+                first, first_known = first_core_run(self.backends[n] for n in names), True
+            (b.free_at, b.free_run_started, b.can_start,
+             b.free_at_emergency, b.free_run_started_emergency, b.can_start_emergency) = backend_load(
+                b.spec, b.healthy, b.runs.values(), reserved.get(name, 0), short, short_e, first,
+                never=threads > 0 and cores - reserved.get(node, 0) < threads)
             self._declined.pop(name, None)
-            if can_e:
+            if b.can_start_emergency:
                 self._startable.add(name)
             else:
                 self._startable.discard(name)
@@ -411,24 +559,27 @@ class Scheduler:
 
     # ---- the pass -----------------------------------------------------------------------------
     def _age(self, now: float) -> None:
-        """Promote batch jobs that waited ``aging_s``: arrival order, so only the head is checked."""
-        fifo = self._batch_fifo
-        while fifo:
-            entry = self.entries.get(fifo[0])
-            if entry is None or entry.cls != "batch":
-                fifo.popleft()
+        """Promote batch jobs that waited ``aging_s``: by arrival (a re-queued job keeps its
+        original one, so enqueue order is not arrival order), so only the head is checked."""
+        heap = self._aging
+        while heap:
+            arrival, seq, job_id = heap[0]
+            entry = self.entries.get(job_id)
+            if entry is None or entry.cls != _BATCH or entry.seq != seq or entry.arrival != arrival:
+                heapq.heappop(heap)      # gone, aged, or queued again (its newer item is in the heap)
                 continue
-            if self.config.aging_s <= 0 or now - entry.arrival < self.config.aging_s:
+            if self.config.aging_s <= 0 or now - arrival < self.config.aging_s:
                 return
-            fifo.popleft()
-            entry.cls = "normal"
-            entry.version += 1
+            heapq.heappop(heap)
+            entry.cls = CLASSES[2]
+            entry.version = next(self._versions)
             self._index_entry(entry)
 
     def _congestion(self, now: float) -> frozenset[str]:
         """QPUs whose predicted wait passed the high mark (until it falls below the low one).
-        Re-evaluated at most once a second: waits move on that time scale, not per decision."""
-        if now - self._congestion_checked >= 1.0:
+        Re-evaluated at most once per ``congestion_interval_s``: waits move on that time scale,
+        not per decision."""
+        if now - self._congestion_checked >= self.config.congestion_interval_s:
             self._congestion_checked = now
             for name, b in self.backends.items():
                 if b.spec.kind != "qpu":
@@ -441,12 +592,14 @@ class Scheduler:
         return frozenset(n for n, b in self.backends.items() if b.congested)
 
     def _exclusions(self, entry: Entry, congested: frozenset[str]) -> frozenset[str]:
-        """Congested QPUs an ``auto`` job may skip: only if a simulator meets its floor."""
+        """Congested QPUs an ``auto`` job may skip: only if a healthy simulator meets its floor
+        (skipping them for a simulator that is down would leave it nothing to choose)."""
         if entry.job.intent != "auto" or not congested:
             return frozenset()
         floor = entry.job.fidelity_min or 0.0
-        sims_ok = any(self.backends[b].spec.kind == "simulator" and e.fidelity >= floor
-                      for b, e in entry.plan.estimates.items() if b in self.backends)
+        backends = self.backends
+        sims_ok = any(backends[b].spec.kind == "simulator" and backends[b].healthy and e.fidelity >= floor
+                      for b, e in entry.plan.estimates.items() if b in backends)
         return frozenset(b for b in entry.plan.estimates if b in congested) if sims_ok else frozenset()
 
     def _head(self, backend: str, skip: set[str], parked: list[tuple[str, _Item]]) -> _Item | None:
@@ -470,7 +623,8 @@ class Scheduler:
         congested = self._congestion(now)
         self._expire_deadlines(now, out)
         for entry in self._pending_unplaceable:
-            if self.entries.pop(entry.job.id, None) is not None:
+            if self.entries.get(entry.job.id) is entry:   # not removed, nor queued again since
+                del self.entries[entry.job.id]
                 out.unplaceable.append(entry)
         self._pending_unplaceable.clear()
         if not self.entries:
@@ -503,16 +657,22 @@ class Scheduler:
                     if nxt is not None:
                         heapq.heappush(heads, (nxt, backend))
                 continue
+            if backend not in self._startable and not any(b in self._startable for b in entry.plan.estimates):
+                continue    # its backends filled up earlier in this pass: nothing to start it on
             examined.add(backend)
             self.examined += 1
-            emergency = entry.cls == "emergency"
+            emergency = entry.cls == _EMERGENCY
             live = live_e if emergency else live_n
             entry.excluded = self._exclusions(entry, congested) if congested else frozenset()
             choice = self.policy.choose(entry, live, now)
             if choice.backend is None:
-                out.unplaceable.append(entry)
-                self.remove(job_id)
-                continue
+                if not any(b in self.backends for b in entry.plan.estimates):
+                    out.unplaceable.append(entry)
+                    self.remove(job_id)
+                    continue
+                # every backend of its plan is out of reach for now (down, or held for
+                # emergency jobs): it waits, it is not given up
+                choice = Choice(None, False, {})
             if entry.flagged is None and entry.job.deadline_s is not None:
                 self._flag(entry, choice, now, out)
             if choice.can_start:
@@ -544,8 +704,11 @@ class Scheduler:
         return out
 
     def _decline_ttl(self) -> float:
+        ttl = self.config.decline_ttl_s
+        if ttl <= 0.0:
+            return 0.0
         self._jitter = (self._jitter * 1103515245 + 12345) & 0x7FFFFFFF
-        return 1.0 + self._jitter / 0x7FFFFFFF
+        return ttl * (1.0 + self._jitter / 0x7FFFFFFF)
 
     def _preemptions(self, now: float, out: PassResult) -> None:
         """Emergency jobs that cannot start anywhere may take a long batch simulator run's slot."""
@@ -553,19 +716,19 @@ class Scheduler:
             return
         taken: set[str] = set()
         candidates, self._emergency_new = self._emergency_new, set()
-        if now - self._emergency_recheck_at >= 1.0 and self._emergency_waiting:
+        if now - self._emergency_recheck_at >= self.config.preempt_recheck_s and self._emergency_waiting:
             # jobs checked before that are still waiting: loads move (overruns, batch runs
-            # starting), so they are looked at again — once a second, a bounded number per
-            # pass, oldest first, so a pass never rescans a long emergency queue
+            # starting), so they are looked at again — once per ``preempt_recheck_s``, a bounded
+            # number per pass, oldest first, so a pass never rescans a long emergency queue
             self._emergency_recheck_at = now
             waiting = self._emergency_waiting
             for job_id in list(itertools.islice(waiting, self.config.preempt_recheck_batch)):
                 del waiting[job_id]
                 candidates.add(job_id)
-        for job_id in candidates:
-            entry = self.entries.get(job_id)
-            if entry is None:
-                continue
+        # most urgent first: the first victims go to the jobs first in line (and a set's order
+        # would depend on string hashing, i.e. differ between processes)
+        for entry in sorted((self.entries[j] for j in candidates if j in self.entries), key=Entry.key):
+            job_id = entry.job.id
             if any(self.backends[b].can_start_emergency for b in entry.plan.estimates if b in self.backends):
                 # a backend is free for it: the pass starts it, or it chose to wait for a better one
                 self._emergency_waiting[job_id] = None
@@ -595,7 +758,7 @@ class Scheduler:
             if obj >= best_obj:
                 continue
             for run in state.runs.values():
-                if (run.priority == "batch" and run.job_id not in taken
+                if (run.priority == _BATCH and run.job_id not in taken
                         and run.remaining(now) >= self.config.preempt_min_remaining_s):
                     best_obj, best = obj, run
                     break
@@ -615,9 +778,9 @@ class Scheduler:
         """Flag queued jobs that can no longer meet their deadline even on the fastest backend."""
         heap = self._deadlines
         while heap and heap[0][0] < now:
-            latest, job_id = heapq.heappop(heap)
+            latest, seq, job_id = heapq.heappop(heap)
             entry = self.entries.get(job_id)
-            if entry is not None and entry.flagged is None:
+            if entry is not None and entry.flagged is None and entry.seq == seq:
                 entry.flagged = f"still queued {now - latest:.3g} s after the latest start that meets its deadline"
                 out.flagged.append(entry)
 

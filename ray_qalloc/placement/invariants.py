@@ -1,0 +1,182 @@
+"""The scheduler's invariants, checked against a from-scratch recomputation.
+
+Why: the scheduler keeps caches (per-backend load, per-node busy threads, queued work per
+backend, one index heap per backend, the startable set) so that a decision costs the same
+with ten or ten thousand queued jobs. A cache that drifts from the truth does not crash; it
+makes quietly wrong decisions. ``check`` recomputes each of them from the runs and entries
+alone and names the first that differs. It is for tests (``SchedulerConfig(check_invariants=True)``
+or ``RAY_QALLOC_CHECK_INVARIANTS=1``): it costs O(state) per call.
+
+Capacity (slots, a node's cores, reserved slots and cores) is checked on every node except
+those a caller over-committed from outside (``Scheduler._forced``: a run started without
+room, a backend moved between nodes, a node that lost cores): the scheduler does not
+decide those, it only has to stop adding to them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from ray_qalloc.priority import CLASSES, RANK
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ray_qalloc.placement.scheduler import Scheduler
+
+_EMERGENCY, _BATCH = CLASSES[0], CLASSES[-1]
+
+
+class InvariantViolation(AssertionError):
+    """A cached or derived structure of the scheduler differs from its recomputation."""
+
+
+def _fail(what: str) -> None:
+    raise InvariantViolation(f"scheduler invariant broken: {what}")
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6)
+
+
+def check(s: "Scheduler") -> None:
+    """Raise ``InvariantViolation`` naming the first structure that differs from a recomputation."""
+    _check_nodes(s)
+    _check_runs(s)
+    _check_capacity(s)
+    _check_load(s)
+    _check_queue(s)
+
+
+def _check_nodes(s: "Scheduler") -> None:
+    for node, names in s._nodes.items():
+        if len(set(names)) != len(names):
+            _fail(f"node {node!r} lists a backend twice: {names}")
+        for name in names:
+            if name not in s.backends or s.backends[name].node != node:
+                _fail(f"node {node!r} lists {name!r}, which is not on it")
+    for name, b in s.backends.items():
+        if name not in s._nodes.get(b.node, ()):
+            _fail(f"backend {name!r} is missing from its node {b.node!r}")
+        if name not in s._index:
+            _fail(f"backend {name!r} has no index heap")
+    for node, names in s._nodes.items():
+        busy = sum(len(s.backends[n].runs) * s.backends[n].spec.threads for n in names)
+        if not _close(s._node_busy.get(node, 0.0), busy):
+            _fail(f"node {node!r} busy threads {s._node_busy.get(node, 0.0)} != {busy} held by its runs")
+
+
+def _check_runs(s: "Scheduler") -> None:
+    seen: dict[str, str] = {}
+    for name, b in s.backends.items():
+        for job_id, run in b.runs.items():
+            if job_id in seen:
+                _fail(f"job {job_id!r} runs on both {seen[job_id]!r} and {name!r}")
+            seen[job_id] = name
+            if run.job_id != job_id or run.backend != name:
+                _fail(f"run {job_id!r} on {name!r} says job {run.job_id!r} on {run.backend!r}")
+            if s.runs.get(job_id) is not run:
+                _fail(f"run {job_id!r} on {name!r} is not the scheduler's run of that job")
+    extra = set(s.runs) - set(seen)
+    if extra:
+        _fail(f"runs {sorted(extra)} are on no backend")
+    both = set(s.runs) & set(s.entries)
+    if both:
+        _fail(f"jobs {sorted(both)} are both queued and running")
+
+
+def _check_capacity(s: "Scheduler") -> None:
+    reserved = s.config.reserved
+    for node, names in s._nodes.items():
+        if node in s._forced:
+            continue
+        backends = [s.backends[n] for n in names]
+        cores = s.node_cpus.get(node, 1.0)
+        threads = [(b.spec.threads, r.priority) for b in backends if b.spec.threads > 0 for r in b.runs.values()]
+        busy = sum(t for t, _ in threads)
+        if busy > cores + 1e-9:
+            _fail(f"node {node!r}: runs hold {busy} threads of its {cores} cores")
+        other = sum(t for t, p in threads if p != _EMERGENCY)
+        if reserved.get(node) and other > max(cores - reserved[node], 0) + 1e-9:
+            _fail(f"pool {node!r}: non-emergency runs hold {other} threads, but {reserved[node]} "
+                  f"of its {cores} cores are reserved for emergency jobs")
+        for b in backends:
+            name, n = b.spec.name, len(b.runs)
+            if n > b.spec.slots:
+                _fail(f"backend {name!r} runs {n} jobs on {b.spec.slots} slots")
+            other_runs = sum(1 for r in b.runs.values() if r.priority != _EMERGENCY)
+            if reserved.get(name) and other_runs > max(b.spec.slots - reserved[name], 0):
+                _fail(f"backend {name!r}: {other_runs} non-emergency runs, but {reserved[name]} "
+                      f"of its {b.spec.slots} slots are reserved for emergency jobs")
+
+
+def _check_load(s: "Scheduler") -> None:
+    from ray_qalloc.placement.scheduler import backend_load, emergency_threads, first_core_run
+
+    reserved = s.config.reserved
+    for node, names in s._nodes.items():
+        backends = [s.backends[n] for n in names]
+        cores = s.node_cpus.get(node, 1.0)
+        busy = float(sum(len(b.runs) * b.spec.threads for b in backends))
+        pool_hold = max(reserved.get(node, 0) - emergency_threads(backends), 0) if reserved.get(node) else 0
+        first = first_core_run(backends)
+        for b in backends:
+            t = b.spec.threads
+            short_e = t > 0 and cores - busy < t
+            short = t > 0 and cores - busy - pool_hold < t
+            want = backend_load(b.spec, b.healthy, b.runs.values(), reserved.get(b.spec.name, 0), short, short_e,
+                                first if short else None, never=t > 0 and cores - reserved.get(node, 0) < t)
+            have = (b.free_at, b.free_run_started, b.can_start,
+                    b.free_at_emergency, b.free_run_started_emergency, b.can_start_emergency)
+            if have != want:
+                fields = ("free_at", "free_run_started", "can_start", "free_at_emergency",
+                          "free_run_started_emergency", "can_start_emergency")
+                diff = {f: (h, w) for f, h, w in zip(fields, have, want) if h != w}
+                _fail(f"backend {b.spec.name!r}: cached load differs from recomputation (cached, recomputed): {diff}")
+    startable = {n for n, b in s.backends.items() if b.can_start_emergency}
+    if s._startable != startable:
+        _fail(f"startable set {sorted(s._startable)} != {sorted(startable)}")
+
+
+def _check_queue(s: "Scheduler") -> None:
+    pending = {id(e) for e in s._pending_unplaceable}
+    work: dict[str, float] = {}
+    index = {name: set(heap) for name, heap in s._index.items()}
+    aging = set(s._aging)
+    deadlines = {(seq, job_id): latest for latest, seq, job_id in s._deadlines}
+    for job_id, e in s.entries.items():
+        if e.job.id != job_id:
+            _fail(f"entry under {job_id!r} is job {e.job.id!r}")
+        if e.cls not in RANK or (e.cls == _EMERGENCY) != (e.job.priority == _EMERGENCY):
+            _fail(f"job {job_id!r} of priority {e.job.priority!r} is served as {e.cls!r}")
+        if id(e) in pending:
+            if job_id in s._preferred:
+                _fail(f"unplaceable job {job_id!r} counts as queued work")
+            continue
+        best = min(e.plan.estimates.values(), key=lambda est: est.runtime_s)
+        if s._preferred.get(job_id) != (best.backend, best.runtime_s):
+            _fail(f"job {job_id!r} prefers {s._preferred.get(job_id)}, its plan's fastest is "
+                  f"{(best.backend, best.runtime_s)}")
+        if best.backend in s.backends:
+            work[best.backend] = work.get(best.backend, 0.0) + best.runtime_s
+        item = (e.key(), e.version, job_id)
+        for b in e.plan.estimates:
+            if b in index and item not in index[b]:
+                _fail(f"queued job {job_id!r} (key {e.key()}, version {e.version}) is not in the index of {b!r}")
+        if e.cls == _BATCH and (e.arrival, e.seq, job_id) not in aging:
+            _fail(f"batch job {job_id!r} is not in the aging queue")
+        if e.job.deadline_s is not None and e.flagged is None:
+            fastest = min(est.runtime_s for b, est in e.plan.estimates.items() if b in s.backends)
+            latest = deadlines.get((e.seq, job_id))
+            if latest is None or not _close(latest, e.deadline_at - fastest):
+                _fail(f"job {job_id!r}: latest start {latest} in the deadline heap, "
+                      f"expected {e.deadline_at - fastest}")
+    extra = set(s._preferred) - set(s.entries)
+    if extra:
+        _fail(f"jobs {sorted(extra)} count as queued work but are not queued")
+    for name, b in s.backends.items():
+        if not _close(b.queued_work_s, work.get(name, 0.0)):
+            _fail(f"backend {name!r}: queued work {b.queued_work_s} != {work.get(name, 0.0)} "
+                  f"of the queued jobs that prefer it")
+    unknown = set(s._declined) - set(s.backends)
+    if unknown:
+        _fail(f"declined backends {sorted(unknown)} do not exist")
