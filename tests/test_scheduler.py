@@ -232,7 +232,7 @@ def test_a_run_past_its_predicted_end_is_not_a_free_slot():
     j = job("j")
     s.enqueue(j, plan_for(j, {"a": 1.0, "b": 3.0}), 5.0)     # 'hog' overran its 1 s by 4 s
     live = s.live(5.0)
-    assert not live["a"].can_start and live["a"].wait_s == pytest.approx(2.5)
+    assert not live["a"].can_start and live["a"].wait_s == pytest.approx(5.0)   # as long again as it ran
     assert started(s.decide(5.0)) == [("j", "b")]
 
 
@@ -363,8 +363,8 @@ def test_a_core_bound_overrun_is_judged_from_its_start():
     s.decide(0.0)
     s.finish("hog")
     s.start("hog", "p/statevector@1", 100.0, 1.0)              # started at 100, due at 101, still running at 105
-    # the mps candidate waits for a core: half as long again as the run has run, not half of "now"
-    assert s.live(105.0)["p/mps@1"].wait_s == pytest.approx(2.5)
+    # the mps candidate waits for a core: as long again as the run has run, not as long as "now"
+    assert s.live(105.0)["p/mps@1"].wait_s == pytest.approx(5.0)
 
 
 def test_nobody_waits_for_a_slot_that_only_emergency_jobs_may_ever_use():
@@ -407,3 +407,24 @@ def test_a_stale_unplaceable_entry_does_not_drop_the_job_queued_again():
     s.remove("j")
     enqueue(s, "j", {"a": 1.0}, arrival=0.5)     # ... but it was withdrawn and queued again, placeable
     assert started(s.decide(1.0)) == [("j", "a")]
+
+
+def test_emergency_preempts_a_batch_run_of_another_method_on_its_pool():
+    """A pool's variants share its cores: a long batch MPS run holding the only core is stopped for
+    an emergency job that only the pool's statevector can run (the old per-method view could not
+    see that the MPS run held the core)."""
+    from ray_qalloc.backends.pools import pool_candidate_specs
+
+    specs = [sp for sp in pool_candidate_specs("cpu-p", cores=1, memory_bytes=2**33) if sp.threads == 1]
+    s = Scheduler(SchedulerConfig(preempt_min_remaining_s=1.0, check_invariants=True), node_cpus={"cpu-p": 1.0})
+    for sp in specs:
+        s.add_backend(sp, node="cpu-p")
+    s.add_backend(specs[0], node="cpu-p")          # twice: listed once
+    assert s._nodes["cpu-p"].count(specs[0].name) == 1
+    batch = job("b", "batch")
+    s.enqueue(batch, plan_for(batch, {"cpu-p/mps": 100.0}), 0.0)
+    assert started(s.decide(0.0)) == [("b", "cpu-p/mps")]
+    urgent = job("e", "emergency")
+    s.enqueue(urgent, plan_for(urgent, {"cpu-p/statevector": 1.0}), 1.0)
+    res = s.decide(1.0)
+    assert [(run.job_id, run.backend, e.job.id) for run, e in res.preempt] == [("b", "cpu-p/mps", "e")]

@@ -75,8 +75,8 @@ def load(top: Topology, runs: dict[str, Run], healthy: dict[str, bool], name: st
         if r.ends > at:
             at, started = r.ends, r.started
     wait = at - now
-    if wait < 0.0:                  # overrunning: about half as long again as it has run
-        wait = max(0.5 * (now - started), 0.0)
+    if wait < 0.0:                  # overrunning: as long again as it has run
+        wait = max(1.0 * (now - started), 0.0)
     return LiveState(wait + extra, False)
 
 

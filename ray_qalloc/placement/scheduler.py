@@ -43,9 +43,10 @@ import itertools
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol, TypeVar
+from typing import Iterator, Any, Callable, Iterable, Mapping, Protocol, TypeVar
 
 from ray_qalloc.backends.base import BackendSpec
+from ray_qalloc.placement.hedging import REMAINING_PER_ELAPSED
 from ray_qalloc.placement.model import JobView, LiveState, Plan
 from ray_qalloc.placement.pipeline import Choice, select, static_objective
 from ray_qalloc.priority import CLASSES, RANK as _RANK, known as _known_class
@@ -250,9 +251,9 @@ class LiveView(Mapping[str, LiveState]):
             can, free_at, started = b.can_start, b.free_at, b.free_run_started
         wait = 0.0 if can else free_at - self.now
         if wait < 0.0:
-            # past its predicted end but still running: an overrun is not a free slot; expect
-            # about half as long again as it has run so far (runtimes are heavy-tailed)
-            wait = max(0.5 * (self.now - started), 0.0)
+            # past its predicted end but still running: an overrun is not a free slot; expect it
+            # to run as long again as it has so far (heavy tails) — the estimate hedging uses too
+            wait = max(REMAINING_PER_ELAPSED * (self.now - started), 0.0)
         if self.ahead:
             extra = self.ahead.get(key)
             if extra:
@@ -389,6 +390,11 @@ class Scheduler:
 
     # ---- pool -------------------------------------------------------------------------------
     def add_backend(self, spec: BackendSpec, node: str = "local", healthy: bool = True) -> None:
+        """Add a backend; adding one the scheduler already has only updates its health (a pool
+        that came back on its node), so no node lists a backend twice."""
+        if spec.name in self.backends:
+            self.set_health(spec.name, healthy)
+            return
         self.backends[spec.name] = BackendSlotState(spec, node, healthy)
         self._index.setdefault(spec.name, [])
         self._nodes.setdefault(node, []).append(spec.name)
@@ -757,12 +763,30 @@ class Scheduler:
             obj = math.log(max(est.runtime_s, 1e-6)) + static[b]
             if obj >= best_obj:
                 continue
-            for run in state.runs.values():
-                if (run.priority == _BATCH and run.job_id not in taken
-                        and run.remaining(now) >= self.config.preempt_min_remaining_s):
-                    best_obj, best = obj, run
-                    break
+            for run in self._victims_for(state, taken, now):
+                best_obj, best = obj, run
+                break
         return best
+
+    def _victims_for(self, state: BackendSlotState, taken: set[str], now: float) -> Iterator[Run]:
+        """Batch runs whose stop would let ``state``'s backend start a run: its own, and — for a
+        pool's variant, whose cores every variant of the pool shares — those of its siblings that
+        free enough cores (a batch MPS run's core serves an emergency statevector job)."""
+        spec = state.spec
+        ok = lambda r: (r.priority == _BATCH and r.job_id not in taken  # noqa: E731
+                        and r.remaining(now) >= self.config.preempt_min_remaining_s)
+        yield from (r for r in state.runs.values() if ok(r))
+        if spec.threads <= 0 or len(state.runs) >= spec.slots:
+            return
+        cores = self.node_cpus.get(state.node, 1.0)
+        free = cores - self._node_busy.get(state.node, 0.0)
+        for name in self._nodes.get(state.node, ()):
+            sib = self.backends[name]
+            if name == spec.name or sib.spec.threads <= 0:
+                continue
+            for r in sib.runs.values():
+                if ok(r) and free + sib.spec.threads >= spec.threads:
+                    yield r
 
     def _flag(self, entry: Entry, choice: Choice, now: float, out: PassResult) -> None:
         if entry.flagged is not None or math.isinf(entry.deadline_at):
