@@ -4,7 +4,8 @@
 
 Measured on the same Scheduler the allocator runs:
 
-* **dispatch**: with 16 backends and 10,000 queued jobs, one slot frees and the scheduler
+* **dispatch**: with 16 placement candidates (two 8-core simulator pools' method variants and
+  four QPUs) and 10,000 queued jobs, one slot frees and the scheduler
   decides who takes it — ``finish`` + ``decide`` timed together, ``summary.p50_us`` /
   ``summary.p99_us`` (goals ≤ 20 / ≤ 100 µs). A pass may weigh several jobs before one takes
   the slot (the head job may rather wait for a busy, faster backend); ``per_job_p50_us`` is
@@ -40,16 +41,23 @@ from ray_qalloc.placement.scheduler import Scheduler, SchedulerConfig
 PRIORITIES = ("emergency", "high", "normal", "batch")
 
 
+POOL_CORES = 8
+
+
 def pool(n: int) -> list[BackendSpec]:
-    methods = ("statevector", "matrix_product_state", "stabilizer", "density_matrix")
-    out = []
-    for i in range(n):
-        if i % 4 == 3:
-            out.append(BackendSpec(f"qpu_{i}", "qpu", "fake_qpu", 127, device=f"dev{i}", noisy=True))
-        else:
-            out.append(BackendSpec(f"sim_{i}", "simulator", "aer", 28, slots=1, method=methods[i % 4],
-                                   memory_bytes=2**32, threads=1))
-    return out
+    """``n`` placement candidates shaped like a cluster's: a quarter QPUs, the rest the method
+    variants of 8-core simulator pools (6 per pool: four methods on one thread, statevector and
+    density matrix on all cores)."""
+    from ray_qalloc.backends.pools import pool_candidate_specs
+
+    qpus = [BackendSpec(f"qpu_{i}", "qpu", "fake_qpu", 127, device=f"dev{i}", noisy=True, threads=0)
+            for i in range(n // 4)]
+    sims: list[BackendSpec] = []
+    k = 0
+    while len(sims) < n - len(qpus):
+        sims += pool_candidate_specs(f"cpu-p{k:04d}", cores=POOL_CORES, memory_bytes=2**34)
+        k += 1
+    return sims[:n - len(qpus)] + qpus
 
 
 def synthetic_plan(job: JobView, specs: list[BackendSpec], rng: random.Random, feasible: int = 6) -> Plan:
@@ -62,12 +70,13 @@ def synthetic_plan(job: JobView, specs: list[BackendSpec], rng: random.Random, f
 def build(n_backends: int, queued: int, seed: int) -> tuple[Scheduler, random.Random, list[BackendSpec]]:
     rng = random.Random(seed)
     specs = pool(n_backends)
-    nodes = max(1, n_backends // 8)
-    s = Scheduler(SchedulerConfig(aging_s=1e9), node_cpus={f"n{i}": 8 for i in range(nodes)})
-    for i, spec in enumerate(specs):
-        s.add_backend(spec, node=f"n{i % nodes}")
-    # fill every slot, then queue the rest
-    for i in range(queued + sum(sp.slots for sp in specs)):
+    s = Scheduler(SchedulerConfig(aging_s=1e9),
+                  node_cpus={sp.pool: POOL_CORES for sp in specs if sp.pool is not None})
+    for spec in specs:   # a pool's candidates share its cores; a QPU is a budget of its own
+        s.add_backend(spec, node=spec.pool or f"qpu:{spec.name}")
+    # fill every core and QPU slot, then queue the rest
+    capacity = POOL_CORES * len({sp.pool for sp in specs if sp.pool}) + sum(sp.slots for sp in specs if not sp.pool)
+    for i in range(queued + capacity):
         job = JobView(f"j{i}", 10, frozenset({"h", "cx"}), {}, 1000, priority=rng.choice(PRIORITIES),
                       deadline_s=rng.choice((None, None, 60.0, 600.0)))
         s.enqueue(job, synthetic_plan(job, specs, rng), arrival=i * 1e-3)
@@ -104,13 +113,14 @@ def time_dispatch(n_backends: int, queued: int, samples: int, seed: int = 0,
 
 
 def time_enqueue(samples: int, predictor: Any) -> list[float]:
-    from ray_qalloc.backends.registry import DEFAULT_POOL, make_backend
+    from ray_qalloc.backends.pools import pool_candidate_specs
+    from ray_qalloc.backends.registry import FAKE_QPU_POOL, make_backend
     from ray_qalloc.config import Limits
     from ray_qalloc.jobs import make_spec, prepare_job
     from ray_qalloc.workloads import mqt_circuit
 
-    views = []
-    for name in DEFAULT_POOL:
+    views = [BackendView(sp) for sp in pool_candidate_specs("cpu-local", cores=2, memory_bytes=2**33)]
+    for name in FAKE_QPU_POOL:
         b = make_backend(name)
         cal = b.calibration()
         views.append(BackendView(b.spec(), True, cal.summary() if cal is not None else None))
@@ -172,7 +182,7 @@ def main() -> None:
               f"{s['per_job_p99_us']:.1f}", "")
     t.add_row("dispatch, 1000 backends", f"{s['p50_us_1000_backends']:.1f}", f"{s['p99_us_1000_backends']:.1f}",
               "p99 ≤ 1000")
-    t.add_row("enqueue scoring, prior (7 backends)", f"{s['enqueue_p50_us']:.1f}", f"{s['enqueue_p99_us']:.1f}", "")
+    t.add_row("enqueue scoring, prior (one 2-core pool: 6 variants, 3 QPUs)", f"{s['enqueue_p50_us']:.1f}", f"{s['enqueue_p99_us']:.1f}", "")
     if s["enqueue_model_p50_us"] is not None:
         t.add_row(f"enqueue scoring, {result['model']}", f"{s['enqueue_model_p50_us']:.1f}",
                   f"{s['enqueue_model_p99_us']:.1f}", "")

@@ -689,8 +689,11 @@ class Scheduler:
                 # it prefers to wait (for a busy backend, or a slot reserved for emergencies)
                 skip.add(job_id)
                 misses += 1
-                if emergency:
-                    self._emergency_new.add(job_id)   # may need a preemption after all
+                if emergency and job_id not in self._emergency_new:
+                    # it declined a free slot for a better one: no preemption needed now; the
+                    # bounded once-a-second recheck looks at it again while it waits (checking
+                    # every declining emergency job after every pass cost a victim search each)
+                    self._emergency_waiting.setdefault(job_id, None)
                 if choice.backend in entry.plan.estimates:
                     ahead[choice.backend] = (ahead.get(choice.backend, 0.0)
                                              + entry.plan.estimates[choice.backend].runtime_s)
