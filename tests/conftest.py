@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# Every Scheduler in this session (and in the Ray workers it starts: they inherit the
+# environment) checks its invariants after each change (ray_qalloc/placement/invariants.py).
+os.environ.setdefault("RAY_QALLOC_CHECK_INVARIANTS", "1")
+
 pytest_plugins = ["tests.dbs", "tests.serve_fixtures"]  # db_url: the store's tests on SQLite and PostgreSQL
 
 

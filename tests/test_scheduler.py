@@ -267,6 +267,7 @@ def test_validate_state_names_a_cache_that_drifted():
 
 
 def test_check_invariants_runs_after_every_mutating_call_and_is_off_by_default(monkeypatch):
+    monkeypatch.setattr(scheduler_module, "_CHECK_FROM_ENV", False)   # as without the variable (conftest sets it)
     plain = Scheduler()
     assert "decide" not in vars(plain) and "enqueue" not in vars(plain)   # no wrapper: nothing to pay
     s = sched(sim("a"))
