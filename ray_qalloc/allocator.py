@@ -362,6 +362,9 @@ class Allocator:
             try:
                 if self._injected is None:
                     await self.fleet.tick()
+                    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+                    busy = {r.backend for r in self.d._all_runs()}
+                    self.d.members_removed(self.fleet.prune_dead_pools(alive, busy, time.time()))
                 else:
                     await asyncio.gather(*(self.fleet.probe(h) for h in self.fleet.hosts.values()),
                                          return_exceptions=True)

@@ -144,6 +144,15 @@ class Dispatcher:
             self.replan_queued()
         self.kick()
 
+    def members_removed(self, names: list[str]) -> None:
+        """Candidates that left for good (their node is gone): out of the scheduler; queued jobs
+        are planned again over what exists (a job allowed only there now finds nothing and is
+        failed with the reason, instead of waiting for a node id that never returns)."""
+        for name in names:
+            self.sched.remove_backend(name)
+        if names and self.queued:
+            self.replan_queued()
+
     def host_unreachable(self, host: Host, why: str) -> None:
         """Runs on a pool that stopped answering are placed again without waiting for Ray to
         declare its node dead (tens of seconds). A simulation is idempotent and a late result

@@ -62,6 +62,7 @@ ACTOR_GONE = (RayActorError, ActorUnavailableError, WorkerCrashedError, ActorUns
 FIRST_PROBE_S = 60.0
 UNREACHABLE_AFTER = 2      # missed health checks in a row before a pool's runs are placed again
 ELASTIC_POOL = "cpu-elastic"   # stands for the pool of a node the autoscaler may bring
+DEAD_POOL_FORGET_S = 60.0      # a pool whose node is gone this long leaves the fleet
 
 
 @dataclass
@@ -114,6 +115,7 @@ class Host:
     memory_bytes: int = 0
     running: int = 0                   # runs in flight, as the pool's last ping counted them
     spec: BackendSpec | None = None    # a backend host's spec (pools make theirs from the node)
+    dead_since: float | None = None    # when its node was first seen dead
 
 
 class FleetListener(Protocol):
@@ -183,6 +185,34 @@ class Fleet:
 
         return pool_candidate_specs(ELASTIC_POOL, cores=1, memory_bytes=default_memory_bytes(),
                                     methods=self.methods)
+
+    def prune_dead_pools(self, alive: set[str], busy: set[str], now: float) -> list[str]:
+        """Members of pools whose node has been gone for ``DEAD_POOL_FORGET_S``: a Ray node never
+        comes back under its id (a returning node is a new node with a new pool), so without
+        this every lost node would leave its variants in every later plan and a failing probe
+        in every health round. A pool with a run still counted on it is kept until it ends."""
+        gone: list[str] = []
+        for host in list(self.hosts.values()):
+            if host.kind != "pool" or host.node_id is None or host.name == ELASTIC_POOL:
+                continue
+            if host.node_id in alive:
+                host.dead_since = None
+                continue
+            host.dead_since = host.dead_since or now
+            if now - host.dead_since < DEAD_POOL_FORGET_S or set(host.members) & busy:
+                continue
+            log.warning("pool %s: node %s gone for %.0f s, forgetting its %d variants", host.name,
+                        host.node_id[:8], now - host.dead_since, len(host.members))
+            for name in host.members:
+                self.members.pop(name, None)
+                gone.append(name)
+            del self.hosts[host.name]
+            if host.actor is not None:
+                try:
+                    ray.kill(host.actor, no_restart=True)
+                except Exception:  # already gone with its node
+                    pass
+        return gone
 
     def discover_pools(self) -> list[Host]:
         """Start a pool on every live node that offers one and has none yet (nodes that joined).

@@ -420,3 +420,22 @@ def test_old_store_rows_naming_aer_methods_still_read_and_recover(tmp_path):
     assert q["result"]["backend"] == "cpu-n1/statevector"
     assert [(h["backend"], h["outcome"]) for h in r["attempt_history"]][0] == ("aer_mps", "requeued")
     assert store.get(running.id).allowed_backends is None
+
+
+def test_a_pool_whose_node_is_gone_for_good_leaves_the_fleet(tmp_path):
+    from ray_qalloc.fleet import DEAD_POOL_FORGET_S, Fleet, Host
+
+    class Listener:
+        def member_health(self, name: str, healthy: bool) -> None: ...
+        def members_added(self, members: Any) -> None: ...
+        def host_unreachable(self, host: Any, why: str) -> None: ...
+
+    fleet = Fleet(load_settings(data_dir=tmp_path), Listener())
+    for pool, node in (("cpu-aaaa", "aaaa1111"), ("cpu-bbbb", "bbbb2222")):
+        fleet.hosts[pool] = Host(pool, "pool", None, node_id=node)
+        fleet._add_members(fleet.hosts[pool], [sim(f"{pool}/statevector", pool=pool)])
+    assert fleet.prune_dead_pools({"aaaa1111"}, set(), 100.0) == []          # just died: kept
+    assert fleet.prune_dead_pools({"aaaa1111"}, {"cpu-bbbb/statevector"}, 100.0 + DEAD_POOL_FORGET_S + 1) == []
+    gone = fleet.prune_dead_pools({"aaaa1111"}, set(), 100.0 + DEAD_POOL_FORGET_S + 1)
+    assert gone == ["cpu-bbbb/statevector"] and set(fleet.hosts) == {"cpu-aaaa"}
+    assert set(fleet.members) == {"cpu-aaaa/statevector"}

@@ -429,3 +429,16 @@ def test_emergency_preempts_a_batch_run_of_another_method_on_its_pool():
     s.enqueue(urgent, plan_for(urgent, {"cpu-p/statevector": 1.0}), 1.0)
     res = s.decide(1.0)
     assert [(run.job_id, run.backend, e.job.id) for run, e in res.preempt] == [("b", "cpu-p/mps", "e")]
+
+
+def test_a_removed_backend_leaves_no_trace_and_its_queued_jobs_can_be_planned_again():
+    s = sched(sim("a"), sim("b"))
+    enqueue(s, "j", {"a": 1.0, "b": 2.0})
+    s.remove_backend("a")
+    assert "a" not in s.backends and "a" not in s._nodes.get("local", [])
+    s.validate_state()
+    s.remove("j")
+    enqueue(s, "j", {"b": 2.0})
+    assert started(s.decide(0.0)) == [("j", "b")]
+    with pytest.raises(ValueError, match="still has runs"):
+        s.remove_backend("b")

@@ -401,6 +401,22 @@ class Scheduler:
         self.node_cpus.setdefault(node, 1.0)
         self._refresh_node(node)
 
+    def remove_backend(self, name: str) -> None:
+        """Forget a backend with no runs (its node is gone for good). Queued jobs keep the stale
+        index items, dropped lazily; their plans should be made again by the caller."""
+        b = self.backends.get(name)
+        if b is None:
+            return
+        if b.runs:
+            raise ValueError(f"backend {name} still has runs: {sorted(b.runs)}")
+        del self.backends[name]
+        self._index.pop(name, None)
+        self._nodes[b.node].remove(name)
+        if not self._nodes[b.node]:
+            del self._nodes[b.node]
+        self._startable.discard(name)
+        self._declined.pop(name, None)
+
     def set_health(self, backend: str, healthy: bool) -> None:
         b = self.backends[backend]
         if b.healthy != healthy:
