@@ -201,6 +201,8 @@ class Fleet:
             host.dead_since = host.dead_since or now
             if now - host.dead_since < DEAD_POOL_FORGET_S or set(host.members) & busy:
                 continue
+            if not any(h.kind == "pool" and h.node_id in alive for h in self.hosts.values()):
+                continue   # the last pools are kept: their jobs wait for a node instead of failing
             log.warning("pool %s: node %s gone for %.0f s, forgetting its %d variants", host.name,
                         host.node_id[:8], now - host.dead_since, len(host.members))
             for name in host.members:
