@@ -4,23 +4,34 @@ Each implements the Scheduler's ``Policy`` protocol (``name`` and ``choose(entry
 -> Choice``), so the very same ``Scheduler`` (queue, cores, slots, events) runs qalloc and the
 baselines; only *where* a job goes, and for the FIFO baselines *in which order*, differs.
 
-* ``fcfs``          round-robin over the job's feasible backends, first-come first-served;
-* ``least_loaded``  the feasible backend with the most free slots / fewest runs, FIFO;
-* ``aer_automatic`` every classical/auto job on ONE pool of Aer ``method="automatic"`` slots
-                    (one backend, slots = number of Aer methods), quantum-intent jobs FIFO on
-                    the first free QPU;
+The pool world: a node's simulator pool offers candidates (pool, Aer method, threads) to
+qalloc. What a user gets **for free** is the pool running Aer's own ``method="automatic"``
+(one thread per run, on the same cores) and the QPUs; the free baselines run on exactly
+that (``FREE_POOL_POLICIES``: one ``<pool>/automatic`` backend with the pool's cores as slots,
+plus the QPUs):
+
+* ``fcfs``          round-robin over the job's feasible backends (the pool counts as one),
+                    first-come first-served;
+* ``least_loaded``  the feasible backend — pool or QPU — with the most free slots, then the
+                    fewest running jobs; on the pool it runs ``automatic``. FIFO;
+* ``aer_automatic`` every classical/auto job on the pool with ``automatic``; quantum-intent
+                    jobs FIFO on the first free QPU;
 * ``best_fidelity`` quantum and auto jobs wait for the QPU with the best predicted fidelity;
-                    classical jobs (and jobs no QPU can take) FCFS on the simulators;
-* ``random``        a uniformly random feasible backend that can start now (seeded);
-* ``qalloc`` / ``oracle`` are ``QallocPolicy`` (the oracle on plans made of the true runtimes
-  and fidelities, see ``benchmarks.placement.oracle_plans``).
+                    classical jobs (and jobs no QPU can take) FCFS on the pool;
+* ``random``        a uniformly random feasible backend that can start now (seeded), on
+                    qalloc's candidates (a random method choice);
+* ``qalloc`` and ``hindsight`` are ``QallocPolicy`` (hindsight: qalloc's selector fed the TRUE
+  runtimes and fidelities, ``benchmarks.simulation.HindsightPlanner``; a row to read, not a
+  bound: the bound is ``benchmarks.simulation.lower_bound``).
+
+None of the baselines learns, hedges or remembers runs: they are what a user gets for free.
 
 Baselines marked ``fifo = True`` see every job with priority ``normal`` and no deadline
 (``fifo_view``): they have no priority classes and no EDF, so the scheduler orders them by
 arrival; the metrics still use each job's real priority and deadline.
 
 A policy that needs the pool (slot counts, backend kinds) gets the scheduler through
-``bind(sched)``; ``benchmarks.placement.simulate`` calls it once, before the first job.
+``bind(sched)``; ``benchmarks.simulation.simulate`` calls it once, before the first job.
 """
 
 from __future__ import annotations
@@ -36,8 +47,11 @@ from ray_qalloc.placement.model import Estimate, JobView, LiveState
 from ray_qalloc.placement.pipeline import Choice
 from ray_qalloc.placement.scheduler import Entry, Policy, QallocPolicy
 
-POLICIES: tuple[str, ...] = ("qalloc", "fcfs", "least_loaded", "aer_automatic", "best_fidelity", "random", "oracle")
+POLICIES: tuple[str, ...] = ("qalloc", "fcfs", "least_loaded", "aer_automatic", "best_fidelity", "random",
+                             "hindsight")
 AUTOMATIC = "aer_automatic"
+BASELINES: tuple[str, ...] = ("fcfs", "least_loaded", "aer_automatic", "best_fidelity", "random")
+FREE_POOL_POLICIES: frozenset[str] = frozenset({"fcfs", "least_loaded", "aer_automatic", "best_fidelity"})
 
 
 def fifo_view(job: JobView) -> JobView:
@@ -68,6 +82,10 @@ class _Baseline(abc.ABC):
     def bind(self, sched: Any) -> None:
         self.sched = sched
         self._order = {name: i for i, name in enumerate(sched.backends)}
+
+    def _is_automatic(self, backend: str) -> bool:
+        b = self.sched.backends.get(backend) if self.sched is not None else None
+        return b is not None and b.spec.method == "automatic"
 
     def _kind(self, backend: str) -> str:
         b = self.sched.backends.get(backend) if self.sched is not None else None
@@ -148,13 +166,12 @@ class LeastLoadedPolicy(_Baseline):
 
 
 class AerAutomaticPolicy(_Baseline):
-    """Aer's own ``method="automatic"`` on one shared pool of simulator slots for every
-    classical and auto job; quantum-intent jobs FIFO on the first free QPU.
+    """Aer's own ``method="automatic"`` on the pool (its cores as slots, one thread per run) for
+    every classical and auto job; quantum-intent jobs FIFO on the first free QPU.
 
-    The pool this policy runs on is built by ``benchmarks.placement.simulate``: the Aer
-    backends are replaced by one ``aer_automatic`` backend with as many slots. A job whose
-    plan has no ``aer_automatic`` estimate (filtered out) falls back to the first free of its
-    other options."""
+    The pool this policy runs on is built by ``benchmarks.placement``: one ``<pool>/automatic``
+    backend plus the QPUs. A job whose plan has no automatic estimate (filtered out) falls back
+    to the first free of its other options."""
 
     name = "aer_automatic"
 
@@ -162,7 +179,7 @@ class AerAutomaticPolicy(_Baseline):
         options = self._options(entry, live)
         if entry.job.intent == "quantum":
             return self._first_free_or_wait([o for o in options if self._kind(o[0]) == "qpu"] or options)
-        auto = [o for o in options if o[0] == AUTOMATIC]
+        auto = [o for o in options if self._is_automatic(o[0])]
         if auto:
             return self._pick(auto[0])
         return self._first_free_or_wait(options)
@@ -204,16 +221,17 @@ class RandomPolicy(_Baseline):
         return self._pick(self.rng.choice(free))
 
 
-class OraclePolicy(QallocPolicy):
-    """qalloc's selector on plans made of the true runtimes and fidelities (hindsight)."""
+class HindsightPolicy(QallocPolicy):
+    """qalloc's selector on plans made of the true runtimes and fidelities: what better
+    predictions could buy the selector; not a bound on the schedule."""
 
-    name = "oracle"
+    name = "hindsight"
 
 
 def make_policy(name: str, seed: int = 0) -> Policy:
     """A fresh policy by name (each simulation needs its own: some keep state)."""
     factories: dict[str, Any] = {
-        "qalloc": QallocPolicy, "oracle": OraclePolicy, "fcfs": FcfsPolicy,
+        "qalloc": QallocPolicy, "hindsight": HindsightPolicy, "fcfs": FcfsPolicy,
         "least_loaded": LeastLoadedPolicy, "aer_automatic": AerAutomaticPolicy,
         "best_fidelity": BestFidelityPolicy, "random": lambda: RandomPolicy(seed),
     }
@@ -222,5 +240,5 @@ def make_policy(name: str, seed: int = 0) -> Policy:
     return factories[name]()
 
 
-__all__ = ["POLICIES", "AUTOMATIC", "fifo_view", "score", "make_policy", "FcfsPolicy", "LeastLoadedPolicy",
-           "AerAutomaticPolicy", "BestFidelityPolicy", "RandomPolicy", "OraclePolicy"]
+__all__ = ["POLICIES", "AUTOMATIC", "BASELINES", "FREE_POOL_POLICIES", "fifo_view", "score", "make_policy", "FcfsPolicy", "LeastLoadedPolicy",
+           "AerAutomaticPolicy", "BestFidelityPolicy", "RandomPolicy", "HindsightPolicy"]

@@ -3,7 +3,9 @@
     python -m benchmarks.make_circuits --out DIR [--families qft,ghz,...] [--sizes 6,10,14,18,22]
 
 Files are named ``<family>-<level>-<qubits>.qasm``; the benchmarks read the family from the
-name (any other ``.qasm`` file is accepted too, with family ``file``). OpenQASM 2 is written
+name (any other ``.qasm`` file is accepted too, with family ``file``). Besides MQT Bench's
+families, ``quantumvolume`` and ``random`` are built with Qiskit (``benchmarks.traces.build_circuit``:
+MQT Bench has no quantum volume), so the heavy trace's circuits can be written out too. OpenQASM 2 is written
 where Qiskit can export it, OpenQASM 3 otherwise (mid-circuit measurement, control flow).
 """
 
@@ -27,11 +29,16 @@ def write_circuits(out: Path, families: tuple[str, ...] = DEFAULT_FAMILIES,
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    from benchmarks.traces import QISKIT_FAMILIES, build_circuit
+
     for fam in families:
         for n in sizes:
             if n > MAX_SIZE.get(fam, 10**9):
                 continue
-            qc = get_benchmark(fam, BenchmarkLevel[level.upper()], circuit_size=n)
+            if fam in QISKIT_FAMILIES:
+                qc = build_circuit(fam, n)
+            else:
+                qc = get_benchmark(fam, BenchmarkLevel[level.upper()], circuit_size=n)
             try:
                 text = qasm2.dumps(qc.decompose(reps=2) if fam in ("ae", "qnn") else qc)
             except Exception:  # noqa: BLE001 - fall back to OpenQASM 3

@@ -1,382 +1,70 @@
-"""Placement quality: qalloc against baseline policies on a workload trace.
+"""Placement quality: qalloc against what a user gets for free, on a workload trace.
 
     python -m benchmarks.placement --trace FILE --mode simulate --json OUT
-        [--model REGISTRY_DIR] [--history DIR] [--time-cap 20] [--seed 0] [--policies a,b,...]
+        [--mix light|heavy|mixed] [--model REGISTRY_DIR] [--truth DIR] [--time-cap 20] [--seed 0]
+        [--policies a,b,...]
+    python -m benchmarks.placement --trace FILE --mode live --json OUT [--speed 1] [--sim-json SIM_OUT]
 
-``--mode simulate`` (implemented here) is a discrete-event simulation of the default pool
-(four Aer CPU methods and three emulated QPUs on one 2-core node), driven by the same
-``Scheduler`` the allocator runs. ``--mode live`` replays the trace (keep it small) for real
-through the allocator on a local Ray and reports qalloc's row with the same keys.
+``--mode simulate`` is a discrete-event simulation (``benchmarks.simulation``) of the pool
+design — one simulator pool ``cpu-local`` of ``POOL_CORES`` cores whose candidates are
+``ray_qalloc.backends.pools.pool_candidate_specs`` (each Aer method on one thread, statevector
+and density matrix also on both cores), and the three emulated QPUs — driven by the same
+``Scheduler`` the allocator runs. ``--mode live`` replays the trace for real through the
+allocator on a local Ray and reports qalloc's row with the same keys, and, given the simulated
+JSON of the same trace (``--sim-json``), the simulate/live gap of qalloc's mean JCT.
 
-What is true, and what the policies see:
+What is true (measured), and what the policies see:
 
-* **Truth, measured.** Every unique circuit of the trace (same QASM text and shots) is run
-  once on every backend of ``DEFAULT_POOL`` plus ``aer_automatic`` by the measure module
-  (``ray_qalloc.costmodel.measure``: a capped worker process, one thread per run), into the run
-  history ``--history`` (default ``out/placement-history``); a second run reuses those
-  measurements. A simulator's true runtime is its measured ``wall_s`` (transpile + run). A
-  QPU's is the *modelled* QPU time of the emulated device (``qpu_s`` of its row), not the
-  emulator's wall time. A run censored at the time cap took at least the cap: **we charge 3×
-  the cap** (of that row). A pair with no usable row (error, not measured) is charged 3×
-  ``--time-cap``. Pairs placement's filters remove (stabilizer on a non-Clifford circuit, a
-  density matrix too wide) are infeasible in the simulation too (no plan has them).
-* **True fidelity.** A QPU run's fidelity is the calibration estimate
-  ``ray_qalloc.costmodel.prior.qpu_fidelity(job, calibration summary)`` of that QPU, the same
-  number for every policy (a measured Hellinger fidelity against an ideal simulation would be
-  better; not done here). Simulators: 1.0.
-* **Predictions.** Policies see only plans made once per job, at arrival, by
-  ``plan(job, backends, load_predictor(--model or None))`` (exploration off), with the job's
-  priority, intent, deadline, fidelity floor and tenant from the trace. Jobs intake refuses
-  (``make_spec`` / ``prepare_job`` typed errors) are counted as ``rejected`` and skipped.
-* **The oracle** runs qalloc's own selector on plans whose runtimes, fidelities and costs are
-  the TRUE ones (hindsight): earliest completion with exact runtimes, traded against fidelity
-  by the same class weights as qalloc. It is therefore the bound on what better *predictions*
-  could buy qalloc, not a proven optimum of the schedule.
+* **Runtime truth** (``benchmarks.truth``): every unique circuit measured on each candidate —
+  method AND thread count — and on Aer ``automatic``, by the capped measuring worker; a run
+  censored at the cap is charged 3× the cap. QPU time (``benchmarks.fidelity``): the modelled
+  busy time of the emulated device for the job's shots.
+* **Fidelity truth** (``benchmarks.fidelity``): the Hellinger fidelity of the emulated device's
+  noisy counts against the circuit's ideal distribution (exact or sampled, recorded), for every
+  quantum/auto circuit of at most 10 qubits; wider circuits get the device's ESP of the
+  transpiled circuit, labelled not measured. Simulators: 1.0.
+* **Predictions**: each job is planned at its arrival (``plan`` over the pool's views with the
+  predictor). qalloc's predictor is the live allocator's (``benchmarks.learning``: model + run
+  memory, online correction, hedged backups with the live settings). Baselines get the same
+  plans' feasibility from the plain predictor and never learn or hedge.
+* **The pools**: qalloc, ``random`` and ``hindsight`` on the candidates + QPUs; ``fcfs``,
+  ``least_loaded``, ``aer_automatic`` and ``best_fidelity`` on what a user gets for free — the
+  same cores running Aer ``automatic`` (``<pool>/automatic``, one thread per run) + the QPUs.
+* **The lower bound**: each job's fastest true runtime over every backend it could use, no
+  queueing — not a policy. ``hindsight`` is qalloc's selector fed the true runtimes (a row to
+  read, not a bound, in no goal).
 
-The simulated pool: every ``DEFAULT_POOL`` backend with its spec (its slots), all on one node
-with 2 cores (``node_cpus={"local": 2}``); an Aer run holds one core (1 thread), a QPU run
-none (a real QPU runs elsewhere: its spec is copied with ``threads=0``). Concurrent runs on
-the two cores are assumed not to slow each other down (each was measured alone).
-
-The event loop: arrivals (at ``arrival_s``) and completions (start + true runtime) in a heap;
-after the events of one instant, ``Scheduler.decide(now)``; dispatched runs complete at
-``now + true runtime``; a preempted batch run is stopped (its work is lost, its elapsed time
-is still paid) and re-queued with its original place in line.
-
-Metrics per policy (``policies.<name>`` in the JSON): ``mean_jct_s`` and ``p95_jct_s``
-(completion − arrival over completed jobs), ``makespan_s`` (last completion − first arrival),
-``deadline_miss_rate`` (jobs with a deadline that finished after it, or never ran, over jobs
-with a deadline), ``emergency_p99_wait_s`` (start − arrival of emergency jobs, p99),
-``mean_fidelity_quantum`` (true fidelity of quantum-intent jobs), ``total_cost`` (each run's
-``price.cost(true runtime, shots)``; a preempted run pays its elapsed time), plus counts.
-``ratios`` and ``goals`` compare qalloc with fcfs, least_loaded, best_fidelity and the oracle;
-goals are printed next to the measured figures and are never adjusted to pass.
+Metrics per policy (``policies.<name>``): ``mean_jct_s``, ``p95_jct_s``, ``makespan_s``,
+``deadline_miss_rate``, ``emergency_p99_wait_s``, ``mean_fidelity_quantum`` (measured),
+``total_cost``, counts, hedges. ``ratios`` and ``goals`` (``benchmarks.report``) depend on the
+trace's mix (``--mix``, else the trace's ``mix`` field, else its content).
 """
 
 from __future__ import annotations
 
-from benchmarks._common import make_console, write_json
-
 import argparse
 import hashlib
-import heapq
-import math
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from benchmarks.baselines import AUTOMATIC, POLICIES, fifo_view, make_policy
-from ray_qalloc.backends.base import BackendSpec, Price
-from ray_qalloc.placement.model import Estimate, JobView, Plan
-from ray_qalloc.placement.scheduler import Scheduler, SchedulerConfig
+from benchmarks._common import make_console, write_json
+from benchmarks.baselines import FREE_POOL_POLICIES, POLICIES
+from benchmarks.report import detect_mix, families_seen, goals, print_report, ratios, trained_families
+from benchmarks.simulation import (METRICS, HindsightPlanner, PipelinePlanner, SimJob, lower_bound, metrics,
+                                   percentile, simulate)
+from benchmarks.truth import CENSORED_FACTOR, POOL, POOL_CORES, POOL_MEMORY_BYTES
+from ray_qalloc.backends.base import BackendSpec
+from ray_qalloc.placement.model import JobView
 
-CENSORED_FACTOR = 3.0          # a censored run took at least the cap; we charge 3x the cap
 DEFAULT_TIME_CAP_S = 20.0
-DEFAULT_HISTORY = Path("out/placement-history")
-NODE = "local"
-NODE_CPUS = 2.0
+DEFAULT_TRUTH_DIR = Path("out/placement-truth")
+LIVE_GAP_TARGET = 0.25
 
-METRICS: tuple[str, ...] = ("mean_jct_s", "p95_jct_s", "makespan_s", "deadline_miss_rate", "emergency_p99_wait_s",
-                            "mean_fidelity_quantum", "total_cost")
+__all__ = ["METRICS", "SimJob", "simulate", "percentile", "case_id_of", "intake", "run", "live", "main",
+           "qalloc_world", "free_world", "ratios", "goals"]
 
-# (name, how it is computed from policies, comparison, target)
-GOALS: tuple[tuple[str, str, str, float], ...] = (
-    ("qalloc_over_fcfs_mean_jct", "qalloc mean JCT / fcfs mean JCT", "<=", 0.5),
-    ("qalloc_over_least_loaded_mean_jct", "qalloc mean JCT / least_loaded mean JCT", "<=", 0.5),
-    ("qalloc_over_oracle_mean_jct", "qalloc mean JCT / oracle mean JCT", "<=", 1.15),
-    ("qalloc_over_best_fidelity_mean_fidelity_quantum",
-     "qalloc mean fidelity (quantum intent) / best_fidelity's", ">=", 0.99),
-    ("qalloc_minus_oracle_deadline_miss_rate", "qalloc deadline miss rate - oracle's", "<=", 0.02),
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# The simulation core: pure, no Aer, no measuring (tests call it with hand-made truth)
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SimJob:
-    """One accepted job of the trace: its arrival and its view (real priority and deadline)."""
-
-    id: str
-    arrival_s: float
-    view: JobView
-
-
-@dataclass
-class _Run:
-    backend: str
-    started: float
-    runtime: float
-    gen: int
-
-
-@dataclass
-class _Outcome:
-    first_start: float | None = None
-    start: float | None = None
-    completion: float | None = None
-    backend: str | None = None
-    runs: int = 0
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile (numpy's default); None for no values."""
-    if not values:
-        return None
-    xs = sorted(values)
-    k = (len(xs) - 1) * q / 100.0
-    lo = math.floor(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
-def automatic_pool(pool_specs: Sequence[BackendSpec], automatic_spec: BackendSpec | None = None) -> list[BackendSpec]:
-    """The ``aer_automatic`` baseline's pool: the Aer simulators replaced by ONE backend
-    ``aer_automatic`` with as many slots, one thread per run; the QPUs unchanged."""
-    sims = [s for s in pool_specs if s.kind == "simulator"]
-    others = [s for s in pool_specs if s.kind != "simulator"]
-    slots = max(sum(max(s.slots, 1) for s in sims), 1)
-    if automatic_spec is None:
-        automatic_spec = BackendSpec(AUTOMATIC, "simulator", "aer", max((s.num_qubits for s in sims), default=30),
-                                     method="automatic", price=sims[0].price if sims else Price())
-    return [automatic_spec.copy(name=AUTOMATIC, slots=slots, threads=1)] + others
-
-
-def oracle_plans(plans: Mapping[str, Plan], jobs: Sequence[SimJob], truth: Mapping[str, Mapping[str, float]],
-                 fidelity: Mapping[str, Mapping[str, float]], prices: Mapping[str, Any],
-                 penalty_s: float) -> dict[str, Plan]:
-    """Plans whose runtimes (and fidelities, costs) are the true ones: what the oracle sees."""
-    by_id = {j.id: j for j in jobs}
-    out = {}
-    for jid, p in plans.items():
-        job = by_id.get(jid)
-        t_row, f_row = truth.get(jid, {}), fidelity.get(jid, {})
-        est = {}
-        for b, e in p.estimates.items():
-            t = t_row.get(b)
-            t = penalty_s if t is None or not math.isfinite(t) else t
-            price = prices.get(b)
-            cost = price.cost(t, job.view.shots) if (price is not None and job is not None) else e.cost
-            est[b] = Estimate(b, t, f_row.get(b, e.fidelity), cost, e.memory_bytes, "truth")
-        out[jid] = Plan(jid, est, dict(p.filtered))
-    return out
-
-
-def simulate(jobs: Sequence[SimJob], truth: Mapping[str, Mapping[str, float]], plans: Mapping[str, Plan],
-             pool_specs: Sequence[BackendSpec], policy_name: str, *,
-             fidelity: Mapping[str, Mapping[str, float]] | None = None, penalty_s: float = 3 * DEFAULT_TIME_CAP_S,
-             seed: int = 0, node_cpus: float = NODE_CPUS, config: SchedulerConfig | None = None,
-             automatic_spec: BackendSpec | None = None, policy: Any = None,
-             record: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Run one policy over ``jobs`` on a simulated pool; return its metrics.
-
-    ``truth[job_id][backend]``: the true runtime in seconds (missing or non-finite: the run is
-    charged ``penalty_s``); ``fidelity[job_id][backend]``: the true fidelity (missing: 1.0 on
-    a simulator, the plan's estimate on a QPU); ``plans[job_id]``: the predictions the policy
-    sees (a job without a plan is unplaceable). ``pool_specs``: the backends, all on one node
-    of ``node_cpus`` cores (give QPUs ``threads=0``). ``policy_name`` picks the policy (see
-    ``benchmarks.baselines``); ``oracle`` gets ``oracle_plans``, ``aer_automatic`` the
-    ``automatic_pool``. ``record``, when a list, receives one dict per job (for inspection).
-    """
-    fidelity = fidelity or {}
-    policy = policy or make_policy(policy_name, seed)
-    pool = automatic_pool(pool_specs, automatic_spec) if policy_name == AUTOMATIC else list(pool_specs)
-    specs = {s.name: s for s in pool}
-    if policy_name == "oracle":
-        prices = {s.name: s.price for s in pool}
-        plans = oracle_plans(plans, jobs, truth, fidelity, prices, penalty_s)
-    fifo = bool(getattr(policy, "fifo", False))
-    cfg = config or SchedulerConfig(explain=False)
-    sched = Scheduler(cfg, policy, node_cpus={NODE: float(node_cpus)})
-    for spec in pool:
-        sched.add_backend(spec, NODE)
-    if hasattr(policy, "bind"):
-        policy.bind(sched)
-
-    by_id = {j.id: j for j in jobs}
-    views: dict[str, JobView] = {}
-    mine: dict[str, Plan] = {}
-    seqs: dict[str, int] = {}
-    outcome = {j.id: _Outcome() for j in jobs}
-    running: dict[str, _Run] = {}
-    unplaceable: set[str] = set()
-    flagged: set[str] = set()
-    cost = 0.0
-    preemptions = 0
-    lost_work = 0.0
-    gen = 0
-    passes = 0
-
-    events: list[tuple[float, int, int, str, int]] = []   # (time, kind: 0 done / 1 arrival, tie, job, gen)
-    for i, j in enumerate(jobs):
-        heapq.heappush(events, (float(j.arrival_s), 1, i, j.id, 0))
-    tie = len(jobs)
-
-    def true_runtime(jid: str, backend: str) -> float:
-        t = truth.get(jid, {}).get(backend)
-        return penalty_s if t is None or not math.isfinite(t) else float(t)
-
-    def on_pass(res: Any, now: float) -> None:
-        nonlocal gen, tie, cost
-        for d in res.dispatch:
-            jid, backend = d.entry.job.id, d.choice.backend
-            rt = true_runtime(jid, backend)
-            gen += 1
-            running[jid] = _Run(backend, now, rt, gen)
-            o = outcome[jid]
-            o.first_start = now if o.first_start is None else o.first_start
-            o.start, o.backend = now, backend
-            o.runs += 1
-            tie += 1
-            heapq.heappush(events, (now + rt, 0, tie, jid, gen))
-        for e in res.unplaceable:
-            unplaceable.add(e.job.id)
-        for e in res.flagged:
-            flagged.add(e.job.id)
-
-    now = 0.0
-    while events:
-        now = events[0][0]
-        while events and events[0][0] == now:
-            _, kind, _, jid, g = heapq.heappop(events)
-            if kind == 1:
-                job = by_id[jid]
-                p = plans.get(jid)
-                if p is None:
-                    unplaceable.add(jid)
-                    continue
-                view = fifo_view(job.view) if fifo else job.view
-                p = Plan(jid, {b: e for b, e in p.estimates.items() if b in specs}, dict(p.filtered))
-                views[jid], mine[jid] = view, p
-                seqs[jid] = sched.enqueue(view, p, job.arrival_s).seq
-            else:
-                run = running.get(jid)
-                if run is None or run.gen != g:
-                    continue        # a preempted run's stale completion
-                del running[jid]
-                sched.finish(jid)
-                cost += specs[run.backend].price.cost(run.runtime, by_id[jid].view.shots)
-                outcome[jid].completion = now
-        while True:
-            res = sched.decide(now)
-            passes += 1
-            on_pass(res, now)
-            if not res.preempt:
-                break
-            for victim, _for_job in res.preempt:
-                run = running.pop(victim.job_id, None)
-                if run is None:
-                    continue
-                elapsed = now - run.started
-                lost_work += elapsed
-                preemptions += 1
-                cost += specs[run.backend].price.cost(elapsed, by_id[victim.job_id].view.shots)
-                sched.requeue(victim, views[victim.job_id], mine[victim.job_id], by_id[victim.job_id].arrival_s,
-                              seqs[victim.job_id])
-        if not events and sched.entries:
-            # nothing runs and nothing will arrive, yet jobs wait (e.g. only reserved slots left):
-            # give the scheduler a few more passes, then count the rest as unplaceable
-            for k in range(1, 4):
-                res = sched.decide(now + k)
-                on_pass(res, now + k)
-                if res.dispatch:
-                    break
-            if not events:
-                for jid in list(sched.entries):
-                    sched.remove(jid)
-                    unplaceable.add(jid)
-
-    return _metrics(policy_name, jobs, outcome, unplaceable, flagged, fidelity, plans, specs, cost,
-                    preemptions, lost_work, passes, record)
-
-
-def _metrics(policy_name: str, jobs: Sequence[SimJob], outcome: Mapping[str, _Outcome], unplaceable: set[str],
-             flagged: set[str], fidelity: Mapping[str, Mapping[str, float]], plans: Mapping[str, Plan],
-             specs: Mapping[str, BackendSpec], cost: float, preemptions: int, lost_work: float, passes: int,
-             record: list[dict[str, Any]] | None) -> dict[str, Any]:
-    jct, ewait, fid_q, fid_all = [], [], [], []
-    deadline_jobs = misses = 0
-    completions = []
-    for j in jobs:
-        o = outcome[j.id]
-        done = o.completion is not None
-        if j.view.deadline_s is not None:
-            deadline_jobs += 1
-            if not done or o.completion - j.arrival_s > j.view.deadline_s + 1e-9:
-                misses += 1
-        if not done:
-            continue
-        completions.append(o.completion)
-        jct.append(o.completion - j.arrival_s)
-        if j.view.priority == "emergency":
-            ewait.append(o.start - j.arrival_s)
-        b = o.backend
-        f = fidelity.get(j.id, {}).get(b)
-        if f is None:
-            est = plans.get(j.id).estimates.get(b) if plans.get(j.id) is not None else None
-            f = est.fidelity if (est is not None and specs[b].kind == "qpu") else 1.0
-        fid_all.append(f)
-        if j.view.intent == "quantum":
-            fid_q.append(f)
-        if record is not None:
-            record.append({"id": j.id, "arrival_s": j.arrival_s, "start_s": o.start, "completion_s": o.completion,
-                           "backend": b, "runs": o.runs, "priority": j.view.priority, "intent": j.view.intent,
-                           "deadline_s": j.view.deadline_s, "fidelity": f})
-    first = min((j.arrival_s for j in jobs), default=0.0)
-    return {
-        "policy": policy_name,
-        "mean_jct_s": statistics.fmean(jct) if jct else None,
-        "p95_jct_s": percentile(jct, 95),
-        "makespan_s": (max(completions) - first) if completions else None,
-        "deadline_miss_rate": misses / deadline_jobs if deadline_jobs else 0.0,
-        "emergency_p99_wait_s": percentile(ewait, 99),
-        "mean_fidelity_quantum": statistics.fmean(fid_q) if fid_q else None,
-        "total_cost": cost,
-        "mean_fidelity": statistics.fmean(fid_all) if fid_all else None,
-        "n_jobs": len(jobs), "completed": len(jct), "unplaceable": len(unplaceable),
-        "deadline_jobs": deadline_jobs, "deadline_misses": misses, "flagged": len(flagged),
-        "emergency_jobs": sum(1 for j in jobs if j.view.priority == "emergency"),
-        "quantum_jobs_completed": len(fid_q), "preemptions": preemptions, "lost_work_s": lost_work,
-        "passes": passes,
-    }
-
-
-def ratios(policies: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
-    """qalloc against fcfs, least_loaded, oracle (JCT), best_fidelity (fidelity), oracle (misses)."""
-    def get(p: str, k: str) -> float | None:
-        v = policies.get(p, {}).get(k)
-        return None if v is None else float(v)
-
-    def div(a: float | None, b: float | None) -> float | None:
-        return None if a is None or b is None or b == 0 else a / b
-
-    q_jct = get("qalloc", "mean_jct_s")
-    miss_q, miss_o = get("qalloc", "deadline_miss_rate"), get("oracle", "deadline_miss_rate")
-    return {
-        "qalloc_over_fcfs_mean_jct": div(q_jct, get("fcfs", "mean_jct_s")),
-        "qalloc_over_least_loaded_mean_jct": div(q_jct, get("least_loaded", "mean_jct_s")),
-        "qalloc_over_oracle_mean_jct": div(q_jct, get("oracle", "mean_jct_s")),
-        "qalloc_over_best_fidelity_mean_fidelity_quantum": div(get("qalloc", "mean_fidelity_quantum"),
-                                                               get("best_fidelity", "mean_fidelity_quantum")),
-        "qalloc_minus_oracle_deadline_miss_rate": None if miss_q is None or miss_o is None else miss_q - miss_o,
-    }
-
-
-def goals(r: Mapping[str, float | None]) -> list[dict[str, Any]]:
-    out = []
-    for key, what, op, target in GOALS:
-        v = r.get(key)
-        met = None if v is None else (v <= target + 1e-12 if op == "<=" else v >= target - 1e-12)
-        out.append({"name": key, "what": what, "value": v, "op": op, "target": target, "met": met})
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# From a trace to jobs, truth and plans (intake, measure module, predictor)
-# ---------------------------------------------------------------------------------------------
 
 def case_id_of(qasm: str, shots: int) -> str:
     return "trace:" + hashlib.sha1(f"{qasm}\n{int(shots)}".encode("utf-8")).hexdigest()[:12]
@@ -390,6 +78,11 @@ class Workload:
     case_of: dict[str, str] = field(default_factory=dict)          # job id -> case id
     cases: dict[str, Any] = field(default_factory=dict)            # case id -> SweepCase
     rejected: list[dict[str, str]] = field(default_factory=list)   # {"id", "error"}
+    families: list[str | None] = field(default_factory=list)       # per accepted job
+    non_clifford: dict[str, bool] = field(default_factory=dict)    # case id -> any non-Clifford op
+
+
+_KEYED = "circuit_key" in getattr(JobView, "__dataclass_fields__", {})
 
 
 def intake(records: Sequence[Mapping[str, Any]]) -> Workload:
@@ -436,150 +129,252 @@ def intake(records: Sequence[Mapping[str, Any]]) -> Workload:
         if cid not in w.cases:
             w.cases[cid] = SweepCase(cid, str(rec.get("family") or "trace"), "qasm", prepared.num_qubits,
                                      spec.shots, qasm)
+            w.non_clifford[cid] = float(prepared.features.get("clifford_fraction", 1.0) or 0.0) < 1.0
+        extra = {"circuit_key": cid} if _KEYED else {}
         view = JobView(jid, prepared.num_qubits, prepared.ops, prepared.features, spec.shots,
                        intent=spec.intent.value, priority=spec.priority.value, fidelity_min=spec.fidelity_min,
-                       deadline_s=spec.deadline_s, tenant=spec.tenant)
-        w.jobs.append(SimJob(jid, float(rec.get("arrival_s") or 0.0), view))
+                       deadline_s=spec.deadline_s, tenant=spec.tenant, **extra)
+        w.jobs.append(SimJob(jid, float(rec.get("arrival_s") or 0.0), view, cid))
         w.case_of[jid] = cid
+        w.families.append(rec.get("family"))
     return w
 
 
-def measured_truth(table: Any, case_ids: set[str], backends: Sequence[str],
-                   default_cap_s: float) -> dict[str, dict[str, float]]:
-    """Per case: the true runtime on each backend from the run history (see the module doc)."""
-    cols = [c for c in ("case_id", "backend", "outcome", "wall_s", "qpu_s", "cap_s") if c in table.column_names]
-    out: dict[str, dict[str, float]] = {cid: {} for cid in case_ids}
-    wanted = set(backends)
-    for r in table.select(cols).to_pylist():
-        cid, b, outcome = r.get("case_id"), r.get("backend"), r.get("outcome") or ""
-        if cid not in out or b not in wanted:
-            continue
-        cap = r.get("cap_s") or default_cap_s
-        if outcome == "completed":
-            t = r.get("qpu_s") if b.startswith(("qpu_", "ibm_")) else r.get("wall_s")
-            if t is None or not t > 0:
-                continue
-        elif outcome.startswith("censored"):
-            t = CENSORED_FACTOR * cap
-        else:
-            continue                 # error: no truth; the simulation charges the penalty
-        out[cid][b] = float(t)
+# ---------------------------------------------------------------------------------------------
+# The two pool worlds
+# ---------------------------------------------------------------------------------------------
+
+def qpu_views() -> list[Any]:
+    """The emulated QPUs as placement sees them: spec with ``threads=0`` (no local core) and
+    the calibration summary."""
+    from ray_qalloc.backends.registry import FAKE_QPU_POOL, make_backend
+    from ray_qalloc.placement.model import BackendView
+
+    out = []
+    for name in FAKE_QPU_POOL:
+        b = make_backend(name)
+        out.append(BackendView(b.spec().copy(threads=0), True, b.calibration().summary()))
     return out
 
 
-def backend_views(names: Sequence[str]) -> dict[str, Any]:
-    from ray_qalloc.backends.registry import make_backend
+def qalloc_world(qpus: Sequence[Any], cores: int = POOL_CORES, memory_bytes: int = POOL_MEMORY_BYTES) -> list[Any]:
+    from benchmarks.truth import pool_specs
     from ray_qalloc.placement.model import BackendView
 
-    views = {}
-    for name in names:
-        b = make_backend(name)
-        spec = b.spec()
-        cal = b.calibration() if spec.kind == "qpu" else None
-        views[name] = BackendView(spec, True, cal.summary() if cal is not None else None)
-    return views
+    return [BackendView(s) for s in pool_specs(POOL, cores, memory_bytes)] + list(qpus)
 
 
-def make_plans(jobs: Sequence[SimJob], views: Mapping[str, Any], predictor: Any) -> dict[str, Plan]:
-    from ray_qalloc.placement.pipeline import plan
+def free_world(qpus: Sequence[Any], cores: int = POOL_CORES, memory_bytes: int = POOL_MEMORY_BYTES) -> list[Any]:
+    from benchmarks.truth import automatic_spec
+    from ray_qalloc.placement.model import BackendView
 
-    vs = list(views.values())
-    return {j.id: plan(j.view, vs, predictor) for j in jobs}
-
-
-def true_fidelities(jobs: Sequence[SimJob], views: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    from ray_qalloc.costmodel.prior import qpu_fidelity
-
-    qpus = [v for v in views.values() if v.spec.kind == "qpu"]
-    return {j.id: {v.name: qpu_fidelity(j.view, v.calibration) for v in qpus} for j in jobs}
+    return [BackendView(automatic_spec(POOL, cores, memory_bytes))] + list(qpus)
 
 
-def pool_specs(views: Mapping[str, Any], pool: Sequence[str]) -> list[BackendSpec]:
-    """The simulated pool: specs as they are, QPUs with ``threads=0`` (they use no local core)."""
-    return [views[n].spec.copy(threads=0) if views[n].spec.kind == "qpu" else views[n].spec for n in pool]
+# ---------------------------------------------------------------------------------------------
+# Truth per job
+# ---------------------------------------------------------------------------------------------
+
+def qpu_truth(work: Workload, qpus: Sequence[str], profiles: Any) -> tuple[dict[str, dict[str, float]],
+                                                                           dict[str, dict[str, float]], dict[str, Any]]:
+    """Per job: modelled QPU seconds (its shots) and measured (or ESP) fidelity on each QPU;
+    the info's ``unmeasured`` holds the (job, QPU) pairs whose fidelity is an ESP estimate."""
+    from benchmarks.fidelity import qpu_seconds
+
+    runtime: dict[str, dict[str, float]] = {}
+    fid: dict[str, dict[str, float]] = {}
+    sources: dict[str, int] = {}
+    ideal: dict[str, int] = {}
+    noise: dict[str, int] = {}
+    unmeasured: set[tuple[str, str]] = set()
+    for j in work.jobs:
+        qasm = work.cases[work.case_of[j.id]].source
+        for b in qpus:
+            p = profiles.get(qasm, b)
+            if p is None or p.get("error") or p.get("duration_s") is None:
+                continue
+            runtime.setdefault(j.id, {})[b] = qpu_seconds(p, j.view.shots)
+            if p.get("fidelity") is not None:
+                fid.setdefault(j.id, {})[b] = float(p["fidelity"])
+                src = str(p.get("fidelity_source"))
+                sources[src] = sources.get(src, 0) + 1
+                if src != "measured":
+                    unmeasured.add((j.id, b))
+                ideal[str(p.get("ideal"))] = ideal.get(str(p.get("ideal")), 0) + 1
+                noise[str(p.get("noise_model"))] = noise.get(str(p.get("noise_model")), 0) + 1
+    return runtime, fid, {"job_qpu_pairs_by_fidelity_source": sources, "ideal_distribution": ideal,
+                          "noise_model": noise, "unmeasured": unmeasured}
 
 
-def run(trace: Path, *, model: Path | None, history: Path, time_cap_s: float, seed: int,
-        policies: Sequence[str], console: Any, measure_fn: Callable[..., Any] | None = None) -> dict[str, Any]:
+def qpu_circuits(work: Workload) -> list[tuple[str, int]]:
+    """Unique circuits of jobs that could go to a QPU (intent quantum or auto), smallest first."""
+    seen: dict[str, int] = {}
+    for j in work.jobs:
+        if j.view.intent in ("quantum", "auto"):
+            c = work.cases[work.case_of[j.id]]
+            seen[c.source] = c.size
+    return sorted(seen.items(), key=lambda x: x[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+def run(trace: Path, *, model: Path | None, truth_dir: Path, time_cap_s: float, seed: int,
+        policies: Sequence[str], console: Any, mix: str | None = None, samples: int = 2,
+        measure_fn: Callable[..., Any] | None = None, profile_fn: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Measure (or reuse) truth, simulate every policy, and assemble the JSON."""
+    from benchmarks import fidelity as fid_mod
+    from benchmarks import learning, truth as truth_mod
     from benchmarks.traces import read_trace
-    from ray_qalloc.backends.registry import DEFAULT_POOL
-    from ray_qalloc.costmodel.history import RunHistory
     from ray_qalloc.costmodel.registry import load_predictor
 
     t0 = time.perf_counter()
-    work = intake(read_trace(trace))
+    records = read_trace(trace)
+    work = intake(records)
     if not work.jobs:
         raise SystemExit(f"{trace}: no job passed intake ({len(work.rejected)} rejected)")
-    measured = list(DEFAULT_POOL) + [AUTOMATIC]
+    qpus = qpu_views()
+    q_views, f_views = qalloc_world(qpus), free_world(qpus)
+    q_specs = {v.name: v.spec for v in q_views}
+    f_specs = {v.name: v.spec for v in f_views}
+    sim_specs = [v.spec for v in q_views if v.spec.kind == "simulator"] + [f_views[0].spec]
     console.print(f"{len(work.jobs)} jobs ({len(work.rejected)} rejected), {len(work.cases)} unique circuits; "
-                  f"measuring on {', '.join(measured)} (cap {time_cap_s:g} s, history {history})")
-    hist = RunHistory(history)
-    if measure_fn is None:
-        from ray_qalloc.costmodel.measure import measure as measure_fn
-    report = measure_fn(list(work.cases.values()), measured, hist, time_cap_s=time_cap_s, predicted_factor=None,
-                        source="placement-bench")
-    by_case = measured_truth(hist.read(), set(work.cases), measured, time_cap_s)
-    truth = {j.id: by_case.get(work.case_of[j.id], {}) for j in work.jobs}
+                  f"truth on {', '.join(s.name for s in sim_specs)} (cap {time_cap_s:g} s) and "
+                  f"{', '.join(v.name for v in qpus)}; cache {truth_dir}")
 
-    predictor = load_predictor(model, exploration_rate=0.0) if model else load_predictor(None)
-    if hasattr(predictor, "exploration_rate"):
-        predictor.exploration_rate = 0.0
-    views = backend_views(measured)
-    t_plan = time.perf_counter()
-    plans = make_plans(work.jobs, views, predictor)
-    plan_s = time.perf_counter() - t_plan
-    fidelity = true_fidelities(work.jobs, views)
-    pool = pool_specs(views, DEFAULT_POOL)
+    profiles = fid_mod.QpuProfiles(truth_dir / "qpu.jsonl")
+    circuits = qpu_circuits(work)
+    t_q = time.perf_counter()
+    q_stats = (profile_fn or fid_mod.measure_profiles)(circuits, [v.name for v in qpus], profiles)
+    q_wall = time.perf_counter() - t_q
+    t_report = truth_mod.measure_truth(work.cases, sim_specs, truth_dir, time_cap_s=time_cap_s,
+                                       measure_fn=measure_fn, progress=console.is_terminal, samples=samples)
+    by_case, outcomes = truth_mod.read_truth(truth_dir, set(work.cases), sim_specs, time_cap_s)
+    q_runtime, q_fid, fid_info = qpu_truth(work, [v.name for v in qpus], profiles)
+    truth = {j.id: {**by_case.get(work.case_of[j.id], {}), **q_runtime.get(j.id, {})} for j in work.jobs}
+    fidelity = q_fid
+    unmeasured = fid_info.pop("unmeasured")
     penalty = CENSORED_FACTOR * time_cap_s
 
+    plain = load_predictor(model, exploration_rate=0.0) if model else load_predictor(None, exploration_rate=0.0)
+    all_specs = {**q_specs, **f_specs}
+    feasible = {}
+    for j in work.jobs:
+        p1 = PipelinePlanner(q_views + f_views[:1], plain, learn=False).plan(j, j.arrival_s)
+        feasible[j.id] = list(p1.estimates) if p1 is not None else []
+    bound = lower_bound(work.jobs, truth, feasible, all_specs, cores=POOL_CORES, penalty_s=penalty)
+
     results: dict[str, Any] = {}
+    learning_info: dict[str, Any] = {}
+    prices = {n: s.price for n, s in all_specs.items()}
     for name in policies:
         t = time.perf_counter()
-        results[name] = simulate(work.jobs, truth, plans, pool, name, fidelity=fidelity, penalty_s=penalty,
-                                 seed=seed, automatic_spec=views[AUTOMATIC].spec)
+        hedger, hedge_check = None, 0.5
+        if name == "qalloc":
+            predictor, learning_info["predictor"] = learning.qalloc_predictor(model, seed)
+            planner: Any = learning.LearningPlanner(q_views, predictor, q_specs)
+            settings = learning.live_settings()
+            hedger, learning_info["hedging"] = learning.live_hedger(planner, settings)
+            hedge_check = settings.hedge.interval_s
+            views = q_views
+        elif name == "hindsight":
+            planner = HindsightPlanner(PipelinePlanner(q_views, plain, learn=False), truth, fidelity, prices, penalty)
+            views = q_views
+        else:
+            views = f_views if name in FREE_POOL_POLICIES else q_views
+            planner = PipelinePlanner(views, plain, learn=False)
+        pool = [v.spec for v in views]
+        results[name] = simulate(work.jobs, truth, planner, pool, name, fidelity=fidelity, penalty_s=penalty,
+                                 seed=seed, node_cpus={POOL: float(POOL_CORES)}, hedger=hedger,
+                                 hedge_check_s=hedge_check, unmeasured=unmeasured)
+        results[name]["pool"] = "candidates" if views is q_views else "automatic (free)"
         results[name]["sim_wall_s"] = time.perf_counter() - t
-    r = ratios(results)
+        if name == "qalloc":
+            results[name]["remembered"] = getattr(planner, "remembered", None)
+            results[name]["explorations"] = getattr(getattr(planner.predictor, "base", planner.predictor),
+                                                    "explorations", None)
+
+    if mix is None:
+        sizes = [work.cases[work.case_of[j.id]].size for j in work.jobs]
+        ncl = [work.non_clifford[work.case_of[j.id]] for j in work.jobs]
+        mix, mix_from = detect_mix(records, sizes, ncl)
+    else:
+        mix_from = "--mix"
+    trained, trained_from = trained_families(model)
+    r = ratios(results, bound)
+    n_out = sum(1 for row in outcomes.values() for o in row.values() if o.startswith("censored"))
     return {
-        "benchmark": "placement", "mode": "simulate", "trace": str(trace),
-        "predictor": getattr(predictor, "source", "prior"), "time_cap_s": time_cap_s, "seed": seed,
+        "benchmark": "placement", "mode": "simulate", "trace": str(trace), "mix": mix, "mix_from": mix_from,
+        "families": families_seen(work.families, trained), "trained_families_from": trained_from,
+        "predictor": getattr(plain, "source", "prior"), "time_cap_s": time_cap_s, "seed": seed,
         "jobs": len(work.jobs), "rejected": len(work.rejected), "rejected_jobs": work.rejected[:50],
-        "unique_circuits": len(work.cases),
-        "pool": [s.name for s in pool], "node_cpus": NODE_CPUS,
+        "unique_circuits": len(work.cases), "pool": POOL, "pool_cores": POOL_CORES,
+        "pool_memory_bytes": POOL_MEMORY_BYTES, "candidates": [v.name for v in q_views],
+        "free_pool": [v.name for v in f_views], "learning": learning_info,
         "modelling": {
-            "censored_runtime": f"a run censored at the cap took at least the cap; we charge {CENSORED_FACTOR:g}x the cap",
+            "runtime_truth": "measured wall_s (transpile + run) of each method at each thread count, capped worker; "
+                             f"the smallest of {samples} samples per pair, taken in separate passes",
+            "automatic_truth": "automatic and the 1-thread candidate of the method it chose share the smaller of "
+                               "their measurements",
+            "censored_runtime": f"a run censored at the time cap took at least the cap; charged {CENSORED_FACTOR:g}x "
+                                f"the cap; {n_out} censored (case, candidate) pairs",
             "unmeasured_runtime_s": penalty,
-            "qpu_runtime": "modelled QPU time (qpu_s) of the emulated device",
-            "qpu_fidelity": "calibration estimate ray_qalloc.costmodel.prior.qpu_fidelity (same for all policies); "
-                            "a measured Hellinger fidelity would be better",
-            "simulator_fidelity": 1.0,
-            "oracle": "qalloc's selector on plans of true runtimes/fidelities/costs",
-            "fifo_baselines": "fcfs, least_loaded, aer_automatic, best_fidelity, random ignore priority and deadlines",
+            "threads2_below_threshold": f"circuits under {truth_mod.PARALLEL_MIN_QUBITS} qubits: the 2-thread truth "
+                                        "is the 1-thread measurement (Aer does not parallelise them)",
+            "qpu_runtime": "modelled QPU busy time of the emulated device for the job's shots",
+            "qpu_fidelity": "Hellinger fidelity of FakeQPUBackend noisy counts vs the ideal distribution for "
+                            f"circuits <= {fid_mod.QPU_RUN_MAX_QUBITS} qubits ({fid_mod.FIDELITY_SHOTS} shots, "
+                            "fixed seed); wider: ESP of the transpiled circuit (not measured)",
+            "fidelity_truth": fid_info, "simulator_fidelity": 1.0,
+            "concurrency": "runs on the two cores assumed not to slow each other (each was measured alone)",
+            "lower_bound": "each job's fastest true runtime over every backend it could use, no queueing",
+            "hindsight": "qalloc's selector on plans of true runtimes/fidelities (not a bound, in no goal)",
+            "fifo_baselines": "fcfs, least_loaded, aer_automatic, best_fidelity, random ignore priority and "
+                              "deadlines; none learns or hedges",
         },
-        "measure": {"attempted": getattr(report, "attempted", None), "censored": getattr(report, "censored", None),
-                    "skipped_existing": getattr(report, "skipped_existing", None),
-                    "wall_s": getattr(report, "wall_s", None), "by_outcome": getattr(report, "by_outcome", None)},
-        "plan_s": plan_s, "wall_s": time.perf_counter() - t0,
-        "policies": results, "ratios": r, "goals": goals(r),
+        "measure": {"runtime": t_report.to_dict(), "samples_per_pair": samples,
+                    "truth_log": truth_mod.measure_log(truth_dir),
+                    "qpu": {**(q_stats or {}), "wall_s": round(q_wall, 2), "circuits": len(circuits)}},
+        "lower_bound": bound, "wall_s": time.perf_counter() - t0,
+        "policies": results, "ratios": r, "goals": goals(r, mix),
     }
 
 
 # ---------------------------------------------------------------------------------------------
-# Output
+# Live mode
 # ---------------------------------------------------------------------------------------------
 
-def live(trace: Path, *, console: Any, speed: float = 1.0, timeout_s: float = 900.0) -> dict[str, Any]:
+def _spec_for(name: str, known: Mapping[str, BackendSpec]) -> BackendSpec:
+    """A live result's backend: a known spec, or a candidate name of a live pool (``cpu-xxxx/mps``)."""
+    if name in known:
+        return known[name]
+    from ray_qalloc.backends.aer import DEFAULT_PRICE
+    from ray_qalloc.backends.pools import parse_candidate
+
+    c = parse_candidate(name)
+    kind = "simulator" if c is not None or name.startswith("aer_") else ("qpu" if name.startswith(("qpu_", "ibm_"))
+                                                                          else "simulator")
+    return BackendSpec(name, kind, "aer" if kind == "simulator" else "unknown", 0,
+                       method=c.method if c is not None else None, price=DEFAULT_PRICE, pool=c.pool if c else None)
+
+
+def live(trace: Path, *, console: Any, speed: float = 1.0, timeout_s: float = 900.0,
+         truth_dir: Path = DEFAULT_TRUTH_DIR, sim_json: Path | None = None) -> dict[str, Any]:
     """Replay the trace for real through the allocator on a local Ray; qalloc's row only.
 
     Jobs are submitted at their arrival times (divided by ``speed``); times are read back from
-    the store (accept, first dispatch, completion). Fidelity and cost are computed as in the
-    simulation (calibration estimate of the QPU that ran it; the backend's price on its run
-    time, or its modelled QPU time), so the two modes are comparable.
+    the store (accept, first dispatch, completion). Backends in results are the live pool's
+    candidate names (``cpu-xxxx/mps``) or QPU names. Fidelity is the measured one of the QPU
+    that ran it (the same cache as the simulation; measured here when missing); cost is the
+    backend's price on its run time (QPUs: modelled QPU time), as in the simulation.
     """
+    import json
     import tempfile
 
+    from benchmarks import fidelity as fid_mod
     from benchmarks.traces import read_trace
     from ray_qalloc import connect
-    from ray_qalloc.backends.registry import DEFAULT_POOL
     from ray_qalloc.exceptions import QAllocError
     from ray_qalloc.store import JobStore
 
@@ -590,15 +385,20 @@ def live(trace: Path, *, console: Any, speed: float = 1.0, timeout_s: float = 90
     records = read_trace(trace)
     work = intake(records)
     by_id = {str(r["id"]): r for r in records}
-    views = backend_views(list(DEFAULT_POOL))
-    fidelity = true_fidelities(work.jobs, views)
+    qpus = qpu_views()
+    profiles = fid_mod.QpuProfiles(truth_dir / "qpu.jsonl")
+    fid_mod.measure_profiles(qpu_circuits(work), [v.name for v in qpus], profiles)
+    _, fidelity, fid_info = qpu_truth(work, [v.name for v in qpus], profiles)
+    unmeasured = fid_info.pop("unmeasured")
+    known = {v.name: v.spec for v in qpus}
     console.print(f"{len(work.jobs)} jobs ({len(work.rejected)} rejected); replaying at {speed:g}x on a local Ray")
-    qa = connect(data_dir=Path(tempfile.mkdtemp(prefix="qalloc-live-")), num_cpus=int(NODE_CPUS),
+    qa = connect(data_dir=Path(tempfile.mkdtemp(prefix="qalloc-live-")), num_cpus=POOL_CORES,
                  ray_temp_dir=tempfile.mkdtemp(prefix="qp", dir="/tmp"))
     t_start = time.time()
     handles: dict[str, Any] = {}
     submitted: dict[str, float] = {}
     refused: list[dict[str, str]] = []
+    specs: dict[str, BackendSpec] = dict(known)
     try:
         for job in sorted(work.jobs, key=lambda j: j.arrival_s):
             delay = t_start + job.arrival_s / speed - time.time()
@@ -619,8 +419,10 @@ def live(trace: Path, *, console: Any, speed: float = 1.0, timeout_s: float = 90
             except QAllocError:
                 pass
         store = JobStore(qa.settings.resolved_store_url)
-        outcome: dict[str, _Outcome] = {}
+        outcome: dict[str, Any] = {}
         cost = 0.0
+        from benchmarks.simulation import _Outcome
+
         for job in work.jobs:
             o = _Outcome()
             h = handles.get(job.id)
@@ -635,55 +437,47 @@ def live(trace: Path, *, console: Any, speed: float = 1.0, timeout_s: float = 90
                     o.start = job.arrival_s + (starts[0] - arrival) * speed
                     o.completion = job.arrival_s + (done[0] - arrival) * speed
                     o.runs = rec.attempts
-                    spec = views[o.backend].spec
+                    spec = specs.setdefault(o.backend, _spec_for(o.backend, known))
                     seconds = rec.result.get("qpu_s") if spec.kind == "qpu" else rec.result.get("wall_s")
                     cost += spec.price.cost(float(seconds or 0.0), job.view.shots)
             outcome[job.id] = o
         failed = {j.id for j in work.jobs if outcome[j.id].completion is None}
     finally:
         qa.shutdown()
-    specs = {name: v.spec for name, v in views.items()}
-    metrics = _metrics("qalloc", work.jobs, outcome, failed, set(), fidelity, {}, specs, cost, 0, 0.0, 0, None)
-    return {"benchmark": "placement", "mode": "live", "trace": str(trace), "speed": speed,
-            "predictor": "the allocator's (shipped model or prior)",
+    row = metrics("qalloc", work.jobs, outcome, failed, fidelity, {}, specs, None, unmeasured)
+    mix, mix_from = detect_mix(records, [work.cases[work.case_of[j.id]].size for j in work.jobs],
+                               [work.non_clifford[work.case_of[j.id]] for j in work.jobs])
+    row["total_cost"] = cost
+    row["backends_used"] = sorted({o.backend for o in outcome.values() if o.backend})
+    gap: dict[str, Any] = {}
+    if sim_json is not None and Path(sim_json).exists():
+        sim = json.loads(Path(sim_json).read_text())
+        s_jct = ((sim.get("policies") or {}).get("qalloc") or {}).get("mean_jct_s")
+        l_jct = row.get("mean_jct_s")
+        ratio = None if not s_jct or l_jct is None else l_jct / s_jct
+        gap = {"live_over_simulated_qalloc_mean_jct": ratio, "simulated_json": str(sim_json)}
+    r = {**gap}
+    g = []
+    if "live_over_simulated_qalloc_mean_jct" in gap:
+        v = gap["live_over_simulated_qalloc_mean_jct"]
+        dev = None if v is None else abs(v - 1.0)
+        g.append({"name": "simulate_live_gap_mean_jct", "what": "|live / simulated qalloc mean JCT - 1|",
+                  "value": dev, "op": "<=", "target": LIVE_GAP_TARGET, "met": None if dev is None else
+                  dev <= LIVE_GAP_TARGET + 1e-12})
+    return {"benchmark": "placement", "mode": "live", "trace": str(trace), "speed": speed, "mix": mix,
+            "mix_from": mix_from,
+            "predictor": "the allocator's (shipped model or prior, with its run memory and hedging)",
             "jobs": len(work.jobs), "rejected": len(work.rejected) + len(refused),
-            "rejected_jobs": (work.rejected + refused)[:50], "policies": {"qalloc": metrics},
-            "ratios": {}, "goals": [], "wall_s": time.time() - t_start,
+            "rejected_jobs": (work.rejected + refused)[:50], "policies": {"qalloc": row},
+            "ratios": r, "goals": g, "wall_s": time.time() - t_start,
             "modelling": {"live": "the real allocator on a local Ray (2 CPUs): only qalloc's row; baselines are "
                                   "simulate-mode only",
+                          "qpu_fidelity": "measured Hellinger fidelity of the QPU that ran the job (cache)",
+                          "fidelity_truth": fid_info,
                           "qpu_times": "emulated QPUs answer after their emulation's wall time, not the modelled "
-                                       "QPU time the simulation charges, so QPU-heavy traces finish sooner live"}}
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    return str(v)
-
-
-def print_report(result: Mapping[str, Any], console: Any) -> None:
-    from rich.table import Table
-
-    mode = "simulated" if result.get("mode") == "simulate" else "live, on a local Ray"
-    t = Table(title=f"placement, {mode} ({result['jobs']} jobs, predictor {result.get('predictor', 'allocator')})")
-    t.add_column("policy")
-    cols = METRICS + ("completed", "unplaceable", "preemptions")
-    for c in cols:
-        t.add_column(c, justify="right")
-    for name, m in result["policies"].items():
-        t.add_row(name, *(_fmt(m.get(c)) for c in cols))
-    console.print(t)
-    if not result["goals"]:
-        return
-    g = Table(title="goals (measured, not adjusted)")
-    for c in ("goal", "measured", "target", "met"):
-        g.add_column(c)
-    for row in result["goals"]:
-        met = {True: "[green]yes[/green]", False: "[red]NO[/red]", None: "n/a"}[row["met"]]
-        g.add_row(row["what"], _fmt(row["value"]), f"{row['op']} {row['target']:g}", met)
-    console.print(g)
+                                       "QPU time the simulation charges, so QPU-heavy traces finish sooner live",
+                          "overheads": "live runs pay dispatch, transpile and worker overheads the simulation "
+                                       "does not model; compare mean_jct_s_by_intent of the two JSONs"}}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -691,13 +485,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--trace", type=Path, required=True, help="JSON Lines trace (format of DESIGN.md)")
     ap.add_argument("--mode", choices=("simulate", "live"), default="simulate")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--mix", choices=("light", "heavy", "mixed"),
+                    help="the trace's mix, for the goals (default: its 'mix' field, else its content)")
     ap.add_argument("--model", type=Path, help="model registry directory (default: the shipped model or the prior)")
-    ap.add_argument("--history", type=Path, default=DEFAULT_HISTORY,
-                    help="run history of the measurements (reused on a second run)")
+    ap.add_argument("--truth", "--history", dest="truth", type=Path, default=DEFAULT_TRUTH_DIR,
+                    help="measured-truth cache (run histories, QPU profiles; reused on a second run)")
     ap.add_argument("--time-cap", type=float, default=DEFAULT_TIME_CAP_S, help="seconds per measured run")
+    ap.add_argument("--samples", type=int, default=2, help="measurements per (circuit, candidate); truth: the smallest")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--speed", type=float, default=1.0, help="live mode: replay this many times faster")
+    ap.add_argument("--sim-json", type=Path, help="live mode: the simulated JSON of the same trace (for the gap)")
     args = ap.parse_args(argv)
     policies = [p for p in args.policies.split(",") if p]
     unknown = [p for p in policies if p not in POLICIES]
@@ -706,10 +504,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     console = make_console()
     if args.mode == "live":
-        result = live(args.trace, console=console, speed=args.speed)
+        result = live(args.trace, console=console, speed=args.speed, truth_dir=args.truth, sim_json=args.sim_json)
     else:
-        result = run(args.trace, model=args.model, history=args.history, time_cap_s=args.time_cap,
-                     seed=args.seed, policies=policies, console=console)
+        result = run(args.trace, model=args.model, truth_dir=args.truth, time_cap_s=args.time_cap,
+                     seed=args.seed, policies=policies, console=console, mix=args.mix, samples=args.samples)
     print_report(result, console)
     write_json(args.json, result, console)
 

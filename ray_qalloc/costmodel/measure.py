@@ -33,6 +33,10 @@ Python per run costs ~1-2 s of imports, so one child serves all runs and is resp
 after a kill. Transpiling happens inside ``Backend.run``, so it is under the caps too, and
 so is building the case (MQT Bench's INDEP level transpiles while generating).
 
+Other work under the same caps: ``Worker.call(("call", "module:function", args), timeout_s)``
+runs any importable function in the worker and returns its (picklable) value; the placement
+benchmark runs its emulated-QPU fidelity measurements and device transpiles that way.
+
 Memory measurement: before each request the worker resets its kernel peak-RSS counter
 (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0) and reads ``VmHWM`` afterwards; the parent
 also samples the worker's RSS with psutil every few ms (that sampling enforces the cap).
@@ -339,6 +343,14 @@ def _handle(req: tuple, backends: dict[str, Any], threads: int) -> tuple[str, An
     from ray_qalloc.jobs import make_spec, prepare_job
 
     try:
+        if req[0] == "call":
+            # ("call", "module:function", args): any importable function under the same caps
+            # (benchmarks use it for emulated-QPU fidelity runs and device transpiles)
+            import importlib
+
+            _, target, args = req
+            module, _, func = str(target).partition(":")
+            return "ok", getattr(importlib.import_module(module), func)(*args)
         if req[0] == "prepare":
             _, source, shots = req
             circuit = source.build() if hasattr(source, "build") else source

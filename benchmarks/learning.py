@@ -1,0 +1,125 @@
+"""qalloc's learning in the simulation, the way the live allocator does it (one place).
+
+Why here and not in the simulation core: the core (``benchmarks.simulation``) only offers hooks
+(a planner that is told how runs ended, a periodic hedge check); *what* qalloc does with them
+is the live allocator's policy, and must stay the live allocator's:
+
+* the predictor is ``ray_qalloc.overruns.wrap_predictor(load_predictor(...))`` — the shipped
+  model (or the prior) wrapped in a ``MemoryPredictor`` with a fresh ``RunMemory``, as the
+  allocator builds it (exploration at the predictor's default rate, seeded);
+* a completed run calls ``observe(backend, predicted_s, actual_s)`` (online correction) and,
+  on a simulator, ``remember(job, spec, actual_s, censored=False, predicted_s=...)``
+  (``ray_qalloc.dispatch.Dispatcher.learn``);
+* every ``settings.hedge.interval_s`` while runs overrun, a run without a backup past
+  ``max(overrun_factor × predicted, min_overrun_s)`` is remembered once as a censored bound,
+  and ``placement.hedging.decide_hedges`` (``HedgePolicy`` from the same settings,
+  ``ray_qalloc.overruns.hedge_policy``) may start one backup; the first result wins and the
+  other run is stopped (``ray_qalloc.overruns.tick`` / ``Dispatcher.hedge_tick``). A stopped
+  run teaches nothing more (as live).
+
+The circuit key is the trace case id (hash of the QASM text and shots): the same "same circuit
+again" as the allocator's ``circuit_key`` (hash of the payload and shots).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from benchmarks.simulation import HedgeAction, Hedger, PipelinePlanner, RunView, SimJob
+from ray_qalloc.backends.base import BackendSpec
+from ray_qalloc.placement.model import LiveState
+
+
+def live_settings() -> Any:
+    from ray_qalloc.config import Settings
+
+    return Settings()
+
+
+def qalloc_predictor(model: Any, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """The predictor the live allocator would build, and what it is (for the JSON)."""
+    from ray_qalloc.costmodel.registry import load_predictor
+
+    base = load_predictor(model, seed=seed) if model else load_predictor(None, seed=seed)
+    info: dict[str, Any] = {"base": getattr(base, "source", "prior"),
+                            "exploration_rate": getattr(base, "exploration_rate", None)}
+    try:
+        from ray_qalloc.overruns import wrap_predictor
+    except ImportError as exc:        # the run memory is not there: online correction only
+        info["memory"] = f"not available ({exc})"
+        return base, info
+    info["memory"] = "MemoryPredictor(base, RunMemory()) via ray_qalloc.overruns.wrap_predictor"
+    return wrap_predictor(base), info
+
+
+class LearningPlanner(PipelinePlanner):
+    """``PipelinePlanner`` that learns as ``Dispatcher.learn`` does."""
+
+    def __init__(self, views: Sequence[Any], predictor: Any, specs: Mapping[str, BackendSpec]) -> None:
+        super().__init__(views, predictor, learn=True)
+        self.specs = specs
+        self.remembered = 0
+
+    def observe(self, backend: str, predicted_s: float, actual_s: float, job: SimJob) -> None:
+        self.observations += 1
+        observe = getattr(self.predictor, "observe", None)
+        if observe is not None:
+            observe(backend, predicted_s, actual_s)
+        spec = self.specs.get(backend)
+        remember = getattr(self.predictor, "remember", None)
+        if remember is not None and spec is not None and spec.kind == "simulator":
+            remember(job.view, spec, actual_s, censored=False, predicted_s=predicted_s)
+            self.remembered += 1
+
+    def stopped(self, backend: str, predicted_s: float, elapsed_s: float, job: SimJob) -> None:
+        pass      # as live: a stopped run (hedge loser, preempted) teaches nothing more
+
+    def note_overrun(self, run: RunView) -> None:
+        spec = self.specs.get(run.backend)
+        remember = getattr(self.predictor, "remember", None)
+        if remember is not None and spec is not None and spec.kind == "simulator":
+            remember(run.job, spec, run.elapsed_s, censored=True, predicted_s=run.predicted_s)
+            self.remembered += 1
+
+
+def live_hedger(planner: LearningPlanner, settings: Any = None) -> tuple[Hedger | None, dict[str, Any]]:
+    """The allocator's overrun tick as a simulation hedger, and its settings (for the JSON)."""
+    settings = settings or live_settings()
+    h = settings.hedge
+    info: dict[str, Any] = {"enabled": h.enabled, "overrun_factor": h.overrun_factor,
+                            "min_overrun_s": h.min_overrun_s, "interval_s": h.interval_s}
+    try:
+        from ray_qalloc.overruns import hedge_policy
+        from ray_qalloc.placement.hedging import RunningInfo, decide_hedges
+    except ImportError as exc:
+        info["hedging"] = f"not available ({exc})"
+        return None, info
+    policy = hedge_policy(settings)
+    noted: set[str] = set()
+
+    def hedger(now: float, runs: Sequence[RunView], live: Mapping[str, LiveState]) -> list[HedgeAction]:
+        over = [r for r in runs if not r.backup and not r.has_backup
+                and r.elapsed_s > max(h.overrun_factor * r.predicted_s, h.min_overrun_s)]
+        for r in over:
+            if r.run_id not in noted:
+                noted.add(r.run_id)
+                planner.note_overrun(r)
+        if not over or not h.enabled:
+            return []
+        infos = []
+        for r in over:
+            spec = planner.specs.get(r.backend)
+            est = r.plan.estimates.get(r.backend)
+            infos.append(RunningInfo(r.job.id, r.backend, r.started_s, r.predicted_s,
+                                     est.log_sd if est is not None else 0.0,
+                                     spec.kind if spec is not None else "simulator", r.has_backup))
+        kinds = {name: s.kind for name, s in planner.specs.items()}
+        plans = {r.job.id: r.plan for r in over}
+        return [HedgeAction("backup", x.job_id, x.backend)
+                for x in decide_hedges(infos, plans, live, now, policy, kinds=kinds)]
+
+    info["hedging"] = "ray_qalloc.placement.hedging.decide_hedges with ray_qalloc.overruns.hedge_policy(Settings())"
+    return hedger, info
+
+
+__all__ = ["qalloc_predictor", "LearningPlanner", "live_hedger", "live_settings"]
