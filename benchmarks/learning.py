@@ -55,8 +55,9 @@ def qalloc_predictor(model: Any, seed: int = 0) -> tuple[Any, dict[str, Any]]:
 class LearningPlanner(PipelinePlanner):
     """``PipelinePlanner`` that learns as ``Dispatcher.learn`` does."""
 
-    def __init__(self, views: Sequence[Any], predictor: Any, specs: Mapping[str, BackendSpec]) -> None:
-        super().__init__(views, predictor, learn=True)
+    def __init__(self, views: Sequence[Any], predictor: Any, specs: Mapping[str, BackendSpec],
+                 settings: Any = None) -> None:
+        super().__init__(views, predictor, learn=True, settings=settings)
         self.specs = specs
         self.remembered = 0
 
@@ -72,7 +73,13 @@ class LearningPlanner(PipelinePlanner):
             self.remembered += 1
 
     def stopped(self, backend: str, predicted_s: float, elapsed_s: float, job: SimJob) -> None:
-        pass      # as live: a stopped run (hedge loser, preempted) teaches nothing more
+        """As live (``Dispatcher._remember_bound``): a run that lost its race took at least this
+        long; a probe cut short for a waiting job is not reported (the simulation passes learn=False)."""
+        spec = self.specs.get(backend)
+        remember = getattr(self.predictor, "remember", None)
+        if remember is not None and spec is not None and spec.kind == "simulator" and elapsed_s > 0:
+            remember(job.view, spec, elapsed_s, censored=True, predicted_s=predicted_s)
+            self.remembered += 1
 
     def note_overrun(self, run: RunView) -> None:
         spec = self.specs.get(run.backend)
@@ -122,4 +129,24 @@ def live_hedger(planner: LearningPlanner, settings: Any = None) -> tuple[Hedger 
     return hedger, info
 
 
-__all__ = ["qalloc_predictor", "LearningPlanner", "live_hedger", "live_settings"]
+def live_prober(planner: LearningPlanner, settings: Any = None) -> tuple[Hedger | None, dict[str, Any]]:
+    """The allocator's idle-core probes (``ray_qalloc.overruns.probe``) as a simulation prober."""
+    settings = settings or live_settings()
+    info: dict[str, Any] = {"probe_idle": settings.hedge.probe_idle}
+    if not settings.hedge.probe_idle:
+        return None, info
+    from ray_qalloc.placement.hedging import RunningInfo, decide_probes
+
+    kinds = {name: s.kind for name, s in planner.specs.items()}
+
+    def prober(now: float, runs: Sequence[RunView], live: Mapping[str, LiveState]) -> list[HedgeAction]:
+        infos = [RunningInfo(r.job.id, r.backend, r.started_s, r.predicted_s, 0.0,
+                             kinds.get(r.backend, "simulator"), False) for r in runs]
+        return [HedgeAction("backup", x.job_id, x.backend)
+                for x in decide_probes(infos, {r.job.id: r.plan for r in runs}, live, now, kinds)]
+
+    info["probes"] = "ray_qalloc.placement.hedging.decide_probes (idle cores, empty queue)"
+    return prober, info
+
+
+__all__ = ["qalloc_predictor", "LearningPlanner", "live_hedger", "live_prober", "live_settings"]

@@ -43,6 +43,7 @@ trace's mix (``--mix``, else the trace's ``mix`` field, else its content).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -268,26 +269,31 @@ def run(trace: Path, *, model: Path | None, truth_dir: Path, time_cap_s: float, 
     results: dict[str, Any] = {}
     learning_info: dict[str, Any] = {}
     prices = {n: s.price for n, s in all_specs.items()}
+    # the allocator's own typed settings: scheduler thresholds, class weights, hedging, probes
+    settings = learning.live_settings()
+    config = dataclasses.replace(settings.scheduler_config(), explain=False)
+    learning_info["scheduler"] = dict(settings.scheduler)
     for name in policies:
         t = time.perf_counter()
-        hedger, hedge_check = None, 0.5
+        hedger, prober, hedge_check = None, None, 0.5
         if name == "qalloc":
             predictor, learning_info["predictor"] = learning.qalloc_predictor(model, seed)
-            planner: Any = learning.LearningPlanner(q_views, predictor, q_specs)
-            settings = learning.live_settings()
+            planner: Any = learning.LearningPlanner(q_views, predictor, q_specs, settings=settings)
             hedger, learning_info["hedging"] = learning.live_hedger(planner, settings)
+            prober, learning_info["probes"] = learning.live_prober(planner, settings)
             hedge_check = settings.hedge.interval_s
             views = q_views
         elif name == "hindsight":
-            planner = HindsightPlanner(PipelinePlanner(q_views, plain, learn=False), truth, fidelity, prices, penalty)
+            planner = HindsightPlanner(PipelinePlanner(q_views, plain, learn=False, settings=settings), truth,
+                                       fidelity, prices, penalty)
             views = q_views
         else:
             views = f_views if name in FREE_POOL_POLICIES else q_views
-            planner = PipelinePlanner(views, plain, learn=False)
+            planner = PipelinePlanner(views, plain, learn=False, settings=settings)
         pool = [v.spec for v in views]
         results[name] = simulate(work.jobs, truth, planner, pool, name, fidelity=fidelity, penalty_s=penalty,
-                                 seed=seed, node_cpus={POOL: float(POOL_CORES)}, hedger=hedger,
-                                 hedge_check_s=hedge_check, unmeasured=unmeasured)
+                                 seed=seed, node_cpus={POOL: float(POOL_CORES)}, hedger=hedger, prober=prober,
+                                 hedge_check_s=hedge_check, config=config, unmeasured=unmeasured)
         results[name]["pool"] = "candidates" if views is q_views else "automatic (free)"
         results[name]["sim_wall_s"] = time.perf_counter() - t
         if name == "qalloc":

@@ -93,16 +93,24 @@ class PipelinePlanner:
     ``observe_run(job, backend, predicted_s, actual_s)`` / ``observe_censored(job, backend,
     predicted_s, elapsed_s)`` (per-circuit run memory)."""
 
-    def __init__(self, views: Sequence[Any], predictor: Any, *, learn: bool = True) -> None:
+    def __init__(self, views: Sequence[Any], predictor: Any, *, learn: bool = True, settings: Any = None) -> None:
+        """``settings``: the typed settings whose filters and class weights the allocator uses
+        (``ray_qalloc.config.Settings``; default: the defaults)."""
+        from ray_qalloc.config import Settings
+        from ray_qalloc.placement.filters import make_filters
+
+        settings = settings or Settings()
         self.views = list(views)
         self.predictor = predictor
         self.learn = learn
         self.observations = 0
+        self.filters = make_filters(settings.tenant_backends, settings.max_calibration_age_s, health=False)
+        self.weights = settings.placement.table()
 
     def plan(self, job: SimJob, now: float) -> Plan | None:
         from ray_qalloc.placement.pipeline import plan
 
-        return plan(job.view, self.views, self.predictor)
+        return plan(job.view, self.views, self.predictor, self.filters, self.weights)
 
     def observe(self, backend: str, predicted_s: float, actual_s: float, job: SimJob) -> None:
         if not self.learn:
@@ -234,9 +242,12 @@ class _Sim:
     def __init__(self, jobs: Sequence[SimJob], truth: Mapping[str, Mapping[str, float]], planner: Planner,
                  pool: Sequence[BackendSpec], policy: Any, *, node_cpus: Mapping[str, float] | float,
                  penalty_s: float, config: SchedulerConfig | None, hedger: Hedger | None,
-                 hedge_check_s: float) -> None:
+                 hedge_check_s: float, prober: Hedger | None = None) -> None:
         self.jobs, self.truth, self.planner, self.penalty_s = jobs, truth, planner, penalty_s
         self.policy, self.hedger, self.hedge_check_s = policy, hedger, hedge_check_s
+        self.prober = prober
+        self.probes = 0
+        self.probe_runs: set[str] = set()
         self.specs = {s.name: s for s in pool}
         self.fifo = bool(getattr(policy, "fifo", False))
         self.sched = Scheduler(config or SchedulerConfig(explain=False), policy, node_cpus=_cores(node_cpus, pool))
@@ -294,14 +305,16 @@ class _Sim:
         self._push(now + rt, 0, run_id, self.gen)
         self._want_tick(now + max(predicted, 0.0))
 
-    def _stop(self, run_id: str, now: float, *, requeue_if_last: bool) -> None:
+    def _stop(self, run_id: str, now: float, *, requeue_if_last: bool, learn: bool = True) -> None:
         run = self.running.pop(run_id, None)
         if run is None:
             return
         self.sched.finish(run_id)
+        self.probe_runs.discard(run_id)
         elapsed = now - run.started
         self.cost += self.specs[run.backend].price.cost(elapsed, self.by_id[run.job_id].view.shots)
-        self.planner.stopped(run.backend, run.predicted, elapsed, self.by_id[run.job_id])
+        if learn:
+            self.planner.stopped(run.backend, run.predicted, elapsed, self.by_id[run.job_id])
         runs = self.job_runs.get(run.job_id, set())
         runs.discard(run_id)
         if requeue_if_last and not runs and self.outcome[run.job_id].completion is None:
@@ -375,6 +388,26 @@ class _Sim:
                 self._backup(act.job_id, act.backend, now, live)
         self._rearm(now)
 
+    def _probe(self, now: float) -> None:
+        """As live: with a job waiting, probes give their cores back (nothing learned from a cut-short
+        probe); with none, the prober may race started runs on idle cores."""
+        if self.prober is None:
+            return
+        if self.sched.entries:
+            for run_id in list(self.probe_runs):
+                self._stop(run_id, now, requeue_if_last=False, learn=False)
+            return
+        runs = [r for r in self.running.values() if not r.backup and r.job_id not in self.backed_up]
+        if not runs:
+            return
+        live = self.sched.live(now)
+        views = [RunView(r.run_id, self.by_id[r.job_id].view, r.backend, r.started, r.predicted, now - r.started,
+                         self.plans[r.job_id], r.backup, False) for r in runs]
+        for act in self.prober(now, views, live) or ():
+            if act.kind == "backup":
+                self._backup(act.job_id, act.backend, now, live, probe=True)
+                live = self.sched.live(now)
+
     def _rearm(self, now: float) -> None:
         """Next check: in ``hedge_check_s`` while a run overruns, else at the next predicted end."""
         ends = [r.started + r.predicted for r in self.running.values()]
@@ -384,16 +417,22 @@ class _Sim:
         if math.isfinite(nxt):
             self._want_tick(nxt)
 
-    def _backup(self, jid: str, backend: str, now: float, live: Mapping[str, LiveState]) -> None:
+    def _backup(self, jid: str, backend: str, now: float, live: Mapping[str, LiveState], *,
+                probe: bool = False) -> None:
         p = self.plans.get(jid)
         state = live.get(backend)
         if (p is None or backend not in p.estimates or state is None or not state.can_start
                 or self.outcome[jid].completion is not None or jid in self.backed_up
                 or not self.job_runs.get(jid)):
             return
-        self.hedges += 1
+        if probe:
+            self.probes += 1
+            run_id = f"{jid}~probe{self.probes}"
+            self.probe_runs.add(run_id)
+        else:
+            self.hedges += 1
+            run_id = f"{jid}~hedge{self.hedges}"
         self.backed_up.add(jid)
-        run_id = f"{jid}~hedge{self.hedges}"
         self.sched.start(run_id, backend, now, p.estimates[backend].runtime_s, priority=self.by_id[jid].view.priority)
         self._start(run_id, jid, backend, now, p.estimates[backend].runtime_s, True)
 
@@ -411,6 +450,7 @@ class _Sim:
                 elif kind == 2 and now >= self.next_tick - 1e-12:
                     self._hedge(now)
             self._decide(now)
+            self._probe(now)
             if not self.running and not any(k != 2 for _, k, _, _, _ in self.events) and self.sched.entries:
                 self._drain(now)
 
@@ -432,7 +472,7 @@ def simulate(jobs: Sequence[SimJob], truth: Mapping[str, Mapping[str, float]], p
              fidelity: Mapping[str, Mapping[str, float]] | None = None, penalty_s: float = DEFAULT_PENALTY_S,
              seed: int = 0, node_cpus: Mapping[str, float] | float = 2.0, config: SchedulerConfig | None = None,
              policy: Any = None, hedger: Hedger | None = None, hedge_check_s: float = DEFAULT_HEDGE_CHECK_S,
-             record: list[dict[str, Any]] | None = None,
+             prober: Hedger | None = None, record: list[dict[str, Any]] | None = None,
              unmeasured: set[tuple[str, str]] | None = None) -> dict[str, Any]:
     """Run one policy over ``jobs`` on a simulated pool world; return its metrics.
 
@@ -447,12 +487,12 @@ def simulate(jobs: Sequence[SimJob], truth: Mapping[str, Mapping[str, float]], p
         planner = FixedPlans(planner)
     policy = policy or make_policy(policy_name, seed)
     sim = _Sim(jobs, truth, planner, pool_specs, policy, node_cpus=node_cpus, penalty_s=penalty_s, config=config,
-               hedger=hedger, hedge_check_s=hedge_check_s)
+               hedger=hedger, hedge_check_s=hedge_check_s, prober=prober)
     sim.run()
     m = metrics(policy_name, jobs, sim.outcome, sim.unplaceable, fidelity or {}, sim.plans, sim.specs, record,
                 unmeasured)
     m.update(total_cost=sim.cost, flagged=len(sim.flagged), preemptions=sim.preemptions, lost_work_s=sim.lost_work,
-             passes=sim.passes, hedges=sim.hedges, hedge_wasted_s=sim.hedge_wasted,
+             passes=sim.passes, hedges=sim.hedges, probes=sim.probes, hedge_wasted_s=sim.hedge_wasted,
              observations=getattr(planner, "observations", None))
     return m
 

@@ -64,6 +64,9 @@ class HedgeSettings(BaseModel):
     min_overrun_s: float = Field(0.5, ge=0, description="Runs shorter than this are never hedged (a backup "
                                  "costs a worker start).")
     interval_s: float = Field(0.25, gt=0, description="How often running jobs are checked for overruns.")
+    probe_idle: bool = Field(True, description="With nothing queued, race a started simulator run against a "
+                             "method never measured on its circuit, on an idle core (stopped as soon as a "
+                             "job waits): how a method the model wrongly believes slow gets measured.")
 
 
 class ClassWeights(BaseModel):

@@ -68,6 +68,7 @@ class Running:
     backup: "Running | None" = None    # the hedge of this run, while it runs
     primary: "Running | None" = None   # set on a backup: the run it hedges
     overrun_noted: bool = False
+    probe: bool = False                # a backup raced on an idle core (stopped when a job waits)
     accepted_at: float = 0.0           # the submit call reached the allocator (fast path only)
     committed_at: float = 0.0          # its accept+dispatch commit returned
 
@@ -113,6 +114,7 @@ class Dispatcher:
         self.draining = False
         self.hedges = 0
         self.overruns_noted = 0
+        self.probes = 0
         self.commit_failures = 0
 
     # ==== the store, off the event loop ===========================================================
@@ -368,6 +370,13 @@ class Dispatcher:
                 failed = True
         for run, entry in res.preempt:
             self.preempt(run, entry.job.id)
+        if self.settings.hedge.probe_idle and not self.draining:
+            if self.sched.entries:
+                await self.stop_probes()
+            elif self.running:
+                from ray_qalloc import overruns
+
+                await overruns.probe(self, self.settings, time.time())
         if failed:
             asyncio.get_running_loop().call_later(1.0, self.kick)
 
@@ -530,6 +539,7 @@ class Dispatcher:
         if twin is not None:
             await self.db(self.store.close_attempt, r.job.id, twin.attempt, "hedge_lost",
                           f"attempt {r.attempt} on {r.backend} finished first")
+            self._remember_bound(twin, time.time() - twin.started_at)
         if recorded and r.attempt == 1:
             meta["timeline"]["completed_at"] = time.time()
             self._remember_final(r, result)
@@ -554,6 +564,29 @@ class Dispatcher:
             remember(r.view, m.spec, float(actual), censored=False, predicted_s=r.predicted_s)
             if abs(math.log(max(float(actual), 1e-6) / max(r.predicted_s, 1e-6))) > _REPLAN_LOG_RATIO:
                 self.replan_circuit(r.view.circuit_key)
+
+    def _remember_bound(self, r: Running, elapsed_s: float) -> None:
+        """A run that lost its race took longer than the winner: remembered as a lower bound, so
+        the next job of the circuit is planned with it (and not probed there again)."""
+        remember = getattr(self.predictor, "remember", None)
+        m = self.fleet.members.get(r.backend)
+        if remember is not None and m is not None and m.spec.kind == "simulator" and elapsed_s > 0:
+            remember(r.view, m.spec, elapsed_s, censored=True, predicted_s=r.predicted_s)
+
+    async def stop_probes(self) -> int:
+        """A job waits: every probe gives its core back (nothing is learned from a cut-short probe)."""
+        stopped = 0
+        for r in list(self.running.values()):
+            b = r.backup
+            if b is not None and b.probe and self._is_live(b):
+                self.stop(b)
+                self._forget(b)
+                await self.db(self.store.close_attempt, b.job.id, b.attempt, "probe_stopped",
+                              "a queued job needed the core")
+                stopped += 1
+        if stopped:
+            self.kick()
+        return stopped
 
     def _remember_final(self, r: Running, result: dict[str, Any]) -> None:
         job, now = r.job, time.time()
@@ -695,7 +728,7 @@ class Dispatcher:
                 started += 1
         return started
 
-    async def start_backup(self, r: Running, backend: str) -> bool:
+    async def start_backup(self, r: Running, backend: str, *, probe: bool = False) -> bool:
         est = r.plan.estimates.get(backend)
         if est is None or backend not in self.fleet.members:
             return False
@@ -714,7 +747,11 @@ class Dispatcher:
                 await self.db(self.store.close_attempt, r.job.id, attempt, "superseded", "the job ended meanwhile")
             return False
         q = Queued(r.job, r.view, r.plan, now, r.created_at)
-        self.launch(q, backend, attempt, primary=r)
+        self.launch(q, backend, attempt, primary=r).probe = probe
+        if probe:
+            self.probes += 1
+            log.info("job %s: probe on %s (idle core) beside %s", r.job.id, backend, r.backend)
+            return True
         self.hedges += 1
         log.warning("job %s overran %.3g s on %s (predicted %.3g s): backup attempt %d on %s",
                     r.job.id, now - r.started_at, r.backend, r.predicted_s, attempt, backend)

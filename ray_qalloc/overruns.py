@@ -69,6 +69,30 @@ async def tick(d: Any, settings: Settings, now: float) -> int:
     return await d.hedge_tick(now, decide if h.enabled else None, note, h.overrun_factor, h.min_overrun_s)
 
 
+async def probe(d: Any, settings: Settings, now: float) -> int:
+    """Nothing is queued: race started simulator runs against methods never measured on their
+    circuit, on idle cores (``placement.hedging.decide_probes``)."""
+    from ray_qalloc.placement.hedging import RunningInfo, decide_probes
+    from ray_qalloc.placement.scheduler import LiveView
+
+    runs = [r for r in d.running.values() if r.backup is None]
+    infos = []
+    for r in runs:
+        m = d.fleet.members.get(r.backend)
+        if m is not None and m.spec.kind == "simulator":
+            infos.append(RunningInfo(r.job.id, r.backend, r.started_at, r.predicted_s, 0.0, m.spec.kind, False))
+    if not infos:
+        return 0
+    kinds = {name: m.spec.kind for name, m in d.fleet.members.items()}
+    plans = {r.job.id: _without_blocked(r) for r in runs}
+    started = 0
+    for x in decide_probes(infos, plans, LiveView(d.sched, now, False), now, kinds):
+        r = d.running.get(x.job_id)
+        if r is not None and r.backup is None and await d.start_backup(r, x.backend, probe=True):
+            started += 1
+    return started
+
+
 def _without_blocked(r: Any) -> Any:
     """The run's plan minus backends the job may not use again (failover history)."""
     from ray_qalloc.placement.model import Plan

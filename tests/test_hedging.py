@@ -126,3 +126,28 @@ def test_measured_case_quantum_volume_on_mps_is_bounded():
     r = RunningInfo("qv", MPS, 0.0, 1.0, 1.5)
     t = next(t / 10 for t in range(1, 1000) if decide_hedges([r], plans, FREE, t / 10))
     assert t <= HedgePolicy().threshold(r) + 0.1 < 20.0
+
+
+def test_probes_race_only_unmeasured_other_methods_on_free_cores():
+    from ray_qalloc.placement.hedging import decide_probes
+    from ray_qalloc.placement.model import Estimate as E, Plan as P
+
+    def p(**src: str) -> P:
+        ests = {"cpu-a/statevector": E("cpu-a/statevector", 1.0, 1.0, 0.0, source="model"),
+                "cpu-a/statevector@2": E("cpu-a/statevector@2", 0.6, 1.0, 0.0, source="model"),
+                "cpu-a/mps": E("cpu-a/mps", 300.0, 1.0, 0.0, log_sd=1.5, source=src.get("mps", "model")),
+                "qpu_x": E("qpu_x", 3.0, 0.9, 1.0)}
+        return P("j", ests)
+
+    run = RunningInfo("j", "cpu-a/statevector", 0.0, 1.0)
+    free = {"cpu-a/statevector": LiveState(0.0, True), "cpu-a/statevector@2": LiveState(0.0, False),
+            "cpu-a/mps": LiveState(0.0, True), "qpu_x": LiveState(0.0, True)}
+    kinds = {"qpu_x": "qpu"}
+    got = decide_probes([run], {"j": p()}, free, 0.0, kinds)
+    assert [(h.job_id, h.backend) for h in got] == [("j", "cpu-a/mps")]      # never a QPU, never the same method
+    for measured in ("memory:exact", "memory:censored", "memory:bounded"):
+        assert decide_probes([run], {"j": p(mps=measured)}, free, 0.0, kinds) == []
+    busy = {**free, "cpu-a/mps": LiveState(0.2, False)}
+    assert decide_probes([run], {"j": p()}, busy, 0.0, kinds) == []           # no free core
+    assert decide_probes([RunningInfo("j", "cpu-a/statevector", 0.0, 1.0, has_backup=True)], {"j": p()},
+                         free, 0.0, kinds) == []                              # one backup per job

@@ -59,7 +59,8 @@ def test_an_overrunning_run_is_hedged_and_the_loser_is_stopped(qa, tmp_path):
                                  methods=["matrix_product_state", "statevector"])
     specs = [s for s in specs if s.threads == 1]
     settings = load_settings(data_dir=tmp_path, health_interval_s=0.5, history_flush_s=60.0,
-                             hedge={"overrun_factor": 3.0, "min_overrun_s": 0.5, "interval_s": 0.1})
+                             hedge={"overrun_factor": 3.0, "min_overrun_s": 0.5, "interval_s": 0.1,
+                                    "probe_idle": False})     # the overrun alone (probes: the test below)
     job = prepare_job(make_spec(circuit=volume_law(18), shots=100), Limits())
     again = prepare_job(make_spec(circuit=volume_law(18), shots=100), Limits())
 
@@ -92,6 +93,56 @@ def test_an_overrunning_run_is_hedged_and_the_loser_is_stopped(qa, tmp_path):
     assert rec2["result"]["backend"] == f"{pool}/statevector"
     assert [h["outcome"] for h in rec2["attempt_history"]] == ["completed"]
     assert ex2["backends"][f"{pool}/mps"]["source"].startswith("memory")
+
+
+class MpsPessimist(MpsOptimist):
+    """Believes MPS 1000× slower than the prior says: the model error no overrun ever reveals."""
+
+    source = "test:mps-pessimist"
+
+    def predict(self, job: JobView, backends: Sequence[BackendView]) -> list[Estimate]:
+        return [dataclasses.replace(e, runtime_s=e.runtime_s * (1000.0 if e.backend.endswith("/mps") else 1.0),
+                                    log_sd=0.0 if e.backend.endswith("/mps") else e.log_sd)
+                for e in self.base.predict(job, backends)]
+
+
+def test_an_idle_core_races_a_method_the_model_believes_slow(qa, tmp_path):
+    """QFT-20: statevector ~0.3 s on one thread, MPS ~0.03 s, but the model says MPS is very slow.
+    With a core idle and nothing queued, the statevector run gets an MPS probe beside it; MPS
+    wins, the statevector run is stopped and remembered as a lower bound, and the next job of the
+    circuit goes to MPS at once."""
+    from qiskit.circuit.library import QFT
+
+    node = ray.get_runtime_context().get_node_id()
+    pool = "cpu-probe"
+    actor = RemotePoolActor.options(**pool_actor_options(pool, node, "probe-test", use_resource=False)).remote(
+        pool, node, ("statevector", "matrix_product_state"))
+    specs = [s for s in pool_candidate_specs(pool, cores=2, memory_bytes=4 << 30,
+                                             methods=["matrix_product_state", "statevector"]) if s.threads == 1]
+    settings = load_settings(data_dir=tmp_path, health_interval_s=0.5, history_flush_s=60.0)
+    qft = QFT(20).decompose()
+    qft.measure_all()
+    first, again = (prepare_job(make_spec(circuit=qft, shots=100), Limits()) for _ in range(2))
+
+    async def main() -> tuple[Any, ...]:
+        alloc = Allocator(settings, members={s.name: (s, actor) for s in specs}, node_cpus={pool: 2.0},
+                          predictor=MpsPessimist())
+        await alloc.ready()
+        a = await alloc.submit(first)
+        rec = await alloc.wait(a["id"], timeout=120)
+        await asyncio.sleep(0.5)
+        b = await alloc.submit(again)
+        rec2 = await alloc.wait(b["id"], timeout=120)
+        return rec, rec2, await alloc.stats(), await alloc.explain(b["id"])
+
+    rec, rec2, stats, ex2 = asyncio.run(main())
+    ray.kill(actor)
+    history = [(h["backend"], h["outcome"]) for h in rec["attempt_history"]]
+    assert history == [(f"{pool}/statevector", "hedge_lost"), (f"{pool}/mps", "completed")], history
+    assert stats["probes"] == 1 and stats["hedges"] == 0, (rec2["attempt_history"], ex2["backends"][f"{pool}/statevector"], ex2["backends"][f"{pool}/mps"])
+    assert rec2["result"]["backend"] == f"{pool}/mps"            # memory: MPS measured, statevector bounded
+    assert ex2["backends"][f"{pool}/mps"]["source"] == "memory:exact"
+    assert ex2["backends"][f"{pool}/statevector"]["source"].startswith("memory")
 
 
 async def _aref(ref: Any) -> Any:

@@ -273,7 +273,9 @@ def _exact(rec: _Record, predicted_s: float | None) -> Recall | None:
         return None
     at_least = CENSORED_FACTOR * bound
     if predicted_s is not None and predicted_s >= at_least:
-        return None   # the prediction already says longer: the bound adds nothing
+        # the prediction already says longer: it stands, but the estimate says that this
+        # variant already ran this circuit (it lost a race, or was cut short): "memory:bounded"
+        return Recall(predicted_s, 0.0, "memory:bounded", bound)
     return Recall(at_least, CENSORED_LOG_SD, "memory:censored", bound)
 
 
@@ -347,6 +349,9 @@ class MemoryPredictor:
             if hit is None:
                 self._note_explorations([est])
                 out.append(est)
+                continue
+            if hit.source == "memory:bounded":    # the prediction stands; only its source says more
+                out.append(replace(est, source=hit.source))
                 continue
             shown = replace(est, runtime_s=hit.runtime_s, log_sd=hit.log_sd, source=hit.source,
                             cost=spec.price.cost(hit.runtime_s, job.shots) if spec is not None else est.cost)

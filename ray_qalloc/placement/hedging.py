@@ -192,3 +192,51 @@ def _is_simulator(name: str, kinds: Mapping[str, str] | None) -> bool:
     if kinds is not None and name in kinds:
         return kinds[name] == "simulator"
     return method_of_name(name) is not None
+
+
+# ---- probes: racing an unmeasured method on an idle core --------------------------------------
+
+_MEASURED = ("memory:exact", "memory:censored", "memory:bounded")
+
+
+def decide_probes(runs: Iterable[RunningInfo], plans: Mapping[str, Plan], live: Mapping[str, LiveState],
+                  now: float, kinds: Mapping[str, str] | None = None) -> list[Hedge]:
+    """Backups to race *now*, on cores nobody is waiting for (the caller calls this only with an
+    empty queue, and stops probes as soon as a job waits).
+
+    Why: hedging repairs an optimistic prediction (a run that overruns); nothing repairs a
+    pessimistic one — a method the model believes slow on a circuit unlike its training data is
+    never run, so never measured (exploration is bounded by the prediction it doubts). An idle
+    core costs nothing, so a started simulator run may get one *probe*: the same job on another
+    method its plan holds that was never measured on this circuit (its estimate does not come
+    from run memory), on a pool with a free core, the one with the earliest expected finish. The
+    first result wins as with any backup; the loser is stopped and remembered as a lower bound.
+    """
+    out: list[Hedge] = []
+    taken: set[str] = set()
+    for run in sorted(runs, key=lambda r: (r.started, r.job_id)):
+        if run.has_backup or run.kind == "qpu":
+            continue
+        p = plans.get(run.job_id)
+        if p is None:
+            continue
+        method = method_of_name(run.backend)
+        best: tuple[float, str] | None = None
+        for name, est in p.estimates.items():
+            if name == run.backend or _pool_of(name) in taken or not _is_simulator(name, kinds):
+                continue
+            if method_of_name(name) == method or est.source.startswith(_MEASURED):
+                continue
+            state = live.get(name)
+            if state is None or not state.can_start:
+                continue
+            finish = state.wait_s + expected_runtime(est.runtime_s, est.log_sd)
+            if best is None or finish < best[0] or (finish == best[0] and name < best[1]):
+                best = (finish, name)
+        if best is not None:
+            finish, name = best
+            out.append(Hedge(run.job_id, name, f"probe: {name} never ran this circuit and a core is idle "
+                                               f"(predicted {finish:.3g} s); the first result wins", finish,
+                             remaining_estimate(run, now)))
+            taken.add(_pool_of(name))
+    return out
