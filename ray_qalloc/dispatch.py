@@ -69,6 +69,7 @@ class Running:
     primary: "Running | None" = None   # set on a backup: the run it hedges
     overrun_noted: bool = False
     probe: bool = False                # a backup raced on an idle core (stopped when a job waits)
+    backup_pending: bool = False       # a backup's commit is in flight (no second one meanwhile)
     accepted_at: float = 0.0           # the submit call reached the allocator (fast path only)
     committed_at: float = 0.0          # its accept+dispatch commit returned
 
@@ -710,8 +711,8 @@ class Dispatcher:
         (so the next job of that circuit goes elsewhere), and start one backup where ``decide``
         says it pays."""
         started = 0
-        overrunning = [r for r in self.running.values()
-                       if r.backup is None and now - r.started_at > max(k * r.predicted_s, min_elapsed_s)]
+        overrunning = [r for r in self.running.values() if r.backup is None and not r.backup_pending
+                       and now - r.started_at > max(k * r.predicted_s, min_elapsed_s)]
         if not overrunning:
             return 0
         for r in overrunning:
@@ -730,8 +731,15 @@ class Dispatcher:
 
     async def start_backup(self, r: Running, backend: str, *, probe: bool = False) -> bool:
         est = r.plan.estimates.get(backend)
-        if est is None or backend not in self.fleet.members:
+        if est is None or backend not in self.fleet.members or r.backup is not None or r.backup_pending:
             return False
+        r.backup_pending = True   # set before the first await: a concurrent pass or tick sees it
+        try:
+            return await self._start_backup(r, backend, est, probe)
+        finally:
+            r.backup_pending = False
+
+    async def _start_backup(self, r: Running, backend: str, est: Any, probe: bool) -> bool:
         # the backup's core is taken in the scheduler's books before the commit (no pass may give
         # it away meanwhile), and given back if the commit says the job is no longer running
         now = time.time()

@@ -75,7 +75,7 @@ async def probe(d: Any, settings: Settings, now: float) -> int:
     from ray_qalloc.placement.hedging import RunningInfo, decide_probes
     from ray_qalloc.placement.scheduler import LiveView
 
-    runs = [r for r in d.running.values() if r.backup is None]
+    runs = [r for r in d.running.values() if r.backup is None and not r.backup_pending]
     infos = []
     for r in runs:
         m = d.fleet.members.get(r.backend)

@@ -520,7 +520,8 @@ def test_allocator_picks_up_a_new_artifact_without_restart(tmp_path, model):
 
     async def main():
         alloc = make(tmp_path, [FakeBackend("aer_statevector", delay=0.01), FakeBackend("aer_stabilizer", delay=0.01)],
-                     specs=[make_backend("aer_statevector").spec(), make_backend("aer_stabilizer").spec()])
+                     specs=[make_backend("aer_statevector").spec(), make_backend("aer_stabilizer").spec()],
+                     hedge={"probe_idle": False})     # one measured variant, the other the model's
         first = await alloc.submit(prepared(num_qubits=6, features=feats))
         await alloc.wait(first["id"], timeout=10)
         before = await alloc.explain(first["id"])
