@@ -391,8 +391,13 @@ def demo(jobs: int = typer.Option(0, help="Run only the first N demo jobs (0: al
 
 
 def _short_reason(res: Any, n_scored: int, n_filtered: int) -> str:
-    if res.attempts > 1:
-        return f"failover after {res.attempts - 1} failed attempt(s)"
+    outcomes = [a.get("outcome") for a in (res.failover_history or [])]
+    raced = outcomes.count("hedge_lost")
+    failed = len(outcomes) - 1 - raced
+    if failed > 0:
+        return f"failover after {failed} failed attempt(s)"
+    if raced:   # a backup beside the first choice finished first (an idle-core probe or a hedge)
+        return f"won a race against {res.attempts - 1} other method(s)"
     return f"best of {n_scored} candidates ({n_filtered} filtered out)"
 
 
