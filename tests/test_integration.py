@@ -122,13 +122,14 @@ def test_emulated_qpus_are_noisy_but_right(qa, backend):
 def test_auto_intent_places_clifford_wide_circuit_on_stabilizer(qa):
     h = qa.submit(ghz(40), shots=500)
     res = h.result(timeout=120)
-    assert res.backend.endswith("/stabilizer")
     assert set(res.counts) == {"0" * 40, "1" * 40}
     ex = h.explain()
-    assert ex["chosen"] == res.backend
+    assert ex["chosen"].endswith("/stabilizer")      # placement's choice
+    # the result: the stabilizer's, or an idle-core probe's that finished first (an MPS race)
+    assert res.backend == ex["chosen"] or [a["outcome"] for a in res.failover_history] == ["hedge_lost", "completed"]
     rows = ex["backends"]
     assert set(rows) == {b["name"] for b in qa.backends()}
-    dm = res.backend.replace("/stabilizer", "/density_matrix")
+    dm = ex["chosen"].replace("/stabilizer", "/density_matrix")
     assert rows[dm]["status"] == "filtered"       # 16·4⁴⁰ bytes
     assert "needs" in rows[dm]["reasons"][0]
 
