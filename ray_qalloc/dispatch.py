@@ -116,6 +116,7 @@ class Dispatcher:
         self.hedges = 0
         self.overruns_noted = 0
         self.probes = 0
+        self._backup_seq = 0
         self.commit_failures = 0
 
     # ==== the store, off the event loop ===========================================================
@@ -412,13 +413,14 @@ class Dispatcher:
 
     # ==== runs ===================================================================================
     def launch(self, q: Queued, name: str, attempt: int, *, started_at: float | None = None,
-               predicted_s: float | None = None, primary: Running | None = None) -> Running:
+               predicted_s: float | None = None, primary: Running | None = None,
+               sched_id: str = "") -> Running:
         """Call the executor; the store already says RUNNING, the scheduler counts the run."""
         m = self.fleet.members[name]
         est = q.plan.estimates.get(name)
         predicted = predicted_s if predicted_s is not None else (est.runtime_s if est is not None else 1.0)
         r = Running(q.job, q.view, q.plan, name, attempt, started_at or time.time(), predicted,
-                    created_at=q.created_at, sched_id=q.job.id + _HEDGE_SUFFIX if primary else "",
+                    created_at=q.created_at, sched_id=sched_id,
                     primary=primary)
         if primary is None:
             self.running[q.job.id] = r
@@ -743,19 +745,23 @@ class Dispatcher:
         # the backup's core is taken in the scheduler's books before the commit (no pass may give
         # it away meanwhile), and given back if the commit says the job is no longer running
         now = time.time()
-        self.sched.start(r.job.id + _HEDGE_SUFFIX, backend, now, est.runtime_s, r.job.priority.value)
+        # its own scheduler key: a job may have had a backup before (one promoted to its run
+        # still holds the earlier key)
+        self._backup_seq += 1
+        sid = f"{r.job.id}{_HEDGE_SUFFIX}{self._backup_seq}"
+        self.sched.start(sid, backend, now, est.runtime_s, r.job.priority.value)
         try:
             attempt = await self.db(self.store.hedge, r.job.id, backend, predicted_s=est.runtime_s)
         except Exception:
-            self.sched.finish(r.job.id + _HEDGE_SUFFIX)
+            self.sched.finish(sid)
             raise
         if attempt is None or not self._is_live(r) or r.backup is not None:
-            self.sched.finish(r.job.id + _HEDGE_SUFFIX)
+            self.sched.finish(sid)
             if attempt is not None:
                 await self.db(self.store.close_attempt, r.job.id, attempt, "superseded", "the job ended meanwhile")
             return False
         q = Queued(r.job, r.view, r.plan, now, r.created_at)
-        self.launch(q, backend, attempt, primary=r).probe = probe
+        self.launch(q, backend, attempt, primary=r, sched_id=sid).probe = probe
         if probe:
             self.probes += 1
             log.info("job %s: probe on %s (idle core) beside %s", r.job.id, backend, r.backend)
