@@ -124,12 +124,13 @@ def test_auto_intent_places_clifford_wide_circuit_on_stabilizer(qa):
     res = h.result(timeout=120)
     assert set(res.counts) == {"0" * 40, "1" * 40}
     ex = h.explain()
-    assert ex["chosen"].endswith("/stabilizer")      # placement's choice
+    # placement's choice: the stabilizer, or MPS once run memory has seen GHZ circuits run fast there
+    assert ex["chosen"].endswith(("/stabilizer", "/mps")), ex["chosen"]
     # the result: the stabilizer's, or an idle-core probe's that finished first (an MPS race)
     assert res.backend == ex["chosen"] or [a["outcome"] for a in res.failover_history] == ["hedge_lost", "completed"]
     rows = ex["backends"]
     assert set(rows) == {b["name"] for b in qa.backends()}
-    dm = ex["chosen"].replace("/stabilizer", "/density_matrix")
+    dm = ex["chosen"].split("/")[0] + "/density_matrix"
     assert rows[dm]["status"] == "filtered"       # 16·4⁴⁰ bytes
     assert "needs" in rows[dm]["reasons"][0]
 
