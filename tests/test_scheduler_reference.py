@@ -355,9 +355,14 @@ def build(top: Topology, cfg: SchedulerConfig) -> Scheduler:
 def test_scheduler_matches_the_reference_pass_by_pass(top: Topology, knobs: dict[str, Any], data: Any) -> None:
     cfg = exact_config(knobs, top)
     world = World(build(top, cfg), Reference(cfg, top, {b: True for b in top.specs}))
+    """Every pass of the real scheduler dispatches, flags, gives up and preempts exactly what the
+    reference does (``World.decide`` compares them after each step); the last pass is checked here."""
     for _ in range(data.draw(st.integers(5, 40))):
         world.step(data, top)
-    world.decide(True)
+    got = world.decide(True)
+    assert world.ref is not None
+    assert set(got) == {"dispatch", "flagged", "unplaceable", "preempt"}
+    assert set(world.s.runs) == set(world.ref.runs), "the two schedulers disagree on what runs"
 
 
 @SETTINGS
