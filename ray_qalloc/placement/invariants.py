@@ -141,6 +141,10 @@ def _check_queue(s: "Scheduler") -> None:
     pending = {id(e) for e in s._pending_unplaceable}
     work: dict[str, float] = {}
     index = {name: set(heap) for name, heap in s._index.items()}
+    held = list(s._holds.parked_items()) + [pi for items in s._carry.values() for pi in items]
+    for b, item in held:     # held out of a free index while its job waits or is weighed again
+        if b in index:
+            index[b].add(item)
     aging = set(s._aging)
     deadlines = {(seq, job_id): latest for latest, seq, job_id in s._deadlines}
     for job_id, e in s.entries.items():
@@ -177,6 +181,15 @@ def _check_queue(s: "Scheduler") -> None:
         if not _close(b.queued_work_s, work.get(name, 0.0)):
             _fail(f"backend {name!r}: queued work {b.queued_work_s} != {work.get(name, 0.0)} "
                   f"of the queued jobs that prefer it")
+    holds = s._holds
+    gone = set(holds.holding) - set(s.entries)
+    if gone:
+        _fail(f"jobs {sorted(gone)} hold for a backend but are not queued")
+    for b, g in holds.groups.items():
+        if any(holds.holding.get(j) != b for j in g.jobs):
+            _fail(f"backend {b!r}: its waiters {sorted(g.jobs)} do not all hold for it")
+        if not _close(holds.work.get(b, 0.0), sum(w.runtime_s for w in g.jobs.values())):
+            _fail(f"backend {b!r}: work held ahead {holds.work.get(b, 0.0)} != its waiters' runtimes")
     unknown = set(s._declined) - set(s.backends)
     if unknown:
         _fail(f"declined backends {sorted(unknown)} do not exist")

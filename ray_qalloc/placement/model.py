@@ -7,7 +7,7 @@ must not depend on how backends are run or how circuits are parsed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, NamedTuple
 
 from ray_qalloc.backends.base import BackendSpec
 
@@ -112,9 +112,9 @@ class Plan:
         }
 
 
-@dataclass(frozen=True)
-class LiveState:
-    """A backend's load at dispatch time, as the allocator tracks it."""
+class LiveState(NamedTuple):
+    """A backend's load at dispatch time, as the allocator tracks it. A tuple, not a
+    dataclass: one is built per backend a decision weighs, on the dispatch hot path."""
 
     wait_s: float        # predicted wait before a new job could start here
     can_start: bool      # a slot (and, for simulators, the node's cores) is free now

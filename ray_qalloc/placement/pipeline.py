@@ -142,7 +142,7 @@ def _cache_key(priority: str, intent: str) -> str:
     return priority if intent != "quantum" else f"{priority}/quantum"
 
 
-def _rows(p: Plan, priority: str, intent: str) -> tuple[tuple[str, float, float], ...]:
+def objective_rows(p: Plan, priority: str, intent: str) -> tuple[tuple[str, float, float], ...]:
     """Per backend: (name, risk-adjusted runtime, fidelity + money part), cached on the plan.
 
     Estimates are fixed once a plan is made (replace the Plan to change them), so this is
@@ -172,7 +172,7 @@ def static_objective(p: Plan, priority: str, intent: str = "auto") -> dict[str, 
     cached = p.static.get(key)
     if cached is None:
         cached = {name: base + _risk_log(p.estimates[name].log_sd)
-                  for name, _, base in _rows(p, priority, intent)}
+                  for name, _, base in objective_rows(p, priority, intent)}
         p.static[key] = cached
     return cached
 
@@ -182,10 +182,10 @@ def select(job: JobView, p: Plan, live: Mapping[str, LiveState], *, detailed: bo
 
     Objective: ``log(wait + expected runtime) - fidelity·log(fidelity) + money·cost`` with the
     risk-adjusted runtime of ``expected_runtime``. The hot path of dispatch: one add and one
-    log per feasible backend over numbers precomputed once per plan (``_rows``).
+    log per feasible backend over numbers precomputed once per plan (``objective_rows``).
     ``detailed`` keeps every backend's scores (for explain), not only the chosen one's.
     """
-    rows = _rows(p, job.priority, job.intent)
+    rows = objective_rows(p, job.priority, job.intent)
     log = math.log
     get = live.get
     best_obj, best_name, best_state, best_run = math.inf, None, None, 0.0

@@ -47,8 +47,9 @@ from typing import Iterator, Any, Callable, Iterable, Mapping, Protocol, TypeVar
 
 from ray_qalloc.backends.base import BackendSpec
 from ray_qalloc.placement.hedging import REMAINING_PER_ELAPSED
+from ray_qalloc.placement.holds import Holds
 from ray_qalloc.placement.model import JobView, LiveState, Plan
-from ray_qalloc.placement.pipeline import Choice, select, static_objective
+from ray_qalloc.placement.pipeline import Choice, objective_rows, select, static_objective
 from ray_qalloc.priority import CLASSES, RANK as _RANK, known as _known_class
 
 __all__ = ["CLASSES", "CHECK_INVARIANTS_ENV", "Decision", "Entry", "LiveView", "PassResult", "Policy",
@@ -235,9 +236,14 @@ class LiveView(Mapping[str, LiveState]):
     reads only the backends of its own plan, so building all of them would waste O(backends)."""
 
     def __init__(self, sched: "Scheduler", now: float, emergency: bool,
-                 ahead: Mapping[str, float] | None = None) -> None:
+                 ahead: Mapping[str, float] | None = None, held: Mapping[str, float] | None = None) -> None:
         self.sched, self.now, self.emergency = sched, now, emergency
         self.ahead = ahead if ahead is not None else {}   # shared: a pass adds to it as jobs wait
+        self.held = held if held is not None else {}      # work of jobs held waiting (``Holds.work``)
+
+    def extra(self, key: str) -> float:
+        """Work of waiting jobs counted ahead on ``key`` (not yet spread over its slots)."""
+        return self.ahead.get(key, 0.0) + self.held.get(key, 0.0)
 
     def get(self, key: str, default: Any = None) -> LiveState | None:  # the hot path: no ABC detour
         b = self.sched.backends.get(key)
@@ -254,8 +260,8 @@ class LiveView(Mapping[str, LiveState]):
             # past its predicted end but still running: an overrun is not a free slot; expect it
             # to run as long again as it has so far (heavy tails) — the estimate hedging uses too
             wait = max(REMAINING_PER_ELAPSED * (self.now - started), 0.0)
-        if self.ahead:
-            extra = self.ahead.get(key)
+        if self.ahead or self.held:
+            extra = self.ahead.get(key, 0.0) + self.held.get(key, 0.0)
             if extra:
                 wait += extra / max(b.spec.slots, 1)
         return LiveState(wait, can)
@@ -370,9 +376,15 @@ class Scheduler:
         self._jitter = 12345
         self.examined = 0            # jobs a pass has weighed, in all (benchmarks divide by it)
         self._congestion_checked = -math.inf
-        # Free backends whose queued jobs all preferred to wait elsewhere at the last pass: not
-        # re-examined until a job is queued for them, a slot frees on their node, or the TTL passes.
+        self._congested: frozenset[str] = frozenset()
+        # Free backends whose queued jobs all preferred to wait elsewhere at the last pass: their
+        # indexes are not re-walked until a slot frees or a wait grows on their node, or the TTL
+        # passes. A job queued for one meanwhile is weighed alone (``_fresh``): the jobs that
+        # declined it saw nothing change.
         self._declined: dict[str, float] = {}
+        self._fresh: list[_Item] = []
+        self._carry: dict[str, list[tuple[str, _Item]]] = {}   # released waiters' items, for their next weighing
+        self._holds = Holds()        # jobs waiting for a busy backend, out of the free indexes
         # nodes whose limits a caller broke from outside (a start without room, a moved backend,
         # fewer cores): validate_state does not hold their capacity against the scheduler
         self._forced: set[str] = set()
@@ -416,6 +428,8 @@ class Scheduler:
             del self._nodes[b.node]
         self._startable.discard(name)
         self._declined.pop(name, None)
+        self._unhold(self._holds.release(name))
+        self._congested = self._congested - {name}
 
     def set_health(self, backend: str, healthy: bool) -> None:
         b = self.backends[backend]
@@ -472,17 +486,23 @@ class Scheduler:
 
     def _index_entry(self, entry: Entry) -> None:
         item = (entry.key(), entry.version, entry.job.id)
+        declined = self._declined if self.config.decline_ttl_s > 0.0 else None
+        fresh = False
         for b in entry.plan.estimates:
             heap = self._index.get(b)
             if heap is not None:
                 heapq.heappush(heap, item)
-                self._declined.pop(b, None)
+                if declined and b in declined:
+                    fresh = True
+        if fresh:
+            self._fresh.append(item)
 
     def remove(self, job_id: str) -> Entry | None:
         """Drop a queued job (started, cancelled, failed); index items go stale and are dropped lazily."""
         entry = self.entries.pop(job_id, None)
         if entry is not None:
             self._count_queued(entry, -1)
+            self._holds.drop(job_id)
         return entry
 
     def _count_queued(self, entry: Entry, sign: int) -> None:
@@ -545,6 +565,7 @@ class Scheduler:
         before = busy_before or 0.0
         first: Run | None = None
         first_known = False
+        moved = False     # a slot freed here: jobs that declined its node may decide otherwise
         for name in names:
             b = self.backends[name]
             threads = b.spec.threads
@@ -555,15 +576,54 @@ class Scheduler:
             short = threads > 0 and cores - busy - pool_hold < threads
             if short and not first_known:
                 first, first_known = first_core_run(self.backends[n] for n in names), True
+            was = (b.can_start, b.free_at, b.can_start_emergency, b.free_at_emergency)
             (b.free_at, b.free_run_started, b.can_start,
              b.free_at_emergency, b.free_run_started_emergency, b.can_start_emergency) = backend_load(
                 b.spec, b.healthy, b.runs.values(), reserved.get(name, 0), short, short_e, first,
                 never=threads > 0 and cores - reserved.get(node, 0) < threads)
-            self._declined.pop(name, None)
+            grew = ((not b.can_start and (was[0] or b.free_at > was[1]))
+                    or (not b.can_start_emergency and (was[2] or b.free_at_emergency > was[3])))
+            if grew and name in self._holds.groups:
+                # its waiters chose it at a shorter wait: those past their threshold decide again
+                self._unhold(self._holds.outgrown(name, b.free_at if not b.can_start else math.inf,
+                                                  b.free_at_emergency if not b.can_start_emergency else math.inf))
+            freed = (b.can_start and not was[0]) or (b.can_start_emergency and not was[2])
+            if freed and name in self._holds.groups:
+                # its waiters are in its index, read by this pass in their places: their work
+                # must not count ahead of jobs before them in line
+                self._unhold(self._holds.release(name))
+            moved = moved or freed
             if b.can_start_emergency:
                 self._startable.add(name)
             else:
                 self._startable.discard(name)
+        if moved or not partial:
+            for name in names:
+                self._declined.pop(name, None)
+                if not partial and name in self._holds.groups:
+                    self._unhold(self._holds.release(name))
+
+    def _unhold(self, items: list[tuple[str, _Item]]) -> None:
+        """Released waiters are weighed at the next pass; their held items wait beside it
+        (``_carry``) and go back onto their indexes only if the job is not held again."""
+        carry = self._carry
+        for b, item in items:
+            job_id = item[2]
+            entry = self.entries.get(job_id)
+            if b not in self._index or entry is None or entry.version != item[1]:
+                continue
+            mine = carry.get(job_id)
+            if mine is None:
+                mine = carry[job_id] = []
+                self._fresh.append(item)
+            mine.append((b, item))
+
+    def _push_back(self, items: Iterable[tuple[str, _Item]]) -> None:
+        index = self._index
+        for b, item in items:
+            heap = index.get(b)
+            if heap is not None:
+                heapq.heappush(heap, item)
 
     def live(self, now: float, *, emergency: bool = False) -> dict[str, LiveState]:
         """Predicted wait and can-start per backend, as seen by a job of that class."""
@@ -611,7 +671,8 @@ class Scheduler:
                     b.congested = False
                 elif not b.congested and w > self.config.qpu_wait_high_s:
                     b.congested = True
-        return frozenset(n for n, b in self.backends.items() if b.congested)
+            self._congested = frozenset(n for n, b in self.backends.items() if b.congested)
+        return self._congested
 
     def _exclusions(self, entry: Entry, congested: frozenset[str]) -> frozenset[str]:
         """Congested QPUs an ``auto`` job may skip: only if a healthy simulator meets its floor
@@ -652,7 +713,13 @@ class Scheduler:
         if not self.entries:
             return out
         self._age(now)
-        ahead: dict[str, float] = {}      # runtime of jobs examined this pass that wait for a backend
+        memo = self.config.decline_ttl_s > 0.0
+        holds = self._holds
+        if memo and holds.groups:
+            self._unhold(holds.expired(now))
+        # runtime of jobs examined in this pass that wait for a backend (and are not held: the
+        # held ones' is in ``holds.work``, which the views read too)
+        ahead: dict[str, float] = {}
         skip: set[str] = set()
         parked: list[tuple[str, _Item]] = []
         misses = 0
@@ -660,29 +727,41 @@ class Scheduler:
         # its next head after each examined job, so a pass costs O(startable + examined·log)
         declined = self._declined
         heads: list[tuple[_Item, str]] = []
+        walk: set[str] = set()      # backends whose index this pass reads head after head
         for b in self._startable:
             if self._index[b] and declined.get(b, -math.inf) <= now:
+                walk.add(b)
                 item = self._head(b, skip, parked)
                 if item is not None:
                     heads.append((item, b))
+        # jobs queued since their free backends were declined: weighed alone ("" reads no index)
+        heads.extend((item, "") for item in self._fresh)
+        self._fresh.clear()
+        carried, self._carry = self._carry, {}
         heapq.heapify(heads)
         examined: set[str] = set()
-        live_n, live_e = LiveView(self, now, False, ahead), LiveView(self, now, True, ahead)
+        live_n, live_e = LiveView(self, now, False, ahead, holds.work), LiveView(self, now, True, ahead, holds.work)
         while heads and misses < self.config.lookahead:
             item, backend = heapq.heappop(heads)
             job_id = item[2]
             entry = self.entries.get(job_id)
             if entry is None or entry.version != item[1] or job_id in skip:
                 # taken or skipped since this head was read: re-read the backend's head
-                if backend in self._startable:
+                if backend in walk and backend in self._startable:
                     nxt = self._head(backend, skip, parked)
                     if nxt is not None:
                         heapq.heappush(heads, (nxt, backend))
                 continue
             if backend not in self._startable and not any(b in self._startable for b in entry.plan.estimates):
                 continue    # its backends filled up earlier in this pass: nothing to start it on
-            examined.add(backend)
+            if backend:
+                examined.add(backend)
             self.examined += 1
+            # items of this job held off free indexes: held again if it declines again
+            kept = carried.pop(job_id, None)
+            held = holds.drop(job_id) if job_id in holds.holding else None
+            if held is not None:      # weighed again: its own work no longer counts ahead of it
+                kept = held[2] if kept is None else kept + held[2]
             emergency = entry.cls == _EMERGENCY
             live = live_e if emergency else live_n
             entry.excluded = self._exclusions(entry, congested) if congested else frozenset()
@@ -711,14 +790,29 @@ class Scheduler:
                     # every declining emergency job after every pass cost a victim search each)
                     self._emergency_waiting.setdefault(job_id, None)
                 if choice.backend in entry.plan.estimates:
-                    ahead[choice.backend] = (ahead.get(choice.backend, 0.0)
-                                             + entry.plan.estimates[choice.backend].runtime_s)
-            if backend in self._startable:
+                    run_s = entry.plan.estimates[choice.backend].runtime_s
+                    if memo:
+                        holds.hold(job_id, choice.backend, run_s,
+                                   self._latest_end(entry, choice.backend, live, now),
+                                   emergency, now + self._decline_ttl())
+                    else:
+                        ahead[choice.backend] = ahead.get(choice.backend, 0.0) + run_s
+                if kept:
+                    if job_id in holds.holding:
+                        self._push_back(holds.adopt(job_id, kept))
+                    else:
+                        self._push_back(kept)
+            if backend in walk and backend in self._startable:
                 nxt = self._head(backend, skip, parked)
                 if nxt is not None:
                     heapq.heappush(heads, (nxt, backend))
         for backend, item in parked:
-            heapq.heappush(self._index[backend], item)
+            if not (memo and holds.park(backend, item)):
+                heapq.heappush(self._index[backend], item)
+        for job_id, kept in carried.items():     # not reached in this pass: back in line
+            entry = self.entries.get(job_id)
+            if entry is not None:
+                self._push_back(it for it in kept if it[1][1] == entry.version)
         # free backends whose queued jobs all chose to wait elsewhere are not re-read until
         # something changes for them; a jittered timeout (overruns make waits grow) spreads
         # their re-reading over passes instead of one pass re-reading them all
@@ -727,6 +821,32 @@ class Scheduler:
                 declined[b] = now + self._decline_ttl()
         self._preemptions(now, out)
         return out
+
+    def _latest_end(self, entry: Entry, waits_for: str, live: LiveView, now: float) -> float:
+        """The latest predicted end of ``waits_for``'s runs at which this job still prefers
+        waiting for it to its best free backend: past it, the job should be weighed again."""
+        backends = self.backends
+        emergency = live.emergency
+        best_free, run_y, base_y = math.inf, 0.0, 0.0
+        for name, run, base in objective_rows(entry.plan, entry.job.priority, entry.job.intent):
+            if name == waits_for:
+                run_y, base_y = run, base
+                continue
+            b = backends.get(name)
+            if b is None or not b.healthy or name in entry.excluded:
+                continue
+            if b.can_start_emergency if emergency else b.can_start:
+                # a free backend's wait is the work held or weighed ahead of this job there
+                wait = live.extra(name) / max(b.spec.slots, 1)
+                obj = math.log(max(wait + run, 1e-6)) + base
+                if obj < best_free:
+                    best_free = obj
+        if best_free == math.inf:
+            return math.inf
+        # log(wait + run_y) + base_y <= best_free  <=>  wait <= exp(best_free - base_y) - run_y;
+        # the wait it saw includes the work ahead of it in this pass
+        ahead_y = live.extra(waits_for) / max(backends[waits_for].spec.slots, 1)
+        return now + math.exp(min(best_free - base_y, 700.0)) - run_y - ahead_y
 
     def _decline_ttl(self) -> float:
         ttl = self.config.decline_ttl_s
