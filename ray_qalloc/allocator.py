@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import ray
 
+from ray_qalloc.adminstate import AdminState
 from ray_qalloc.autoscale import Requester, waiting_for
 from ray_qalloc.backends.base import BackendSpec
 from ray_qalloc.config import Settings
@@ -34,6 +35,7 @@ from ray_qalloc.costmodel.registry import ArtifactWatcher, latest_artifact, load
 from ray_qalloc.dispatch import Dispatcher, Queued, Running
 from ray_qalloc.fleet import Fleet, Member
 from ray_qalloc.jobs import JobState, PreparedJob, compact
+from ray_qalloc.maintenance import MaintenanceDesk, MaintenanceWindow
 from ray_qalloc.placement import explain
 from ray_qalloc.placement.scheduler import Scheduler
 from ray_qalloc.store import JobStore
@@ -73,6 +75,9 @@ class Allocator:
                             overruns.wrap_predictor(predictor or load_predictor(settings.models_dir)), self._kick.set)
         self.fleet = Fleet(settings, self.d)
         self.d.fleet = self.fleet
+        self.admin = AdminState(self.store.engine)
+        self.maint = MaintenanceDesk(self.d, self.admin, self._kick.set)
+        self.d.maintenance_why = self.maint.why
         self.startup: dict[str, float] = {}          # how long the last start took, by step (stats)
         self.started_at = time.time()
         self._autoscale = Requester(slots={}, resource_of=self.fleet.resource_of)
@@ -109,6 +114,7 @@ class Allocator:
             else:
                 await self.fleet.start()
                 self._register(list(self.fleet.members.values()))
+            await self.maint.load()
             t1 = time.monotonic()
             await self._recover()
             self.startup = {"backends_s": t1 - t0, "recover_s": time.monotonic() - t1,
@@ -253,7 +259,7 @@ class Allocator:
         rec = await self.d.db(self.store.get, job_id)
         q = self.d.queued.get(job_id) or self.d.running.get(job_id)
         if q is not None and rec.explanation is None:   # queued: the plan, and the current choice
-            data = explain(q.plan, None)
+            data = self.d.annotated(explain(q.plan, None))
             if job_id in self.d.choices:
                 data.update(self.d.choices[job_id])
         else:
@@ -323,7 +329,7 @@ class Allocator:
                 "store": await self.d.db(self.store.counts_by_state), "uptime_s": time.time() - self.started_at,
                 "pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss}
 
-    async def drain(self, timeout_s: float = 60.0) -> dict[str, int]:
+    async def drain_all(self, timeout_s: float = 60.0) -> dict[str, int]:
         """Graceful shutdown, step one: start no new runs, wait up to ``timeout_s`` for the
         running ones to finish. Queued (and newly submitted) jobs stay in the store; the next
         allocator to start, or ``resume()``, runs them."""
@@ -337,6 +343,44 @@ class Allocator:
     async def resume(self) -> None:
         self.d.draining = False
         self._kick.set()
+
+    # ---- maintenance (maintenance.py) ----------------------------------------------------------
+    async def cordon(self, name: str, reason: str = "", actor: str = "admin") -> dict[str, Any]:
+        """No new runs start on ``name`` (a candidate, a pool or a QPU); running ones finish."""
+        await self._wait_ready()
+        return await self.maint.cordon(name, actor=actor, reason=reason)
+
+    async def drain(self, timeout_s: float = 60.0, name: str | None = None, reason: str = "",
+                    actor: str = "admin") -> dict[str, Any]:
+        """With ``name``: cordon it and wait up to ``timeout_s`` for its runs to end (its queued
+        jobs go to their next-best backends). Without: the whole allocator (see ``drain_all``)."""
+        if name is None:
+            return await self.drain_all(timeout_s)
+        await self._wait_ready()
+        await self.maint.cordon(name, actor=actor, reason=reason, drain=True)
+        return await self.maint.wait_drained(name, timeout_s)
+
+    async def uncordon(self, name: str, actor: str = "admin") -> dict[str, Any]:
+        await self._wait_ready()
+        return await self.maint.uncordon(name, actor=actor)
+
+    async def maintenance_window(self, name: str, start: float, end: float, reason: str = "",
+                                 actor: str = "admin") -> dict[str, Any]:
+        await self._wait_ready()
+        return await self.maint.add_window(name, MaintenanceWindow(start=start, end=end, reason=reason), actor=actor)
+
+    async def clear_maintenance_windows(self, name: str, actor: str = "admin") -> dict[str, Any]:
+        await self._wait_ready()
+        return await self.maint.clear_windows(name, actor=actor)
+
+    async def maintenance(self, name: str | None = None) -> dict[str, Any]:
+        await self._wait_ready()
+        return self.maint.status(name)
+
+    async def audit(self, key: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Operators' changes, newest first: who, when, action, old → new."""
+        await self._wait_ready()
+        return await self.d.db(self.admin.audit, key=key, limit=limit)
 
     async def record_provider_job(self, job_id: str, attempt: int, provider_job_id: str) -> None:
         """Called by a QPU backend actor before it waits on a provider job (stored before it waits)."""

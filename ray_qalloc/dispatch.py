@@ -113,6 +113,10 @@ class Dispatcher:
         self._db_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qalloc-store")
         self._dispatching: dict[str, bool] = {}   # job -> cancelled while its dispatch was committing
         self.draining = False
+        # backends an operator took out of service (maintenance.py): unavailable to new starts
+        # whatever their health; ``maintenance_why`` says why, for explain
+        self.cordoned: set[str] = set()
+        self.maintenance_why: Callable[[str], str | None] = lambda name: None
         self.hedges = 0
         self.overruns_noted = 0
         self.probes = 0
@@ -132,18 +136,27 @@ class Dispatcher:
     # ==== fleet events (FleetListener) ==========================================================
     def member_health(self, name: str, healthy: bool) -> None:
         if name in self.sched.backends:
-            self.sched.set_health(name, healthy)
+            self.sched.set_health(name, healthy and name not in self.cordoned)
         if healthy:
             self.kick()
+
+    def annotated(self, explanation: dict[str, Any]) -> dict[str, Any]:
+        """An explanation with each backend's maintenance state, where it has one."""
+        for name, row in explanation.get("backends", {}).items():
+            why = self.maintenance_why(name)
+            if why is not None:
+                row["maintenance"] = why
+        return explanation
 
     def members_added(self, members: list[Member]) -> None:
         for m in members:
             self.fleet.members[m.spec.name] = m
+            healthy = m.healthy and m.spec.name not in self.cordoned
             if m.spec.name in self.sched.backends:   # came back (a pool restarted): known already
-                self.sched.set_health(m.spec.name, m.healthy)
+                self.sched.set_health(m.spec.name, healthy)
                 continue
             self.sched.node_cpus[self.fleet.sched_node(m)] = self.fleet.sched_cores(m)
-            self.sched.add_backend(m.spec, node=self.fleet.sched_node(m), healthy=m.healthy)
+            self.sched.add_backend(m.spec, node=self.fleet.sched_node(m), healthy=healthy)
         if members and self.queued:
             self.replan_queued()
         self.kick()
@@ -274,7 +287,8 @@ class Dispatcher:
         mine = next((d for d in res.dispatch if d.entry.job.id == job.id), None)
         dispatch_to = None
         if mine is not None:
-            dispatch_to = (mine.choice.backend, p.estimates[mine.choice.backend].runtime_s, explain(p, mine.explained))
+            dispatch_to = (mine.choice.backend, p.estimates[mine.choice.backend].runtime_s,
+                           self.annotated(explain(p, mine.explained)))
         try:
             job_id, created, attempt = await self.db(self.store.add_job, job, now=now, dispatch_to=dispatch_to)
         except BaseException:
@@ -389,7 +403,8 @@ class Dispatcher:
         self._dispatching[q.job.id] = False
         try:
             attempt = await self.db(self.store.dispatch, q.job.id, name, predicted_s=est.runtime_s,
-                                    queued_at=q.enqueued_at, explanation=explain(q.plan, d.explained))
+                                    queued_at=q.enqueued_at,
+                                    explanation=self.annotated(explain(q.plan, d.explained)))
         finally:
             cancelled = self._dispatching.pop(q.job.id, False)
         self.take(q.job.id)
@@ -643,7 +658,7 @@ class Dispatcher:
         self.kick()
 
     async def give_up(self, job_id: str, error: str, p: Plan) -> None:
-        await self.db(self.store.save_explanation, job_id, explain(p, None))
+        await self.db(self.store.save_explanation, job_id, self.annotated(explain(p, None)))
         await self.db(self.store.fail, job_id, error)
         self._done(job_id)
 

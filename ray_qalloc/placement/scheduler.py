@@ -299,7 +299,7 @@ class PassResult:
 
 
 _Item = tuple[tuple[int, float, float, int], int, str]   # (entry key, entry version, job id)
-_MUTATORS = ("add_backend", "set_health", "set_node", "enqueue", "remove", "start", "finish", "decide", "requeue")
+_MUTATORS = ("add_backend", "set_health", "set_windows", "set_node", "enqueue", "remove", "start", "finish", "decide", "requeue")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -377,6 +377,7 @@ class Scheduler:
         self.examined = 0            # jobs a pass has weighed, in all (benchmarks divide by it)
         self._congestion_checked = -math.inf
         self._congested: frozenset[str] = frozenset()
+        self.windows: dict[str, tuple[tuple[float, float], ...]] = {}   # maintenance, per backend
         # Free backends whose queued jobs all preferred to wait elsewhere at the last pass: their
         # indexes are not re-walked until a slot frees or a wait grows on their node, or the TTL
         # passes. A job queued for one meanwhile is weighed alone (``_fresh``): the jobs that
@@ -430,6 +431,7 @@ class Scheduler:
         self._declined.pop(name, None)
         self._unhold(self._holds.release(name))
         self._congested = self._congested - {name}
+        self.windows.pop(name, None)
 
     def set_health(self, backend: str, healthy: bool) -> None:
         b = self.backends[backend]
@@ -674,16 +676,35 @@ class Scheduler:
             self._congested = frozenset(n for n, b in self.backends.items() if b.congested)
         return self._congested
 
-    def _exclusions(self, entry: Entry, congested: frozenset[str]) -> frozenset[str]:
-        """Congested QPUs an ``auto`` job may skip: only if a healthy simulator meets its floor
-        (skipping them for a simulator that is down would leave it nothing to choose)."""
-        if entry.job.intent != "auto" or not congested:
-            return frozenset()
-        floor = entry.job.fidelity_min or 0.0
-        backends = self.backends
-        sims_ok = any(backends[b].spec.kind == "simulator" and backends[b].healthy and e.fidelity >= floor
-                      for b, e in entry.plan.estimates.items() if b in backends)
-        return frozenset(b for b in entry.plan.estimates if b in congested) if sims_ok else frozenset()
+    def set_windows(self, backend: str, windows: Iterable[tuple[float, float]]) -> None:
+        """Maintenance windows (start, end) of a backend: no run starts there that would not
+        end before a window begins, nor during one. Runs already going are not stopped."""
+        ws = tuple(sorted((float(a), float(b)) for a, b in windows if b > a))
+        if ws:
+            self.windows[backend] = ws
+        else:
+            self.windows.pop(backend, None)
+
+    def _exclusions(self, entry: Entry, congested: frozenset[str], now: float) -> frozenset[str]:
+        """Backends this job skips in this pass: congested QPUs, for an ``auto`` job, only if a
+        healthy simulator meets its floor (skipping them for a simulator that is down would
+        leave it nothing to choose); and backends whose maintenance window a run started now
+        would reach (predicted runtime), or that are in one."""
+        out: frozenset[str] = frozenset()
+        est = entry.plan.estimates
+        if congested and entry.job.intent == "auto":
+            floor = entry.job.fidelity_min or 0.0
+            backends = self.backends
+            sims_ok = any(backends[b].spec.kind == "simulator" and backends[b].healthy and e.fidelity >= floor
+                          for b, e in est.items() if b in backends)
+            if sims_ok:
+                out = frozenset(b for b in est if b in congested)
+        if self.windows:
+            late = [b for b in est if b in self.windows
+                    and any(now < end and now + est[b].runtime_s > start for start, end in self.windows[b])]
+            if late:
+                out = out | frozenset(late)
+        return out
 
     def _head(self, backend: str, skip: set[str], parked: list[tuple[str, _Item]]) -> _Item | None:
         """Best current item of a backend's index. Stale items are dropped; items of jobs that
@@ -764,7 +785,8 @@ class Scheduler:
                 kept = held[2] if kept is None else kept + held[2]
             emergency = entry.cls == _EMERGENCY
             live = live_e if emergency else live_n
-            entry.excluded = self._exclusions(entry, congested) if congested else frozenset()
+            entry.excluded = (self._exclusions(entry, congested, now) if congested or self.windows
+                              else frozenset())
             choice = self.policy.choose(entry, live, now)
             if choice.backend is None:
                 if not any(b in self.backends for b in entry.plan.estimates):
