@@ -33,6 +33,7 @@ from ray_qalloc.config import Settings
 from ray_qalloc.costmodel.history import RunHistory
 from ray_qalloc.costmodel.registry import ArtifactWatcher, latest_artifact, load_predictor
 from ray_qalloc.dispatch import Dispatcher, Queued, Running
+from ray_qalloc.exceptions import QAllocError
 from ray_qalloc.fleet import Fleet, Member
 from ray_qalloc.jobs import JobState, PreparedJob, compact
 from ray_qalloc.maintenance import MaintenanceDesk, MaintenanceWindow
@@ -367,7 +368,12 @@ class Allocator:
     async def maintenance_window(self, name: str, start: float, end: float, reason: str = "",
                                  actor: str = "admin") -> dict[str, Any]:
         await self._wait_ready()
-        return await self.maint.add_window(name, MaintenanceWindow(start=start, end=end, reason=reason), actor=actor)
+        try:
+            window = MaintenanceWindow(start=start, end=end, reason=reason)
+        except ValueError as exc:   # pydantic's ValidationError: the caller's mistake, said plainly
+            raise QAllocError(f"bad maintenance window: {exc.errors()[0]['msg'] if hasattr(exc, 'errors') else exc}",
+                              field="end", fix="give start < end, in Unix seconds.") from None
+        return await self.maint.add_window(name, window, actor=actor)
 
     async def clear_maintenance_windows(self, name: str, actor: str = "admin") -> dict[str, Any]:
         await self._wait_ready()

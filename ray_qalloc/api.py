@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_qalloc import __version__
 from ray_qalloc.config import Settings, load_settings
+from ray_qalloc.api_admin import add_admin_routes
 from ray_qalloc.exceptions import (Conflict, Forbidden, IdempotencyKeyReused, IntakeError, JobNotFound,
                                    LimitExceeded,
                                    QAllocError, QuotaExceeded, Unauthorized)
@@ -48,7 +49,7 @@ ERROR_STATUS: dict[str, int] = {
     "invalid_request": 422, "invalid_job": 422, "invalid_job_spec": 422, "invalid_circuit": 422,
     "forbidden_include": 422, "limit_exceeded": 422, "no_feasible_backend": 422,
     "body_too_large": 413, "unauthorized": 401, "forbidden": 403, "not_found": 404,
-    "job_not_found": 404, "method_not_allowed": 405, "conflict": 409, "idempotency_key_reused": 409,
+    "job_not_found": 404, "unknown_backend": 404, "method_not_allowed": 405, "conflict": 409, "idempotency_key_reused": 409,
     "job_failed": 409, "job_cancelled": 409, "quota_exceeded": 429, "unavailable": 503, "internal": 500,
 }
 
@@ -567,6 +568,8 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
     @app.get("/v1/admin/stats", tags=["admin"], responses={403: {"model": ErrorOut}})
     async def stats(_: Admin) -> dict[str, Any]:
         return await state.call("stats")
+
+    add_admin_routes(app, state.call, admin, {403: {"model": ErrorOut}, 404: {"model": ErrorOut}})
 
     # -- health
     @app.get("/healthz", tags=["health"])

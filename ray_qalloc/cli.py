@@ -538,5 +538,14 @@ def openapi(out: Optional[Path] = typer.Option(None, "--out", help="Write here i
         err_console.print(f"wrote {out}")
 
 
+def _add_operator_commands() -> None:
+    from ray_qalloc.cli_ops import audit, backend_app
+
+    app.add_typer(backend_app, name="backend")
+    app.command("audit")(audit)
+
+
+_add_operator_commands()
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -196,6 +196,34 @@ class Client:
     def me(self) -> dict[str, Any]:
         return self._request("GET", "/v1/me").json()
 
+    # ---- operators (admin token) ------------------------------------------------------------
+    def maintenance(self, name: str | None = None) -> dict[str, Any]:
+        path = f"/v1/admin/backends/{name}/maintenance" if name else "/v1/admin/maintenance"
+        return self._request("GET", path).json()
+
+    def cordon(self, name: str, reason: str = "") -> dict[str, Any]:
+        return self._request("POST", f"/v1/admin/backends/{name}/cordon", json={"reason": reason}).json()
+
+    def drain(self, name: str, reason: str = "", wait_s: float = 60.0) -> dict[str, Any]:
+        return self._request("POST", f"/v1/admin/backends/{name}/drain", json={"reason": reason, "wait_s": wait_s},
+                             timeout=wait_s + 60.0).json()
+
+    def uncordon(self, name: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/admin/backends/{name}/uncordon").json()
+
+    def add_window(self, name: str, start: float, end: float, reason: str = "") -> dict[str, Any]:
+        return self._request("POST", f"/v1/admin/backends/{name}/windows",
+                             json={"start": start, "end": end, "reason": reason}).json()
+
+    def clear_windows(self, name: str) -> dict[str, Any]:
+        return self._request("DELETE", f"/v1/admin/backends/{name}/windows").json()
+
+    def audit(self, key: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if key:
+            params["key"] = key
+        return self._request("GET", "/v1/admin/audit", params=params).json()
+
     # ---- plumbing ---------------------------------------------------------------------------
     def _request(self, method: str, path: str, *, ok: tuple[int, ...] = (200,), **kw: Any) -> httpx.Response:
         attempt = 0

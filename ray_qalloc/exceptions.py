@@ -90,6 +90,12 @@ class JobNotFound(QAllocError):
     code = "job_not_found"
 
 
+class UnknownBackend(QAllocError):
+    """A name that is no backend, pool or QPU of this allocator (HTTP 404)."""
+
+    code = "unknown_backend"
+
+
 class JobFailed(QAllocError):
     code = "job_failed"
 

@@ -22,19 +22,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from pydantic import BaseModel, Field, model_validator
 
-from ray_qalloc.exceptions import QAllocError
+from ray_qalloc.exceptions import QAllocError, UnknownBackend
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray_qalloc.adminstate import AdminState
     from ray_qalloc.dispatch import Dispatcher
 
 STATE_KEY = "maintenance"
-
-
-class UnknownBackend(QAllocError):
-    """A name that is no backend, pool or QPU of this allocator (HTTP 404)."""
-
-    code = "unknown_backend"
 
 
 class MaintenanceWindow(BaseModel):

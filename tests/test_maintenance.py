@@ -11,7 +11,8 @@ import pytest
 
 from ray_qalloc.backends.base import BackendSpec
 from ray_qalloc.jobs import Intent
-from ray_qalloc.maintenance import MaintenanceBook, MaintenanceWindow, UnknownBackend
+from ray_qalloc.exceptions import UnknownBackend
+from ray_qalloc.maintenance import MaintenanceBook, MaintenanceWindow
 from ray_qalloc.placement.model import Estimate, JobView, Plan
 from ray_qalloc.placement.scheduler import Scheduler, SchedulerConfig
 from tests.helpers import prepared

@@ -1,0 +1,90 @@
+"""Operators' routes: maintenance (cordon, drain, uncordon, windows) and the audit trail.
+
+Kept apart from ``api.create_app`` (jobs, tenants, health) so that each concern stays small;
+``create_app`` mounts this router with its own admin dependency. Every change is made by the
+allocator (which commits it to the audited admin state before it applies it); the caller's
+tenant name is recorded as the actor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+from fastapi import Depends, FastAPI, Path, Query
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+BackendName = Path(description="A placement candidate (`cpu-1a2b3c4d/statevector`), a pool "
+                               "(`cpu-1a2b3c4d`: all its methods) or a QPU (`qpu_fez`).")
+
+
+class CordonIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field("", max_length=500)
+
+
+class DrainIn(CordonIn):
+    wait_s: float = Field(60.0, ge=0.0, le=3600.0,
+                          description="How long to wait for the backend's running jobs to end.")
+
+
+class WindowIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    start: float = Field(description="Unix time the maintenance begins.")
+    end: float = Field(description="Unix time it ends (after start, in the future).")
+    reason: str = Field("", max_length=500)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "WindowIn":
+        if not self.end > self.start:
+            raise ValueError(f"end ({self.end}) must be after start ({self.start})")
+        return self
+
+
+def add_admin_routes(r: FastAPI, call: Callable[..., Awaitable[Any]], admin: Callable[..., Any],
+                     responses: dict) -> None:
+    """``call(method, *args, timeout=)`` reaches the allocator; ``admin`` is the dependency that
+    admits admin tokens only (and returns the principal). Routes go on the app itself, not an
+    included router: Serve's ingress copies ``app.routes`` and does not take an included
+    router's lazily added ones (a route then asks for a ``query`` parameter)."""
+    kw: dict[str, Any] = {"tags": ["admin"], "responses": responses}
+
+    @r.get("/v1/admin/maintenance", **kw)
+    async def maintenance(_: Any = Depends(admin)) -> dict[str, Any]:
+        """Backends under maintenance: cordon, drain, windows, runs still going there, and
+        queued jobs that have no other backend (they wait)."""
+        return await call("maintenance", None)
+
+    @r.get("/v1/admin/backends/{name:path}/maintenance", **kw)
+    async def backend_maintenance(name: str = BackendName, _: Any = Depends(admin)) -> dict[str, Any]:
+        return await call("maintenance", name)
+
+    @r.post("/v1/admin/backends/{name:path}/cordon", **kw)
+    async def cordon(body: CordonIn, name: str = BackendName, p: Any = Depends(admin)) -> dict[str, Any]:
+        """No new runs start there; running ones finish; queued jobs go to their next-best
+        backend, or wait if they have none."""
+        return await call("cordon", name, body.reason, p.tenant)
+
+    @r.post("/v1/admin/backends/{name:path}/drain", **kw)
+    async def drain(body: DrainIn, name: str = BackendName, p: Any = Depends(admin)) -> dict[str, Any]:
+        """Cordon, then wait up to ``wait_s`` for its running jobs to end (``drained`` says if they did)."""
+        return await call("drain", body.wait_s, name, body.reason, p.tenant, timeout=body.wait_s + 30.0)
+
+    @r.post("/v1/admin/backends/{name:path}/uncordon", **kw)
+    async def uncordon(name: str = BackendName, p: Any = Depends(admin)) -> dict[str, Any]:
+        return await call("uncordon", name, p.tenant)
+
+    @r.post("/v1/admin/backends/{name:path}/windows", **kw)
+    async def add_window(body: WindowIn, name: str = BackendName, p: Any = Depends(admin)) -> dict[str, Any]:
+        """A maintenance window: no run starts there that would not end before it begins."""
+        return await call("maintenance_window", name, body.start, body.end, body.reason, p.tenant)
+
+    @r.delete("/v1/admin/backends/{name:path}/windows", **kw)
+    async def clear_windows(name: str = BackendName, p: Any = Depends(admin)) -> dict[str, Any]:
+        return await call("clear_maintenance_windows", name, p.tenant)
+
+    @r.get("/v1/admin/audit", **kw)
+    async def audit(key: str | None = Query(None, max_length=128), limit: int = Query(100, ge=1, le=1000),
+                    _: Any = Depends(admin)) -> list[dict[str, Any]]:
+        """Operators' changes, newest first: who, when, what, old → new."""
+        return await call("audit", key, limit)
+
