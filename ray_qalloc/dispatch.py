@@ -254,7 +254,9 @@ class Dispatcher:
         return len(ids)
 
     def _replan(self, q: Queued) -> None:
-        if q.job.id in self._dispatching:   # being started: its plan no longer matters
+        # being started — committing, or started by a pass whose commit is still pending (a
+        # submit's pass awaits the store while other runs complete): its plan no longer matters
+        if q.job.id in self._dispatching or q.job.id in self.sched.runs:
             return
         self.sched.remove(q.job.id)
         view = self.view(q.job, q.view.blocked)
