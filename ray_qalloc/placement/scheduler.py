@@ -734,9 +734,8 @@ class Scheduler:
         if not self.entries:
             return out
         self._age(now)
-        memo = self.config.decline_ttl_s > 0.0
         holds = self._holds
-        if memo and holds.groups:
+        if self.config.decline_ttl_s > 0.0 and holds.groups:
             self._unhold(holds.expired(now))
         # runtime of jobs examined in this pass that wait for a backend (and are not held: the
         # held ones' is in ``holds.work``, which the views read too)
@@ -744,22 +743,8 @@ class Scheduler:
         skip: set[str] = set()
         parked: list[tuple[str, _Item]] = []
         misses = 0
-        # the heads of the startable backends' indexes, best first; a backend is re-pushed with
-        # its next head after each examined job, so a pass costs O(startable + examined·log)
-        declined = self._declined
-        heads: list[tuple[_Item, str]] = []
-        walk: set[str] = set()      # backends whose index this pass reads head after head
-        for b in self._startable:
-            if self._index[b] and declined.get(b, -math.inf) <= now:
-                walk.add(b)
-                item = self._head(b, skip, parked)
-                if item is not None:
-                    heads.append((item, b))
-        # jobs queued since their free backends were declined: weighed alone ("" reads no index)
-        heads.extend((item, "") for item in self._fresh)
-        self._fresh.clear()
+        heads, walk = self._heads(now, skip, parked)
         carried, self._carry = self._carry, {}
-        heapq.heapify(heads)
         examined: set[str] = set()
         live_n, live_e = LiveView(self, now, False, ahead, holds.work), LiveView(self, now, True, ahead, holds.work)
         while heads and misses < self.config.lookahead:
@@ -768,10 +753,7 @@ class Scheduler:
             entry = self.entries.get(job_id)
             if entry is None or entry.version != item[1] or job_id in skip:
                 # taken or skipped since this head was read: re-read the backend's head
-                if backend in walk and backend in self._startable:
-                    nxt = self._head(backend, skip, parked)
-                    if nxt is not None:
-                        heapq.heappush(heads, (nxt, backend))
+                self._advance(backend, walk, heads, skip, parked)
                 continue
             if backend not in self._startable and not any(b in self._startable for b in entry.plan.estimates):
                 continue    # its backends filled up earlier in this pass: nothing to start it on
@@ -780,7 +762,7 @@ class Scheduler:
             self.examined += 1
             # items of this job held off free indexes: held again if it declines again
             kept = carried.pop(job_id, None)
-            held = holds.drop(job_id) if job_id in holds.holding else None
+            held = holds.drop(job_id)
             if held is not None:      # weighed again: its own work no longer counts ahead of it
                 kept = held[2] if kept is None else kept + held[2]
             emergency = entry.cls == _EMERGENCY
@@ -806,43 +788,79 @@ class Scheduler:
                 # it prefers to wait (for a busy backend, or a slot reserved for emergencies)
                 skip.add(job_id)
                 misses += 1
-                if emergency and job_id not in self._emergency_new:
-                    # it declined a free slot for a better one: no preemption needed now; the
-                    # bounded once-a-second recheck looks at it again while it waits (checking
-                    # every declining emergency job after every pass cost a victim search each)
-                    self._emergency_waiting.setdefault(job_id, None)
-                if choice.backend in entry.plan.estimates:
-                    run_s = entry.plan.estimates[choice.backend].runtime_s
-                    if memo:
-                        holds.hold(job_id, choice.backend, run_s,
-                                   self._latest_end(entry, choice.backend, live, now),
-                                   emergency, now + self._decline_ttl())
-                    else:
-                        ahead[choice.backend] = ahead.get(choice.backend, 0.0) + run_s
-                if kept:
-                    if job_id in holds.holding:
-                        self._push_back(holds.adopt(job_id, kept))
-                    else:
-                        self._push_back(kept)
-            if backend in walk and backend in self._startable:
-                nxt = self._head(backend, skip, parked)
-                if nxt is not None:
-                    heapq.heappush(heads, (nxt, backend))
+                self._waits(entry, choice, live, now, ahead, kept or [])
+            self._advance(backend, walk, heads, skip, parked)
+        self._end_pass(now, parked, carried, examined)
+        self._preemptions(now, out)
+        return out
+
+    def _end_pass(self, now: float, parked: list[tuple[str, _Item]],
+                  carried: dict[str, list[tuple[str, _Item]]], examined: set[str]) -> None:
+        """Items read past go back (or stay held while their job waits); released waiters the
+        pass did not reach go back in line; free backends whose jobs all chose to wait are
+        not re-read until something changes for them or a jittered timeout passes (overruns
+        make waits grow; the jitter spreads their re-reading over passes)."""
+        memo = self.config.decline_ttl_s > 0.0
         for backend, item in parked:
-            if not (memo and holds.park(backend, item)):
+            if not (memo and self._holds.park(backend, item)):
                 heapq.heappush(self._index[backend], item)
-        for job_id, kept in carried.items():     # not reached in this pass: back in line
+        for job_id, kept in carried.items():
             entry = self.entries.get(job_id)
             if entry is not None:
                 self._push_back(it for it in kept if it[1][1] == entry.version)
-        # free backends whose queued jobs all chose to wait elsewhere are not re-read until
-        # something changes for them; a jittered timeout (overruns make waits grow) spreads
-        # their re-reading over passes instead of one pass re-reading them all
         for b in examined:
             if b in self._startable and self._index[b]:
-                declined[b] = now + self._decline_ttl()
-        self._preemptions(now, out)
-        return out
+                self._declined[b] = now + self._decline_ttl()
+
+    def _heads(self, now: float, skip: set[str], parked: list[tuple[str, _Item]]
+               ) -> tuple[list[tuple[_Item, str]], set[str]]:
+        """The heads of the startable, not declined backends' indexes (which this pass walks,
+        head after head), and the jobs queued since their free backends were declined (weighed
+        alone: backend "" reads no index), best first as a heap; a pass costs
+        O(startable + examined·log)."""
+        declined = self._declined
+        heads: list[tuple[_Item, str]] = []
+        walk: set[str] = set()
+        for b in self._startable:
+            if self._index[b] and declined.get(b, -math.inf) <= now:
+                walk.add(b)
+                item = self._head(b, skip, parked)
+                if item is not None:
+                    heads.append((item, b))
+        heads.extend((item, "") for item in self._fresh)
+        self._fresh.clear()
+        heapq.heapify(heads)
+        return heads, walk
+
+    def _advance(self, backend: str, walk: set[str], heads: list[tuple[_Item, str]], skip: set[str],
+                 parked: list[tuple[str, _Item]]) -> None:
+        """Push the next head of a walked backend that can still start a run."""
+        if backend in walk and backend in self._startable:
+            nxt = self._head(backend, skip, parked)
+            if nxt is not None:
+                heapq.heappush(heads, (nxt, backend))
+
+    def _waits(self, entry: Entry, choice: Choice, live: LiveView, now: float, ahead: dict[str, float],
+               kept: list[tuple[str, _Item]]) -> None:
+        """A job chose to wait: its work counts ahead on the backend it waits for — held (with
+        the items ``kept`` off free indexes) while that memo is on, else for this pass only."""
+        job_id = entry.job.id
+        emergency = live.emergency
+        if emergency and job_id not in self._emergency_new:
+            # it declined a free slot for a better one: no preemption needed now; the bounded
+            # once-a-second recheck looks at it again while it waits (checking every declining
+            # emergency job after every pass cost a victim search each)
+            self._emergency_waiting.setdefault(job_id, None)
+        holds = self._holds
+        if choice.backend in entry.plan.estimates:
+            run_s = entry.plan.estimates[choice.backend].runtime_s
+            if self.config.decline_ttl_s > 0.0:
+                holds.hold(job_id, choice.backend, run_s, self._latest_end(entry, choice.backend, live, now),
+                           emergency, now + self._decline_ttl())
+            else:
+                ahead[choice.backend] = ahead.get(choice.backend, 0.0) + run_s
+        if kept:
+            self._push_back(holds.adopt(job_id, kept) if job_id in holds.holding else kept)
 
     def _latest_end(self, entry: Entry, waits_for: str, live: LiveView, now: float) -> float:
         """The latest predicted end of ``waits_for``'s runs at which this job still prefers
