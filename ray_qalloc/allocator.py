@@ -25,6 +25,7 @@ import time
 from typing import Any, Mapping
 
 import ray
+from pydantic import ValidationError
 
 from ray_qalloc.adminstate import AdminState
 from ray_qalloc.autoscale import Requester, waiting_for
@@ -370,8 +371,8 @@ class Allocator:
         await self._wait_ready()
         try:
             window = MaintenanceWindow(start=start, end=end, reason=reason)
-        except ValueError as exc:   # pydantic's ValidationError: the caller's mistake, said plainly
-            raise QAllocError(f"bad maintenance window: {exc.errors()[0]['msg'] if hasattr(exc, 'errors') else exc}",
+        except ValidationError as exc:   # the caller's mistake, said plainly (not an outage)
+            raise QAllocError(f"bad maintenance window: {exc.errors()[0]['msg']}",
                               field="end", fix="give start < end, in Unix seconds.") from None
         return await self.maint.add_window(name, window, actor=actor)
 

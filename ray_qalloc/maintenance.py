@@ -126,12 +126,9 @@ class MaintenanceDesk:
             m = d.fleet.members.get(name)
             if m is not None and name in d.sched.backends:
                 d.sched.set_health(name, m.healthy and name not in cordoned)
-        for name in list(d.sched.windows):
-            if self.book.of(name).windows == []:
-                d.sched.set_windows(name, ())
-        for name, b in self.book.backends.items():
+        for name in set(d.sched.windows) | set(self.book.backends):
             if name in d.sched.backends:
-                d.sched.set_windows(name, [(w.start, w.end) for w in b.windows])
+                d.sched.set_windows(name, [(w.start, w.end) for w in self.book.of(name).windows])
         self._arm_timers()
         self.kick()
 
@@ -212,11 +209,12 @@ class MaintenanceDesk:
         queued jobs that have no other backend (they wait for it)."""
         names = self.resolve(name) if name is not None else sorted(self.book.backends)
         now = time.time()
+        out_of_service = self.book.cordoned()
         rows = []
         for n in names:
             b = self.book.of(n)
             stuck = sorted(q.job.id for q in self.d.queued.values()
-                           if n in q.plan.estimates and all(x in self.book.cordoned() or x not in self.d.sched.backends
+                           if n in q.plan.estimates and all(x in out_of_service or x not in self.d.sched.backends
                                                             for x in q.plan.estimates))
             window = b.in_window(now)
             rows.append({"backend": n, "cordoned": b.cordoned, "draining": b.draining, "reason": b.reason,

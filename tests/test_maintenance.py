@@ -40,7 +40,7 @@ def test_cordoned_backend_gets_no_new_runs_and_running_ones_finish(tmp_path):
     assert recs[0]["state"] == "completed" and recs[0]["result"]["backend"] == "a"   # not stopped
     assert all(r["state"] == "completed" and r["result"]["backend"] == "b" for r in recs[1:])
     assert "cordoned by ops@site: firmware update" in ex["backends"]["a"]["maintenance"]
-    audit = alloc.store.engine and run_async(lambda: alloc.audit())
+    audit = alloc.admin.audit()
     assert audit[0]["action"] == "cordon" and audit[0]["actor"] == "ops@site"
     assert audit[0]["old"] is None and audit[0]["new"]["backends"]["a"]["cordoned"] is True
 
