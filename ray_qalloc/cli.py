@@ -538,6 +538,34 @@ def openapi(out: Optional[Path] = typer.Option(None, "--out", help="Write here i
         err_console.print(f"wrote {out}")
 
 
+@app.command()
+def calibration(device: str = typer.Argument(..., help="QPU backend name, e.g. qpu_torino."),
+                window: float = typer.Option(6.0, help="Trend window, hours."),
+                period: float = typer.Option(900.0, help="Calibration refresh period, seconds (staleness)."),
+                stale_after: float = typer.Option(2.0, help="Stale after this many periods without a calibration."),
+                all_couplers: bool = typer.Option(False, "--all-couplers", help="List every coupler, not only those in alarm."),
+                series_url: Optional[str] = typer.Option(None, "--series-url", envvar="QALLOC_CALSERIES_URL",
+                                                         help="SQLAlchemy URL of the calibration series "
+                                                              "(default: calibration.db under the data dir).")) -> None:
+    """DEVICE's calibration as the quantum monitor recorded it: per-qubit values, trends, drift flags, staleness."""
+    from ray_qalloc.monitor.calseries import CalibrationSeries
+    from ray_qalloc.monitor.cli import calibration_report, default_series_url, report_data
+
+    try:
+        series = CalibrationSeries(series_url or default_series_url(_settings().data_dir))
+        try:
+            if _json_out():
+                _print_json(report_data(device, series, window_s=window * 3600, period_s=period,
+                                        max_stale_periods=stale_after))
+            else:
+                calibration_report(device, series, None, console, window_s=window * 3600, period_s=period,
+                                   max_stale_periods=stale_after, all_couplers=all_couplers)
+        finally:
+            series.close()
+    except QAllocError as exc:
+        _fail(exc)
+
+
 def _add_operator_commands() -> None:
     from ray_qalloc.cli_ops import audit, backend_app
 

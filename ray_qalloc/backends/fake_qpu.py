@@ -44,7 +44,7 @@ import statistics
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
@@ -58,6 +58,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from qiskit.providers import BackendV2
     from qiskit.transpiler import Target
     from qiskit_aer.noise import NoiseModel
+
+    from ray_qalloc.monitor.drift import DriftModel, DriftSettings
 
 DEFAULT_OVERHEAD_S = 2.0
 DEFAULT_REP_DELAY_S = 250e-6
@@ -510,8 +512,13 @@ def _median(values: Iterable[float]) -> float:
 
 def calibration_of(backend: Any, name: str | None = None) -> Calibration:
     """Calibration value object of a BackendV2 (real or fake), from its target."""
-    target = backend.target
-    n = backend.num_qubits
+    return calibration_from_target(backend.target, backend.num_qubits, name or backend.name,
+                                   snapshot_time(backend), rep_delay_of(backend))
+
+
+def calibration_from_target(target: "Target", n: int, name: str, taken_at: float,
+                            rep_delay_s: float) -> Calibration:
+    """Calibration value object of ``target`` (a device's, or a drifted copy of it)."""
     qprops = target.qubit_properties or [None] * n
     nan = float("nan")
     t1 = tuple(float(p.t1) if p is not None and p.t1 is not None else nan for p in qprops)
@@ -538,8 +545,8 @@ def calibration_of(backend: Any, name: str | None = None) -> Calibration:
             if len(qa) == 2 and p.error is not None:
                 edge_error[qa] = min(float(p.error), edge_error.get(qa, 1.0))
     return Calibration(
-        backend=name or backend.name,
-        taken_at=snapshot_time(backend),
+        backend=name,
+        taken_at=taken_at,
         t1_s=t1,
         t2_s=t2,
         readout_error=tuple(readout),
@@ -547,22 +554,64 @@ def calibration_of(backend: Any, name: str | None = None) -> Calibration:
         gate_duration_s=gate_duration,
         readout_duration_s=gate_duration.get("measure", 0.0),
         edge_error=edge_error,
-        rep_delay_s=rep_delay_of(backend),
+        rep_delay_s=rep_delay_s,
     )
+
+
+def qubit_gate_errors_of(target: "Target", ops: Iterable[str] = ("sx", "x")) -> dict[str, tuple[float, ...]]:
+    """Per-qubit errors of the single-qubit ``ops`` (NaN where unknown): ``Calibration`` keeps medians only."""
+    n = target.num_qubits
+    out: dict[str, tuple[float, ...]] = {}
+    for op in ops:
+        if op not in target.operation_names:
+            continue
+        values = [float("nan")] * n
+        for qargs, p in target[op].items():
+            if qargs is not None and len(qargs) == 1 and p is not None and p.error is not None:
+                values[qargs[0]] = float(p.error)
+        out[op] = tuple(values)
+    return out
 
 
 # ----------------------------------------------------------------------------- backend
 
 
+@dataclass
+class _DeviceView:
+    """The device during one calibration epoch: its target and what is built from it.
+
+    Without drift there is one view, of the snapshot, for the backend's lifetime. With drift
+    a new view replaces it each time the drift clock enters a new epoch (``step_s``), and a
+    run uses the view it started with throughout, so transpilation, noise and ESP agree.
+    """
+
+    epoch: int
+    target: "Target"
+    taken_at: float | None = None                 # None: the snapshot's own time
+    calibration: Calibration | None = None
+    pass_manager: Any = None
+    gate_errors: dict[str, tuple[float, ...]] | None = None
+    noise_cache: OrderedDict[tuple[int, ...], "NoiseModel"] = field(default_factory=OrderedDict)
+
+
 class FakeQPUBackend:
-    """One emulated IBM device: noisy Aer runs of circuits transpiled to its target."""
+    """One emulated IBM device: noisy Aer runs of circuits transpiled to its target.
+
+    ``drift`` (off by default: the snapshot, exactly as before) makes the device drift over
+    time (``ray_qalloc.monitor.drift``): calibration, transpilation (noise-aware layout),
+    noise and ESP all follow the drifted target. Drift time is ``clock()`` minus the drift
+    origin (``DriftSettings.origin_s``, else the clock at construction); ``clock`` defaults to
+    wall time and is injectable for tests and benchmarks.
+    """
 
     def __init__(self, device: str = "fake_torino", *, name: str | None = None,
                  overhead_s: float = DEFAULT_OVERHEAD_S,
                  exact_max_qubits: int = DEFAULT_EXACT_MAX_QUBITS,
                  price: Price | None = None, threads: int = 1,
                  seed_transpiler: int = DEFAULT_SEED_TRANSPILER,
-                 noise_cache_size: int = DEFAULT_NOISE_CACHE) -> None:
+                 noise_cache_size: int = DEFAULT_NOISE_CACHE,
+                 drift: "DriftSettings | None" = None,
+                 clock: Callable[[], float] | None = None) -> None:
         self._device = load_fake_device(device)
         self._device_name = self._device.name
         self._name = name or f"qpu_{short_device_name(self._device_name)}"
@@ -572,13 +621,17 @@ class FakeQPUBackend:
         self._threads = max(1, int(threads))
         self._seed_transpiler = seed_transpiler
         self._noise_cache_size = noise_cache_size
-        self._noise_cache: OrderedDict[tuple[int, ...], NoiseModel] = OrderedDict()
         self._lock = threading.Lock()
         self._spec: BackendSpec | None = None
-        self._calibration: Calibration | None = None
-        self._pass_manager: Any = None
         self._noisy_sim: Any = None
         self._ideal: dict[str, AerBackend] = {}
+        self._drift = drift
+        self._clock = clock or time.time
+        self._origin = 0.0
+        if drift is not None:
+            self._origin = drift.origin_s if drift.origin_s is not None else self._clock()
+        self._drift_model: "DriftModel | None" = None
+        self._view: _DeviceView | None = None
 
     # -- protocol -------------------------------------------------------------------------
 
@@ -596,9 +649,14 @@ class FakeQPUBackend:
         return self._spec
 
     def calibration(self) -> Calibration:
-        if self._calibration is None:
-            self._calibration = calibration_of(self._device, self._name)
-        return self._calibration
+        return self._calibration_of(self._current_view())
+
+    def qubit_gate_errors(self) -> dict[str, tuple[float, ...]]:
+        """Per-qubit sx and x errors now (``Calibration`` has device medians only)."""
+        view = self._current_view()
+        if view.gate_errors is None:
+            view.gate_errors = qubit_gate_errors_of(view.target)
+        return view.gate_errors
 
     def run(self, circuit: "QuantumCircuit", shots: int, *, seed: int | None = None,
             on_submitted: Callable[[str], None] | None = None) -> RunResult:
@@ -606,32 +664,83 @@ class FakeQPUBackend:
         if circuit.num_qubits > self._device.num_qubits:
             raise BackendError(f"{circuit.num_qubits} qubits exceed {self._device_name}'s "
                                f"{self._device.num_qubits}.", fix="choose a larger device or a simulator.")
+        view = self._current_view()
         t0 = time.perf_counter()
-        transpiled = self.transpile(circuit)
+        transpiled = self._transpile(circuit, view)
         transpile_s = time.perf_counter() - t0
-        target = self._device.target
+        target = view.target
         schedule = scheduled_duration(transpiled, target)
         success = estimate_success(transpiled, target, schedule)
         layout = active_qubits(transpiled)
         t1 = time.perf_counter()
         if len(layout) <= self._exact_max_qubits:
-            counts, method = self._run_exact(transpiled, layout, shots, seed)
+            counts, method = self._run_exact(transpiled, layout, shots, seed, view)
             noise = "exact_local"
         else:
-            counts, method = self._run_global(circuit, transpiled, success, shots, seed)
+            counts, method = self._run_global(circuit, transpiled, success, shots, seed, view)
             noise = "global_depolarizing"
         execute_s = time.perf_counter() - t1
-        rep_delay = self.calibration().rep_delay_s
+        calibration = self._calibration_of(view)
+        rep_delay = calibration.rep_delay_s
+        metadata = {"noise_model": noise, "layout": list(layout), "esp": success.esp,
+                    "esp_gates": success.gates, "esp_readout": success.readout,
+                    "esp_decoherence": success.decoherence, "duration_s": schedule.duration_s,
+                    "rep_delay_s": rep_delay, "overhead_s": self._overhead_s,
+                    "device": self._device_name, "depth": transpiled.depth()}
+        if self._drift is not None:
+            metadata["calibration_at"] = calibration.taken_at
         return RunResult(
             counts=counts, shots=shots, backend=self._name,
             wall_s=time.perf_counter() - start, transpile_s=transpile_s, execute_s=execute_s,
             qpu_s=modelled_qpu_seconds(shots, schedule.duration_s, rep_delay, self._overhead_s),
-            method=method,
-            metadata={"noise_model": noise, "layout": list(layout), "esp": success.esp,
-                      "esp_gates": success.gates, "esp_readout": success.readout,
-                      "esp_decoherence": success.decoherence, "duration_s": schedule.duration_s,
-                      "rep_delay_s": rep_delay, "overhead_s": self._overhead_s,
-                      "device": self._device_name, "depth": transpiled.depth()})
+            method=method, metadata=metadata)
+
+    # -- drift ----------------------------------------------------------------------------
+
+    @property
+    def drift_model(self) -> "DriftModel | None":
+        """The device's drift model (None when drift is off)."""
+        if self._drift is not None and self._drift_model is None:
+            from ray_qalloc.monitor.drift import DriftModel
+
+            self._drift_model = DriftModel.for_target(self._device.target, self._drift, self._device_name)
+        return self._drift_model
+
+    def drift_time(self) -> float:
+        """Seconds of drift time now (0 when drift is off)."""
+        return max(0.0, self._clock() - self._origin) if self._drift is not None else 0.0
+
+    def _current_view(self) -> _DeviceView:
+        if self._drift is None:
+            if self._view is None:
+                with self._lock:
+                    if self._view is None:
+                        self._view = _DeviceView(epoch=0, target=self._device.target)
+            return self._view
+        epoch = int(self.drift_time() // self._drift.step_s)
+        view = self._view
+        if view is not None and view.epoch == epoch:
+            return view
+        from ray_qalloc.monitor.drift import apply_to_target
+
+        model = self.drift_model
+        assert model is not None
+        t = epoch * self._drift.step_s
+        target = apply_to_target(self._device.target, model.baseline, model.state_at(t))
+        view = _DeviceView(epoch=epoch, target=target, taken_at=self._origin + t)
+        with self._lock:
+            if self._view is None or self._view.epoch != epoch:
+                self._view = view
+            return self._view
+
+    def _calibration_of(self, view: _DeviceView) -> Calibration:
+        if view.calibration is None:
+            if view.taken_at is None:
+                view.calibration = calibration_of(self._device, self._name)
+            else:
+                view.calibration = calibration_from_target(view.target, self._device.num_qubits, self._name,
+                                                           view.taken_at, rep_delay_of(self._device))
+        return view.calibration
 
     # -- steps ----------------------------------------------------------------------------
 
@@ -640,42 +749,53 @@ class FakeQPUBackend:
         return self._device
 
     @property
+    def target(self) -> "Target":
+        """The device's target now: the snapshot's, or its drifted copy."""
+        return self._current_view().target
+
+    @property
     def overhead_s(self) -> float:
         return self._overhead_s
 
     def transpile(self, circuit: "QuantumCircuit") -> "QuantumCircuit":
         """``circuit`` transpiled to the device (layout avoids broken couplers)."""
-        if self._pass_manager is None:
-            self._pass_manager = device_pass_manager(usable_target(self._device.target),
-                                                     self._seed_transpiler)
+        return self._transpile(circuit, self._current_view())
+
+    def _transpile(self, circuit: "QuantumCircuit", view: _DeviceView) -> "QuantumCircuit":
+        if view.pass_manager is None:
+            view.pass_manager = device_pass_manager(usable_target(view.target), self._seed_transpiler)
         if "ecr" in circuit.count_ops():
             # A user's ECR on a coupler the device drives only the other way fails the direction
             # pass ("no rules are known"): give the transpiler its definition instead.
             circuit = circuit.decompose(gates_to_decompose=["ecr"])
         try:
-            return self._pass_manager.run(circuit)
+            return view.pass_manager.run(circuit)
         except Exception as exc:
             raise BackendError(f"cannot transpile the circuit to {self._device_name}: {exc}",
                                fix="use standard gates and at most the device's qubit count.") from exc
 
     def noise_model(self, qubits: tuple[int, ...]) -> "NoiseModel":
         """Noise model of the physical ``qubits`` (cached, least recently used evicted)."""
+        return self._noise_model(qubits, self._current_view())
+
+    def _noise_model(self, qubits: tuple[int, ...], view: _DeviceView) -> "NoiseModel":
+        cache = view.noise_cache
         with self._lock:
-            model = self._noise_cache.get(qubits)
+            model = cache.get(qubits)
             if model is not None:
-                self._noise_cache.move_to_end(qubits)
+                cache.move_to_end(qubits)
                 return model
-        model = local_noise_model(self._device.target, qubits)
+        model = local_noise_model(view.target, qubits)
         with self._lock:
-            self._noise_cache[qubits] = model
-            while len(self._noise_cache) > self._noise_cache_size:
-                self._noise_cache.popitem(last=False)
+            cache[qubits] = model
+            while len(cache) > self._noise_cache_size:
+                cache.popitem(last=False)
         return model
 
     def _run_exact(self, transpiled: "QuantumCircuit", layout: tuple[int, ...], shots: int,
-                   seed: int | None) -> tuple[dict[str, int], str]:
+                   seed: int | None, view: _DeviceView) -> tuple[dict[str, int], str]:
         compact = compact_circuit(transpiled, layout)
-        model = self.noise_model(layout)
+        model = self._noise_model(layout, view)
         if self._noisy_sim is None:
             from qiskit_aer import AerSimulator
 
@@ -707,9 +827,9 @@ class FakeQPUBackend:
 
     def _run_global(self, circuit: "QuantumCircuit", transpiled: "QuantumCircuit",
                     success: SuccessEstimate, shots: int,
-                    seed: int | None) -> tuple[dict[str, int], str]:
+                    seed: int | None, view: _DeviceView) -> tuple[dict[str, int], str]:
         ideal = self._ideal_backend(circuit).run(circuit, shots, seed=seed)
-        readout = self.calibration().readout_error
+        readout = self._calibration_of(view).readout_error
         flips = {c: _finite(readout[q]) for c, q in measured_qubits(transpiled).items()}
         rng = np.random.default_rng(seed)
         keep = success.gates * success.decoherence
