@@ -239,18 +239,23 @@ def make_engine(url: str) -> Engine:
 
 
 def _create_schema(engine: Engine) -> None:
-    """Tables, then the additive migration, under one lock where the database has one.
+    """Tables, then the additive migration, under one lock: processes that open a new store at
+    the same moment (allocator, CLI, API replicas) take turns.
 
-    On PostgreSQL a transaction-scoped advisory lock makes processes that open a new store
-    at the same moment (allocator, CLI, API replicas) take turns; DDL there is transactional.
-    On SQLite a loser of that race finds the tables on its second look."""
+    PostgreSQL: a transaction-scoped advisory lock (DDL there is transactional). SQLite:
+    ``BEGIN IMMEDIATE`` takes the write lock first, waiting ``busy_timeout`` for it. Without
+    it Python's sqlite3 runs DDL outside any transaction, so racers that all saw "no table"
+    collided on each table and index in turn, and one could lose more times than it retried."""
     for attempt in range(3):
         try:
-            with engine.begin() as conn:
+            with engine.connect() as conn:
                 if conn.dialect.name == "postgresql":
                     conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
+                elif conn.dialect.name == "sqlite":
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
                 metadata.create_all(conn)
                 _add_missing_columns(conn)
+                conn.commit()
             return
         except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError):
             if attempt == 2 or engine.dialect.name != "sqlite":
