@@ -25,8 +25,8 @@ from ray_qalloc.backends.base import BackendSpec, Price
 from ray_qalloc.backends.registry import make_backend
 from ray_qalloc.config import Limits
 from ray_qalloc.costmodel.history import RunHistory
-from ray_qalloc.costmodel.model import (MODEL_FEATURES, CostModel, LearnedPredictor, feature_matrix,
-                                        fit_cost_model, runtime_data)
+from ray_qalloc.costmodel.model import (MODEL_FEATURES, CostModel, LearnedPredictor, backend_vector,
+                                        circuit_vector, feature_matrix, fit_cost_model, runtime_data)
 from ray_qalloc.costmodel.prior import HeuristicPrior
 from ray_qalloc.costmodel.registry import ArtifactWatcher, latest_artifact, load_predictor, save_artifact
 from ray_qalloc.jobs import make_spec, prepare_job
@@ -248,6 +248,31 @@ def test_anchor_is_the_prior_it_was_frozen_from():
             x = np.concatenate([circuit_vector(job.features), backend_vector(view.spec, None)])[None, :]
             assert math.exp(anchor_log_runtime(x)[0]) == pytest.approx(
                 simulator_runtime(view.spec.method, job, view.spec.threads), rel=1e-5)
+
+
+def test_an_artifact_is_predicted_with_the_anchor_it_was_trained_on(model, tmp_path):
+    """Retuning the prior (a new anchor version) must not shift an old artifact's numbers: a
+    v1 artifact adds its trees to the v1 anchor; a version this code does not know is refused."""
+    from ray_qalloc.costmodel.model import ANCHOR_VERSION, IncompatibleArtifact, anchor_log_runtime
+
+    job = job_of(rotations(14, 20, seed=3))
+    x = np.concatenate([circuit_vector(job.features), backend_vector(sim_views()[1].spec, None)])[None, :]
+    assert sim_views()[1].name == "aer_mps"
+    v1, now = anchor_log_runtime(x, 1)[0], anchor_log_runtime(x)[0]
+    assert abs(v1 - now) > 0.1  # MPS is where the versions differ
+    path = save_artifact(tmp_path, model)
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["anchor_version"] == ANCHOR_VERSION
+    meta["anchor_version"] = 1
+    (path / "meta.json").write_text(json.dumps(meta))
+    old = CostModel.load(path)
+    trees = model.predict_log_runtime(x)[0] - now
+    assert old.predict_log_runtime(x)[0] == pytest.approx(v1 + trees)
+    assert CostModel.load(save_artifact(tmp_path / "again", old)).anchor_version == 1  # kept on save
+    meta["anchor_version"] = 99
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(IncompatibleArtifact, match="anchor_version"):
+        CostModel.load(path)
 
 
 def test_qpus_fall_back_to_analytic_estimates(model):

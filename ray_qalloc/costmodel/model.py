@@ -7,8 +7,9 @@ Why it looks like this:
   Trees cannot extrapolate: a plain model trained on ≤ 20-qubit runs predicts a 30-qubit
   statevector like a 20-qubit one, 1000× too fast. Anchored, it keeps the prior's scaling law
   (2ⁿ, 4ⁿ, χ³ ...) outside the data and the measured constants inside it. The anchor is a
-  frozen, vectorised copy of ``prior.simulator_runtime`` (``ANCHOR_VERSION``): a saved artifact
-  must predict the same numbers even if the live prior is retuned later.
+  frozen copy of ``prior.simulator_runtime`` per ``ANCHOR_VERSION``: a saved artifact records
+  the version it was trained on and is always predicted with that anchor, so retuning the
+  prior (a new version) never shifts an old artifact's numbers.
 * **Right-censored runs use XGBoost's ``survival:aft`` objective.** A run stopped at its cap
   says "at least cap seconds"; AFT takes it as the interval [cap, +inf) and only pushes a
   prediction up when it is below the cap. Dropping such rows would bias the model toward
@@ -51,9 +52,13 @@ from ray_qalloc.placement.model import BackendView, Estimate, JobView
 
 log = logging.getLogger(__name__)
 
-#: Bumped whenever MODEL_FEATURES, the anchor or the artifact layout change.
+#: Bumped whenever MODEL_FEATURES or the artifact layout change.
 MODEL_SCHEMA_VERSION = 1
-ANCHOR_VERSION = 1
+#: The anchor new fits use. Version 2 gave MPS a per-gate floor and the O(shots·n·χ²) cost of
+#: sampling: v1 charged shots·n·2e-7, 20× below measured, so trees learned a large positive
+#: residual on low-χ circuits and carried it onto deep ones (predicting 27 s for a 1.3 s run).
+ANCHOR_VERSION = 2
+ANCHOR_VERSIONS: tuple[int, ...] = (1, 2)
 
 METHODS: tuple[str, ...] = ("statevector", "matrix_product_state", "stabilizer", "density_matrix")
 _CAL_KEYS: tuple[str, ...] = ("t1_median_us", "t2_median_us", "readout_error_median",
@@ -210,11 +215,12 @@ def feature_matrix(rows: pa.Table, specs: Mapping[str, BackendSpec] | None = Non
     return X
 
 
-def anchor_seconds(method: str, n: float, size: float, shots: float, threads: float, cut: float) -> float:
+def anchor_seconds(method: str, n: float, size: float, shots: float, threads: float, cut: float,
+                   version: int = ANCHOR_VERSION) -> float:
     """The analytic prior's runtime for one simulator row (nan inputs mean "unknown").
 
-    A frozen copy of ``prior.simulator_runtime`` (ANCHOR_VERSION 1): artifacts depend on it,
-    so it must not follow later edits of the prior. Scalar on purpose: for the handful of
+    A frozen copy of ``prior.simulator_runtime`` per anchor version: artifacts depend on it,
+    so a version's formulas never change once released. Scalar on purpose: for the handful of
     backends of one job, plain floats cost ~1 µs a row where numpy costs ~40 µs a call.
     """
     n = 1.0 if n != n else n
@@ -230,7 +236,9 @@ def anchor_seconds(method: str, n: float, size: float, shots: float, threads: fl
         return 1e-3 + size * n * 4e-8 + shots * n * n * 2e-9
     if method == "matrix_product_state":
         chi = min(n if cut != cut else cut, n / 2.0, 14.0)
-        return 2e-3 + size * 2.0 ** (3.0 * chi) * 2e-9 + shots * n * 2e-7
+        if version == 1:
+            return 2e-3 + size * 2.0 ** (3.0 * chi) * 2e-9 + shots * n * 2e-7
+        return 1.5e-3 + size * (2e-5 + 2.0 ** (3.0 * chi) * 1e-9) + shots * n * (3e-6 + 2.0 ** (2.0 * chi) * 3.3e-9)
     return 1e-2 + size * 2.0 ** min(n, 30.0) * 2e-9
 
 
@@ -238,14 +246,14 @@ _ANCHOR_COLS = [_IDX[c] for c in ("num_qubits", "size", "shots", "b_threads", "c
 _METHOD_COLS = [(m, _IDX[f"b_method_{m}"]) for m in METHODS]
 
 
-def anchor_log_runtime(X: np.ndarray) -> np.ndarray:
+def anchor_log_runtime(X: np.ndarray, version: int = ANCHOR_VERSION) -> np.ndarray:
     """log(prior seconds) per row of a model matrix: the base every tree adds to."""
     out = np.empty(X.shape[0], dtype=np.float64)
     cols = X[:, _ANCHOR_COLS].astype(np.float64).tolist()
     onehot = X[:, [c for _, c in _METHOD_COLS]].tolist()
     for i, (args, flags) in enumerate(zip(cols, onehot)):
         method = next((m for (m, _), f in zip(_METHOD_COLS, flags) if f > 0.5), "other")
-        out[i] = math.log(anchor_seconds(method, *args))
+        out[i] = math.log(anchor_seconds(method, *args, version=version))
     return out
 
 
@@ -480,7 +488,7 @@ def fit_cost_model(table: pa.Table, config: Mapping[str, Any] | None = None, *, 
     methods = sorted({m for m in METHODS if data.X[:, _IDX[f"b_method_{m}"]].any()})
     meta = {
         "params": booster_params(config or {}, nthread=nthread or auto_threads(data.n_rows), seed=seed),
-        "num_rounds": int(num_rounds),
+        "num_rounds": int(num_rounds), "anchor_version": ANCHOR_VERSION,
         "n_rows": data.n_rows, "n_censored": int(data.censored.sum()), "dropped": data.dropped,
         "methods": methods, "data_hash": data.data_hash(),
         "metrics": {**{f"train_{k}": v for k, v in train_metrics.items()}, **dict(metrics or {})},
@@ -531,8 +539,13 @@ class CostModel:
         """Simulation methods the training data covered; others fall back to the prior."""
         return frozenset(self.meta.get("methods", METHODS))
 
+    @property
+    def anchor_version(self) -> int:
+        """The anchor this booster's residuals were learned against (an unsaved fit: the current)."""
+        return int(self.meta.get("anchor_version", ANCHOR_VERSION))
+
     def predict_log_runtime(self, X: np.ndarray) -> np.ndarray:
-        return _margin(self.runtime, X, anchor_log_runtime(X))
+        return _margin(self.runtime, X, anchor_log_runtime(X, self.anchor_version))
 
     def predict_runtime(self, X: np.ndarray) -> np.ndarray:
         """Seconds per row, one ``inplace_predict`` call for the whole float32 matrix."""
@@ -568,7 +581,7 @@ class CostModel:
         meta = {
             **self.meta,
             "model_schema_version": MODEL_SCHEMA_VERSION, "feature_schema_version": FEATURE_SCHEMA_VERSION,
-            "anchor_version": ANCHOR_VERSION, "model_features": list(MODEL_FEATURES),
+            "anchor_version": self.anchor_version, "model_features": list(MODEL_FEATURES),
             "objective": "survival:aft", "xgboost_version": xgb.__version__,
             "created_at": self.meta.get("created_at") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "version": version or self.meta.get("version") or "unsaved", "files": checksums,
@@ -613,8 +626,11 @@ def read_meta(directory: Path) -> dict[str, Any]:
 
 def check_compatible(meta: Mapping[str, Any]) -> None:
     """Raise IncompatibleArtifact unless the artifact matches this code's features and layout."""
+    if meta.get("anchor_version") not in ANCHOR_VERSIONS:
+        raise IncompatibleArtifact(f"anchor_version is {meta.get('anchor_version')!r}, this code knows "
+                                   f"{list(ANCHOR_VERSIONS)}")
     expected = {"model_schema_version": MODEL_SCHEMA_VERSION, "feature_schema_version": FEATURE_SCHEMA_VERSION,
-                "anchor_version": ANCHOR_VERSION, "model_features": list(MODEL_FEATURES)}
+                "model_features": list(MODEL_FEATURES)}
     for key, want in expected.items():
         if meta.get(key) != want:
             got = meta.get(key)

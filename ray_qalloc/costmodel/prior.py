@@ -71,7 +71,10 @@ def simulator_runtime(method: str | None, job: JobView, threads: int = 1) -> flo
     if method == "matrix_product_state":
         cut = _f(feats, "cut_max", float(n))
         chi_log2 = min(cut, n / 2.0, 14.0)
-        return 2e-3 + size * (2.0 ** (3.0 * chi_log2)) * 2e-9 + shots * n * 2e-7
+        # Gates: a floor per gate plus χ³ per bond update. Sampling: every shot walks the chain,
+        # n·χ² a shot, which dominates shallow circuits at 512+ shots (measured, docs/notes.md).
+        return (1.5e-3 + size * (2e-5 + 2.0 ** (3.0 * chi_log2) * 1e-9)
+                + shots * n * (3e-6 + 2.0 ** (2.0 * chi_log2) * 3.3e-9))
     return 1e-2 + size * (2.0 ** min(n, 30)) * 2e-9
 
 
