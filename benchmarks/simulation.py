@@ -104,7 +104,8 @@ class PipelinePlanner:
         self.predictor = predictor
         self.learn = learn
         self.observations = 0
-        self.filters = make_filters(settings.tenant_backends, settings.max_calibration_age_s, health=False)
+        self.filters = make_filters(settings.tenant_backends, settings.max_calibration_age_s, health=False,
+                                    coherence_budget=settings.placement.coherence_budget)
         self.weights = settings.placement.table()
 
     def plan(self, job: SimJob, now: float) -> Plan | None:

@@ -80,6 +80,10 @@ class Allocator:
         self.admin = AdminState(self.store.engine)
         self.maint = MaintenanceDesk(self.d, self.admin, self._kick.set)
         self.d.maintenance_why = self.maint.why
+        from ray_qalloc.calwatch import CalibrationWatch, open_monitor
+
+        self.calwatch = CalibrationWatch(self.fleet, open_monitor(settings), self._calibration_changed,
+                                         timeout_s=max(settings.health_timeout_s, 10.0), offload=self.d.db)
         self.startup: dict[str, float] = {}          # how long the last start took, by step (stats)
         self.started_at = time.time()
         self._autoscale = Requester(slots={}, resource_of=self.fleet.resource_of)
@@ -129,7 +133,8 @@ class Allocator:
             return
         loop = asyncio.get_running_loop()
         self._tasks += [loop.create_task(self._scheduler()), loop.create_task(self._health_loop()),
-                        loop.create_task(self._history_loop()), loop.create_task(self._hedge_loop())]
+                        loop.create_task(self._history_loop()), loop.create_task(self._hedge_loop()),
+                        loop.create_task(self.calwatch.run())]
         self._ready.set()
         self._kick.set()
 
@@ -424,6 +429,24 @@ class Allocator:
             except Exception:  # never let the health loop die
                 log.exception("health tick failed")
             self._poll_model()
+
+    def _calibration_changed(self, names: list[str]) -> None:
+        """New calibrations arrived: queued jobs are planned again against them (fidelity,
+        coherence budget, freshness), each keeping its place in line."""
+        log.info("calibration changed on %s: planning the queue again", ", ".join(names))
+        self.d.replan_queued()
+
+    async def calibration_status(self) -> list[dict[str, Any]]:
+        """Per QPU: calibration age, staleness, series in alarm, last fetch error."""
+        await self._wait_ready()
+        return self.calwatch.status()
+
+    async def refresh_calibration(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Read calibrations now (one QPU or all), instead of waiting for the period."""
+        await self._wait_ready()
+        events = await self.calwatch.tick(names=None if name is None else [name])
+        return [{"device": e.device, "series": e.key.label, "kind": e.kind, "at": e.at, "factor": e.factor,
+                 "message": e.message} for e in events]
 
     def _elastic_tick(self, cluster: dict[str, float]) -> None:
         """Keep the autoscaling request in step with what queued jobs wait for; start and stop

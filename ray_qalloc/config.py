@@ -20,6 +20,7 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ray_qalloc.exceptions import ConfigError
+from ray_qalloc.monitor.drift import DriftSettings
 
 ENV_PREFIX = "QALLOC_"
 
@@ -93,12 +94,32 @@ class PlacementSettings(BaseModel):
                                                    description="Per priority class: fidelity and money weights.")
     quantum_fidelity_factor: float = Field(2.0, ge=0, description="Quantum-intent jobs weigh fidelity this "
                                            "many times their class's weight.")
+    coherence_budget: float | None = Field(1.0, gt=0, description="A QPU is a candidate only if the circuit's "
+                                           "scheduled duration fits in this many coherence times (min T1, T2) "
+                                           "of the weakest of the qubits it would use (None: no check).")
 
     def table(self) -> Any:
         from ray_qalloc.placement.pipeline import Weights, WeightTable
 
         return WeightTable({c: Weights(w.fidelity, w.money) for c, w in self.class_weights.items()},
                            self.quantum_fidelity_factor)
+
+
+class MonitorSettings(BaseModel):
+    """The quantum monitor: how often QPU calibrations are read, kept and judged stale."""
+
+    model_config = ConfigDict(frozen=True)
+
+    calibration_period_s: float = Field(300.0, gt=0, description="How often every QPU's calibration is read "
+                                        "(placement, the series and drift detection use the newest).")
+    max_stale_periods: float = Field(3.0, gt=0, description="A calibration older than this many periods "
+                                     "is stale (an alert; placement keeps the last values).")
+    retention_s: float = Field(30 * 86_400.0, gt=0, description="How long calibration samples are kept.")
+    series_url: str | None = Field(None, description="SQLAlchemy URL of the calibration series "
+                                   "(None: calibration.db in data_dir).")
+    emulated_drift: DriftSettings | None = Field(None, description="How the emulated QPUs drift (None: their "
+                                                 "calibration stays the snapshot's). Each device draws its own "
+                                                 "wander from the seed and its name.")
 
 
 class Settings(BaseModel):
@@ -125,6 +146,7 @@ class Settings(BaseModel):
                                       description="An attempt times out after this many predicted runtimes.")
     hedge: HedgeSettings = Field(default_factory=HedgeSettings)
     placement: PlacementSettings = Field(default_factory=PlacementSettings)
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     max_attempts: int = Field(5, gt=0, description="Attempts per job before it is failed.")
     breaker_failures: int = Field(3, gt=0, description="Consecutive failed runs that open a backend's "
                                   "circuit breaker (no new runs until a probe succeeds).")

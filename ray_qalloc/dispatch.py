@@ -94,7 +94,8 @@ class Dispatcher:
         self.sched = sched
         self.predictor = predictor
         self.kick = kick
-        self.filters = make_filters(settings.tenant_backends, settings.max_calibration_age_s, health=False)
+        self.filters = make_filters(settings.tenant_backends, settings.max_calibration_age_s, health=False,
+                                    coherence_budget=settings.placement.coherence_budget)
         self.weights = settings.placement.table()
         self.queued: dict[str, Queued] = {}
         self.running: dict[str, Running] = {}

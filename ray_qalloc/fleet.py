@@ -40,6 +40,7 @@ from ray_qalloc.backends.base import BackendSpec, resource_name
 from ray_qalloc.backends.pools import POOL_RESOURCE_CPU, pool_candidate_specs, pool_name
 from ray_qalloc.config import Settings
 from ray_qalloc.placement import BackendView
+from ray_qalloc.placement.model import QubitProfile
 from ray_qalloc.resources import split_pool
 
 log = logging.getLogger("ray_qalloc.fleet")
@@ -74,9 +75,20 @@ class Member:
     healthy: bool = False
     calibration: dict[str, float] | None = None
     calibration_taken_at: float | None = None
+    qubits: QubitProfile | None = None   # the same calibration per qubit (calwatch.py)
     failures: int = 0                 # circuit breaker: consecutive failed runs
     open_until: float = 0.0
     cooldown_s: float = 0.0
+
+    def set_calibration(self, cal: Any) -> bool:
+        """Take a new ``Calibration`` (None: the backend has none); True when it is newer."""
+        taken_at = getattr(cal, "taken_at", None)
+        if cal is not None and self.calibration is not None and taken_at == self.calibration_taken_at:
+            return False
+        self.calibration = cal.summary() if cal is not None else None
+        self.calibration_taken_at = taken_at
+        self.qubits = QubitProfile.of(cal) if cal is not None else None
+        return True
 
     @property
     def breaker_open(self) -> bool:
@@ -95,7 +107,7 @@ class Member:
 
     def view(self) -> BackendView:
         age = None if self.calibration_taken_at is None else max(time.time() - self.calibration_taken_at, 0.0)
-        return BackendView(self.spec, self.healthy, self.calibration, age)
+        return BackendView(self.spec, self.healthy, self.calibration, age, self.qubits)
 
 
 @dataclass
@@ -143,6 +155,7 @@ class Fleet:
         self._announced: set[str] = set()   # member names the listener (the scheduler) knows
         self._retired: set[str] = set()     # nodes whose idle elastic pool was stopped
         self._first_probes: dict[str, asyncio.Task] = {}
+        self._drift_origin = time.time()
 
     # ---- start-up ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -246,7 +259,18 @@ class Fleet:
     def _start_backend(self, spec: BackendSpec, *, use_resource: bool = True) -> Any:
         opts = backend_actor_options(spec, self.settings.namespace, use_resource=use_resource)
         return RemoteBackendActor.options(**opts).remote(
-            spec.name, None, self.settings.namespace, self.settings.allocator_name)
+            spec.name, self.backend_kwargs(spec), self.settings.namespace, self.settings.allocator_name)
+
+    def backend_kwargs(self, spec: BackendSpec) -> dict[str, Any] | None:
+        """What a backend actor builds its backend with: an emulated QPU drifts when the settings
+        say so, from an origin fixed in its constructor arguments (Ray replays them when it
+        restarts the actor, so the restarted device is the same device at the same time)."""
+        drift = self.settings.monitor.emulated_drift
+        if drift is None or spec.family != "fake_qpu":
+            return None
+        if drift.origin_s is None:
+            drift = drift.model_copy(update={"origin_s": self._drift_origin})
+        return {"drift": drift}
 
     def _add_members(self, host: Host, specs: list[BackendSpec]) -> list[Member]:
         added = []
@@ -307,8 +331,7 @@ class Fleet:
                     m = self.members[name]
                     if first or m.calibration is None:
                         cal = await asyncio.wait_for(_aref(host.actor.calibration.remote()), timeout)
-                        m.calibration = cal.summary() if cal is not None else None
-                        m.calibration_taken_at = getattr(cal, "taken_at", None)
+                        m.set_calibration(cal)
         except Exception as exc:  # noqa: BLE001 - whatever the reason, a host that does not answer is unhealthy
             # (catching only known Ray errors let ActorUnschedulableError — a pool pinned to a
             # dead node — escape, and its members stayed healthy forever)

@@ -82,6 +82,11 @@ class BackendActor:
     def calibration(self) -> Any:
         return self._backend.calibration()
 
+    def qubit_gate_errors(self) -> dict[str, tuple[float, ...]] | None:
+        """Per-qubit single-qubit gate errors where the backend knows them (None: it does not)."""
+        fn = getattr(self._backend, "qubit_gate_errors", None)
+        return fn() if callable(fn) else None
+
     def ping(self) -> dict[str, Any]:
         """Health check: answers while circuits run (they run on other threads)."""
         return {"name": self._spec.name, "running": len(self._runs), "node_id": self._node_id,

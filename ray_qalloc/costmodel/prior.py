@@ -22,7 +22,7 @@ import math
 from typing import Mapping, Sequence
 
 from ray_qalloc.placement.filters import memory_needed
-from ray_qalloc.placement.model import BackendView, Estimate, JobView
+from ray_qalloc.placement.model import BackendView, Estimate, JobView, QubitProfile
 
 QPU_JOB_OVERHEAD_S = 2.0
 _DEFAULT_CAL = {"t1_median_us": 150.0, "t2_median_us": 100.0, "readout_error_median": 0.02,
@@ -78,28 +78,49 @@ def simulator_runtime(method: str | None, job: JobView, threads: int = 1) -> flo
     return 1e-2 + size * (2.0 ** min(n, 30)) * 2e-9
 
 
-def qpu_duration_s(job: JobView) -> float:
-    """Scheduled duration of one shot, from depth and typical gate times."""
+GATE_1Q_S, GATE_2Q_S, READOUT_S = 60e-9, 500e-9, 1.5e-6
+"""Typical gate and readout times, for devices whose calibration does not give them."""
+
+
+def qpu_duration_s(job: JobView, qubits: QubitProfile | None = None) -> float:
+    """Scheduled duration of one shot, from depth and the device's gate times (calibrated where
+    ``qubits`` has them, typical otherwise)."""
     feats = job.features
     depth = _f(feats, "depth", 1.0)
     depth_2q = _f(feats, "two_qubit_depth", 0.0)
-    return (depth - depth_2q) * 60e-9 + depth_2q * 500e-9 + 1.5e-6
+    g1 = qubits.gate_1q_s if qubits is not None and qubits.gate_1q_s else GATE_1Q_S
+    g2 = qubits.gate_2q_s if qubits is not None and qubits.gate_2q_s else GATE_2Q_S
+    ro = qubits.readout_s if qubits is not None and qubits.readout_s else READOUT_S
+    return max(depth - depth_2q, 0.0) * g1 + depth_2q * g2 + ro
 
 
-def qpu_fidelity(job: JobView, cal: Mapping[str, float] | None) -> float:
-    """Estimated success probability: gate and readout fidelities, T1/T2 decay over the duration."""
+def qpu_fidelity(job: JobView, cal: Mapping[str, float] | None, qubits: QubitProfile | None = None) -> float:
+    """Estimated success probability: gate and readout fidelities, T1/T2 decay over the duration.
+
+    With a per-qubit profile, decay and readout are those of the best ``n`` qubits of the chip
+    (where a noise-aware layout puts an ``n``-qubit circuit), so one defective qubit does not
+    lower a small job's estimate and a chip whose good qubits are few lowers a wide one's.
+    Without it, the medians stand for every qubit. The learned fidelity correction was trained
+    against the median form; on a profile it corrects the part the profile does not model
+    (crosstalk, leakage, the gap between "n best" and a connected layout)."""
     c = {**_DEFAULT_CAL, **{k: v for k, v in (cal or {}).items() if v == v}}
     feats = job.features
+    n = job.num_qubits
     n2 = _f(feats, "two_qubit_count")
     routing = 1.0 if (_f(feats, "bandwidth") <= 1 and _f(feats, "max_degree") <= 2) else 2.5
     n1 = max(_f(feats, "size") - n2, 0.0) * 1.5
-    meas = _f(feats, "measure_count", float(job.num_qubits))
-    duration = qpu_duration_s(job)
-    t1 = c["t1_median_us"] * 1e-6
-    t2 = c["t2_median_us"] * 1e-6
-    decay = math.exp(-job.num_qubits * duration * (1.0 / t1 + 1.0 / t2) / 2.0)
-    esp = ((1 - c["gate_1q_error_median"]) ** n1 * (1 - c["gate_2q_error_median"]) ** (n2 * routing)
-           * (1 - c["readout_error_median"]) ** meas * decay)
+    meas = _f(feats, "measure_count", float(n))
+    duration = qpu_duration_s(job, qubits)
+    gates = (1 - c["gate_1q_error_median"]) ** n1 * (1 - c["gate_2q_error_median"]) ** (n2 * routing)
+    if qubits is not None and qubits.qubits >= n > 0:
+        measured = min(int(meas), n)
+        readout = qubits.readout_fidelity(measured) * (1 - c["readout_error_median"]) ** max(meas - measured, 0.0)
+        esp = gates * readout * qubits.decay(n, duration)
+    else:
+        t1 = c["t1_median_us"] * 1e-6
+        t2 = c["t2_median_us"] * 1e-6
+        decay = math.exp(-n * duration * (1.0 / t1 + 1.0 / t2) / 2.0)
+        esp = gates * (1 - c["readout_error_median"]) ** meas * decay
     return max(min(esp, 1.0), 0.0)
 
 
@@ -114,8 +135,8 @@ class HeuristicPrior:
             spec = b.spec
             if spec.kind == "qpu":
                 rep = 250e-6
-                runtime = QPU_JOB_OVERHEAD_S + job.shots * (qpu_duration_s(job) + rep)
-                fidelity = qpu_fidelity(job, b.calibration)
+                runtime = QPU_JOB_OVERHEAD_S + job.shots * (qpu_duration_s(job, b.qubits) + rep)
+                fidelity = qpu_fidelity(job, b.calibration, b.qubits)
                 memory = 0.0
                 spread = QPU_LOG_SD
             else:

@@ -9,12 +9,28 @@
 Nothing here imports Ray; the allocator's fleet wires a ``QuantumMonitor`` in.
 """
 
-from ray_qalloc.monitor.calseries import (CalibrationSeries, Retention, SeriesKey, Snapshot, Trend,
-                                          samples_from_calibration)
-from ray_qalloc.monitor.detect import (DetectorSettings, DriftDetector, DriftEvent, DriftScore, Staleness,
-                                       staleness)
-from ray_qalloc.monitor.drift import Defect, DriftModel, DriftSettings, DriftState, apply_to_target
-from ray_qalloc.monitor.quantum import QuantumMonitor, RefreshTiming
+import importlib
+from typing import Any
+
+# Exports load on first use (PEP 562): the typed settings import ``monitor.drift`` while the job
+# store, which ``calseries`` builds on, is still importing them.
+_EXPORTS = {
+    "CalibrationSeries": "calseries", "Retention": "calseries", "Snapshot": "calseries", "Trend": "calseries",
+    "samples_from_calibration": "calseries", "SeriesKey": "keys",
+    "DetectorSettings": "detect", "DriftDetector": "detect", "DriftEvent": "detect", "DriftScore": "detect",
+    "Staleness": "detect", "staleness": "detect",
+    "Defect": "drift", "DriftModel": "drift", "DriftSettings": "drift", "DriftState": "drift",
+    "apply_to_target": "drift",
+    "QuantumMonitor": "quantum", "RefreshTiming": "quantum",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ray_qalloc.monitor' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"ray_qalloc.monitor.{module}"), name)
+
 
 __all__ = [
     "CalibrationSeries",

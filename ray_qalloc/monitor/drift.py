@@ -47,7 +47,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ray_qalloc.exceptions import ConfigError
-from ray_qalloc.monitor.calseries import QUBIT_GATE_QUANTITIES, SeriesKey
+from ray_qalloc.monitor.keys import QUBIT_GATE_QUANTITIES, SeriesKey
 
 if TYPE_CHECKING:  # pragma: no cover
     from qiskit.transpiler import Target

@@ -100,11 +100,15 @@ class QuantumMonitor:
 
     # -- membership --------------------------------------------------------------------------
 
-    def add(self, backend: Backend, *, name: str | None = None) -> None:
-        """Watch ``backend`` (simulators are ignored: they have no calibration)."""
-        if not is_monitored(backend):
+    def add(self, backend: Backend | None, *, name: str | None = None) -> None:
+        """Watch ``backend`` (simulators are ignored: they have no calibration). ``backend=None``
+        with a ``name`` watches a passive device: ``tick`` leaves it to whoever calls ``record``."""
+        if backend is not None and not is_monitored(backend):
             return
-        name = name or backend_name(backend)
+        if name is None:
+            if backend is None:
+                raise ValueError("a passive device needs a name")
+            name = backend_name(backend)
         with self._lock:
             self._devices[name] = _Device(name, backend)
 
@@ -139,18 +143,48 @@ class QuantumMonitor:
             return events
 
     def _refresh(self, device: _Device, now: float) -> list[DriftEvent]:
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        if not device.replayed:
-            self._replay(device, now)
+        if device.backend is None:   # passive: its owner fetches and calls record()
+            return []
+        wall0 = time.perf_counter()
         try:
             calibration: Calibration | None = device.backend.calibration()
             gate_errors = getattr(device.backend, "qubit_gate_errors", None)
             per_qubit = gate_errors() if callable(gate_errors) and calibration is not None else None
         except Exception as exc:  # a provider outage must not stop the other devices' rounds
-            device.last_error = f"{exc.__class__.__name__}: {exc}"
-            log.warning("calibration of %s failed: %s", device.name, device.last_error)
+            self._failed(device, exc)
             return []
-        cal_s = time.perf_counter() - wall0
+        return self._record(device, calibration, per_qubit, now, time.perf_counter() - wall0)
+
+    def record(self, name: str, calibration: Calibration | None,
+               per_qubit: Mapping[str, tuple[float, ...]] | None = None, now: float | None = None) -> list[DriftEvent]:
+        """Record a calibration fetched by someone else (the allocator reads its QPUs through
+        their Ray actors, asynchronously); a device not watched yet is added as a passive one."""
+        now = self.clock() if now is None else float(now)
+        with self._lock:
+            device = self._devices.get(name)
+            if device is None:
+                device = self._devices[name] = _Device(name, None)
+            events = self._record(device, calibration, per_qubit, now, 0.0)
+            device.next_due = now + self.period_s
+            return events
+
+    def record_failure(self, name: str, exc: BaseException) -> None:
+        """A fetch by the owner of a passive device failed (kept; it turns stale in time)."""
+        with self._lock:
+            device = self._devices.get(name)
+            if device is None:
+                device = self._devices[name] = _Device(name, None)
+            self._failed(device, exc)
+
+    def _failed(self, device: _Device, exc: BaseException) -> None:
+        device.last_error = f"{exc.__class__.__name__}: {exc}"
+        log.warning("calibration of %s failed: %s", device.name, device.last_error)
+
+    def _record(self, device: _Device, calibration: Calibration | None,
+                per_qubit: Mapping[str, tuple[float, ...]] | None, now: float, cal_s: float) -> list[DriftEvent]:
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        if not device.replayed:
+            self._replay(device, now)
         device.last_error = None
         device.last_sampled = now
         if calibration is None:
@@ -164,7 +198,7 @@ class QuantumMonitor:
             events = self.detector.update(device.name, at, values)
             device.current = Snapshot(device.name, at, values)
             device.last_taken_at = at
-        self._timings[device.name] = RefreshTiming(time.process_time() - cpu0, time.perf_counter() - wall0,
+        self._timings[device.name] = RefreshTiming(time.process_time() - cpu0, time.perf_counter() - wall0 + cal_s,
                                                    cal_s, written)
         return events
 

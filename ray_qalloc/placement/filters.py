@@ -142,6 +142,46 @@ class CalibrationFreshnessFilter:
                       (f"calibration is {age / 3600:.3g} h old (limit {self.max_age_s / 3600:.3g} h)",))
 
 
+class CoherenceBudgetFilter:
+    """Claim 5a: a QPU whose best ``n`` qubits cannot hold the circuit is not a candidate.
+
+    The circuit's scheduled duration on the device (its depth at the calibrated gate times,
+    ``prior.qpu_duration_s``) must fit in ``budget`` times the coherence time — min(T1, T2) —
+    of the weakest of the ``n`` qubits a noise-aware layout would choose. Past one coherence
+    time a qubit has lost most of its state: the counts would be close to noise whatever the
+    gate errors say. Only QPUs with a per-qubit profile are checked (``BackendView.qubits``);
+    ``budget=None`` turns it off.
+
+    *Unschedulable* (wait: the next calibration may allow it) while the duration would fit the
+    chip's single best qubit — the ``n`` best are degraded now; *unresolvable* when it would not
+    fit even that one: no layout on this device holds the circuit, and waiting for it would be
+    waiting forever."""
+
+    name = "coherence"
+
+    def __init__(self, budget: float | None = 1.0) -> None:
+        self.budget = budget
+
+    def check(self, job: JobView, backend: BackendView) -> Status:
+        qubits = backend.qubits
+        if self.budget is None or backend.spec.kind != "qpu" or qubits is None or job.num_qubits < 1:
+            return OK
+        from ray_qalloc.costmodel.prior import qpu_duration_s
+
+        duration = qpu_duration_s(job, qubits)
+        limit = qubits.weakest_coherence_s(job.num_qubits)
+        if duration <= self.budget * limit:
+            return OK
+        best = qubits.weakest_coherence_s(1)
+        if duration > self.budget * best:
+            return Status("unresolvable", self.name,
+                          (f"scheduled duration {duration * 1e6:.3g} µs exceeds {self.budget:g} × the coherence "
+                           f"time {best * 1e6:.3g} µs of the device's best qubit",))
+        return Status("unschedulable", self.name,
+                      (f"scheduled duration {duration * 1e6:.3g} µs exceeds {self.budget:g} × the coherence "
+                       f"time {limit * 1e6:.3g} µs of the weakest of the {job.num_qubits} best qubits",))
+
+
 class HealthFilter:
     name = "health"
 
@@ -199,11 +239,13 @@ DEFAULT_FILTERS: tuple[Filter, ...] = (AllowListFilter(), IntentFilter(), Qubits
 
 
 def make_filters(tenant_backends: Mapping[str, Iterable[str]] | None = None,
-                 max_calibration_age_s: float | None = None, *, health: bool = True) -> tuple[Filter, ...]:
+                 max_calibration_age_s: float | None = None, *, health: bool = True,
+                 coherence_budget: float | None = 1.0) -> tuple[Filter, ...]:
     """The default pipeline plus the configured tenant permissions and calibration freshness.
 
     ``health=False`` leaves health out of the plan: the live allocator tracks it in the
     scheduler instead (an unhealthy backend is "not startable now"), so a job whose backends
     are all restarting waits for them rather than being refused or failed."""
     base = DEFAULT_FILTERS if health else tuple(f for f in DEFAULT_FILTERS if not isinstance(f, HealthFilter))
-    return base + (TenantFilter(tenant_backends), CalibrationFreshnessFilter(max_calibration_age_s))
+    return base + (TenantFilter(tenant_backends), CalibrationFreshnessFilter(max_calibration_age_s),
+                   CoherenceBudgetFilter(coherence_budget))

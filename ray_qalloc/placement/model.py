@@ -6,6 +6,7 @@ must not depend on how backends are run or how circuits are parsed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, NamedTuple
 
@@ -34,6 +35,92 @@ class JobView:
 
 
 @dataclass(frozen=True)
+class QubitProfile:
+    """A QPU's qubits ranked the way a noise-aware layout ranks them, as prefix sums, so that
+    "the n best qubits" costs a tuple index in placement's hot path.
+
+    Medians hide what a job meets: a 5-qubit circuit is laid out on the good part of a chip,
+    and one qubit with a TLS defect must not lower every estimate nor go unnoticed when it is
+    among the few a job needs. Coherence and readout are ranked separately, so the n best by
+    one and the m best by the other may not be one connected layout: estimates are optimistic
+    by that much, never pessimistic.
+    """
+
+    decay_rate_sum: tuple[float, ...]      # [k]: Σ over the k best qubits of (1/T1 + 1/T2)/2, 1/s
+    coherence_s: tuple[float, ...]         # [k]: min(T1, T2) of the k-th best qubit (descending)
+    readout_logfid_sum: tuple[float, ...]  # [k]: Σ over the k best qubits of -log(1 - readout error)
+    gate_1q_s: float | None = None         # calibrated durations (medians), for scheduled duration
+    gate_2q_s: float | None = None
+    readout_s: float | None = None
+
+    @property
+    def qubits(self) -> int:
+        return len(self.coherence_s)
+
+    def decay(self, n: int, duration_s: float) -> float:
+        """exp(-duration · Σ rates) over the ``n`` best-coherence qubits."""
+        n = min(max(n, 0), self.qubits)
+        return math.exp(-duration_s * self.decay_rate_sum[n]) if n else 1.0
+
+    def readout_fidelity(self, m: int) -> float:
+        m = min(max(m, 0), self.qubits)
+        return math.exp(-self.readout_logfid_sum[m]) if m else 1.0
+
+    def weakest_coherence_s(self, n: int) -> float:
+        """min(T1, T2) of the weakest of the ``n`` best qubits (the one a duration must fit)."""
+        if n <= 0 or not self.coherence_s:
+            return math.inf
+        return self.coherence_s[min(n, self.qubits) - 1]
+
+    @classmethod
+    def from_calibration(cls, t1_s: tuple[float | None, ...], t2_s: tuple[float | None, ...],
+                         readout_error: tuple[float | None, ...], gate_1q_s: float | None = None,
+                         gate_2q_s: float | None = None, readout_s: float | None = None) -> "QubitProfile":
+        """From a calibration's per-qubit figures; qubits with a missing T1/T2 rank last."""
+        def ok(v: float | None) -> bool:
+            return v is not None and v == v and v > 0
+
+        rates, coherence = [], []
+        for t1, t2 in zip(t1_s, t2_s):
+            if ok(t1) and ok(t2):
+                rates.append((1.0 / t1 + 1.0 / t2) / 2.0)   # type: ignore[operator]
+                coherence.append(min(t1, t2))                # type: ignore[type-var]
+            else:
+                rates.append(math.inf)
+                coherence.append(0.0)
+        ro = sorted(math.inf if e is None or e != e else -math.log(min(max(1.0 - e, 1e-12), 1.0))
+                    for e in readout_error)
+        return cls(_prefix(sorted(rates)), tuple(sorted(coherence, reverse=True)), _prefix(ro),
+                   gate_1q_s, gate_2q_s, readout_s)
+
+    @classmethod
+    def of(cls, calibration: Any) -> "QubitProfile":
+        """From a ``backends.base.Calibration``: per-qubit T1, T2 and readout; the median durations
+        of a single-qubit gate, of the native two-qubit gate, and of readout."""
+        durations = calibration.gate_duration_s or {}
+
+        def first(names: tuple[str, ...]) -> float | None:
+            for name in names:
+                value = durations.get(name)
+                if value:
+                    return float(value)
+            return None
+
+        return cls.from_calibration(tuple(calibration.t1_s), tuple(calibration.t2_s),
+                                    tuple(calibration.readout_error), first(("sx", "x", "rx")),
+                                    first(("cz", "ecr", "cx", "rzz")),
+                                    float(calibration.readout_duration_s or 0.0) or first(("measure",)))
+
+
+def _prefix(values: list[float]) -> tuple[float, ...]:
+    out, total = [0.0], 0.0
+    for v in values:
+        total += v
+        out.append(total)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class BackendView:
     """A backend's fixed spec with the part of its live state that filters read."""
 
@@ -41,6 +128,7 @@ class BackendView:
     healthy: bool = True
     calibration: Mapping[str, float] | None = None  # Calibration.summary()
     calibration_age_s: float | None = None          # how old its calibration is (None: n/a)
+    qubits: QubitProfile | None = None              # per-qubit ranking of the same calibration
 
     @property
     def name(self) -> str:
