@@ -83,7 +83,20 @@ class Allocator:
         from ray_qalloc.calwatch import CalibrationWatch, open_monitor
 
         self.calwatch = CalibrationWatch(self.fleet, open_monitor(settings), self._calibration_changed,
-                                         timeout_s=max(settings.health_timeout_s, 10.0), offload=self.d.db)
+                                         timeout_s=max(settings.health_timeout_s, 10.0), offload=self.d.db,
+                                         observer=self.d.observer)
+        self.alerts: Any = None
+        if settings.alerts.enabled:
+            from ray_qalloc.alerts.service import AlertService
+
+            self.alerts = AlertService(settings.alerts, self.store.engine)
+        from ray_qalloc.tenants import TenantStore
+
+        self._tenants = TenantStore(settings.resolved_store_url)
+        from ray_qalloc.liveconfig import LiveConfig, _explore
+
+        self.live = LiveConfig(self, settings)
+        _explore(self.d.predictor, settings.placement.explore_factor)
         self.startup: dict[str, float] = {}          # how long the last start took, by step (stats)
         self.started_at = time.time()
         self._autoscale = Requester(slots={}, resource_of=self.fleet.resource_of)
@@ -121,6 +134,7 @@ class Allocator:
                 await self.fleet.start()
                 self._register(list(self.fleet.members.values()))
             await self.maint.load()
+            await self.live.load()
             t1 = time.monotonic()
             await self._recover()
             self.startup = {"backends_s": t1 - t0, "recover_s": time.monotonic() - t1,
@@ -134,7 +148,7 @@ class Allocator:
         loop = asyncio.get_running_loop()
         self._tasks += [loop.create_task(self._scheduler()), loop.create_task(self._health_loop()),
                         loop.create_task(self._history_loop()), loop.create_task(self._hedge_loop()),
-                        loop.create_task(self.calwatch.run())]
+                        loop.create_task(self.calwatch.run()), loop.create_task(self._ops_loop())]
         self._ready.set()
         self._kick.set()
 
@@ -351,6 +365,20 @@ class Allocator:
         self.d.draining = False
         self._kick.set()
 
+    # ---- live configuration (liveconfig.py) ----------------------------------------------------
+    async def config(self) -> dict[str, Any]:
+        """The settings in force, what was changed live, and which keys may change."""
+        await self._wait_ready()
+        return self.live.view()
+
+    async def set_config(self, changes: dict[str, Any], actor: str = "admin",
+                         unset: list[str] | None = None) -> dict[str, Any]:
+        """Change settings on the running allocator: validated whole, audited, durable, applied."""
+        await self._wait_ready()
+        out = await self.live.set(changes, actor=actor, unset=unset or ())
+        self._kick.set()
+        return out
+
     # ---- maintenance (maintenance.py) ----------------------------------------------------------
     async def cordon(self, name: str, reason: str = "", actor: str = "admin") -> dict[str, Any]:
         """No new runs start on ``name`` (a candidate, a pool or a QPU); running ones finish."""
@@ -430,6 +458,45 @@ class Allocator:
                 log.exception("health tick failed")
             self._poll_model()
 
+    async def _ops_loop(self) -> None:
+        """Gauges of the allocator's state, and one alert evaluation, every ``alerts.interval_s``."""
+        while True:
+            await asyncio.sleep(self.settings.alerts.interval_s)
+            try:
+                await self.ops_tick()
+            except Exception:  # never let the loop die; the next round decides again
+                log.exception("operations round failed")
+
+    async def ops_tick(self, now: float | None = None) -> dict[str, Any]:
+        """One round: refresh state gauges; evaluate the alert rules on a snapshot (commit, then
+        apply); returns what the evaluation sent."""
+        from ray_qalloc import opsview
+
+        now = time.time() if now is None else now
+        opsview.record_gauges(self, now)
+        if self.alerts is None:
+            return {"events": 0}
+        obs = self.d.observer.observations(
+            queue_waits=opsview.queue_waits(self.d.queued.values(), now),
+            breakers={n: m.breaker for n, m in self.fleet.members.items()},
+            calibrated_at=opsview.calibrated_at(self.calwatch, self.fleet),
+            quotas=await self.d.db(opsview.quotas, self._tenants, self.d), node_memory=opsview.node_memory(self.fleet),
+            now=now)
+        decision = await self.d.db(self.alerts.evaluate, obs)
+        return {"events": len(decision.events), "errors": list(decision.errors)}
+
+    async def alerts_view(self, limit: int = 100) -> dict[str, Any]:
+        """Firing alerts, the newest events and per-sink delivery state."""
+        await self._wait_ready()
+        if self.alerts is None:
+            return {"enabled": False, "firing": [], "recent": [], "sinks": {}}
+        from ray_qalloc.alerts.service import alert_dict
+
+        recent = await self.d.db(self.alerts.recent, limit)
+        counts = await self.d.db(self.alerts.delivery_counts)
+        return {"enabled": True, "firing": [alert_dict(a) for a in self.alerts.firing()],
+                "recent": [alert_dict(e) for e in recent], "sinks": counts}
+
     def _calibration_changed(self, names: list[str]) -> None:
         """New calibrations arrived: queued jobs are planned again against them (fidelity,
         coherence budget, freshness), each keeping its place in line."""
@@ -484,6 +551,9 @@ class Allocator:
             from ray_qalloc import overruns
 
             self.d.predictor = overruns.wrap_predictor(fresh, self.d.predictor)
+            from ray_qalloc.liveconfig import _explore
+
+            _explore(self.d.predictor, self.settings.placement.explore_factor)
 
     async def _history_loop(self) -> None:
         while True:

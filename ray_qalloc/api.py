@@ -35,6 +35,7 @@ from ray_qalloc.backends.pools import resolve_allowed
 from ray_qalloc.jobs import JobState, PreparedJob, make_spec, prepare_job
 from ray_qalloc.placement.filters import TenantFilter
 from ray_qalloc.placement.model import BackendView, JobView
+from ray_qalloc.metrics import metrics
 from ray_qalloc.tenants import Principal, Quota, TenantStore
 
 log = logging.getLogger("ray_qalloc.api")
@@ -51,6 +52,7 @@ ERROR_STATUS: dict[str, int] = {
     "body_too_large": 413, "unauthorized": 401, "forbidden": 403, "not_found": 404,
     "job_not_found": 404, "unknown_backend": 404, "method_not_allowed": 405, "conflict": 409, "idempotency_key_reused": 409,
     "job_failed": 409, "job_cancelled": 409, "quota_exceeded": 429, "unavailable": 503, "internal": 500,
+    "config_error": 422,
 }
 
 Priority = Literal["emergency", "high", "normal", "batch"]
@@ -352,6 +354,19 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
                                           details={"limit": limit})
             request._body = body   # starlette reads it from here
         return await call_next(request)
+
+    # -- metrics: outermost, so refused requests are counted too; the route's template, never the path
+    @app.middleware("http")
+    async def _count(request: Request, call_next: Any) -> Any:
+        t0 = time.perf_counter()
+        code = 500
+        try:
+            response = await call_next(request)
+            code = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            metrics.api_request(getattr(route, "path", None), code, time.perf_counter() - t0)
 
     # -- auth
     async def principal(authorization: Annotated[str | None, Header(

@@ -1,4 +1,5 @@
-"""Operators' routes: maintenance (cordon, drain, uncordon, windows) and the audit trail.
+"""Operators' routes: maintenance (cordon, drain, uncordon, windows), live configuration,
+alerts, calibration status and the audit trail.
 
 Kept apart from ``api.create_app`` (jobs, tenants, health) so that each concern stays small;
 ``create_app`` mounts this router with its own admin dependency. Every change is made by the
@@ -38,6 +39,14 @@ class WindowIn(BaseModel):
         if not self.end > self.start:
             raise ValueError(f"end ({self.end}) must be after start ({self.start})")
         return self
+
+
+class ConfigIn(BaseModel):
+    """Settings to change (dotted keys, JSON values) and keys to reset to their start-up value."""
+
+    model_config = ConfigDict(extra="forbid")
+    changes: dict[str, Any] = Field(default_factory=dict, description="e.g. {\"placement.coherence_budget\": 2}")
+    unset: list[str] = Field(default_factory=list, description="Keys whose live override is removed.")
 
 
 def add_admin_routes(r: FastAPI, call: Callable[..., Awaitable[Any]], admin: Callable[..., Any],
@@ -81,6 +90,28 @@ def add_admin_routes(r: FastAPI, call: Callable[..., Awaitable[Any]], admin: Cal
     @r.delete("/v1/admin/backends/{name:path}/windows", **kw)
     async def clear_windows(name: str = BackendName, p: Any = Depends(admin)) -> dict[str, Any]:
         return await call("clear_maintenance_windows", name, p.tenant)
+
+    @r.get("/v1/admin/config", **kw)
+    async def get_config(_: Any = Depends(admin)) -> dict[str, Any]:
+        """The settings in force (secrets masked), what was changed live, and the keys that may change."""
+        return await call("config")
+
+    @r.put("/v1/admin/config", **kw)
+    async def put_config(body: ConfigIn, p: Any = Depends(admin)) -> dict[str, Any]:
+        """Change settings on the running allocator. The whole configuration is validated as at
+        start-up; a bad value is refused with its field and why, and nothing is applied. Every
+        change is audited (``/v1/admin/audit?key=config``) and survives a restart."""
+        return await call("set_config", body.changes, p.tenant, body.unset)
+
+    @r.get("/v1/admin/alerts", **kw)
+    async def alerts(limit: int = Query(100, ge=1, le=1000), _: Any = Depends(admin)) -> dict[str, Any]:
+        """Firing alerts, the newest alert events, and each sink's delivery counts."""
+        return await call("alerts_view", limit)
+
+    @r.get("/v1/admin/calibration", **kw)
+    async def calibration(_: Any = Depends(admin)) -> list[dict[str, Any]]:
+        """Per QPU: calibration age, staleness, series in drift alarm, last read error."""
+        return await call("calibration_status")
 
     @r.get("/v1/admin/audit", **kw)
     async def audit(key: str | None = Query(None, max_length=128), limit: int = Query(100, ge=1, le=1000),

@@ -63,13 +63,14 @@ class CalibrationWatch:
 
     def __init__(self, fleet: Any, monitor: QuantumMonitor, on_change: Callable[[list[str]], None], *,
                  timeout_s: float = 30.0, offload: Offload | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, observer: Any = None) -> None:
         self.fleet = fleet
         self.monitor = monitor
         self.on_change = on_change
         self.timeout_s = float(timeout_s)
         self.offload: Offload = offload or _inline
         self.clock = clock
+        self.observer = observer
         self.rounds = 0
         self.last_round_s = 0.0
         self._events: collections.deque[DriftEvent] = collections.deque(maxlen=MAX_EVENTS)
@@ -105,7 +106,13 @@ class CalibrationWatch:
                 member = self.fleet.members.get(name)
                 if member is not None and member.set_calibration(cal):
                     changed.append(name)
+            if cal is not None:
+                _record_metrics(host.name, cal)
         self._events.extend(events)
+        if self.observer is not None:
+            for e in events:
+                if e.kind in ("rise", "drop"):
+                    self.observer.on_drift(e.device, e.key.label, e.factor, e.at)
         self.rounds += 1
         self.last_round_s = time.perf_counter() - t0
         for e in events:
@@ -153,6 +160,17 @@ class CalibrationWatch:
                         "alarms": sorted(k.label for k in alarms),
                         "error": self.monitor.last_error(name)})
         return out
+
+
+def _record_metrics(device: str, cal: Any) -> None:
+    """Per-qubit T1, T2 and readout error as gauges (the dashboard's calibration panel)."""
+    from ray_qalloc.metrics import metrics
+
+    n = len(cal.t1_s)
+    for quantity, values in (("t1_seconds", cal.t1_s), ("t2_seconds", cal.t2_s), ("readout_error", cal.readout_error)):
+        for q, v in enumerate(values):
+            if v is not None and v == v:
+                metrics.calibration(device, q, quantity, float(v), n_qubits=n)
 
 
 async def _aref(ref: Any) -> Any:

@@ -571,6 +571,10 @@ def _add_operator_commands() -> None:
 
     app.add_typer(backend_app, name="backend")
     app.command("audit")(audit)
+    from ray_qalloc.cli_config import alerts, config_app
+
+    app.add_typer(config_app, name="config")
+    app.command("alerts")(alerts)
 
 
 _add_operator_commands()

@@ -224,6 +224,19 @@ class Client:
             params["key"] = key
         return self._request("GET", "/v1/admin/audit", params=params).json()
 
+    def config(self) -> dict[str, Any]:
+        """The allocator's settings in force, its live overrides and the keys that may change."""
+        return self._request("GET", "/v1/admin/config").json()
+
+    def set_config(self, changes: dict[str, Any], unset: list[str] | None = None) -> dict[str, Any]:
+        return self._request("PUT", "/v1/admin/config", json={"changes": changes, "unset": unset or []}).json()
+
+    def alerts(self, limit: int = 100) -> dict[str, Any]:
+        return self._request("GET", "/v1/admin/alerts", params={"limit": limit}).json()
+
+    def calibration_status(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/admin/calibration").json()
+
     # ---- plumbing ---------------------------------------------------------------------------
     def _request(self, method: str, path: str, *, ok: tuple[int, ...] = (200,), **kw: Any) -> httpx.Response:
         attempt = 0

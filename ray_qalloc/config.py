@@ -94,6 +94,9 @@ class PlacementSettings(BaseModel):
                                                    description="Per priority class: fidelity and money weights.")
     quantum_fidelity_factor: float = Field(2.0, ge=0, description="Quantum-intent jobs weigh fidelity this "
                                            "many times their class's weight.")
+    explore_factor: float = Field(4.0, ge=1, le=10, description="How much faster than predicted a little-"
+                                  "observed backend is shown to placement so that it is tried now and then "
+                                  "(1: never explore; an exploratory choice costs at most this factor).")
     coherence_budget: float | None = Field(1.0, gt=0, description="A QPU is a candidate only if the circuit's "
                                            "scheduled duration fits in this many coherence times (min T1, T2) "
                                            "of the weakest of the qubits it would use (None: no check).")
@@ -122,6 +125,79 @@ class MonitorSettings(BaseModel):
                                                  "wander from the seed and its name.")
 
 
+def _default_alert_rules() -> list[dict[str, Any]]:
+    """What an operator of a fresh install is told about without writing a rule."""
+    return [
+        {"name": "queue-wait", "kind": "queue_wait", "severity": "warning", "for_s": 30.0,
+         "params": {"thresholds_s": {"emergency": 10.0, "high": 120.0, "normal": 1800.0, "batch": 6 * 3600.0}}},
+        {"name": "backend-down", "kind": "backend_down", "severity": "error", "for_s": 60.0},
+        {"name": "backend-flapping", "kind": "backend_flapping", "severity": "warning"},
+        {"name": "breaker-open", "kind": "breaker_open", "severity": "warning"},
+        {"name": "calibration-drift", "kind": "calibration_drift", "severity": "warning",
+         "params": {"window_s": 3600.0, "min_events": 1, "min_magnitude": 0.69}},
+        {"name": "calibration-stale", "kind": "calibration_stale", "severity": "warning",
+         "params": {"max_age_s": 86_400.0}},
+        {"name": "deadline-misses", "kind": "deadline_miss_rate", "severity": "warning"},
+        {"name": "prediction-error", "kind": "prediction_error", "severity": "info"},
+        {"name": "quota-exhaustion", "kind": "quota_exhaustion", "severity": "notice"},
+        {"name": "node-memory", "kind": "node_memory", "severity": "warning", "for_s": 30.0},
+    ]
+
+
+class AlertSettings(BaseModel):
+    """Alert rules and where alerts go (``ray_qalloc.alerts``); validated at start-up and on change."""
+
+    model_config = ConfigDict(frozen=True)
+
+    enabled: bool = Field(True, description="Evaluate the rules and deliver alerts.")
+    interval_s: float = Field(5.0, gt=0, description="How often the rules are evaluated.")
+    rules: list[dict[str, Any]] = Field(default_factory=_default_alert_rules,
+                                        description="Alert rules (ray_qalloc.alerts.rules: name, kind, severity, "
+                                                    "for_s, labels, params).")
+    rate_limit: dict[str, Any] = Field(default_factory=dict, description="Default rate limit per rule "
+                                       "(max_notifications, window_s).")
+    sinks: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Name -> a webhook "
+                                             "({type: webhook, url, secret, ...}) or syslog "
+                                             "({type: syslog, host, port, protocol, ...}) receiver.")
+    retry: dict[str, Any] = Field(default_factory=dict, description="Retry policy of failing sinks "
+                                  "(base_s, multiplier, max_s, jitter, give_up_after_s).")
+    retention_s: float = Field(30 * 86_400.0, gt=0, description="How long delivered alerts are kept.")
+
+    @model_validator(mode="after")
+    def _valid(self) -> "AlertSettings":
+        self.alert_rules()
+        self.sink_configs()
+        self.retry_policy()
+        return self
+
+    def alert_rules(self) -> Any:
+        from ray_qalloc.alerts.rules import load_rules
+
+        return load_rules({"rules": self.rules, **({"rate_limit": self.rate_limit} if self.rate_limit else {})})
+
+    def sink_configs(self) -> dict[str, Any]:
+        from ray_qalloc.alerts.sinks import SyslogConfig, WebhookConfig
+
+        kinds: dict[str, type[BaseModel]] = {"webhook": WebhookConfig, "syslog": SyslogConfig}
+        out = {}
+        for name, raw in self.sinks.items():
+            kind = kinds.get(str(raw.get("type")))
+            if kind is None:
+                raise ValueError(f"sink {name!r}: type must be 'webhook' or 'syslog', not {raw.get('type')!r}")
+            try:
+                out[name] = kind.model_validate(raw)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(str(x) for x in err["loc"])
+                raise ValueError(f"sink {name!r}: {where or 'config'}: {err['msg']}") from None
+        return out
+
+    def retry_policy(self) -> Any:
+        from ray_qalloc.alerts.outbox import RetryPolicy
+
+        return RetryPolicy(**self.retry)
+
+
 class Settings(BaseModel):
     """Everything ray-qalloc reads at start-up."""
 
@@ -147,6 +223,7 @@ class Settings(BaseModel):
     hedge: HedgeSettings = Field(default_factory=HedgeSettings)
     placement: PlacementSettings = Field(default_factory=PlacementSettings)
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
     max_attempts: int = Field(5, gt=0, description="Attempts per job before it is failed.")
     breaker_failures: int = Field(3, gt=0, description="Consecutive failed runs that open a backend's "
                                   "circuit breaker (no new runs until a probe succeeds).")

@@ -30,6 +30,7 @@ from ray_qalloc.config import Settings
 from ray_qalloc.exceptions import BackendError, InvalidJobSpec, NoFeasibleBackend
 from ray_qalloc.fleet import ACTOR_GONE, Fleet, Host, Member
 from ray_qalloc.jobs import JobState, PreparedJob, compact
+from ray_qalloc.observer import Observer
 from ray_qalloc.placement import JobView, Plan, explain, plan
 from ray_qalloc.placement.filters import make_filters
 from ray_qalloc.placement.scheduler import Decision, PassResult, Run, Scheduler
@@ -123,6 +124,7 @@ class Dispatcher:
         self.probes = 0
         self._backup_seq = 0
         self.commit_failures = 0
+        self.observer = Observer()   # what metrics and alerts read (observer.py)
 
     # ==== the store, off the event loop ===========================================================
     async def db(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
@@ -364,10 +366,15 @@ class Dispatcher:
 
     async def apply(self, res: PassResult, skip: str | None = None) -> None:
         """Carry out one pass: commit each start, then start it; flags, preemptions, give-ups."""
+        obs = self.observer
         for entry in res.unplaceable:
             if self.take(entry.job.id) is not None:
-                await self.give_up(entry.job.id, "no feasible backend left: " + _why_not(entry.plan), entry.plan)
+                obs.on_decision("unplaceable")
+                await self.give_up(entry.job.id, "no feasible backend left: " + _why_not(entry.plan), entry.plan,
+                                   job=entry.job)
         for entry in res.flagged:
+            if self.flags.get(entry.job.id) is None:
+                obs.on_decision("deadline_at_risk")
             self.flag(entry.job.id, entry.flagged or "deadline at risk")
         failed = False
         for d in res.dispatch:
@@ -388,6 +395,7 @@ class Dispatcher:
                 self._undo_start(d)
                 failed = True
         for run, entry in res.preempt:
+            obs.on_decision("preempted")
             self.preempt(run, entry.job.id)
         if self.settings.hedge.probe_idle and not self.draining:
             if self.sched.entries:
@@ -416,6 +424,9 @@ class Dispatcher:
             return
         self.choices[q.job.id] = {"chosen": name, "reason": d.choice.reason}
         self.launch(q, name, attempt)
+        self.observer.on_decision("placed")
+        self.observer.on_started(q.job.priority.value, name, time.time() - q.created_at, job_id=q.job.id,
+                                 reason=d.choice.reason)
 
     def flag(self, job_id: str, reason: str) -> None:
         """A job that will miss its deadline is flagged (stored, shown in status and explain)."""
@@ -566,6 +577,8 @@ class Dispatcher:
             self._remember_final(r, result)
         if recorded:
             self.learn(r, result)
+            self.observer.on_finished(r.job.priority.value, "completed", deadline_s=r.job.deadline_s,
+                                      created_at=r.created_at)
         self._done(r.job.id)
         self.kick()
 
@@ -577,6 +590,7 @@ class Dispatcher:
         actual = result.get("qpu_s") if m.spec.kind == "qpu" else result.get("wall_s")
         if not actual:
             return
+        self.observer.on_completed(r.backend, m.spec.method or m.spec.kind, r.predicted_s, float(actual))
         observe = getattr(self.predictor, "observe", None)
         if observe is not None:
             observe(r.backend, r.predicted_s, float(actual))
@@ -631,10 +645,14 @@ class Dispatcher:
             return
         log.warning("job %s attempt %d on %s: %s (%s)", r.job.id, r.attempt, r.backend, outcome, error)
         self._count_failure(r.backend, outcome)
+        self.observer.on_attempt_failed(r.backend, outcome)
+        self.observer.on_decision("failover")
         blocked = r.view.blocked | {r.backend} if block else r.view.blocked
         view = replace(r.view, blocked=blocked)
         if r.attempt >= self.settings.max_attempts:
             await self.db(self.store.end_attempt, r.job.id, r.attempt, outcome, error, then="fail")
+            self.observer.on_finished(r.job.priority.value, "failed", deadline_s=r.job.deadline_s,
+                                      created_at=r.created_at)
             self._done(r.job.id)
             return
         if not await self.db(self.store.end_attempt, r.job.id, r.attempt, outcome, error, then="failover"):
@@ -647,7 +665,7 @@ class Dispatcher:
             p = self.plan_for(view)
         if _hopeless(p):
             await self.give_up(r.job.id, f"attempt {r.attempt} failed on {r.backend} ({outcome}) and no other "
-                                         "backend can run it", p)
+                                         "backend can run it", p, job=r.job, created_at=r.created_at)
             return
         self.enqueue(r.job, view, r.created_at, p)
         self.kick()
@@ -660,9 +678,13 @@ class Dispatcher:
         self.enqueue(r.job, r.view, r.created_at, r.plan)
         self.kick()
 
-    async def give_up(self, job_id: str, error: str, p: Plan) -> None:
+    async def give_up(self, job_id: str, error: str, p: Plan, *, job: PreparedJob | None = None,
+                      created_at: float | None = None) -> None:
         await self.db(self.store.save_explanation, job_id, self.annotated(explain(p, None)))
         await self.db(self.store.fail, job_id, error)
+        if job is not None:
+            self.observer.on_finished(job.priority.value, "failed", deadline_s=job.deadline_s,
+                                      created_at=created_at)
         self._done(job_id)
 
     def _done(self, job_id: str) -> None:

@@ -40,6 +40,7 @@ from ray_qalloc.backends.base import BackendSpec, resource_name
 from ray_qalloc.backends.pools import POOL_RESOURCE_CPU, pool_candidate_specs, pool_name
 from ray_qalloc.config import Settings
 from ray_qalloc.placement import BackendView
+from ray_qalloc.monitor.node import NodeStats, usable_memory_bytes
 from ray_qalloc.placement.model import QubitProfile
 from ray_qalloc.resources import split_pool
 
@@ -76,6 +77,7 @@ class Member:
     calibration: dict[str, float] | None = None
     calibration_taken_at: float | None = None
     qubits: QubitProfile | None = None   # the same calibration per qubit (calwatch.py)
+    memory_free_bytes: int | None = None  # a pool's node: memory free now, as it measured (None: unknown)
     failures: int = 0                 # circuit breaker: consecutive failed runs
     open_until: float = 0.0
     cooldown_s: float = 0.0
@@ -107,7 +109,7 @@ class Member:
 
     def view(self) -> BackendView:
         age = None if self.calibration_taken_at is None else max(time.time() - self.calibration_taken_at, 0.0)
-        return BackendView(self.spec, self.healthy, self.calibration, age, self.qubits)
+        return BackendView(self.spec, self.healthy, self.calibration, age, self.qubits, self.memory_free_bytes)
 
 
 @dataclass
@@ -128,6 +130,8 @@ class Host:
     running: int = 0                   # runs in flight, as the pool's last ping counted them
     spec: BackendSpec | None = None    # a backend host's spec (pools make theirs from the node)
     dead_since: float | None = None    # when its node was first seen dead
+    node_stats: NodeStats | None = None  # what the pool's node measured at its last ping
+    planned_free_bytes: int | None = None  # the free memory queued plans were last made with
 
 
 class FleetListener(Protocol):
@@ -319,6 +323,7 @@ class Fleet:
                 host.cores = float(info.get("cores") or host.cores or 1.0)
                 host.memory_bytes = int(info.get("memory_bytes") or 0)
                 host.running = int(info.get("running") or 0)
+                self._node_measured(host, info.get("node"))
                 if not host.members and self.methods:
                     specs = pool_candidate_specs(host.name, cores=host.cores, memory_bytes=host.memory_bytes,
                                                  methods=self.methods)
@@ -347,9 +352,44 @@ class Fleet:
         host.missed = 0
         self._set_host_health(host, True)
 
+    def _node_measured(self, host: Host, raw: Any) -> None:
+        """Take a pool's node reading; placement plans on the memory the node has free now (a
+        shared HPC node's other work included), so a large change plans the queue again."""
+        if not raw:
+            return
+        try:
+            stats = NodeStats.from_dict(raw)
+        except (TypeError, ValueError):
+            return
+        before = host.planned_free_bytes
+        host.node_stats = stats
+        usable = usable_memory_bytes(stats)
+        for name in host.members:
+            m = self.members.get(name)
+            if m is not None:
+                m.memory_free_bytes = usable
+        from ray_qalloc.metrics import metrics
+
+        node = (host.node_id or host.name)[:8]
+        metrics.node(node, cpu_ratio=stats.cpu_ratio, memory_used_bytes=stats.memory_used_bytes,
+                     memory_total_bytes=stats.memory_total_bytes)
+        for gpu in stats.gpus:
+            if gpu.utilization_ratio is not None:
+                metrics.gpu(node, gpu.index, gpu.utilization_ratio)
+        if before is None:
+            host.planned_free_bytes = usable
+        elif abs(usable - before) > 0.25 * max(before, 1):   # against the value plans were made with
+            host.planned_free_bytes = usable
+            replan = getattr(self.listener, "replan_queued", None)
+            if replan is not None:
+                replan()
+
     def _set_host_health(self, host: Host, healthy: bool) -> None:
         host.healthy = healthy
         now = time.time()
+        observer = getattr(self.listener, "observer", None)
+        if observer is not None and host.name != ELASTIC_POOL:
+            observer.on_health(host.name, healthy, now)
         for name in host.members:
             m = self.members[name]
             ok = healthy

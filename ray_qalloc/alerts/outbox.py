@@ -215,6 +215,13 @@ class Outbox:
             rows = conn.execute(sa.select(events_table.c.payload).order_by(events_table.c.id)).scalars().all()
         return [AlertEvent.from_dict(json.loads(p)) for p in rows]
 
+    def recent(self, limit: int = 100) -> list[AlertEvent]:
+        """The newest ``limit`` events, oldest first (the dashboard, ``qalloc alerts``)."""
+        q = sa.select(events_table.c.payload).order_by(events_table.c.id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).scalars().all()
+        return [AlertEvent.from_dict(json.loads(p)) for p in reversed(rows)]
+
     def _latest_ids(self) -> sa.Subquery:
         e = events_table
         return (sa.select(sa.func.max(e.c.id).label("id")).where(e.c.status.in_(("firing", "resolved")))

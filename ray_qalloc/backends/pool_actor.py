@@ -105,6 +105,9 @@ class PoolActor:
         self._stopped: set[tuple[str, int]] = set()
         self._done: collections.OrderedDict[tuple[str, int], dict[str, Any]] = collections.OrderedDict()
         self._started_at = time.time()
+        from ray_qalloc.monitor.node import NodeSampler
+
+        self._sampler = NodeSampler()   # what the node really has free: other work on it counts
         self._warm: list[ray.ObjectRef] = []
         if warm_methods:   # one warm-up task per core: each starts (and keeps) a warm worker
             self._warm = [self._task(_warm_task, 1, "qalloc-warm-up").remote(tuple(warm_methods), self._per_run(1))
@@ -122,8 +125,13 @@ class PoolActor:
     # ---- introspection --------------------------------------------------------------------
     async def ping(self) -> dict[str, Any]:
         """Health check, and what placement needs to know of the node."""
+        try:
+            node = self._sampler.sample().to_dict()
+        except Exception:  # noqa: BLE001 - a failed reading must not fail the health check
+            node = None
         return {"name": self._pool, "node_id": self._node_id, "pid": os.getpid(), "running": len(self._runs),
-                "cores": self._cores, "memory_bytes": self._memory_bytes, "started_at": self._started_at}
+                "cores": self._cores, "memory_bytes": self._memory_bytes, "started_at": self._started_at,
+                "node": node}
 
     async def warmed(self, timeout_s: float = 60.0) -> bool:
         """Wait for the warm-up tasks (the allocator's first probe waits for this on a fresh start)."""

@@ -251,6 +251,11 @@ class QuantumMonitor:
         out = {name: self.staleness(name, now) for name in self.devices()}
         return {name: s for name, s in out.items() if s.stale}
 
+    def last_sampled(self, name: str) -> float | None:
+        """When the device's calibration was last read successfully (monitor clock; None: never)."""
+        with self._lock:
+            return self._device(name).last_sampled
+
     def last_error(self, name: str) -> str | None:
         with self._lock:
             return self._device(name).last_error

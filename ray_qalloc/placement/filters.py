@@ -34,7 +34,11 @@ class QubitsFilter:
 
 
 class MemoryFilter:
-    """A statevector needs 16·2ⁿ bytes, a density matrix 16·4ⁿ."""
+    """A statevector needs 16·2ⁿ bytes, a density matrix 16·4ⁿ.
+
+    Two limits: the variant's own budget (fixed; over it, never) and what the node measured
+    free at its pool's last ping (``BackendView.memory_free_bytes``; over it, *wait*: other
+    work on a shared node, or our own runs, hold the rest for now)."""
 
     name = "memory"
 
@@ -47,6 +51,11 @@ class MemoryFilter:
             return Status("unresolvable", self.name,
                           (f"{spec.method} of {job.num_qubits} qubits needs {_gib(need)}, "
                            f"backend may use {_gib(spec.memory_bytes)}",))
+        free = backend.memory_free_bytes
+        if free is not None and need > free:
+            return Status("unschedulable", self.name,
+                          (f"{spec.method} of {job.num_qubits} qubits needs {_gib(need)}, the node has "
+                           f"{_gib(free)} free now",))
         return OK
 
 

@@ -129,6 +129,7 @@ class BackendView:
     calibration: Mapping[str, float] | None = None  # Calibration.summary()
     calibration_age_s: float | None = None          # how old its calibration is (None: n/a)
     qubits: QubitProfile | None = None              # per-qubit ranking of the same calibration
+    memory_free_bytes: int | None = None            # free on the node now, as measured (None: unknown)
 
     @property
     def name(self) -> str:
