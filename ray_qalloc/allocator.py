@@ -96,6 +96,9 @@ class Allocator:
         from ray_qalloc.liveconfig import LiveConfig, _explore
 
         self.live = LiveConfig(self, settings)
+        from ray_qalloc.dashboard import Timeline
+
+        self.timeline = Timeline()
         _explore(self.d.predictor, settings.placement.explore_factor)
         self.startup: dict[str, float] = {}          # how long the last start took, by step (stats)
         self.started_at = time.time()
@@ -472,8 +475,11 @@ class Allocator:
         apply); returns what the evaluation sent."""
         from ray_qalloc import opsview
 
+        from ray_qalloc import dashboard
+
         now = time.time() if now is None else now
         opsview.record_gauges(self, now)
+        self.timeline.sample(now, dashboard.utilisation(self), dashboard.queue_by_class(self))
         if self.alerts is None:
             return {"events": 0}
         obs = self.d.observer.observations(
@@ -484,6 +490,13 @@ class Allocator:
             now=now)
         decision = await self.d.db(self.alerts.evaluate, obs)
         return {"events": len(decision.events), "errors": list(decision.errors)}
+
+    async def dashboard(self) -> dict[str, Any]:
+        """Everything one refresh of the operators' page shows (dashboard.py)."""
+        from ray_qalloc import dashboard
+
+        alerts = await self.alerts_view(20)
+        return dashboard.data(self, alerts)
 
     async def alerts_view(self, limit: int = 100) -> dict[str, Any]:
         """Firing alerts, the newest events and per-sink delivery state."""

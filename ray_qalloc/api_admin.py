@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable
 
 from fastapi import Depends, FastAPI, Path, Query
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 BackendName = Path(description="A placement candidate (`cpu-1a2b3c4d/statevector`), a pool "
@@ -39,6 +40,12 @@ class WindowIn(BaseModel):
         if not self.end > self.start:
             raise ValueError(f"end ({self.end}) must be after start ({self.start})")
         return self
+
+
+# The page runs only its own script and plotly's, and talks only to this API.
+_CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline' 'unsafe-eval'; style-src 'self' 'unsafe-inline'; "
+        "connect-src 'self'; img-src 'self' data:; font-src 'self' data:; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'")
 
 
 class ConfigIn(BaseModel):
@@ -112,6 +119,31 @@ def add_admin_routes(r: FastAPI, call: Callable[..., Awaitable[Any]], admin: Cal
     async def calibration(_: Any = Depends(admin)) -> list[dict[str, Any]]:
         """Per QPU: calibration age, staleness, series in drift alarm, last read error."""
         return await call("calibration_status")
+
+    @r.get("/v1/admin/dashboard", **kw)
+    async def dashboard_data(_: Any = Depends(admin)) -> dict[str, Any]:
+        """What one refresh of ``/dashboard`` shows: utilisation and queue timelines, recent
+        decisions with their reasons, open alerts, calibration, nodes."""
+        return await call("dashboard")
+
+    @r.get("/dashboard", include_in_schema=False)
+    async def dashboard_page() -> HTMLResponse:
+        """The page is static and holds no data: its script asks for an admin token and
+        fetches ``/v1/admin/dashboard`` with it."""
+        from ray_qalloc.dashboard import page
+
+        return HTMLResponse(page(), headers={"Cache-Control": "no-store",
+                                             "Content-Security-Policy": _CSP})
+
+    @r.get("/dashboard/plotly.min.js", include_in_schema=False)
+    async def plotly_bundle() -> Response:
+        from ray_qalloc.dashboard import plotly_js
+
+        body = plotly_js()
+        if body is None:
+            return Response("/* plotly is not installed: the dashboard shows tables only */",
+                            media_type="text/javascript")
+        return Response(body, media_type="text/javascript", headers={"Cache-Control": "public, max-age=86400"})
 
     @r.get("/v1/admin/audit", **kw)
     async def audit(key: str | None = Query(None, max_length=128), limit: int = Query(100, ge=1, le=1000),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from typing import Any, Awaitable, Callable, Iterable
 
@@ -150,14 +151,22 @@ class CalibrationWatch:
         return self.monitor.stale(now)
 
     def status(self, now: float | None = None) -> list[dict[str, Any]]:
-        """Per device: calibration age, staleness, the series in alarm now, the last error."""
+        """Per device: how old its calibration is (the provider's time), when we last read it,
+        whether reading has gone stale (no successful read for ``max_stale_periods`` periods:
+        placement is planning on old numbers), the series in drift alarm, the last error.
+
+        A provider that publishes once a day is not stale because its numbers are a day old;
+        a monitor that cannot read it for three periods is."""
         now = self.clock() if now is None else float(now)
+        limit = self.monitor.max_stale_periods * self.monitor.period_s
         out = []
         for name in self.monitor.devices():
-            s = self.monitor.staleness(name, now)
-            alarms = self.monitor.alarms(name)
-            out.append({"device": name, "age_s": s.age_s, "stale": s.stale,
-                        "alarms": sorted(k.label for k in alarms),
+            cal = self.monitor.staleness(name, now)
+            read = self.monitor.last_sampled(name)
+            read_age = None if read is None else max(now - read, 0.0)
+            out.append({"device": name, "age_s": cal.age_s if math.isfinite(cal.age_s) else None,
+                        "read_age_s": read_age, "stale": read_age is None or read_age > limit,
+                        "alarms": sorted(k.label for k in self.monitor.alarms(name)),
                         "error": self.monitor.last_error(name)})
         return out
 

@@ -86,6 +86,7 @@ def calibration(alloc: Any) -> list[dict[str, Any]]:
                      "gate_2q_error_median": _finite(cal.get("gate_2q_error_median")),
                      "weakest_t_us": None if q is None or not q.qubits else _finite(q.coherence_s[-1] * 1e6),
                      "taken_at": m.calibration_taken_at, "age_s": _finite(st.get("age_s")),
+                     "read_age_s": _finite(st.get("read_age_s")),
                      "stale": bool(st.get("stale", False)), "alarms": st.get("alarms", []),
                      "error": st.get("error")})
     return rows

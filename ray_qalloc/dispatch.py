@@ -424,9 +424,6 @@ class Dispatcher:
             return
         self.choices[q.job.id] = {"chosen": name, "reason": d.choice.reason}
         self.launch(q, name, attempt)
-        self.observer.on_decision("placed")
-        self.observer.on_started(q.job.priority.value, name, time.time() - q.created_at, job_id=q.job.id,
-                                 reason=d.choice.reason)
 
     def flag(self, job_id: str, reason: str) -> None:
         """A job that will miss its deadline is flagged (stored, shown in status and explain)."""
@@ -453,6 +450,9 @@ class Dispatcher:
                     primary=primary)
         if primary is None:
             self.running[q.job.id] = r
+            self.observer.on_decision("placed")
+            self.observer.on_started(q.job.priority.value, name, r.started_at - q.created_at, job_id=q.job.id,
+                                     reason=self.choices.get(q.job.id, {}).get("reason"))
         else:
             primary.backup = r
         try:

@@ -1,0 +1,1 @@
+"""Static files of the operators' dashboard (``/dashboard``); see ``ray_qalloc.dashboard``."""
