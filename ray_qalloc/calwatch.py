@@ -103,12 +103,13 @@ class CalibrationWatch:
                 events += await self.offload(self.monitor.record, host.name, cal, per_qubit, now)
             except Exception:  # the series' database is down: placement still takes the values
                 log.exception("recording the calibration of %s failed", host.name)
+            if cal is None:
+                continue
             for name in host.members:
                 member = self.fleet.members.get(name)
                 if member is not None and member.set_calibration(cal):
                     changed.append(name)
-            if cal is not None:
-                _record_metrics(host.name, cal)
+            _record_metrics(host.name, cal)
         self._events.extend(events)
         if self.observer is not None:
             for e in events:
@@ -123,8 +124,17 @@ class CalibrationWatch:
         return events
 
     async def _fetch(self, host: Any) -> tuple[Any, Any, BaseException | None]:
+        """(calibration, per-qubit gate errors, error); calibration None: nothing new since the
+        member's (a successful read all the same)."""
+        known = self._known_taken_at(host)
+        newer = getattr(host.actor, "calibration_if_newer", None)
         try:
-            cal = await asyncio.wait_for(_aref(host.actor.calibration.remote()), self.timeout_s)
+            if newer is not None and known is not None:
+                cal = await asyncio.wait_for(_aref(newer.remote(known)), self.timeout_s)
+                if cal is None:
+                    return None, None, None
+            else:
+                cal = await asyncio.wait_for(_aref(host.actor.calibration.remote()), self.timeout_s)
         except Exception as exc:  # noqa: BLE001 - a device that does not answer keeps its last values
             return None, None, exc
         try:
@@ -132,6 +142,18 @@ class CalibrationWatch:
         except Exception:  # noqa: BLE001 - an executor without per-qubit errors (older actor, a fake)
             per_qubit = None
         return cal, per_qubit, None
+
+    def _known_taken_at(self, host: Any) -> float | None:
+        """The calibration time placement already has for this host, once the series has it too."""
+        times = [self.fleet.members[n].calibration_taken_at for n in host.members if n in self.fleet.members]
+        known = min((t for t in times if t is not None), default=None)
+        try:
+            recorded = self.monitor.current(host.name)
+        except Exception:  # not watched yet: fetch it whole
+            return None
+        if recorded is None or known is None or recorded.taken_at < known:
+            return None
+        return known
 
     async def run(self) -> None:
         """Tick forever on the monitor's period (the allocator's task), the first round at once

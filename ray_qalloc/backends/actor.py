@@ -82,6 +82,14 @@ class BackendActor:
     def calibration(self) -> Any:
         return self._backend.calibration()
 
+    def calibration_if_newer(self, taken_at: float | None) -> Any:
+        """The calibration when it is newer than ``taken_at``, else None: the allocator polls
+        often and providers publish rarely, so most polls carry a few bytes, not the device."""
+        cal = self._backend.calibration()
+        if cal is None or (taken_at is not None and float(cal.taken_at) <= float(taken_at)):
+            return None
+        return cal
+
     def qubit_gate_errors(self) -> dict[str, tuple[float, ...]] | None:
         """Per-qubit single-qubit gate errors where the backend knows them (None: it does not)."""
         fn = getattr(self._backend, "qubit_gate_errors", None)

@@ -189,11 +189,11 @@ class QuantumMonitor:
         device.last_sampled = now
         if calibration is None:
             return []
-        values = samples_from_calibration(calibration, per_qubit)
         at = float(calibration.taken_at)
         written = 0
         events: list[DriftEvent] = []
-        if device.last_taken_at is None or at > device.last_taken_at:
+        if device.last_taken_at is None or at > device.last_taken_at:   # only new calibrations cost anything
+            values = samples_from_calibration(calibration, per_qubit)
             written = self.series.append(device.name, at, values, now=now)
             events = self.detector.update(device.name, at, values)
             device.current = Snapshot(device.name, at, values)
