@@ -51,13 +51,13 @@ def app_builder(args: dict[str, Any]) -> Application:
     return deployment_for(settings)
 
 
-def start(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000) -> str:
+def start(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, detached: bool = False) -> str:
     """Start Serve on this Ray (allocator and backends first) and deploy the API. Returns its URL;
     the caller decides how long to serve (``qalloc serve`` waits for Ctrl-C, then ``stop()``)."""
     from ray_qalloc.session import connect
 
     connect(settings=settings)
-    serve.start(http_options={"host": host, "port": port}, detached=False)
+    serve.start(http_options={"host": host, "port": port}, detached=detached)
     serve.run(deployment_for(settings), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{host}:{port}"
 
