@@ -339,7 +339,7 @@ class Allocator:
             busy = sum(len(self.sched.backends[n].runs) * self.sched.backends[n].spec.threads
                        for n in h.members if n in self.sched.backends)
             rows.append({"name": h.name, "node_id": h.node_id, "cores": h.cores, "memory_bytes": h.memory_bytes,
-                         "healthy": h.healthy, "elastic": h.elastic, "busy_cores": busy,
+                         "healthy": h.healthy, "elastic": h.elastic, "busy_cores": busy, "pid": h.pid,
                          "members": list(h.members), "sched_node": node})
         return rows
 

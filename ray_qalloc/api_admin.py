@@ -64,6 +64,12 @@ def add_admin_routes(r: FastAPI, call: Callable[..., Awaitable[Any]], admin: Cal
     router's lazily added ones (a route then asks for a ``query`` parameter)."""
     kw: dict[str, Any] = {"tags": ["admin"], "responses": responses}
 
+    @r.get("/v1/admin/pools", **kw)
+    async def pools(_: Any = Depends(admin)) -> list[dict[str, Any]]:
+        """One row per simulator pool: its node, cores, memory, busy cores, health, and the
+        pool actor's process (a changed pid means Ray restarted it)."""
+        return await call("pools")
+
     @r.get("/v1/admin/maintenance", **kw)
     async def maintenance(_: Any = Depends(admin)) -> dict[str, Any]:
         """Backends under maintenance: cordon, drain, windows, runs still going there, and

@@ -132,6 +132,7 @@ class Host:
     dead_since: float | None = None    # when its node was first seen dead
     node_stats: NodeStats | None = None  # what the pool's node measured at its last ping
     planned_free_bytes: int | None = None  # the free memory queued plans were last made with
+    pid: int | None = None             # the executor's process, as its last ping gave it (a restart changes it)
 
 
 class FleetListener(Protocol):
@@ -317,6 +318,7 @@ class Fleet:
             if self.hosts.get(host.name) is not host:   # stopped meanwhile (an idle elastic pool)
                 return
             host.node_id = info.get("node_id") or host.node_id
+            host.pid = info.get("pid") or host.pid
             if host.kind == "pool":
                 if first:   # a fresh pool warms a worker per core; its first jobs should not pay for that
                     await asyncio.wait_for(_aref(host.actor.warmed.remote(timeout)), timeout)
