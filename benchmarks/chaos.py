@@ -13,6 +13,11 @@ not take the whole API with it). Then, in one run:
    actor (the head's pool actor, then a QPU's actor), the allocator actor, a Serve replica,
    and the worker node are killed (a new worker node is started a few seconds later). A
    prober GETs ``/healthz`` every 20 ms throughout.
+3. **the head restarts** — ``benchmarks.head_restart`` in a process of its own (this
+   process is a driver on the head, which a head kill would take with it): every process
+   of the Ray head is SIGKILLed under HTTP load and a new head starts on the same GCS port,
+   GCS fault tolerance on a real ``redis-server``; skipped, and said so, without one
+   (``--no-head`` skips it too).
 
 Recovery of a kill = time from the kill until a canary job submitted after it completes
 end to end (for an executor kill, a canary pinned to that executor — the pool by its name,
@@ -24,7 +29,10 @@ accepted job is reconciled against the store: ``lost`` = accepted and not comple
 
 JSON ``summary``: ``accepted``, ``completed``, ``lost`` (goal 0), ``duplicated_results``
 (goal 0), ``availability`` (goal ≥ 0.999), ``recovery_s_p50``, ``recovery_s_p99`` (all
-kills), ``recovery_by_kind``, ``throughput_ratio`` (chaos jobs/s ÷ baseline jobs/s).
+kills), ``recovery_by_kind``, ``throughput_ratio`` (chaos jobs/s ÷ baseline jobs/s);
+``head_restart``: that run's summary (``api_downtime_s``, its own ``lost`` and
+``duplicated_results``, which are also added to the totals above, and
+``recovery_by_kind["head"]`` is its API downtime).
 The submitting client retries with its Idempotency-Key (as a real client should), so a
 request cut by a kill never makes a second job.
 """
@@ -49,7 +57,7 @@ from rich.table import Table
 
 from benchmarks._common import make_console, write_json
 
-KINDS = ("backend", "allocator", "replica", "node")
+KINDS = ("backend", "allocator", "replica", "node")   # in this process; "head" runs in its own
 POOL = ["default"]           # the four Aer methods on every node's pool, and the three emulated QPUs
 KILLED_QPU = "qpu_fez"       # the QPU whose actor the second executor kill takes
 HEAD_CPUS, WORKER_CPUS = 2, 1
@@ -469,17 +477,65 @@ def run(jobs: int, baseline_jobs: int, seed: int, gap_s: float, console: Any,
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+def head_restart_fault(console: Any, down_s: float = 5.0) -> dict[str, Any]:
+    """The head-restart fault, run by ``benchmarks.head_restart`` in its own process."""
+    import json
+    import subprocess
+    import sys
+
+    from benchmarks.head_restart import redis_binary
+
+    if redis_binary() is None:
+        return {"skipped": "redis-server is not installed (Debian: apt-get install redis-server)"}
+    console.print(f"the head restarts: every head process SIGKILLed, a new head after {down_s:g} s "
+                  "(GCS on a real Redis) ...")
+    out = Path(tempfile.mkdtemp(prefix="qalloc-head-")) / "head.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QALLOC_", "RAY_"))}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.head_restart", "--down", str(down_s),
+                               "--json", str(out)], env=env, cwd=Path(__file__).resolve().parent.parent,
+                              capture_output=True, text=True, timeout=600)
+        rec = json.loads(out.read_text()) if out.exists() else {}
+        if "summary" not in rec:
+            return {"error": rec.get("error") or f"exit {proc.returncode}: {proc.stdout[-1500:]}{proc.stderr[-1500:]}"}
+        return rec
+    except subprocess.TimeoutExpired:
+        return {"error": "benchmarks.head_restart did not finish in 600 s"}
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def add_head_restart(out: dict[str, Any], rec: dict[str, Any]) -> None:
+    """Fold the head-restart run into the chaos figures: its jobs count in lost/duplicated."""
+    s = out["summary"]
+    hs = rec.get("summary")
+    if hs is None:
+        s["head_restart"] = {k: rec[k] for k in ("skipped", "error") if k in rec}
+        return
+    s["head_restart"] = hs
+    for key in ("accepted", "completed", "lost", "duplicated_results"):
+        s[key] += hs[key]
+    s["recovery_by_kind"]["head"] = {"p50": hs["api_downtime_s"], "max": hs["api_downtime_s"], "kills": 1,
+                                     "unrecovered": 0 if hs["ready_after_head_back_s"] is not None else 1,
+                                     "head_down_s": hs["head_down_s"]}
+    out["kills"].append({"kind": "head", "what": "every process of the Ray head", "recovery_s": hs["api_downtime_s"],
+                         "ready_after_head_back_s": hs["ready_after_head_back_s"]})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=300)
     ap.add_argument("--baseline-jobs", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gap", type=float, default=6.0, help="seconds between kills")
+    ap.add_argument("--no-head", action="store_true", help="skip the head-restart fault")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     console = make_console()
     out = run(args.jobs, args.baseline_jobs, args.seed, args.gap, console)
+    if not args.no_head:
+        add_head_restart(out, head_restart_fault(console))
     s = out["summary"]
     t = Table(title=f"chaos: {s['accepted']} accepted jobs, {len(out['kills'])} kills")
     for col in ("figure", "value", "goal"):
@@ -490,6 +546,10 @@ def main() -> None:
     for kind, r in s["recovery_by_kind"].items():
         t.add_row(f"recovery after {kind} kill (p50 / max s)",
                   f"{r['p50']:.2f} / {r['max']:.2f}" if r["p50"] is not None else "none", "")
+    hr = s.get("head_restart") or {}
+    t.add_row("head restart: API downtime s / lost / duplicated",
+              f"{hr['api_downtime_s']} / {hr['lost']} / {hr['duplicated_results']}" if "api_downtime_s" in hr
+              else str(hr.get("skipped") or hr.get("error") or "not run"), "")
     t.add_row("throughput under chaos / without",
               f"{s['throughput_ratio']:.3f}" if s["throughput_ratio"] else "n/a", "")
     console.print(t)
