@@ -94,8 +94,10 @@ class Allocator:
 
         self._tenants = TenantStore(settings.resolved_store_url)
         from ray_qalloc.liveconfig import LiveConfig, _explore
+        from ray_qalloc.membership import Membership
 
         self.live = LiveConfig(self, settings)
+        self.membership = Membership(self)
         from ray_qalloc.dashboard import Timeline
 
         self.timeline = Timeline()
@@ -455,6 +457,7 @@ class Allocator:
                 else:
                     await asyncio.gather(*(self.fleet.probe(h) for h in self.fleet.hosts.values()),
                                          return_exceptions=True)
+                self.membership.sweep()
                 if self._injected is None and any(h.elastic for h in self.fleet.hosts.values()):
                     self._elastic_tick(ray.cluster_resources())
             except Exception:  # never let the health loop die

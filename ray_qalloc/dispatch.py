@@ -118,6 +118,8 @@ class Dispatcher:
         # backends an operator took out of service (maintenance.py): unavailable to new starts
         # whatever their health; ``maintenance_why`` says why, for explain
         self.cordoned: set[str] = set()
+        # members leaving the pool (membership.py): out of service like a cordon, then forgotten
+        self.retiring: set[str] = set()
         self.maintenance_why: Callable[[str], str | None] = lambda name: None
         self.hedges = 0
         self.overruns_noted = 0
@@ -139,14 +141,20 @@ class Dispatcher:
     # ==== fleet events (FleetListener) ==========================================================
     def member_health(self, name: str, healthy: bool) -> None:
         if name in self.sched.backends:
-            self.sched.set_health(name, healthy and name not in self.cordoned)
+            self.sched.set_health(name, healthy and not self.out_of_service(name))
         if healthy:
             self.kick()
+
+    def out_of_service(self, name: str) -> bool:
+        """No new run starts here: cordoned by an operator, or retiring from the pool."""
+        return name in self.cordoned or name in self.retiring
 
     def annotated(self, explanation: dict[str, Any]) -> dict[str, Any]:
         """An explanation with each backend's maintenance state, where it has one."""
         for name, row in explanation.get("backends", {}).items():
             why = self.maintenance_why(name)
+            if why is None and name in self.retiring:
+                why = "retiring: taken out of the pool (runs there finish, no new ones start)"
             if why is not None:
                 row["maintenance"] = why
         return explanation
@@ -154,7 +162,7 @@ class Dispatcher:
     def members_added(self, members: list[Member]) -> None:
         for m in members:
             self.fleet.members[m.spec.name] = m
-            healthy = m.healthy and m.spec.name not in self.cordoned
+            healthy = m.healthy and not self.out_of_service(m.spec.name)
             if m.spec.name in self.sched.backends:   # came back (a pool restarted): known already
                 self.sched.set_health(m.spec.name, healthy)
                 continue

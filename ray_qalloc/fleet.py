@@ -164,8 +164,6 @@ class Fleet:
 
     # ---- start-up ------------------------------------------------------------------------------
     async def start(self) -> None:
-        from ray_qalloc.backends.registry import make_backend
-
         cluster = ray.cluster_resources()
         # A cluster that declares qalloc resources runs each executor where its resource is; a
         # plain cluster (an HPC centre's Ray job) gets a pool on every node with CPUs.
@@ -179,22 +177,65 @@ class Fleet:
                 self.hosts[ELASTIC_POOL] = Host(ELASTIC_POOL, "pool", None, elastic=True)
                 self._add_members(self.hosts[ELASTIC_POOL], self._placeholder_specs())
         for name in self.backend_names:
-            spec = make_backend(name).spec()
-            has = cluster.get(spec.resource_name, 0.0) >= spec.slots
-            host = Host(name, "backend", None, spec=spec)
-            if not has and self._declared:
-                log.warning("no node offers %s yet: %s waits for one (autoscaling may bring it)",
-                            spec.resource_name, name)
-                host.elastic = True
-            else:
-                if not has:
-                    log.warning("no node offers %s; %s runs without its custom resource", spec.resource_name, name)
-                host.actor = self._start_backend(spec, use_resource=has)
-            self.hosts[name] = host
-            self._add_members(host, [spec])
+            self.add_backend_host(name, cluster)
         # the allocator registers every member made so far with its scheduler
         self._announced.update(self.members)
         await asyncio.gather(*(self.probe(h, first=True) for h in list(self.hosts.values())))
+
+    def add_backend_host(self, name: str, cluster: dict[str, float]) -> Host:
+        """A QPU's (or other backend's) host and member; its actor starts where a node offers
+        its resource, or waits for one (elastic) on a cluster that declares qalloc resources."""
+        from ray_qalloc.backends.registry import make_backend
+
+        spec = make_backend(name).spec()
+        has = cluster.get(spec.resource_name, 0.0) >= spec.slots
+        host = Host(name, "backend", None, spec=spec)
+        if not has and self._declared:
+            log.warning("no node offers %s yet: %s waits for one (autoscaling may bring it)",
+                        spec.resource_name, name)
+            host.elastic = True
+        else:
+            if not has:
+                log.warning("no node offers %s; %s runs without its custom resource", spec.resource_name, name)
+            host.actor = self._start_backend(spec, use_resource=has)
+        self.hosts[name] = host
+        self._add_members(host, [spec])
+        return host
+
+    def add_methods(self, methods: list[str]) -> list[Member]:
+        """Members for newly offered methods on every pool that has members already (a pool
+        still starting makes its members from ``self.methods`` at its first answer)."""
+        added: list[Member] = []
+        for host in self.hosts.values():
+            if host.kind != "pool" or not host.members:
+                continue
+            cores = host.cores or 1.0
+            memory = host.memory_bytes
+            if not memory:
+                from ray_qalloc.backends.aer import default_memory_bytes
+
+                memory = default_memory_bytes()
+            added += self._add_members(host, pool_candidate_specs(host.name, cores=cores, memory_bytes=memory,
+                                                                  methods=methods))
+        return added
+
+    def forget_member(self, name: str) -> None:
+        """A member retired from the pool: out of the fleet; a backend host left with no member
+        goes too, its actor stopped for good."""
+        m = self.members.pop(name, None)
+        self._announced.discard(name)
+        host = self.hosts.get(m.host) if m is not None else None
+        if host is None:
+            return
+        if name in host.members:
+            host.members.remove(name)
+        if host.kind == "backend" and not host.members:
+            del self.hosts[host.name]
+            if isinstance(host.actor, ray.actor.ActorHandle):
+                try:
+                    ray.kill(host.actor, no_restart=True)
+                except Exception:  # already gone
+                    pass
 
     def _placeholder_specs(self) -> list[BackendSpec]:
         """Members of the pool a new node would bring: planned with one core and no memory

@@ -46,6 +46,7 @@ LIVE_KEYS: dict[str, str] = {
     "health_timeout_s": "health probes: the next probe",
     "elastic_idle_s": "elastic backends: the next check",
     "call_timeout_s": "control calls: the next call",
+    "pool": "pool membership (methods on the pools, QPUs): joiners serve at once, leavers retire once their runs end",
     "limits": "intake limits of the allocator's own submit path (the API's own are Serve's user_config)",
 }
 SECRET_KEYS = ("secret", "token", "password", "api_key")
@@ -198,6 +199,10 @@ class LiveConfig:
             merged[key] = value
         json.dumps(merged)                   # only JSON values are stored (and the API sends only those)
         new = apply_overrides(self.base, merged)
+        if new.pool != self.alloc.settings.pool:
+            from ray_qalloc.membership import validate_pool
+
+            validate_pool(new.pool, running=self.alloc.fleet.hosts)
         old_tree, new_tree = self.alloc.settings.model_dump(mode="json"), new.model_dump(mode="json")
         diff = {}
         for key in list(changes) + list(unset):
@@ -251,6 +256,8 @@ def install(alloc: Any, old: Settings, new: Settings) -> None:
     _explore(d.predictor, new.placement.explore_factor)
     if "alerts" in sections:
         _install_alerts(alloc, old, new)
+    if "pool" in sections and hasattr(alloc, "membership"):
+        alloc.membership.apply(list(new.pool))
     d.replan_queued()
 
 

@@ -125,7 +125,7 @@ class MaintenanceDesk:
         for name in changed:
             m = d.fleet.members.get(name)
             if m is not None and name in d.sched.backends:
-                d.sched.set_health(name, m.healthy and name not in cordoned)
+                d.sched.set_health(name, m.healthy and not d.out_of_service(name))
         for name in set(d.sched.windows) | set(self.book.backends):
             if name in d.sched.backends:
                 d.sched.set_windows(name, [(w.start, w.end) for w in self.book.of(name).windows])

@@ -136,3 +136,52 @@ def test_the_cli_reads_and_changes_the_running_service(server, monkeypatch):
     audit = runner.invoke(app, ["-o", "json", "audit", "--key", "config", "--limit", "2"])
     rows = json.loads(audit.output)
     assert rows[0]["new"] == {} and rows[1]["new"] == {"placement.coherence_budget": 2.5}
+
+
+def test_pool_membership_changes_on_the_running_service(server, monkeypatch):
+    """A QPU and a method leave the pool with the CLI and come back: gone from placement (a job
+    naming them is refused as unknown), back serving after the reset, nothing restarted."""
+    import time
+
+    from ray_qalloc.client import Client
+    from ray_qalloc.exceptions import QAllocError
+
+    monkeypatch.setenv("QALLOC_URL", server.url)
+    admin_token = server.token(f"ops{uuid.uuid4().hex[:8]}", admin=True)
+    monkeypatch.setenv("QALLOC_TOKEN", admin_token)
+    runner = CliRunner()
+    smaller = ["statevector", "matrix_product_state", "stabilizer", "qpu_torino", "qpu_fez"]
+    bell = 'OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[2];\ncreg c[2];\nh q[0];\ncx q[0],q[1];\nmeasure q -> c;\n'
+
+    def names(c: Client) -> set[str]:
+        return {b["name"] for b in c.backends()}
+
+    def wait_until(cond, what: str, limit: float = 60.0) -> None:
+        end = time.monotonic() + limit
+        while not cond():
+            assert time.monotonic() < end, f"timed out waiting for {what}"
+            time.sleep(0.25)
+
+    with Client(server.url, admin_token) as c:
+        before = names(c)
+        assert "qpu_sherbrooke" in before and any(n.endswith("/density_matrix") for n in before), before
+        try:
+            out = runner.invoke(app, ["config", "set", "pool", json.dumps(smaller)])
+            assert out.exit_code == 0, out.output
+            wait_until(lambda: "qpu_sherbrooke" not in names(c)
+                       and not any(n.endswith("/density_matrix") for n in names(c)), "the leavers to go")
+            with pytest.raises(QAllocError, match="unknown backend"):
+                c.submit(bell, shots=10, backends=["qpu_sherbrooke"])
+            # what stays serves as before
+            assert c.submit(bell, shots=10, backends=["qpu_fez"]).result(timeout=60).backend == "qpu_fez"
+            bad = runner.invoke(app, ["config", "set", "pool", json.dumps(smaller + ["qpu_atlantis"])])
+            assert bad.exit_code != 0 and "qpu_atlantis" in bad.output, bad.output
+        finally:
+            back = runner.invoke(app, ["config", "unset", "pool"])
+            assert back.exit_code == 0, back.output
+        wait_until(lambda: any(b["name"] == "qpu_sherbrooke" and b["healthy"] for b in c.backends()),
+                   "qpu_sherbrooke back and healthy")
+        assert any(n.endswith("/density_matrix") for n in names(c))
+        r = c.submit(bell, shots=10, backends=["qpu_sherbrooke"]).result(timeout=60)
+        assert r.backend == "qpu_sherbrooke"
+        assert names(c) == before
