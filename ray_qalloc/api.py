@@ -20,16 +20,16 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_qalloc import __version__
-from ray_qalloc.config import Settings, load_settings
+from ray_qalloc.config import ApiSettings, Settings, load_settings
 from ray_qalloc.api_admin import add_admin_routes
-from ray_qalloc.exceptions import (Conflict, Forbidden, IdempotencyKeyReused, IntakeError, JobNotFound,
-                                   LimitExceeded,
-                                   QAllocError, QuotaExceeded, Unauthorized)
+from ray_qalloc.exceptions import (ConfigError, Conflict, Forbidden, IdempotencyKeyReused, IntakeError,
+                                   InvalidJobSpec, JobNotFound, LimitExceeded, QAllocError, QuotaExceeded,
+                                   Unauthorized)
 from ray_qalloc.backends.base import BackendSpec
 from ray_qalloc.backends.pools import resolve_allowed
 from ray_qalloc.jobs import JobState, PreparedJob, make_spec, prepare_job
@@ -220,11 +220,54 @@ def _field_of(loc: tuple[Any, ...]) -> str:
 
 
 # ---- state of one replica ------------------------------------------------------------------
+API_LIVE_FIELDS = ("max_body_bytes", "max_batch_jobs", "max_result_wait_s", "max_page")
+"""The API's settings that Serve's ``user_config`` changes on running replicas."""
+
+
+class ApiLimits:
+    """The API's own limits in force on this replica.
+
+    Why Serve's ``user_config`` and not the allocator's live config: these limits belong to
+    the replicas, which Serve owns; ``serve deploy`` with a changed ``user_config`` reaches
+    every replica through ``reconfigure`` without a restart, the same way on one node or
+    fifty. The new value is validated by the same typed model as at start-up; an invalid one
+    is refused whole (Serve reports the deploy failed and the replicas keep the old limits)."""
+
+    def __init__(self, api: ApiSettings) -> None:
+        self.current = api
+        self.changes = 0
+
+    def reconfigure(self, config: dict[str, Any] | None) -> ApiSettings:
+        given = dict((config or {}).get("api", config or {}))
+        unknown = sorted(set(given) - set(API_LIVE_FIELDS))
+        if unknown:
+            raise ConfigError(f"user_config names API setting(s) Serve cannot change live: {', '.join(unknown)}.",
+                              field=f"api.{unknown[0]}",
+                              fix=f"use {', '.join(API_LIVE_FIELDS)}; the others are deployment options.")
+        try:
+            new = ApiSettings.model_validate({**self.current.model_dump(), **given})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            raise ConfigError(f"user_config api.{where}: {err['msg']}.", field=f"api.{where}",
+                              fix="give a value the settings model accepts (see `qalloc config get api`).") from None
+        self.current = new
+        self.changes += 1
+        return new
+
+    @staticmethod
+    def check(name: str, value: float, limit: float, setting: str) -> None:
+        if value > limit:
+            raise InvalidJobSpec(f"query parameter {name!r} is {value:g}, over this API's limit of {limit:g}.",
+                                 field=name, fix=f"ask for at most {limit:g} (the API's `{setting}`).")
+
+
 class AppState:
     """What a replica opens lazily in its own process: the stores and the allocator handle."""
 
     def __init__(self, settings: Settings, allocator: Any = None) -> None:
         self.settings = settings
+        self.api = ApiLimits(settings.api)
         self._allocator = allocator
         self._store: Any = None
         self._tenants: TenantStore | None = None
@@ -292,13 +335,14 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
     """The API over the allocator of ``settings`` (found by name in Ray unless given)."""
     settings = settings or load_settings()
     state = AppState(settings, allocator)
-    api = settings.api
+    limits = state.api   # Serve's user_config replaces it live (ApiLimits.reconfigure)
     app = FastAPI(title="ray-qalloc", version=__version__,
                   description="Quantum-classical job allocation on Ray: submit OpenQASM jobs, read results, "
                               "see why each job went where it went.",
                   responses={401: {"model": ErrorOut}, 422: {"model": ErrorOut}, 429: {"model": ErrorOut},
                              503: {"model": ErrorOut}})
     app.state.qalloc = state
+    app.state.limits = limits   # the ingress's reconfigure reaches it through the app it serves
 
     # -- error handlers: every error is the same JSON shape
     @app.exception_handler(QAllocError)
@@ -334,7 +378,7 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
     @app.middleware("http")
     async def _limit_body(request: Request, call_next: Any) -> Any:
         length = request.headers.get("content-length")
-        limit = api.max_body_bytes
+        limit = limits.current.max_body_bytes
         if length is not None:
             try:
                 too_big = int(length) > limit
@@ -444,6 +488,7 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
         """Many jobs in one round trip and one store transaction. Each job is answered on its
         own: accepted (`id`) or refused (`error`); a refused job does not stop the others.
         With `Idempotency-Key: K`, job *i* uses the key `K/i`."""
+        api = limits.current
         if len(batch.jobs) > api.max_batch_jobs:
             raise LimitExceeded(f"the batch has {len(batch.jobs)} jobs, more than max_batch_jobs="
                                 f"{api.max_batch_jobs}.", field="jobs", fix="split it into smaller batches.",
@@ -483,9 +528,11 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
         return BatchOut(jobs=items, accepted=len(items) - refused, refused=refused)
 
     @app.get("/v1/jobs", response_model=JobPage, tags=["jobs"])
-    async def list_jobs(p: Caller, limit: Annotated[int, Query(ge=1, le=api.max_page)] = 50,
+    async def list_jobs(p: Caller, limit: Annotated[int, Query(ge=1, description=(
+                            "Jobs per page, at most the API's `max_page` (500 unless configured)."))] = 50,
                         cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,9}$")] = None) -> JobPage:
         """The caller's own jobs, newest first."""
+        limits.check("limit", limit, limits.current.max_page, "max_page")
         offset = int(cursor or 0)
         recs = await run_in_threadpool(state.store.list_jobs, tenant=p.tenant, limit=limit + 1, offset=offset)
         more = len(recs) > limit
@@ -501,10 +548,12 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
              responses={202: {"model": Pending, "description": "Not finished yet; ask again."},
                         404: {"model": ErrorOut}, 409: {"model": ErrorOut}})
     async def get_result(job_id: JobId, p: Caller,
-                         wait: Annotated[float, Query(ge=0, le=api.max_result_wait_s,
-                                                      description="Seconds to wait for the result.")] = 10.0
+                         wait: Annotated[float, Query(ge=0, description=(
+                             "Seconds to wait for the result, at most the API's `max_result_wait_s` "
+                             "(60 unless configured)."))] = 10.0
                          ) -> Any:
         """The result once the job completed; waits up to `wait` seconds, then answers 202."""
+        limits.check("wait", wait, limits.current.max_result_wait_s, "max_result_wait_s")
         rec = await run_in_threadpool(own, p, job_id)
         if not rec.state.terminal and wait > 0:
             data = await state.call("wait", job_id, wait, timeout=wait + 30.0)

@@ -21,8 +21,9 @@ log = logging.getLogger("ray_qalloc.serving")
 APP_NAME = "qalloc"
 
 
-def deployment_for(settings: Settings) -> Application:
-    """The ingress deployment over the allocator of ``settings``, bound and ready to run."""
+def deployment_for(settings: Settings, *, user_config: dict[str, Any] | None = None) -> Application:
+    """The ingress deployment over the allocator of ``settings``, bound and ready to run
+    (``user_config``: the API's live limits, by default those of ``settings.api``)."""
     from ray_qalloc.api import create_app
 
     api = create_app(settings)
@@ -30,12 +31,26 @@ def deployment_for(settings: Settings) -> Application:
     @serve.deployment(name="QAllocIngress", num_replicas=settings.api.replicas,
                       max_ongoing_requests=settings.api.max_ongoing_requests,
                       ray_actor_options={"num_cpus": 0, "resources": dict(settings.api.replica_resources)},
-                      health_check_period_s=5, health_check_timeout_s=10)
+                      health_check_period_s=5, health_check_timeout_s=10,
+                      user_config=user_config if user_config is not None else api_user_config(settings))
     @serve.ingress(api)
     class QAllocIngress:
         """Each replica serves the FastAPI app; its state is opened lazily in the replica."""
 
+        def reconfigure(self, config: dict[str, Any]) -> None:
+            """Serve calls this with the deployment's ``user_config`` at start and on every change:
+            ``serve deploy`` of the same config with a new ``user_config`` reconfigures the running
+            replicas in place; an invalid one fails the deploy and the replicas keep their limits."""
+            self.app.state.limits.reconfigure(config)
+
     return QAllocIngress.bind()
+
+
+def api_user_config(settings: Settings) -> dict[str, Any]:
+    """The API's live limits as Serve's ``user_config`` (``serve/config.yaml`` may override them)."""
+    from ray_qalloc.api import API_LIVE_FIELDS
+
+    return {"api": {k: getattr(settings.api, k) for k in API_LIVE_FIELDS}}
 
 
 def app_builder(args: dict[str, Any]) -> Application:
