@@ -177,6 +177,15 @@ snapshots_table = sa.Table(
 )
 
 
+_PLACEHOLDERS = {"qmark": "?", "format": "%s", "pyformat": "%s", "numeric": ":{n}"}   # positional styles
+
+
+def _insert_samples_sql(paramstyle: str) -> str:
+    mark = _PLACEHOLDERS[paramstyle]
+    marks = ", ".join(mark.format(n=n) for n in (1, 2, 3))
+    return f"INSERT INTO {samples_table.name} (series_id, at, value) VALUES ({marks})"
+
+
 def open_engine(url: str) -> Engine:
     """An engine set up the way the job store sets up its own (WAL, busy timeout, pre-ping)."""
     parsed = _normalise_url(url)
@@ -249,8 +258,16 @@ class CalibrationSeries:
                 conn.execute(snapshots_table.insert(), {"device": device, "at": float(taken_at),
                                                         "recorded_at": time.time(), "samples": len(rows)})
                 if rows:
-                    conn.execute(samples_table.insert(), [{"series_id": ids[k], "at": float(taken_at), "value": v}
-                                                          for k, v in rows])
+                    # the driver's executemany with plain tuples: a refresh is hundreds of rows a
+                    # second per device, and SQLAlchemy's per-row parameter building was most
+                    # of the monitor's CPU (benchmarks.operations)
+                    at = float(taken_at)
+                    if conn.dialect.paramstyle in _PLACEHOLDERS:
+                        conn.exec_driver_sql(_insert_samples_sql(conn.dialect.paramstyle),
+                                             [(ids[k], at, v) for k, v in rows])
+                    else:
+                        conn.execute(samples_table.insert(), [{"series_id": ids[k], "at": at, "value": v}
+                                                              for k, v in rows])
         except sa.exc.IntegrityError:
             return 0  # this refresh is stored already (polled twice, or another writer got there first)
         self._appends += 1
