@@ -60,7 +60,12 @@ def test_a_backend_that_stops_answering_fires_and_resolves_once(tmp_path, receiv
         await until(lambda: alloc.fleet.hosts["flaky"].healthy)
         await alloc.ops_tick()
         await until(lambda: len(receiver.unique()) >= 2)
-        view = await alloc.alerts_view()
+        # the sender records a delivery once the receiver has answered: a moment after it got it
+        for _ in range(100):
+            view = await alloc.alerts_view()
+            if view["sinks"]["hook"]["delivered"] >= 2:
+                break
+            await asyncio.sleep(0.05)
         alloc.alerts.close()
         return view
 
