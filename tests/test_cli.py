@@ -54,7 +54,12 @@ def test_submit_status_explain_round_trip(qa, tmp_path):
     assert st["state"] == "completed" and [t["name"] for t in st["transitions"]][-1] == "complete"
     code, out = run("--data-dir", dd, "-o", "json", "explain", sub["id"])
     ex = json.loads(out)
-    assert ex["chosen"] == sub["backend"] and set(ex["backends"]) == {b["name"] for b in qa.backends()}
+    assert set(ex["backends"]) == {b["name"] for b in qa.backends()}
+    # the placement decision is the first attempt's backend; the result may come from another
+    # attempt (an idle-core probe or a hedge raced it, and the faster one won)
+    history = ex["failover_history"]
+    assert history and ex["chosen"] == history[0]["backend"], (ex["chosen"], history)
+    assert [a["backend"] for a in history if a["outcome"] == "completed"] == [sub["backend"]], history
     code, out = run("--data-dir", dd, "explain", sub["id"])
     assert code == 0 and sub["backend"] in out and "scored" in out
 
