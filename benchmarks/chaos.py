@@ -121,7 +121,8 @@ class Harness:
         self.settings = load_settings(
             data_dir=data_dir, pool=POOL, health_interval_s=0.5,
             health_timeout_s=3.0, run_timeout_floor_s=60.0, breaker_cooldown_s=1.0,
-            api={"replicas": 2, "replica_resources": {"qalloc_head": 0.01}})
+            api={"replicas": 2, "replica_resources": {"qalloc_head": 0.01}},
+            placement={"foreign_cpu": False})   # both "nodes" share this machine's cores
         # the head: a pool, every QPU, and the API's replicas; the worker: a pool
         self.head_res = {**node_resources(self.settings), "qalloc_head": 1.0}
         self.worker_res = {POOL_RESOURCE_CPU: 1.0}

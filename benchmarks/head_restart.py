@@ -118,7 +118,8 @@ def free_port() -> int:
 def settings_overrides(data_dir: Path) -> dict[str, Any]:
     return {"data_dir": str(data_dir), "pool": POOL, "health_interval_s": 0.5, "health_timeout_s": 2.0,
             "history_flush_s": 1.0, "run_timeout_floor_s": 60.0, "breaker_cooldown_s": 1.0,
-            "hedge": {"enabled": False, "probe_idle": False}}
+            "hedge": {"enabled": False, "probe_idle": False},
+            "placement": {"foreign_cpu": False}}   # both "nodes" share this machine's cores
 
 
 def deploy(gcs_address: str, overrides: dict[str, Any], port: int) -> dict[str, Any]:

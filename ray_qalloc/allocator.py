@@ -342,6 +342,8 @@ class Allocator:
                        for n in h.members if n in self.sched.backends)
             rows.append({"name": h.name, "node_id": h.node_id, "cores": h.cores, "memory_bytes": h.memory_bytes,
                          "healthy": h.healthy, "elastic": h.elastic, "busy_cores": busy, "pid": h.pid,
+                         "plan_cores": self.sched.node_cpus.get(h.name, h.cores),
+                         "foreign_cores": round(self.d.foreign.foreign.get(h.name, 0.0), 2),
                          "members": list(h.members), "sched_node": node})
         return rows
 

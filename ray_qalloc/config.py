@@ -100,6 +100,11 @@ class PlacementSettings(BaseModel):
     coherence_budget: float | None = Field(1.0, gt=0, description="A QPU is a candidate only if the circuit's "
                                            "scheduled duration fits in this many coherence times (min T1, T2) "
                                            "of the weakest of the qubits it would use (None: no check).")
+    foreign_cpu: bool = Field(True, description="Plan on the cores a pool's node really has free: CPU its "
+                              "node measures busy with work that is not ours (other jobs on a shared HPC node) "
+                              "is taken off the pool's cores for new starts and wait estimates (never below one).")
+    foreign_cpu_slack: float = Field(0.5, ge=0, description="Cores of foreign load ignored (measurement noise, "
+                                     "Ray's own processes) before a core is taken off a pool.")
 
     def table(self) -> Any:
         from ray_qalloc.placement.pipeline import Weights, WeightTable

@@ -28,6 +28,7 @@ from typing import Any, Callable
 from ray_qalloc.backends.pools import resolve_allowed, unknown_allowed
 from ray_qalloc.config import Settings
 from ray_qalloc.exceptions import BackendError, InvalidJobSpec, NoFeasibleBackend
+from ray_qalloc.placement.capacity import ForeignLoad
 from ray_qalloc.fleet import ACTOR_GONE, Fleet, Host, Member
 from ray_qalloc.jobs import JobState, PreparedJob, compact
 from ray_qalloc.observer import Observer
@@ -120,6 +121,7 @@ class Dispatcher:
         self.cordoned: set[str] = set()
         # members leaving the pool (membership.py): out of service like a cordon, then forgotten
         self.retiring: set[str] = set()
+        self.foreign = ForeignLoad()             # foreign CPU load per pool (placement/capacity.py)
         self.maintenance_why: Callable[[str], str | None] = lambda name: None
         self.hedges = 0
         self.overruns_noted = 0
@@ -143,6 +145,18 @@ class Dispatcher:
         if name in self.sched.backends:
             self.sched.set_health(name, healthy and not self.out_of_service(name))
         if healthy:
+            self.kick()
+
+    def pool_measured(self, pool: str, cores: float, busy: float | None) -> None:
+        """A pool's node reading (fleet.py): plan new starts and waits on the cores that are
+        free of foreign work (placement/capacity.py); a change plans the queue again."""
+        p = self.settings.placement
+        self.foreign.slack = p.foreign_cpu_slack
+        target = self.foreign.update(pool, cores, busy if p.foreign_cpu else None, self.sched.busy_threads(pool))
+        if pool in self.sched.node_cpus and self.sched.node_cpus[pool] != target:
+            self.sched.node_cpus[pool] = target
+            if self.queued:
+                self.replan_queued()
             self.kick()
 
     def out_of_service(self, name: str) -> bool:

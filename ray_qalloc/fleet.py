@@ -413,6 +413,9 @@ class Fleet:
                 m.memory_free_bytes = usable
         from ray_qalloc.metrics import metrics
 
+        measured = getattr(self.listener, "pool_measured", None)
+        if measured is not None and host.kind == "pool":
+            measured(host.name, max(host.cores, 1.0), stats.busy_cores)
         node = (host.node_id or host.name)[:8]
         metrics.node(node, cpu_ratio=stats.cpu_ratio, memory_used_bytes=stats.memory_used_bytes,
                      memory_total_bytes=stats.memory_total_bytes)

@@ -32,8 +32,10 @@ def qa(data_dir):
 
     # Ray's unix sockets need a short path.
     ray_tmp = tempfile.mkdtemp(prefix="qr", dir="/tmp")
+    # foreign_cpu off: on this one machine every test process (pytest, the other "nodes" of the
+    # multi-node tests) is foreign work to the pool; test_capacity switches it on live
     client = connect(data_dir=data_dir, num_cpus=2, ray_temp_dir=ray_tmp, health_interval_s=0.5,
-                     history_flush_s=1.0)
+                     history_flush_s=1.0, placement={"foreign_cpu": False})
     yield client
     client.shutdown()
     if ray.is_initialized():

@@ -177,7 +177,10 @@ def _run(tmp: Path, report: dict[str, Any], save: Callable[[], None]) -> None:
     ghz, brick = circuits()
     timings = report["timings"]
     settings = load_settings(data_dir=tmp / "data", pool=POOL, health_interval_s=0.5, health_timeout_s=2.0,
-                             history_flush_s=1.0, hedge={"enabled": False, "probe_idle": False})
+                             history_flush_s=1.0, hedge={"enabled": False, "probe_idle": False},
+                             # every "node" shares this machine's cores: the others' runs would count
+                             # as foreign load on each pool's node
+                             placement={"foreign_cpu": False})
     res = node_resources(settings)            # {"qalloc_pool_cpu": 1, "qalloc_backend_qpu_fez": 1}
     head_res = {k: v for k, v in res.items() if k != POOL_RESOURCE_CPU}
     pool_res = {POOL_RESOURCE_CPU: res[POOL_RESOURCE_CPU]}

@@ -454,6 +454,10 @@ class Scheduler:
         self._refresh_node(old)
         self._refresh_node(node)
 
+    def busy_threads(self, node: str) -> float:
+        """Threads our runs use on ``node`` now (what its measured CPU should mostly be)."""
+        return max(self._node_busy.get(node, 0.0), 0.0)
+
     def _cores_changed(self, node: str, old: float | None) -> None:
         if old is not None and self.node_cpus[node] < old and self._node_busy.get(node, 0.0) > 0:
             self._forced.add(node)
