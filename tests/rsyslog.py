@@ -137,7 +137,9 @@ class Rsyslog:
         """Everything received so far, probes left out."""
         if not self.out.exists():
             return []
-        lines = self.out.read_text(encoding="utf-8", errors="replace").splitlines()
+        text = self.out.read_text(encoding="utf-8", errors="replace")
+        # rsyslog may be half-way through writing the last line: only complete lines count
+        lines = text.split("\n")[:-1]
         return [m for m in map(parse_rfc5424, filter(None, lines)) if m.msgid != _PROBE_MSGID]
 
     def wait_for(self, predicate: Callable[[SyslogMessage], bool], count: int = 1,
