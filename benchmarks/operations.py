@@ -5,13 +5,16 @@ live configuration latency, and draining a busy QPU.
 
 Five measurements, each against its goal, in one run:
 
-1. **Monitor overhead** — the allocator-side CPU of reading calibrations at 1 Hz from 100 and
-   1,000 simulated QPUs of 127 qubits (the monitor's series in SQLite, drift detection, the
-   per-qubit profile placement uses), as % of one core over wall time. Two cases: every read
-   brings a new calibration (the worst case: a sample per qubit and coupler written every
-   second) and a provider that publishes once a minute (reads mostly find nothing new). The
-   Ray call that fetches each calibration from its actor is measured on a real actor and added
-   per read. Goal: ≤ 5 % of one core at 100 backends.
+1. **Monitor overhead** — the allocator's CPU for a 1 Hz calibration refresh of 100 and 1,000
+   simulated QPUs of 127 qubits, every read a new calibration (the worst case), as % of one
+   core. Measured on the design the allocator runs: a real calibration hub actor
+   (``ray_qalloc/calhub.py``) reads the devices, records the series and detects drift; this
+   process takes one digest a second through the allocator's ``HubWatch`` and applies every
+   changed device. Scaled to one new calibration per device per second when the hub reads
+   fewer (its rounds/s are reported, and its own CPU beside: the work moved, it did not
+   vanish). For reference, the same work done inside the allocator (before the hub): per-read
+   costs measured in-process, the Ray call per read measured on a real actor, at a publish
+   every second and every minute. Goal: ≤ 5 % of one core at 100 backends.
 2. **Drift detection delay** — an emulated torino (the real snapshot, seeded drift, its noise
    following it) gets a TLS defect on one qubit; the monitor reads it every period, the
    allocator's alert rule fires, the event is committed to the outbox and delivered to a real
@@ -160,6 +163,84 @@ def ray_call_cpu(calls: int = 200) -> dict[str, float]:
                 "unchanged_s": asyncio.run(loop(actor.calibration_if_newer, taken_at))}
     finally:
         ray.kill(actor)
+
+
+def hub_overhead(n_devices: int, seconds: float, folder: Path) -> dict[str, Any]:
+    """The design the allocator runs: a real calibration hub actor reads ``n_devices`` emulated
+    127-qubit QPUs that publish a new calibration at every read (the worst case) on a 1 s
+    period, and this process takes one digest a second through the allocator's own
+    ``HubWatch``, applying every changed device to fleet members as the allocator does. CPU of
+    this process (Ray's threads in it included) over wall time is the allocator's cost; the
+    hub's own CPU is reported beside it (the work moved, it did not vanish)."""
+    import logging
+
+    import ray
+
+    from ray_qalloc.calhub import HubWatch, RemoteCalibrationHub, hub_options
+    from ray_qalloc.config import load_settings
+
+    ray_tmp = tempfile.mkdtemp(prefix="qh", dir="/tmp")
+    settings = load_settings(data_dir=folder / f"hub-{n_devices}", allocator_name=f"ops-hub-{n_devices}",
+                             monitor={"calibration_period_s": 1.0})
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+             namespace=settings.namespace, _temp_dir=ray_tmp)
+    try:
+        hub = RemoteCalibrationHub.options(**hub_options(settings)).remote(settings)
+        ray.get(hub.watch_synthetic.remote(n_devices), timeout=600)
+        fleet = _DigestFleet([f"qpu_syn{i:04d}" for i in range(n_devices)])
+        watch = HubWatch(hub, fleet, lambda names: None, period_s=1.0, max_stale_periods=3.0)
+        applied: list[int] = []
+
+        async def loop() -> tuple[float, float]:
+            await watch.pull()                      # the first digest (everything) outside the timing
+            h0 = await hub.stats.remote()
+            c0, t0 = time.process_time(), time.monotonic()
+            while time.monotonic() - t0 < seconds:
+                t_tick = time.monotonic()
+                before = dict(fleet.taken)
+                await watch.pull()
+                applied.append(sum(1 for k, v in fleet.taken.items() if v != before.get(k)))
+                await asyncio.sleep(max(1.0 - (time.monotonic() - t_tick), 0.0))
+            cpu, wall = time.process_time() - c0, time.monotonic() - t0
+            h1 = await hub.stats.remote()
+            return cpu / wall, (h1["cpu_s"] - h0["cpu_s"]) / max(h1["wall_s"] - h0["wall_s"], 1e-9), \
+                (h1["rounds"] - h0["rounds"]) / wall
+
+        alloc_share, hub_share, rounds_per_s = asyncio.run(loop())
+    finally:
+        ray.shutdown()
+    per_digest = statistics.mean(applied) if applied else 0.0
+    # the hub may not read every device every second (it reports its rounds/s); scaled to one
+    # new calibration per device per second (the fixed cost of the digest call scaled too:
+    # conservative)
+    scale = n_devices / per_digest if per_digest > 0 else float("nan")
+    return {"devices": n_devices, "seconds": seconds, "allocator_cpu_pct": 100.0 * alloc_share * scale,
+            "allocator_cpu_pct_measured": 100.0 * alloc_share,
+            "hub_cpu_pct": 100.0 * hub_share, "hub_rounds_per_s": rounds_per_s,
+            "devices_applied_per_digest": per_digest}
+
+
+class _DigestFleet:
+    """Fleet members as the allocator has them, enough for ``HubWatch`` to apply digests to."""
+
+    class _Member:
+        def __init__(self, fleet: "_DigestFleet", name: str) -> None:
+            self.fleet, self.name = fleet, name
+            self.spec = type("Spec", (), {"kind": "qpu"})()
+            self.calibration = self.qubits = self.calibration_taken_at = None
+
+        def set_calibration_parts(self, taken_at: Any, summary: Any, profile: Any) -> bool:
+            if self.calibration is not None and taken_at == self.calibration_taken_at:
+                return False
+            self.calibration, self.calibration_taken_at, self.qubits = summary, taken_at, profile
+            self.fleet.taken[self.name] = taken_at
+            return True
+
+    def __init__(self, names: list[str]) -> None:
+        self.taken: dict[str, Any] = {}
+        self.members = {n: self._Member(self, n) for n in names}
+        self.hosts = {n: type("Host", (), {"name": n, "kind": "backend", "actor": None, "members": [n]})()
+                      for n in names}
 
 
 # ---- 2. drift detection delay --------------------------------------------------------------------
@@ -436,16 +517,23 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
     per_call = live_out["ray_call_cpu"]
     console.print("[bold]monitor overhead[/] at 1 Hz (100 and 1,000 simulated 127-qubit QPUs)")
     monitor = [monitor_overhead(n, ticks, per_call, folder) for n in (100, 1000)]
+    console.print("[bold]monitor overhead, hub design[/]: a real hub actor, one digest a second (100 and 1,000)")
+    hub = [hub_overhead(n, 10.0 if quick else 30.0, folder) for n in (100, 1000)]
     console.print("[bold]drift detection[/]: a TLS defect on an emulated torino")
     drift = drift_detection(folder)
     console.print(f"[bold]alert delivery[/]: webhook receiver down for {10 if quick else 30} s")
     outage = alert_outage(folder, down_s=10.0 if quick else 30.0)
     by_n = {m["devices"]: m for m in monitor}
+    hub_n = {h["devices"]: h for h in hub}
     summary = {
-        "monitor_cpu_pct_100": by_n[100]["cpu_pct_publish_1s"],
-        "monitor_cpu_pct_1000": by_n[1000]["cpu_pct_publish_1s"],
-        "monitor_cpu_pct_100_publish_60s": by_n[100]["cpu_pct_publish_60s"],
-        "monitor_cpu_pct_1000_publish_60s": by_n[1000]["cpu_pct_publish_60s"],
+        "monitor_cpu_pct_100": hub_n[100]["allocator_cpu_pct"],
+        "monitor_cpu_pct_1000": hub_n[1000]["allocator_cpu_pct"],
+        "hub_cpu_pct_100": hub_n[100]["hub_cpu_pct"], "hub_cpu_pct_1000": hub_n[1000]["hub_cpu_pct"],
+        "hub_rounds_per_s_1000": hub_n[1000]["hub_rounds_per_s"],
+        "monitor_cpu_pct_100_inprocess": by_n[100]["cpu_pct_publish_1s"],
+        "monitor_cpu_pct_1000_inprocess": by_n[1000]["cpu_pct_publish_1s"],
+        "monitor_cpu_pct_100_inprocess_publish_60s": by_n[100]["cpu_pct_publish_60s"],
+        "monitor_cpu_pct_1000_inprocess_publish_60s": by_n[1000]["cpu_pct_publish_60s"],
         "drift_detect_periods": drift["detect_periods"],
         "alerts_lost": outage["lost"], "alerts_duplicated": outage["duplicated"],
         "config_effect_s": live_out["config"]["effect_s"],
@@ -454,7 +542,7 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
     }
     return {"benchmark": "operations", "quick": quick,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-            "monitor": monitor, "drift": drift, "alerts": outage, "live": live_out, "summary": summary}
+            "monitor": monitor, "hub": hub, "drift": drift, "alerts": outage, "live": live_out, "summary": summary}
 
 
 def print_report(result: dict[str, Any], console: Console) -> None:
@@ -467,6 +555,15 @@ def print_report(result: dict[str, Any], console: Console) -> None:
                   f"{m['ray_ms_per_new_read']:.2f}/{m['ray_ms_per_unchanged_read']:.2f}",
                   f"{m['cpu_pct_publish_1s']:.1f}", f"{m['cpu_pct_publish_60s']:.1f}", str(m["ticks_over_one_second"]))
     console.print(t)
+    t = Table(title="monitor, hub design (what the allocator runs): every read a new calibration, 1 s period")
+    for col in ("backends", "allocator CPU % (per device-second)", "measured", "hub CPU %", "hub rounds/s",
+                "devices per digest"):
+        t.add_column(col, justify="right")
+    for h in result["hub"]:
+        t.add_row(str(h["devices"]), f"{h['allocator_cpu_pct']:.2f}", f"{h['allocator_cpu_pct_measured']:.2f}",
+                  f"{h['hub_cpu_pct']:.1f}",
+                  f"{h['hub_rounds_per_s']:.2f}", f"{h['devices_applied_per_digest']:.0f}")
+    console.print(t)
     s = result["summary"]
     g = s["goals"]
 
@@ -478,8 +575,9 @@ def print_report(result: dict[str, Any], console: Console) -> None:
     line("monitor_cpu_pct_100", s["monitor_cpu_pct_100"], f"≤ {g['monitor_cpu_pct_100']}",
          s["monitor_cpu_pct_100"] <= g["monitor_cpu_pct_100"], " %")
     line("monitor_cpu_pct_1000", s["monitor_cpu_pct_1000"], "reported", None, " %")
-    line("  at a 60 s publish, 100", s["monitor_cpu_pct_100_publish_60s"], f"≤ {g['monitor_cpu_pct_100']}",
-         s["monitor_cpu_pct_100_publish_60s"] <= g["monitor_cpu_pct_100"], " %")
+    line("  hub's own CPU, 100", s["hub_cpu_pct_100"], "reported", None, " %")
+    line("  in-process (before), 100", s["monitor_cpu_pct_100_inprocess"], f"≤ {g['monitor_cpu_pct_100']}",
+         s["monitor_cpu_pct_100_inprocess"] <= g["monitor_cpu_pct_100"], " %")
     d = s["drift_detect_periods"]
     line("drift_detect_periods", d, f"≤ {g['drift_detect_periods']}", None if d is None else d <= g["drift_detect_periods"])
     line("alerts_lost", s["alerts_lost"], "= 0", s["alerts_lost"] == 0)

@@ -80,11 +80,7 @@ class Allocator:
         self.admin = AdminState(self.store.engine)
         self.maint = MaintenanceDesk(self.d, self.admin, self._kick.set)
         self.d.maintenance_why = self.maint.why
-        from ray_qalloc.calwatch import CalibrationWatch, open_monitor
-
-        self.calwatch = CalibrationWatch(self.fleet, open_monitor(settings), self._calibration_changed,
-                                         timeout_s=max(settings.health_timeout_s, 10.0), offload=self.d.db,
-                                         observer=self.d.observer)
+        self.calwatch = self._calibration_watch(settings, members is None)
         self.alerts: Any = None
         if settings.alerts.enabled:
             from ray_qalloc.alerts.service import AlertService
@@ -128,6 +124,21 @@ class Allocator:
     @property
     def predictor(self) -> Any:
         return self.d.predictor
+
+    def _calibration_watch(self, settings: Settings, real: bool) -> Any:
+        """The calibration monitor: in its hub actor (calhub.py) on a real fleet, in this
+        process for injected backends (which are no Ray actors a hub could call)."""
+        if real and settings.monitor.hub:
+            from ray_qalloc.calhub import HubWatch, RemoteCalibrationHub, hub_options
+
+            hub = RemoteCalibrationHub.options(**hub_options(settings)).remote(settings)
+            return HubWatch(hub, self.fleet, self._calibration_changed, period_s=settings.monitor.calibration_period_s,
+                            max_stale_periods=settings.monitor.max_stale_periods, observer=self.d.observer)
+        from ray_qalloc.calwatch import CalibrationWatch, open_monitor
+
+        return CalibrationWatch(self.fleet, open_monitor(settings), self._calibration_changed,
+                                timeout_s=max(settings.health_timeout_s, 10.0), offload=self.d.db,
+                                observer=self.d.observer)
 
     # ==== start-up and recovery ===============================================================
     async def _start(self) -> None:
@@ -501,6 +512,9 @@ class Allocator:
         from ray_qalloc import dashboard
 
         alerts = await self.alerts_view(20)
+        prefetch = getattr(self.calwatch, "prefetch", None)
+        if prefetch is not None:
+            await prefetch()
         return dashboard.data(self, alerts)
 
     async def alerts_view(self, limit: int = 100) -> dict[str, Any]:

@@ -118,6 +118,8 @@ class MonitorSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
+    hub: bool = Field(True, description="Read calibrations in a hub actor of their own and hand the allocator "
+                      "one digest per period (False: inside the allocator, as tests with injected backends do).")
     calibration_period_s: float = Field(300.0, gt=0, description="How often every QPU's calibration is read "
                                         "(placement, the series and drift detection use the newest).")
     max_stale_periods: float = Field(3.0, gt=0, description="A calibration older than this many periods "

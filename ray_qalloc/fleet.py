@@ -92,6 +92,14 @@ class Member:
         self.qubits = QubitProfile.of(cal) if cal is not None else None
         return True
 
+    def set_calibration_parts(self, taken_at: float | None, summary: dict[str, float] | None,
+                              profile: QubitProfile | None) -> bool:
+        """Take a calibration already reduced to what placement reads (the hub did the work)."""
+        if summary is not None and self.calibration is not None and taken_at == self.calibration_taken_at:
+            return False
+        self.calibration, self.calibration_taken_at, self.qubits = summary, taken_at, profile
+        return True
+
     @property
     def breaker_open(self) -> bool:
         return self.open_until > 0.0
