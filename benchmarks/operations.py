@@ -210,14 +210,15 @@ def hub_overhead(n_devices: int, seconds: float, folder: Path) -> dict[str, Any]
     finally:
         ray.shutdown()
     per_digest = statistics.mean(applied) if applied else 0.0
-    # the hub may not read every device every second (it reports its rounds/s); scaled to one
-    # new calibration per device per second (the fixed cost of the digest call scaled too:
-    # conservative)
-    scale = n_devices / per_digest if per_digest > 0 else float("nan")
+    # the hub may not read every device every second (it reports its rounds/s): scaled to one
+    # new calibration per device per second from the changes this process really applied
+    # (the fixed cost of the digest call scaled too: conservative)
+    changes_per_s = sum(applied) / seconds
+    scale = max(n_devices / changes_per_s, 1.0) if changes_per_s > 0 else float("nan")
     return {"devices": n_devices, "seconds": seconds, "allocator_cpu_pct": 100.0 * alloc_share * scale,
             "allocator_cpu_pct_measured": 100.0 * alloc_share,
             "hub_cpu_pct": 100.0 * hub_share, "hub_rounds_per_s": rounds_per_s,
-            "devices_applied_per_digest": per_digest}
+            "devices_applied_per_digest": per_digest, "changes_applied_per_s": changes_per_s}
 
 
 class _DigestFleet:
