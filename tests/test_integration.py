@@ -228,10 +228,14 @@ def test_run_history_is_written_as_parquet(qa):
 
 
 def test_submit_many_in_one_round_trip(qa):
-    handles = qa.submit_many([{"circuit": ghz(n), "shots": 200} for n in range(2, 12)])
+    # classical: an ``auto`` job may rightly go to a (noisy) QPU when the pool is busy with the
+    # rest of the batch, and then its counts are not the ideal two outcomes
+    handles = qa.submit_many([{"circuit": ghz(n), "shots": 200, "intent": "classical"} for n in range(2, 12)])
     assert len({h.id for h in handles}) == 10
     for n, h in zip(range(2, 12), handles):
-        assert set(h.result(timeout=120).counts) <= {"0" * n, "1" * n}
+        res = h.result(timeout=120)
+        assert not res.backend.startswith("qpu_"), res.backend
+        assert set(res.counts) <= {"0" * n, "1" * n}
 
 
 def test_submit_many_refuses_only_the_impossible_job(qa):
