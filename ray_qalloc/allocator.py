@@ -338,7 +338,8 @@ class Allocator:
                 "predicted_wait_s": self.sched.predicted_wait(s.name, now) if in_sched else None,
                 "healthy": m.healthy, "node_id": host.node_id, "breaker": m.breaker,
                 "elastic": host.elastic, "started": host.actor is not None,
-                "resource": self.fleet.resource_of(s.name), "calibration": m.calibration})
+                "resource": self.fleet.resource_of(s.name), "calibration": m.calibration,
+                "provider": host.provider.to_dict() if host.provider is not None else None})
         return out
 
     async def pools(self) -> list[dict[str, Any]]:

@@ -105,6 +105,10 @@ class PlacementSettings(BaseModel):
                               "is taken off the pool's cores for new starts and wait estimates (never below one).")
     foreign_cpu_slack: float = Field(0.5, ge=0, description="Cores of foreign load ignored (measurement noise, "
                                      "Ray's own processes) before a core is taken off a pool.")
+    provider_job_s: float = Field(60.0, ge=0, description="Seconds one job of another user ahead of ours in a "
+                                  "QPU provider's queue is taken to hold the device (providers report how many jobs "
+                                  "wait, not how long they take): the provider's pending jobs times this is added "
+                                  "to the QPU's wait (0: ignore the provider's queue).")
 
     def table(self) -> Any:
         from ray_qalloc.placement.pipeline import Weights, WeightTable

@@ -147,6 +147,14 @@ class Dispatcher:
         if healthy:
             self.kick()
 
+    def member_external_wait(self, name: str, seconds: float) -> None:
+        """A QPU provider's queue ahead of the device's next job (fleet.py): placement adds it
+        to the device's wait; a change lets the waiting jobs weigh it at the next pass."""
+        b = self.sched.backends.get(name)
+        if b is not None and b.external_wait_s != seconds:
+            self.sched.set_external_wait(name, seconds)
+            self.kick()
+
     def pool_measured(self, pool: str, cores: float, busy: float | None) -> None:
         """A pool's node reading (fleet.py): plan new starts and waits on the cores that are
         free of foreign work (placement/capacity.py); a change plans the queue again."""

@@ -36,7 +36,7 @@ import ray
 from ray.exceptions import RayActorError, WorkerCrashedError
 
 from ray_qalloc.backends.actor import RemoteBackendActor, backend_actor_options
-from ray_qalloc.backends.base import BackendSpec, resource_name
+from ray_qalloc.backends.base import BackendSpec, ProviderStatus, resource_name
 from ray_qalloc.backends.pools import POOL_RESOURCE_CPU, pool_candidate_specs, pool_name
 from ray_qalloc.config import Settings
 from ray_qalloc.placement import BackendView
@@ -141,6 +141,7 @@ class Host:
     node_stats: NodeStats | None = None  # what the pool's node measured at its last ping
     planned_free_bytes: int | None = None  # the free memory queued plans were last made with
     pid: int | None = None             # the executor's process, as its last ping gave it (a restart changes it)
+    provider: ProviderStatus | None = None  # a QPU provider's last word on the device (in service, queue)
 
 
 class FleetListener(Protocol):
@@ -150,7 +151,8 @@ class FleetListener(Protocol):
 
     def host_unreachable(self, host: Host, why: str) -> None: ...
 
-    # optional: ``replan_queued()`` — members came back under names the listener knew already
+    # optional: ``replan_queued()`` — members came back under names the listener knew already;
+    # ``member_external_wait(name, seconds)`` — the provider's queue ahead of a QPU's next job
 
 
 class Fleet:
@@ -388,6 +390,8 @@ class Fleet:
                     if first or m.calibration is None:
                         cal = await asyncio.wait_for(_aref(host.actor.calibration.remote()), timeout)
                         m.set_calibration(cal)
+                if not self._provider_says(host, info.get("provider")):
+                    return
         except Exception as exc:  # noqa: BLE001 - whatever the reason, a host that does not answer is unhealthy
             # (catching only known Ray errors let ActorUnschedulableError — a pool pinned to a
             # dead node — escape, and its members stayed healthy forever)
@@ -402,6 +406,39 @@ class Fleet:
             return
         host.missed = 0
         self._set_host_health(host, True)
+
+    def _provider_says(self, host: Host, raw: Any) -> bool:
+        """Take a QPU provider's status from a ping: its queue of other users' jobs becomes wait
+        placement adds to the device, and a device its provider took out of service is
+        unhealthy (jobs wait or go elsewhere) until the provider says otherwise. False: the
+        host is out of service (its health is set here)."""
+        if not raw:
+            return True
+        try:
+            status = ProviderStatus.from_dict(raw)
+        except (TypeError, ValueError):
+            return True
+        before, host.provider = host.provider, status
+        pending = status.pending_jobs or 0
+        wait = pending * self.settings.placement.provider_job_s
+        tell = getattr(self.listener, "member_external_wait", None)
+        if tell is not None:
+            for name in host.members:
+                tell(name, wait)
+        from ray_qalloc.metrics import metrics
+
+        provider_queue = getattr(metrics, "provider_queue", None)
+        if provider_queue is not None:
+            for name in host.members:
+                provider_queue(name, pending, status.operational)
+        if status.operational:
+            return True
+        if before is None or before.operational:
+            log.warning("QPU %s taken out of service by its provider (%s): no new runs there until it is back",
+                        host.name, status.message or "not operational")
+        host.missed = 0
+        self._set_host_health(host, False)
+        return False
 
     def _node_measured(self, host: Host, raw: Any) -> None:
         """Take a pool's node reading; placement plans on the memory the node has free now (a

@@ -25,7 +25,7 @@ from typing import Any
 
 import ray
 
-from ray_qalloc.backends.base import BackendSpec, Reattachable, RunResult, resource_name
+from ray_qalloc.backends.base import BackendSpec, ProviderStatus, Reattachable, RunResult, resource_name
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ class BackendActor:
         self._started_at = time.time()
         self._node_id = ray.get_runtime_context().get_node_id()
         self._resources = dict(ray.get_runtime_context().get_assigned_resources())
+        self._provider: ProviderStatus | None = None
+        self._provider_reader: threading.Thread | None = None
 
     # ---- introspection --------------------------------------------------------------------
     def spec(self) -> BackendSpec:
@@ -96,9 +98,39 @@ class BackendActor:
         return fn() if callable(fn) else None
 
     def ping(self) -> dict[str, Any]:
-        """Health check: answers while circuits run (they run on other threads)."""
-        return {"name": self._spec.name, "running": len(self._runs), "node_id": self._node_id,
-                "pid": os.getpid(), "started_at": self._started_at}
+        """Health check: answers while circuits run (they run on other threads), with the
+        provider's last word on the device (in service, jobs ahead) where it gives one."""
+        out: dict[str, Any] = {"name": self._spec.name, "running": len(self._runs), "node_id": self._node_id,
+                               "pid": os.getpid(), "started_at": self._started_at}
+        provider = self._provider_status()
+        if provider is not None:
+            out["provider"] = provider.to_dict()
+        return out
+
+    def _provider_status(self) -> ProviderStatus | None:
+        """The last reading; a fresh one is asked for on a thread of its own, so that a slow
+        provider never makes a ping miss its deadline (a missed ping means "down")."""
+        read = getattr(self._backend, "provider_status", None)
+        if read is None:
+            return None
+        with self._lock:
+            reader = self._provider_reader
+            if reader is None or not reader.is_alive():
+                reader = self._provider_reader = threading.Thread(
+                    target=self._read_provider, args=(read,), name="qalloc-provider-status", daemon=True)
+                reader.start()
+        if self._provider is None:     # the first reading: worth a short wait (cached from then on)
+            reader.join(timeout=0.2)
+        return self._provider
+
+    def _read_provider(self, read: Any) -> None:
+        try:
+            status = read()
+        except Exception as exc:  # noqa: BLE001 - the provider's failure is not the actor's
+            log.debug("provider status of %s unavailable: %s", self._spec.name, exc)
+            return
+        if status is not None:
+            self._provider = status
 
     # ---- running --------------------------------------------------------------------------
     def run(self, job_id: str, attempt: int, payload: bytes, shots: int,

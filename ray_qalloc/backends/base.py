@@ -110,6 +110,31 @@ def _first(values: dict[str, float], names: tuple[str, ...]) -> float:
     return float("nan")
 
 
+@dataclass(frozen=True)
+class ProviderStatus:
+    """What a QPU's provider says of the device now: in service or not, and how many jobs of
+    other users wait ahead of a new one.
+
+    Why apart from ``Calibration``: providers publish calibrations a few times a day but the
+    queue moves by the minute, and a device can go out of service between two calibrations.
+    ``pending_jobs`` None: the provider does not say (emulated devices, some providers)."""
+
+    operational: bool = True
+    pending_jobs: int | None = None
+    message: str = ""
+    read_at: float = 0.0             # unix seconds of the reading
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "ProviderStatus":
+        pending = raw.get("pending_jobs")
+        return cls(operational=bool(raw.get("operational", True)),
+                   pending_jobs=None if pending is None else max(int(pending), 0),
+                   message=str(raw.get("message") or ""), read_at=float(raw.get("read_at") or 0.0))
+
+
 @dataclass
 class RunResult:
     """Counts plus measured timings of one run on one backend."""

@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ray_qalloc.backends.base import BackendSpec, Calibration, Price, RunResult
+from ray_qalloc.backends.base import BackendSpec, Calibration, Price, ProviderStatus, RunResult
 from ray_qalloc.backends.fake_qpu import (DEFAULT_OVERHEAD_S, QPU_PRICE, calibration_of,
                                           modelled_qpu_seconds, rep_delay_of, scheduled_duration)
 from ray_qalloc.exceptions import BackendError
@@ -38,6 +38,7 @@ ENV_CHANNEL = "QISKIT_IBM_CHANNEL"
 ENV_BACKEND = "QISKIT_IBM_BACKEND"
 DEFAULT_CHANNEL = "ibm_quantum_platform"
 CALIBRATION_TTL_S = 300.0
+STATUS_TTL_S = 30.0         # the provider's queue moves by the minute; one status call per TTL
 
 
 def saved_account_file() -> Path:
@@ -122,6 +123,7 @@ class IBMRuntimeBackend:
         self._spec: BackendSpec | None = None
         self._calibration: Calibration | None = None
         self._calibration_at = 0.0
+        self._status: ProviderStatus | None = None
 
     @classmethod
     def from_env(cls, backend_name: str | None = None, *, environ: dict[str, str] | None = None,
@@ -161,6 +163,23 @@ class IBMRuntimeBackend:
             self._calibration = calibration_of(backend, self.name)
             self._calibration_at = now
         return self._calibration
+
+    def provider_status(self) -> ProviderStatus | None:
+        """The provider's word on the device (``backend.status()``: operational, pending jobs),
+        read at most every STATUS_TTL_S seconds. A failed read keeps the last answer (None
+        before the first): a network blip must not take a device out of service."""
+        now = time.time()
+        if self._status is None or now - self._status.read_at > STATUS_TTL_S:
+            try:
+                raw = self.backend.status()
+            except Exception:  # noqa: BLE001 - any failure of the provider call: keep what we knew
+                return self._status
+            pending = getattr(raw, "pending_jobs", None)
+            self._status = ProviderStatus(
+                operational=bool(getattr(raw, "operational", True)),
+                pending_jobs=None if pending is None else max(int(pending), 0),
+                message=str(getattr(raw, "status_msg", "") or ""), read_at=now)
+        return self._status
 
     def run(self, circuit: "QuantumCircuit", shots: int, *, seed: int | None = None,
             on_submitted: Callable[[str], None] | None = None) -> RunResult:

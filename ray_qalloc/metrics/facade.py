@@ -60,6 +60,7 @@ _QUEUE_DEPTH, _QUEUE_WAIT, _FINISHED = _I["qalloc_queue_depth"], _I["qalloc_queu
 _DECISIONS, _PRED_ERR = _I["qalloc_decisions_total"], _I["qalloc_prediction_error_log_ratio"]
 _RUN, _ATTEMPT_FAIL = _I["qalloc_run_seconds"], _I["qalloc_attempt_failures_total"]
 _BREAKER, _HEALTHY = _I["qalloc_breaker_state"], _I["qalloc_backend_healthy"]
+_PENDING, _OPERATIONAL = _I["qalloc_provider_pending_jobs"], _I["qalloc_provider_operational"]
 _DRIFT, _CALIBRATION = _I["qalloc_drift_score"], _I["qalloc_calibration_value"]
 _API_REQ, _API_SEC = _I["qalloc_api_requests_total"], _I["qalloc_api_request_seconds"]
 _NODE_CPU, _NODE_MEM_USED, _NODE_MEM_TOTAL, _NODE_GPU = (
@@ -248,6 +249,13 @@ class Metrics:
     def health(self, backend: str, up: bool) -> None:
         """Whether ``backend`` answers its health probe."""
         self._set(_HEALTHY, (_BACKEND.fold(backend),), 1.0 if up else 0.0)
+
+    @_recording
+    def provider_queue(self, backend: str, pending_jobs: int, operational: bool) -> None:
+        """A QPU provider's word on ``backend``: jobs of others ahead, and in service or not."""
+        tags = (_BACKEND.fold(backend),)
+        self._set_finite(_PENDING, tags, float(pending_jobs))
+        self._set(_OPERATIONAL, tags, 1.0 if operational else 0.0)
 
     # ---- calibration -------------------------------------------------------------------------
     @_recording

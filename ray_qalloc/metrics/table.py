@@ -171,6 +171,10 @@ METRICS: tuple[MetricDef, ...] = (
        (("backend", BACKEND),), "Backends", agg="max"),
     _m("qalloc_backend_healthy", "gauge", "bool", "1 while a backend answers its health probe, else 0.",
        (("backend", BACKEND),), "Backends", agg="min"),
+    _m("qalloc_provider_pending_jobs", "gauge", "jobs", "Jobs of other users ahead in a QPU provider's queue.",
+       (("backend", BACKEND),), "Backends", agg="max"),
+    _m("qalloc_provider_operational", "gauge", "bool", "1 while a QPU's provider has it in service, else 0.",
+       (("backend", BACKEND),), "Backends", agg="min"),
     # Calibration
     _m("qalloc_drift_score", "gauge", "score", "Calibration drift of a QPU against its recent history.",
        (("device", DEVICE),), "Calibration", agg="max"),

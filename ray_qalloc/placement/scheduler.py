@@ -139,6 +139,8 @@ class BackendSlotState:
     can_start_emergency: bool = True
     free_at_emergency: float = 0.0    # the same for an emergency job: reserved slots are its own
     free_run_started_emergency: float = 0.0
+    # wait that is not ours to see run: jobs of other users ahead in a QPU provider's queue
+    external_wait_s: float = 0.0
 
 
 Load = tuple[float, float, bool, float, float, bool]   # free_at, its run's start, can_start; the same for emergency
@@ -264,6 +266,8 @@ class LiveView(Mapping[str, LiveState]):
             extra = self.ahead.get(key, 0.0) + self.held.get(key, 0.0)
             if extra:
                 wait += extra / max(b.spec.slots, 1)
+        if b.external_wait_s:
+            wait += b.external_wait_s   # a free slot of ours still queues behind the provider's line
         return LiveState(wait, can)
 
     def __getitem__(self, key: str) -> LiveState:
@@ -299,7 +303,7 @@ class PassResult:
 
 
 _Item = tuple[tuple[int, float, float, int], int, str]   # (entry key, entry version, job id)
-_MUTATORS = ("add_backend", "set_health", "set_windows", "set_node", "enqueue", "remove", "start", "finish", "decide", "requeue")
+_MUTATORS = ("add_backend", "set_health", "set_external_wait", "set_windows", "set_node", "enqueue", "remove", "start", "finish", "decide", "requeue")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -438,6 +442,21 @@ class Scheduler:
         if b.healthy != healthy:
             b.healthy = healthy
             self._refresh_node(b.node)
+
+    def set_external_wait(self, backend: str, seconds: float) -> None:
+        """Wait a new run on ``backend`` has before it, beyond our own runs: the provider's
+        queue of other users' jobs (``ProviderStatus.pending_jobs``). Added to every wait
+        placement sees there; it does not hold a slot, so the job still starts (is submitted)
+        when a slot of ours is free."""
+        if not seconds >= 0.0 or seconds == math.inf:
+            raise ValueError(f"external wait of {backend} must be a finite number of seconds ≥ 0, got {seconds!r}")
+        b = self.backends[backend]
+        if b.external_wait_s == seconds:
+            return
+        b.external_wait_s = float(seconds)
+        # jobs that chose to wait for it, or declined it, weighed a wait that moved
+        self._declined.pop(backend, None)
+        self._unhold(self._holds.release(backend))
 
     def set_node(self, backend: str, node: str) -> None:
         b = self.backends[backend]
@@ -643,7 +662,7 @@ class Scheduler:
         if not b.healthy:
             return math.inf
         running_left = sum(r.remaining(now) for r in b.runs.values())
-        return (running_left + b.queued_work_s) / max(b.spec.slots, 1)
+        return (running_left + b.queued_work_s) / max(b.spec.slots, 1) + b.external_wait_s
 
     # ---- the pass -----------------------------------------------------------------------------
     def _age(self, now: float) -> None:
@@ -881,7 +900,7 @@ class Scheduler:
                 continue
             if b.can_start_emergency if emergency else b.can_start:
                 # a free backend's wait is the work held or weighed ahead of this job there
-                wait = live.extra(name) / max(b.spec.slots, 1)
+                wait = live.extra(name) / max(b.spec.slots, 1) + b.external_wait_s
                 obj = math.log(max(wait + run, 1e-6)) + base
                 if obj < best_free:
                     best_free = obj
@@ -889,7 +908,8 @@ class Scheduler:
             return math.inf
         # log(wait + run_y) + base_y <= best_free  <=>  wait <= exp(best_free - base_y) - run_y;
         # the wait it saw includes the work ahead of it in this pass
-        ahead_y = live.extra(waits_for) / max(backends[waits_for].spec.slots, 1)
+        y = backends[waits_for]
+        ahead_y = live.extra(waits_for) / max(y.spec.slots, 1) + y.external_wait_s
         return now + math.exp(min(best_free - base_y, 700.0)) - run_y - ahead_y
 
     def _decline_ttl(self) -> float:
