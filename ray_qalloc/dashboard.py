@@ -103,8 +103,14 @@ def calibration(alloc: Any) -> list[dict[str, Any]]:
                      "read_age_s": _finite(st.get("read_age_s")),
                      "stale": bool(st.get("stale", False)), "alarms": st.get("alarms", []),
                      "error": st.get("error"),
+                     "provider": _provider(host),
                      "heatmap": heatmap(snapshot, alarms, int(cal.get("qubits", 0) or 0))})
     return rows
+
+
+def _provider(host: Any) -> dict[str, Any] | None:
+    status = getattr(host, "provider", None)
+    return status.to_dict() if status is not None else None
 
 
 def _monitor_view(alloc: Any, name: str) -> tuple[Snapshot | None, Mapping[SeriesKey, Any]]:
