@@ -7,7 +7,8 @@ The tree::
     │   ├── LimitExceeded           a size limit (text, qubits, shots, gates, ...)
     │   ├── InvalidCircuit          the circuit text does not parse or is not allowed
     │   │   └── ForbiddenInclude    QASM ``include`` of something but the standard libraries
-    │   └── InvalidJobSpec          a field of the job has a wrong type or value
+    │   ├── InvalidJobSpec          a field of the job has a wrong type or value
+    │   └── InvalidEvent            a security event record (CEF, LEEF, syslog, OCSF, STIX) is malformed
     ├── NoFeasibleBackend           every backend was filtered out (explanation attached)
     ├── JobNotFound                 no job with that id (or not visible to this tenant)
     ├── JobFailed                   the job ended in FAILED or CANCELLED
@@ -80,6 +81,12 @@ class ForbiddenInclude(InvalidCircuit):
 
 class InvalidJobSpec(IntakeError):
     code = "invalid_job_spec"
+
+
+class InvalidEvent(IntakeError):
+    """A security event record that cannot be read; ``field`` names the part, ``details.format`` the format."""
+
+    code = "invalid_event"
 
 
 class NoFeasibleBackend(QAllocError):
