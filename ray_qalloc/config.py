@@ -54,6 +54,33 @@ class ApiSettings(BaseModel):
                                                 "replica needs (e.g. to keep replicas on the head node).")
 
 
+class SyslogListenerSettings(BaseModel):
+    """An optional syslog receiver for tools that only forward syslog (RFC 5424/3164 lines, CEF
+    or LEEF inside them): TCP with octet-counting framing (RFC 6587) or newlines, and UDP."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0: every interface).")
+    tcp_port: int | None = Field(None, ge=0, le=65535, description="TCP port (None: no TCP listener; 0: any free port).")
+    udp_port: int | None = Field(None, ge=0, le=65535, description="UDP port (None: no UDP listener; 0: any free port).")
+    tenant: str = Field("syslog", min_length=1, max_length=64, description="Tenant the received events belong to.")
+    max_message_bytes: int = Field(65_536, gt=0, description="Longest accepted syslog message.")
+
+
+class EventSettings(BaseModel):
+    """Security events in (SIEM/SOAR): limits per tenant, retention, the syslog listener."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    retention_s: float = Field(30 * 86_400.0, gt=0, description="How long stored events are kept.")
+    max_batch_records: int = Field(10_000, gt=0, description="Most records in one POST /v1/events.")
+    max_record_bytes: int = Field(65_536, gt=0, description="Longest accepted record (a line, a JSON object).")
+    rate_per_s: float = Field(20_000.0, gt=0, description="Events a tenant may send per second, sustained "
+                              "(a token bucket; beyond it 429 with Retry-After).")
+    burst: int = Field(100_000, gt=0, description="Events a tenant may send at once above its rate.")
+    syslog: SyslogListenerSettings = Field(default_factory=SyslogListenerSettings)
+
+
 class HedgeSettings(BaseModel):
     """Hedged runs: the first defence against a wrong runtime prediction."""
 
@@ -235,6 +262,7 @@ class Settings(BaseModel):
     placement: PlacementSettings = Field(default_factory=PlacementSettings)
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    events: EventSettings = Field(default_factory=EventSettings)
     max_attempts: int = Field(5, gt=0, description="Attempts per job before it is failed.")
     breaker_failures: int = Field(3, gt=0, description="Consecutive failed runs that open a backend's "
                                   "circuit breaker (no new runs until a probe succeeds).")
