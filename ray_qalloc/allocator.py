@@ -78,6 +78,10 @@ class Allocator:
         self.fleet = Fleet(settings, self.d)
         self.d.fleet = self.fleet
         self.admin = AdminState(self.store.engine)
+        from ray_qalloc.backendlog import BackendLog
+
+        self.backend_log = BackendLog(self.store.engine)
+        self.d.observer.on_health_change = self._health_changed
         self.maint = MaintenanceDesk(self.d, self.admin, self._kick.set)
         self.d.maintenance_why = self.maint.why
         self.calwatch = self._calibration_watch(settings, members is None)
@@ -476,7 +480,18 @@ class Allocator:
                     self._elastic_tick(ray.cluster_resources())
             except Exception:  # never let the health loop die
                 log.exception("health tick failed")
+            try:
+                await self.d.db(self.backend_log.flush)
+            except Exception:  # the change stream misses nothing: the rows stay noted until a flush works
+                log.exception("backend log flush failed")
             self._poll_model()
+
+    def _health_changed(self, backend: str, up: bool, at: float) -> None:
+        host = self.fleet.hosts.get(backend)
+        provider = host.provider if host is not None else None
+        why = "" if up else (f"out of service at its provider: {provider.message}"
+                             if provider is not None and not provider.operational else "not answering")
+        self.backend_log.note(backend, "up" if up else "down", why, at)
 
     async def _ops_loop(self) -> None:
         """Gauges of the allocator's state, and one alert evaluation, every ``alerts.interval_s``."""

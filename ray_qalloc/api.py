@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray_qalloc import __version__
 from ray_qalloc.config import ApiSettings, Settings, load_settings
 from ray_qalloc.api_admin import add_admin_routes
+from ray_qalloc.api_stream import add_stream_routes
 from ray_qalloc.exceptions import (ConfigError, Conflict, Forbidden, IdempotencyKeyReused, IntakeError,
                                    InvalidJobSpec, JobNotFound, LimitExceeded, QAllocError, QuotaExceeded,
                                    Unauthorized)
@@ -272,6 +273,7 @@ class AppState:
         self._store: Any = None
         self._tenants: TenantStore | None = None
         self._backends: tuple[float, list[dict[str, Any]]] | None = None
+        self._feed: Any = None
 
     @property
     def store(self) -> Any:
@@ -280,6 +282,14 @@ class AppState:
 
             self._store = JobStore(self.settings.resolved_store_url)
         return self._store
+
+    def changefeed(self) -> Any:
+        """The change stream's reader, on the job store's database (opened on first use)."""
+        if self._feed is None:
+            from ray_qalloc.changefeed import ChangeFeed
+
+            self._feed = ChangeFeed(self.store.engine)
+        return self._feed
 
     @property
     def tenants(self) -> TenantStore:
@@ -634,6 +644,7 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
         return await state.call("stats")
 
     add_admin_routes(app, state.call, admin, {403: {"model": ErrorOut}, 404: {"model": ErrorOut}})
+    add_stream_routes(app, state.changefeed, principal, {422: {"model": ErrorOut}})
 
     # -- health
     @app.get("/healthz", tags=["health"])

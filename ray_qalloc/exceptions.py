@@ -8,7 +8,8 @@ The tree::
     │   ├── InvalidCircuit          the circuit text does not parse or is not allowed
     │   │   └── ForbiddenInclude    QASM ``include`` of something but the standard libraries
     │   ├── InvalidJobSpec          a field of the job has a wrong type or value
-    │   └── InvalidEvent            a security event record (CEF, LEEF, syslog, OCSF, STIX) is malformed
+    │   ├── InvalidEvent            a security event record (CEF, LEEF, syslog, OCSF, STIX) is malformed
+    │   └── InvalidRequest          another part of a request (a header, a query parameter) is malformed
     ├── NoFeasibleBackend           every backend was filtered out (explanation attached)
     ├── JobNotFound                 no job with that id (or not visible to this tenant)
     ├── JobFailed                   the job ended in FAILED or CANCELLED
@@ -87,6 +88,12 @@ class InvalidEvent(IntakeError):
     """A security event record that cannot be read; ``field`` names the part, ``details.format`` the format."""
 
     code = "invalid_event"
+
+
+class InvalidRequest(IntakeError):
+    """A header or query parameter that is not a job or an event (e.g. a stream position)."""
+
+    code = "invalid_request"
 
 
 class NoFeasibleBackend(QAllocError):

@@ -45,6 +45,8 @@ class Observer:
         self._drift: dict[str, collections.deque[DriftEvent]] = {}
         self.counts: collections.Counter[str] = collections.Counter()
         self.decisions: collections.deque[dict[str, object]] = collections.deque(maxlen=RECENT_DECISIONS)
+        # told of each health change (the change stream's durable backend log)
+        self.on_health_change: Callable[[str, bool, float], None] | None = None
 
     # ---- events (called where they happen) -------------------------------------------------
     def on_decision(self, outcome: str, n: int = 1) -> None:
@@ -92,6 +94,8 @@ class Observer:
         history = self._health.setdefault(backend, collections.deque(maxlen=HEALTH_HISTORY))
         if not history or history[-1].up != up:
             history.append(HealthChange(at, up))
+            if self.on_health_change is not None:
+                self.on_health_change(backend, up, at)
         metrics.health(backend, up)
 
     def on_drift(self, device: str, series: str, factor: float, at: float) -> None:

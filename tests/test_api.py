@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import Any
 from pathlib import Path
 
 import httpx
@@ -415,3 +416,28 @@ def test_no_allocator_answers_503_unavailable_and_not_ready(server):
     assert r.headers["Retry-After"]
     assert ready.status_code == 503 and ready.json()["error"]["code"] == "unavailable"
     assert health.status_code == 200
+
+
+def test_the_change_stream_follows_a_job_through_serve(server, alice):
+    """Over the real Serve ingress: the stream (SSE) shows the caller's job from acceptance to
+    completion, each event with the position a reconnecting reader would send back."""
+    events: list[dict[str, Any]] = []
+    with alice.stream("GET", "/v1/stream", timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        job = alice.post("/v1/jobs", json={"qasm": BELL, "shots": 20, "backends": FAST}).json()["id"]
+        buf = ""
+        for chunk in r.iter_text():
+            buf += chunk
+            while "\n\n" in buf:
+                block, buf = buf.split("\n\n", 1)
+                data = [line[6:] for line in block.splitlines() if line.startswith("data: ")]
+                if data:
+                    events.append(json.loads(data[0]))
+            if any(e["kind"] == "job" and e["data"]["job_id"] == job and e["data"]["to"] == "completed"
+                   for e in events):
+                break
+    mine = [e["data"]["event"] for e in events if e["kind"] == "job" and e["data"]["job_id"] == job]
+    assert mine[0] == "accept" and mine[-1] == "complete" and "dispatch" in mine
+    again = alice.get("/v1/changes", params={"after": events[0]["id"], "limit": 500}).json()["changes"]
+    n = min(len(again), len(events) - 1)    # the same feed read again from the first event's position
+    assert n >= len(mine) - 1 and [c["id"] for c in again[:n]] == [e["id"] for e in events[1:n + 1]]

@@ -94,6 +94,16 @@ def _operations(schema: schemathesis.BaseSchema) -> list[schemathesis.APIOperati
     return ops
 
 
+# An endless response (Server-Sent Events) cannot be driven by a fuzzer that waits for whole
+# answers: every valid case would be a "hang". Its parameters are tested in tests/test_stream.py
+# and over Serve in tests/test_api.py; /v1/changes, the same feed paged, is fuzzed here.
+ENDLESS = frozenset({"GET /v1/stream"})
+
+
+def _fuzzable(schema: schemathesis.BaseSchema) -> list[schemathesis.APIOperation]:
+    return [op for op in _operations(schema) if op.label not in ENDLESS]
+
+
 def _with_real_circuit(case: schemathesis.Case) -> schemathesis.Case:
     """Keep every generated field but put a real circuit in, so that cases get past the QASM
     parser into intake limits, placement and the allocator (random text stops at the parser).
@@ -148,11 +158,11 @@ def test_api_fuzz(server: Any, api_schema: schemathesis.BaseSchema, fuzz_tokens:
     finally:
         _cancel_leftovers(server, fuzz_tokens.user)
     # every operation was driven at least a few times (a fuzzer that sent nothing proves nothing)
-    assert len(_CALLS) - before >= 3 * len(_operations(api_schema)), len(_CALLS) - before
+    assert len(_CALLS) - before >= 3 * len(_fuzzable(api_schema)), len(_CALLS) - before
 
 
 def _fuzz_all(api_schema: schemathesis.BaseSchema, fuzz_tokens: Tokens, subtests: Any) -> None:
-    for op in _operations(api_schema):
+    for op in _fuzzable(api_schema):
         headers = fuzz_tokens.for_path(op.path)
         examples = api_schema.get_strategies_from_examples(op)
         if examples:
