@@ -195,8 +195,10 @@ class AlertSettings(BaseModel):
     rate_limit: dict[str, Any] = Field(default_factory=dict, description="Default rate limit per rule "
                                        "(max_notifications, window_s).")
     sinks: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Name -> a webhook "
-                                             "({type: webhook, url, secret, ...}) or syslog "
-                                             "({type: syslog, host, port, protocol, ...}) receiver.")
+                                             "({type: webhook, url, secret, ...}), syslog "
+                                             "({type: syslog, host, port, protocol, ...}) or Splunk HEC "
+                                             "({type: splunk_hec, url, token, index, ...}) receiver; each "
+                                             "with format json (default), ocsf or cef.")
     retry: dict[str, Any] = Field(default_factory=dict, description="Retry policy of failing sinks "
                                   "(base_s, multiplier, max_s, jitter, give_up_after_s).")
     retention_s: float = Field(30 * 86_400.0, gt=0, description="How long delivered alerts are kept.")
@@ -214,14 +216,15 @@ class AlertSettings(BaseModel):
         return load_rules({"rules": self.rules, **({"rate_limit": self.rate_limit} if self.rate_limit else {})})
 
     def sink_configs(self) -> dict[str, Any]:
-        from ray_qalloc.alerts.sinks import SyslogConfig, WebhookConfig
+        from ray_qalloc.alerts.sinks import SINK_CONFIGS
 
-        kinds: dict[str, type[BaseModel]] = {"webhook": WebhookConfig, "syslog": SyslogConfig}
         out = {}
         for name, raw in self.sinks.items():
-            kind = kinds.get(str(raw.get("type")))
+            kind = SINK_CONFIGS.get(str(raw.get("type")))
             if kind is None:
-                raise ValueError(f"sink {name!r}: type must be 'webhook' or 'syslog', not {raw.get('type')!r}")
+                kinds = ", ".join(repr(k) for k in SINK_CONFIGS)
+                raise ValueError(f"sink {name!r}: type must be one of {kinds}, not {raw.get('type')!r}. "
+                                 f"To fix: set the sink's \"type\" to one of them")
             try:
                 out[name] = kind.model_validate(raw)
             except ValidationError as exc:

@@ -25,6 +25,19 @@ datagram is one message (RFC 5426). Neither transport acknowledges: a TCP write 
 succeeded may still be lost if the receiver dies before reading it. The sink checks that the
 peer has not closed the connection before each write to catch the common case (a restarted
 daemon); RELP would be needed to close the gap entirely.
+
+Formats: every sink has ``format``: ``json`` (the default: the webhook's signed JSON of
+``AlertEvent.to_dict()``, syslog's one-line summary) or a SIEM's own, rendered by
+``ray_qalloc.integration.formats`` — ``ocsf`` (an OCSF Detection Finding, JSON) or ``cef``
+(one CEF line). On the webhook the body is that record (CEF as text/plain); on syslog the
+MSG part is its text, with the structured data as before, and it is never cut (a cut JSON
+or CEF record would not parse): one that does not fit ``max_message_bytes`` is refused.
+
+Splunk HEC: ``SplunkHecSink`` POSTs ``{"time", "host", "source", "sourcetype", "index",
+"event", "fields": {"idempotency_key"}}`` to ``<url>/services/collector/event`` with
+``Authorization: Splunk <token>``. HEC answers with a JSON ``{"text", "code"}``; ``HEC_CODES``
+says which codes are worth retrying (busy, unhealthy, internal error) and which are refusals
+(bad or disabled token, bad format, index not allowed): see ``hec_outcome``.
 """
 
 from __future__ import annotations
@@ -53,6 +66,10 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 #: RFC 5612's enterprise number for documentation; set ``enterprise_id`` to your own PEN.
 DOC_ENTERPRISE_ID = "32473"
 _USER_AGENT = "ray-qalloc-alerts"
+#: The ``format`` option of every sink (``ray_qalloc.integration.formats``).
+SinkFormat = Literal["json", "ocsf", "cef"]
+_FORMAT_DESCRIPTION = ("How each alert is rendered: json (this sink's native payload), ocsf (an OCSF 1.3 "
+                       "Detection Finding as JSON) or cef (one ArcSight CEF line).")
 
 
 class DeliveryError(Exception):
@@ -86,14 +103,29 @@ class WebhookConfig(BaseModel):
     secret: SecretStr = Field(..., min_length=16, description="Shared HMAC secret, at least 16 characters.")
     timeout_s: float = Field(5.0, gt=0, le=120, description="Connect and read timeout per request.")
     headers: dict[str, str] = Field(default_factory=dict, description="Extra request headers (e.g. routing).")
+    format: SinkFormat = Field("json", description=_FORMAT_DESCRIPTION)
 
     @field_validator("url")
     @classmethod
     def _http(cls, v: str) -> str:
-        url = httpx.URL(v)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(f"{v!r} is not an http(s) URL with a host")
-        return v
+        return _http_url(v)
+
+
+def _http_url(v: str) -> str:
+    url = httpx.URL(v)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{v!r} is not an http(s) URL with a host. To fix: give a URL like https://host:port/path")
+    return v
+
+
+def render(event: Mapping[str, Any], fmt: str, *, host: str | None = None) -> dict[str, Any] | str:
+    """The event as format ``fmt`` (``integration.formats.render_alert``).
+
+    Imported on first use: the default format needs nothing from the SIEM package, so a
+    configuration without ``format`` runs exactly the code it ran before formats existed."""
+    from ray_qalloc.integration.formats import render_alert
+
+    return render_alert(event, fmt, host=host)
 
 
 def canonical_body(event: Mapping[str, Any]) -> bytes:
@@ -146,10 +178,19 @@ class WebhookSink:
         self._own_client = client is None
         self._client = client or httpx.Client(timeout=config.timeout_s, follow_redirects=False)
 
+    def body(self, event: Mapping[str, Any]) -> tuple[bytes, str]:
+        """The bytes POSTed for ``event`` and their content type."""
+        if self.config.format == "json":
+            return canonical_body(event), "application/json"
+        record = render(event, self.config.format)
+        if isinstance(record, str):
+            return record.encode(), "text/plain; charset=utf-8"
+        return canonical_body(record), "application/json"
+
     def send(self, event: Mapping[str, Any]) -> None:
-        body = canonical_body(event)
+        body, content_type = self.body(event)
         ts = str(int(self._clock()))
-        headers = {**self.config.headers, "Content-Type": "application/json", "User-Agent": _USER_AGENT,
+        headers = {**self.config.headers, "Content-Type": content_type, "User-Agent": _USER_AGENT,
                    TIMESTAMP_HEADER: ts, SIGNATURE_HEADER: sign(self.config.secret.get_secret_value(), body, ts),
                    IDEMPOTENCY_HEADER: str(event["key"])}
         try:
@@ -193,6 +234,17 @@ class SyslogConfig(BaseModel):
     max_message_bytes: int = Field(2048, ge=480, le=65507, description="Longest message; the MSG part is "
                                    "cut to fit (2048 is what RFC 5426 says every receiver should accept).")
     bom: bool = Field(True, description="Start MSG with the UTF-8 byte order mark, as RFC 5424 asks.")
+    format: SinkFormat = Field("json", description=_FORMAT_DESCRIPTION + " json sends the alert's summary "
+                               "as MSG; ocsf and cef send the record's text as MSG, never cut.")
+
+    @property
+    def message_limit(self) -> int:
+        """The longest message. ``max_message_bytes`` when set; otherwise 2048, except for an
+        ocsf or cef record over TCP: that cannot be cut to fit, and 8192 is what RFC 5425
+        asks receivers to accept (rsyslog's and syslog-ng's default limit is 8 KiB too)."""
+        if "max_message_bytes" in self.model_fields_set or self.format == "json" or self.transport == "udp":
+            return self.max_message_bytes
+        return 8192
 
     @field_validator("facility", mode="before")
     @classmethod
@@ -235,12 +287,14 @@ def _rfc3339(ts: float) -> str:
 
 def format_rfc5424(event: Mapping[str, Any], *, facility: int = 16, hostname: str | None = None,
                    app_name: str = "ray-qalloc", procid: str | None = None,
-                   enterprise_id: str = DOC_ENTERPRISE_ID, bom: bool = True, max_bytes: int = 2048) -> bytes:
+                   enterprise_id: str = DOC_ENTERPRISE_ID, bom: bool = True, max_bytes: int = 2048,
+                   body: str | None = None) -> bytes:
     """One alert event as an RFC 5424 message (without transport framing).
 
     The alert's fields go in ``[alert@PEN ...]``, its labels in ``[labels@PEN ...]``, a rate
     limit summary's counts in ``[summary@PEN ...]``; MSG is the event's summary on one line,
-    cut (on a character boundary) so the whole message fits ``max_bytes``."""
+    cut (on a character boundary) so the whole message fits ``max_bytes`` — or ``body``
+    exactly (a CEF or OCSF record), which is never cut: one that does not fit is refused."""
     pri = facility * 8 + syslog_severity(event)
     host = _header_field(hostname or socket.gethostname(), 255)
     header = (f"<{pri}>1 {_rfc3339(float(event['at']))} {host} {_header_field(app_name, 48)} "
@@ -260,6 +314,14 @@ def format_rfc5424(event: Mapping[str, Any], *, facility: int = 16, hostname: st
                                                        "firing": counts.get("firing", 0),
                                                        "resolved": counts.get("resolved", 0)})
     head = (header + sd).encode()
+    if body is not None:
+        msg = ("\ufeff" if bom else "").encode() + body.encode()
+        if len(head) + 1 + len(msg) > max_bytes:
+            raise DeliveryError(f"the alert as a syslog message with its record takes {len(head) + 1 + len(msg)} "
+                                f"bytes, more than max_message_bytes={max_bytes}; a record is not cut. To fix: raise "
+                                f"the sink's max_message_bytes (and the receiver's limit), or use format json",
+                                permanent=True)
+        return head + b" " + msg
     text = re.sub(r"[\x00-\x1f\x7f]+", " ", str(event.get("summary") or "")).strip()
     msg = ("\ufeff" if bom else "").encode() + text.encode()
     room = max_bytes - len(head) - 1
@@ -291,9 +353,14 @@ class SyslogSink:
 
     def format(self, event: Mapping[str, Any]) -> bytes:
         c = self.config
+        body = None
+        if c.format != "json":
+            from ray_qalloc.integration.formats import record_text
+
+            body = record_text(render(event, c.format, host=self._hostname))
         return format_rfc5424(event, facility=c.facility, hostname=self._hostname, app_name=c.app_name,
                               procid=self._procid, enterprise_id=c.enterprise_id, bom=c.bom,
-                              max_bytes=c.max_message_bytes)
+                              max_bytes=c.message_limit, body=body)
 
     def send(self, event: Mapping[str, Any]) -> None:
         message = self.format(event)
@@ -344,11 +411,145 @@ class SyslogSink:
             self._drop()
 
 
-SinkConfig = Annotated[Union[WebhookConfig, SyslogConfig], Field(discriminator="type")]
+# ---- Splunk HTTP Event Collector -------------------------------------------------------------
+#: HEC's answer codes (the ``code`` of its JSON reply), their text, and whether a retry can
+#: help. Refusals (a bad or disabled token, a malformed event, an index the token may not
+#: write to) do not get better by waiting; busy, unhealthy and internal errors do.
+HEC_CODES: dict[int, tuple[str, bool]] = {
+    0: ("Success", False), 1: ("Token disabled", False), 2: ("Token is required", False),
+    3: ("Invalid authorization", False), 4: ("Invalid token", False), 5: ("No data", False),
+    6: ("Invalid data format", False), 7: ("Incorrect index", False), 8: ("Internal server error", True),
+    9: ("Server is busy", True), 10: ("Data channel is missing", False), 11: ("Invalid data channel", False),
+    12: ("Event field is required", False), 13: ("Event field cannot be blank", False),
+    14: ("ACK is disabled", False), 15: ("Error in handling indexed fields", False),
+    16: ("Query string authorization is not enabled", False), 17: ("HEC is healthy", False),
+    18: ("HEC is unhealthy, queues are full", True), 19: ("HEC is unhealthy, ack service unavailable", True),
+    20: ("HEC is unhealthy, queues are full, ack service unavailable", True),
+}
+HEC_EVENT_PATH = "/services/collector/event"
+_HEC_FIXES = {1: "enable the token in Splunk (Settings > Data inputs > HTTP Event Collector)",
+              2: "set the sink's token", 3: "set the sink's token (sent as 'Authorization: Splunk <token>')",
+              4: "set the sink's token to one Splunk knows", 7: "set index to one of the token's allowed indexes, "
+              "or allow it on the token", 10: "turn off indexer acknowledgement on the token",
+              11: "turn off indexer acknowledgement on the token"}
 
 
-def build_sink(name: str, config: WebhookConfig | SyslogConfig) -> Sink:
+class SplunkHecConfig(BaseModel):
+    """A Splunk HTTP Event Collector (Splunk Enterprise or Cloud)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: Literal["splunk_hec"] = "splunk_hec"
+    url: str = Field(..., description="The collector's base URL, e.g. https://splunk:8088 (the event endpoint "
+                                      f"{HEC_EVENT_PATH} is added unless the URL already ends with it).")
+    token: SecretStr = Field(..., min_length=1, description="The HEC token (sent as 'Authorization: Splunk <token>').")
+    index: str | None = Field(None, min_length=1, description="Target index; the token's default index when unset.")
+    source: str = Field("ray-qalloc", min_length=1, description="The events' source.")
+    sourcetype: str | None = Field(None, min_length=1, description="The events' sourcetype; by format when "
+                                   "unset: _json (json), ocsf:detection_finding (ocsf), cef (cef).")
+    host: str | None = Field(None, min_length=1, description="The events' host; this machine's name when unset.")
+    verify_tls: bool = Field(True, description="Verify the collector's TLS certificate (https URLs).")
+    timeout_s: float = Field(5.0, gt=0, le=120, description="Connect and read timeout per request.")
+    format: SinkFormat = Field("json", description=_FORMAT_DESCRIPTION)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        return _http_url(v)
+
+    @property
+    def endpoint(self) -> str:
+        base = self.url.rstrip("/")
+        return base if base.endswith(HEC_EVENT_PATH) else base + HEC_EVENT_PATH
+
+    @property
+    def effective_sourcetype(self) -> str:
+        from ray_qalloc.integration.formats import SOURCETYPES
+
+        return self.sourcetype or SOURCETYPES[self.format]
+
+
+def hec_outcome(status: int, body: str, *, retry_after_s: float | None = None, sink: str = "splunk") -> None:
+    """Map one HEC answer onto the outbox's contract: return when delivered, raise
+    ``DeliveryError`` (``permanent`` for a refusal) otherwise.
+
+    Delivered is a 2xx carrying HEC's ``{"code": 0}``: anything else (a proxy's page, an empty
+    200) has not verifiably reached an index, so it is retried. 408/425/429/5xx and the busy,
+    unhealthy and internal-error codes are retried, honouring ``Retry-After``; every other
+    answer (400, 401, 403, 404, a redirect; the token, format and index codes) is a refusal."""
+    try:
+        answer = json.loads(body)
+        code = answer.get("code") if isinstance(answer, dict) else None
+        text = answer.get("text") if isinstance(answer, dict) else None
+    except ValueError:
+        code, text = None, None
+    code = code if isinstance(code, int) and not isinstance(code, bool) else None
+    if 200 <= status < 300 and code == 0:
+        return
+    said = f"HEC {sink} answered HTTP {status}" + (f" code {code} ({text or HEC_CODES.get(code, ('?',))[0]})"
+                                                   if code is not None else f": {body[:200]!r}")
+    if 200 <= status < 300:
+        raise DeliveryError(said + " without HEC's success code; not taken as delivered", retry_after_s=retry_after_s)
+    retryable = status in (408, 425, 429) or status >= 500 or (code is not None and HEC_CODES.get(code, ("", False))[1])
+    if retryable:
+        raise DeliveryError(said, retry_after_s=retry_after_s)
+    fix = _HEC_FIXES.get(code, "check the sink's url, token and index against the collector's settings")
+    raise DeliveryError(f"{said} (refused: not retried). To fix: {fix}", permanent=True)
+
+
+class SplunkHecSink:
+    """POSTs each event to a Splunk HTTP Event Collector, one event per request."""
+
+    def __init__(self, name: str, config: SplunkHecConfig, *, client: httpx.Client | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.name = name
+        self.config = config
+        self._clock = clock
+        self._host = config.host or socket.gethostname()
+        self._own_client = client is None
+        self._client = client or httpx.Client(timeout=config.timeout_s, follow_redirects=False,
+                                              verify=config.verify_tls)
+
+    def payload(self, event: Mapping[str, Any]) -> dict[str, Any]:
+        """The HEC event envelope for ``event`` (``time`` in epoch seconds, ms precision)."""
+        c = self.config
+        record = dict(event) if c.format == "json" else render(event, c.format, host=self._host)
+        out: dict[str, Any] = {"time": round(float(event["at"]), 3), "host": self._host, "source": c.source,
+                               "sourcetype": c.effective_sourcetype, "event": record,
+                               "fields": {"idempotency_key": str(event["key"])}}
+        if c.index:
+            out["index"] = c.index
+        return out
+
+    def send(self, event: Mapping[str, Any]) -> None:
+        body = json.dumps(self.payload(event), separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        headers = {"Authorization": f"Splunk {self.config.token.get_secret_value()}",
+                   "Content-Type": "application/json", "User-Agent": _USER_AGENT,
+                   IDEMPOTENCY_HEADER: str(event["key"])}
+        try:
+            resp = self._client.post(self.config.endpoint, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise DeliveryError(f"HEC {self.name}: {exc.__class__.__name__}: {exc}") from None
+        hec_outcome(resp.status_code, resp.text, sink=self.name,
+                    retry_after_s=_retry_after(resp.headers.get("Retry-After"), self._clock()))
+
+    def close(self) -> None:
+        if self._own_client:
+            self._client.close()
+
+
+# ---- building --------------------------------------------------------------------------------
+AnySinkConfig = Union[WebhookConfig, SyslogConfig, SplunkHecConfig]
+SinkConfig = Annotated[AnySinkConfig, Field(discriminator="type")]
+#: ``type`` → config model, for loading ``alerts.sinks`` (``config.AlertSettings``).
+SINK_CONFIGS: dict[str, type[BaseModel]] = {"webhook": WebhookConfig, "syslog": SyslogConfig,
+                                            "splunk_hec": SplunkHecConfig}
+
+
+def build_sink(name: str, config: AnySinkConfig) -> Sink:
     """The sink a configuration describes."""
     if isinstance(config, WebhookConfig):
         return WebhookSink(name, config)
+    if isinstance(config, SplunkHecConfig):
+        return SplunkHecSink(name, config)
     return SyslogSink(name, config)

@@ -1,0 +1,56 @@
+"""Which format an alert leaves in: native JSON (default), OCSF, or CEF — one entry point for the sinks.
+
+Why one entry point: every sink (webhook, syslog, Splunk HEC) offers the same ``format``
+option, and each needs the same three things of it — the record, its text, and how to label
+that text (HTTP content type, Splunk sourcetype). Keeping them together means a new format
+is added once, not once per sink.
+
+- ``json``: ``AlertEvent.to_dict()`` unchanged (what every sink sent before formats existed);
+- ``ocsf``: an OCSF 1.3 Detection Finding (``ocsf_out.detection_finding``), as JSON;
+- ``cef``: one CEF line (``cef_out.alert_cef``), as text.
+
+The builders for the other record kinds (``ocsf_out.scheduled_job_activity`` for job
+transitions, ``ocsf_out.api_activity`` for audit records) are re-exported here beside them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, Mapping
+
+from ray_qalloc.integration.cef_out import alert_cef
+from ray_qalloc.integration.ocsf_out import api_activity, detection_finding, scheduled_job_activity
+
+Format = Literal["json", "ocsf", "cef"]
+FORMATS: tuple[str, ...] = ("json", "ocsf", "cef")
+
+#: HTTP Content-Type of each format's text.
+CONTENT_TYPES: dict[str, str] = {"json": "application/json", "ocsf": "application/json",
+                                 "cef": "text/plain; charset=utf-8"}
+#: Splunk sourcetype of each format when the sink does not set one: ``_json`` is Splunk's
+#: built-in JSON type; ``cef`` is what Splunk's CEF add-ons extract; the OCSF one follows the
+#: ``ocsf:<class>`` naming of Splunk's OCSF tooling.
+SOURCETYPES: dict[str, str] = {"json": "_json", "ocsf": "ocsf:detection_finding", "cef": "cef"}
+
+
+def render_alert(event: Mapping[str, Any], fmt: str = "json", *, host: str | None = None,
+                 device_id: str | None = None) -> dict[str, Any] | str:
+    """The alert as a record of format ``fmt``: a dict (json, ocsf) or a line (cef)."""
+    if fmt == "json":
+        return dict(event)
+    if fmt == "ocsf":
+        return detection_finding(event)
+    if fmt == "cef":
+        return alert_cef(event, host=host, device_id=device_id)
+    raise ValueError(f"unknown alert format {fmt!r}. To fix: use one of {', '.join(FORMATS)}.")
+
+
+def record_text(record: dict[str, Any] | str) -> str:
+    """A rendered record as text: compact JSON (sorted keys, UTF-8, one line) or the CEF line."""
+    if isinstance(record, str):
+        return record
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+__all__ = ["CONTENT_TYPES", "FORMATS", "Format", "SOURCETYPES", "api_activity", "detection_finding",
+           "record_text", "render_alert", "scheduled_job_activity"]
