@@ -82,6 +82,10 @@ class Allocator:
 
         self.backend_log = BackendLog(self.store.engine)
         self.d.observer.on_health_change = self._health_changed
+        from ray_qalloc.threatdesk import ThreatDesk
+
+        self.threat = ThreatDesk(self.admin, self.d, self.sched, lambda: self.settings.scheduler_config().reserved,
+                                 self._kick.set)
         self.maint = MaintenanceDesk(self.d, self.admin, self._kick.set)
         self.d.maintenance_why = self.maint.why
         self.calwatch = self._calibration_watch(settings, members is None)
@@ -155,6 +159,7 @@ class Allocator:
                 self._register(list(self.fleet.members.values()))
             await self.maint.load()
             await self.live.load()
+            self.threat.load()      # after the live config (its reservations add to it), before the queue
             t1 = time.monotonic()
             await self._recover()
             self.startup = {"backends_s": t1 - t0, "recover_s": time.monotonic() - t1,
@@ -440,6 +445,40 @@ class Allocator:
         await self._wait_ready()
         return self.maint.status(name)
 
+    # ==== threat-driven actions (threatdesk.py): rules and SOAR playbooks ======================
+    async def threat_actions(self) -> dict[str, Any]:
+        await self._wait_ready()
+        return self.threat.view()
+
+    async def threat_add(self, raw: dict[str, Any], actor: str = "admin") -> dict[str, Any]:
+        """Take a timed action (boost, reserve, pause): validated, committed (audited), applied.
+        Idempotent by its id."""
+        from ray_qalloc.threatdesk import parse_action
+
+        await self._wait_ready()
+        now = time.time()
+        act, created, new = self.threat.prepare_add(parse_action(raw), now)
+        if new is not None:
+            await self.d.db(self.threat.commit, new, actor, f"{act.kind} {act.id}", act.reason)
+            self.threat.apply(time.time())
+        return {"action": act.model_dump(), "created": created}
+
+    async def threat_remove(self, action_id: str, actor: str = "admin") -> bool:
+        """End an action now (resume a tenant, lift a boost or a reservation)."""
+        await self._wait_ready()
+        if action_id not in self.threat.actions:
+            return False
+        await self.d.db(self.threat.commit, self.threat.without([action_id]), actor, f"remove {action_id}", "removed")
+        self.threat.apply(time.time())
+        return True
+
+    async def _expire_threat_actions(self, now: float) -> None:
+        gone = self.threat.due(now)
+        if gone:
+            await self.d.db(self.threat.commit, self.threat.without(gone), "qalloc", "expire " + ", ".join(gone),
+                            "time is up")
+            self.threat.apply(now)
+
     async def audit(self, key: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Operators' changes, newest first: who, when, action, old → new."""
         await self._wait_ready()
@@ -510,6 +549,7 @@ class Allocator:
         from ray_qalloc import dashboard
 
         now = time.time() if now is None else now
+        await self._expire_threat_actions(now)
         opsview.record_gauges(self, now)
         self.timeline.sample(now, dashboard.utilisation(self), dashboard.queue_by_class(self))
         if self.alerts is None:

@@ -123,6 +123,11 @@ class Dispatcher:
         self.retiring: set[str] = set()
         self.foreign = ForeignLoad()             # foreign CPU load per pool (placement/capacity.py)
         self.maintenance_why: Callable[[str], str | None] = lambda name: None
+        # tenants paused by a threat rule or a SOAR playbook (threatdesk.py): their queued jobs
+        # stay stored and in ``queued`` but out of the scheduler, so no pass weighs them
+        self.paused: frozenset[str] = frozenset()
+        # why a job is served above its own class, for explain (threatdesk.py)
+        self.class_reason: Callable[[str], dict[str, Any] | None] = lambda job_id: None
         self.hedges = 0
         self.overruns_noted = 0
         self.probes = 0
@@ -172,7 +177,11 @@ class Dispatcher:
         return name in self.cordoned or name in self.retiring
 
     def annotated(self, explanation: dict[str, Any]) -> dict[str, Any]:
-        """An explanation with each backend's maintenance state, where it has one."""
+        """An explanation with each backend's maintenance state, where it has one, and the
+        action (threat rule or SOAR) that raised the job's class, if one did."""
+        raised = self.class_reason(str(explanation.get("job_id", "")))
+        if raised is not None:
+            explanation["priority"] = raised
         for name, row in explanation.get("backends", {}).items():
             why = self.maintenance_why(name)
             if why is None and name in self.retiring:
@@ -254,6 +263,8 @@ class Dispatcher:
         if p is None:
             p = self.plan_for(view)
         self._put(Queued(job, view, p, time.time(), created_at))
+        if job.tenant in self.paused:
+            return                 # stored and queued; weighed once its tenant is resumed
         entry = self.sched.enqueue(view, p, created_at)
         if entry.flagged:
             self.flag(job.id, entry.flagged)
@@ -289,7 +300,7 @@ class Dispatcher:
     def _replan(self, q: Queued) -> None:
         # being started — committing, or started by a pass whose commit is still pending (a
         # submit's pass awaits the store while other runs complete): its plan no longer matters
-        if q.job.id in self._dispatching or q.job.id in self.sched.runs:
+        if q.job.id in self._dispatching or q.job.id in self.sched.runs or q.job.tenant in self.paused:
             return
         self.sched.remove(q.job.id)
         view = self.view(q.job, q.view.blocked)
@@ -298,6 +309,28 @@ class Dispatcher:
         entry = self.sched.enqueue(view, p, q.created_at)
         if entry.flagged and q.job.id not in self.flags:   # a flag, once raised, keeps its first reason
             self.flag(q.job.id, entry.flagged)
+
+    def set_paused(self, tenants: frozenset[str]) -> tuple[int, int]:
+        """Pause and resume tenants: a paused tenant's queued jobs leave the scheduler (stored,
+        still queued, none started; running ones finish); a resumed tenant's go back, each in its
+        place (arrival). Returns (jobs held, jobs released)."""
+        held = released = 0
+        newly, resumed = tenants - self.paused, self.paused - tenants
+        self.paused = frozenset(tenants)
+        for q in list(self.queued.values()):
+            if q.job.id in self._dispatching or q.job.id in self.sched.runs:
+                continue
+            if q.job.tenant in newly and q.job.id in self.sched.entries:
+                self.sched.remove(q.job.id)
+                held += 1
+            elif q.job.tenant in resumed and q.job.id not in self.sched.entries:
+                entry = self.sched.enqueue(q.view, q.plan, q.created_at)
+                if entry.flagged and q.job.id not in self.flags:
+                    self.flag(q.job.id, entry.flagged)
+                released += 1
+        if released:
+            self.kick()
+        return held, released
 
     def replan_queued(self) -> None:
         """The pool changed (a node joined or left): queued jobs are planned again over what
@@ -317,6 +350,11 @@ class Dispatcher:
         job = compact(job)
         view, p = self.checked_plan(job)
         now = time.time()
+        if job.tenant in self.paused:      # accepted and stored; it waits for the tenant's resume
+            job_id, created, _ = await self.db(self.store.add_job, job, now=now)
+            if created:
+                self._put(Queued(job, view, p, now, now))
+            return {"id": job_id, "created": created, "flag": None, "state": JobState.QUEUED.value if created else None}
         entry = self.sched.enqueue(view, p, now)
         res = self.decide(now)
         mine = next((d for d in res.dispatch if d.entry.job.id == job.id), None)
@@ -386,12 +424,12 @@ class Dispatcher:
         for d in res.dispatch:
             self._undo_start(d)
         for e in res.unplaceable:
-            if e.job.id in self.queued and e.job.id not in self.sched.entries:
+            if e.job.id in self.queued and e.job.id not in self.sched.entries and e.job.tenant not in self.paused:
                 self.sched.enqueue(e.job, e.plan, e.arrival, e.seq)
 
     def _undo_start(self, d: Decision) -> None:
         self.sched.finish(d.entry.job.id)
-        if d.entry.job.id in self.queued:
+        if d.entry.job.id in self.queued and d.entry.job.tenant not in self.paused:
             self.sched.enqueue(d.entry.job, d.entry.plan, d.entry.arrival, d.entry.seq)
 
     async def apply(self, res: PassResult, skip: str | None = None) -> None:

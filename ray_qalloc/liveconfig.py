@@ -17,6 +17,8 @@ data lives, the Ray namespace, which executors exist) need a restart, and the re
 
 from __future__ import annotations
 
+import time
+
 import copy
 import json
 from typing import Any, Iterable, Mapping, get_args
@@ -250,6 +252,9 @@ def install(alloc: Any, old: Settings, new: Settings) -> None:
         cfg = new.scheduler_config()
         cfg.check_invariants = alloc.sched.config.check_invariants
         alloc.sched.config = cfg
+        threat = getattr(alloc, "threat", None)
+        if threat is not None:      # timed reservations add to the configured ones
+            threat.apply(time.time())
     monitor = alloc.calwatch.monitor
     monitor.period_s = new.monitor.calibration_period_s
     monitor.max_stale_periods = new.monitor.max_stale_periods

@@ -150,8 +150,11 @@ def _check_queue(s: "Scheduler") -> None:
     for job_id, e in s.entries.items():
         if e.job.id != job_id:
             _fail(f"entry under {job_id!r} is job {e.job.id!r}")
-        if e.cls not in RANK or (e.cls == _EMERGENCY) != (e.job.priority == _EMERGENCY):
-            _fail(f"job {job_id!r} of priority {e.job.priority!r} is served as {e.cls!r}")
+        floor = s.class_floor.get(e.job.tenant)
+        if e.cls not in RANK or (e.cls == _EMERGENCY) != (_EMERGENCY in (e.job.priority, floor)):
+            _fail(f"job {job_id!r} of priority {e.job.priority!r} (tenant floor {floor!r}) is served as {e.cls!r}")
+        if floor is not None and RANK[e.cls] > RANK[floor]:
+            _fail(f"job {job_id!r} is served as {e.cls!r}, below its tenant's floor {floor!r}")
         if id(e) in pending:
             if job_id in s._preferred:
                 _fail(f"unplaceable job {job_id!r} counts as queued work")

@@ -37,6 +37,7 @@ it does not know.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import itertools
@@ -303,7 +304,7 @@ class PassResult:
 
 
 _Item = tuple[tuple[int, float, float, int], int, str]   # (entry key, entry version, job id)
-_MUTATORS = ("add_backend", "set_health", "set_external_wait", "set_windows", "set_node", "enqueue", "remove", "start", "finish", "decide", "requeue")
+_MUTATORS = ("add_backend", "set_health", "set_external_wait", "set_class_floor", "set_reserved", "set_windows", "set_node", "enqueue", "remove", "start", "finish", "decide", "requeue")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -394,6 +395,7 @@ class Scheduler:
         # fewer cores): validate_state does not hold their capacity against the scheduler
         self._forced: set[str] = set()
         self._depth = 0
+        self.class_floor: dict[str, str] = {}   # tenant -> the least urgent class its jobs are served as
         if self.config.check_invariants or _CHECK_FROM_ENV:
             for name in _MUTATORS:
                 setattr(self, name, _checked(self, getattr(self, name)))
@@ -488,7 +490,7 @@ class Scheduler:
         preempted or failed-over job with its original ``arrival`` puts it back where it was."""
         if job.id in self.entries:
             self.remove(job.id)       # queued again (a new plan): the old entry's counts go
-        entry = Entry(job, plan, arrival, next(self._seq) if seq is None else seq, _known_class(job.priority),
+        entry = Entry(job, plan, arrival, next(self._seq) if seq is None else seq, self._class_of(job),
                       version=next(self._versions))
         self.entries[job.id] = entry
         if not any(b in self.backends for b in plan.estimates):
@@ -508,6 +510,52 @@ class Scheduler:
             fastest = min(e.runtime_s for b, e in plan.estimates.items() if b in self.backends)
             heapq.heappush(self._deadlines, (entry.deadline_at - fastest, entry.seq, job.id))
         return entry
+
+    def _class_of(self, job: JobView) -> str:
+        """The class a job is queued as: its own, raised to its tenant's floor while one is set."""
+        own = _known_class(job.priority)
+        floor = self.class_floor.get(job.tenant) if self.class_floor else None
+        return floor if floor is not None and _RANK[floor] < _RANK[own] else own
+
+    def set_class_floor(self, tenant: str, cls: str | None, now: float) -> list[str]:
+        """Serve ``tenant``'s jobs as at least ``cls`` (None: as their own class again) — a
+        threat rule or a SOAR playbook raising a tenant's priority for a time. Queued jobs move
+        at once, each keeping its arrival; returns the ids of those whose class changed.
+        A scan of the queue: rare (an incident), not per decision."""
+        if cls is not None and cls not in _RANK:
+            raise ValueError(f"unknown priority class {cls!r}; use one of {', '.join(CLASSES)}")
+        if cls is None:
+            self.class_floor.pop(tenant, None)
+        else:
+            self.class_floor[tenant] = cls
+        pending = {id(e) for e in self._pending_unplaceable}
+        changed = []
+        for entry in list(self.entries.values()):
+            if entry.job.tenant != tenant or id(entry) in pending:
+                continue
+            new = self._class_of(entry.job)
+            if new == entry.cls or (entry.cls == CLASSES[2] and new == _BATCH
+                                    and self.config.aging_s > 0 and now - entry.arrival >= self.config.aging_s):
+                continue             # already there, or a batch job that aged meanwhile stays normal
+            entry.cls = new
+            entry.version = next(self._versions)
+            self._index_entry(entry)
+            if new == _BATCH:
+                heapq.heappush(self._aging, (entry.arrival, entry.seq, entry.job.id))
+            elif new == _EMERGENCY:
+                self._emergency_new.add(entry.job.id)
+            changed.append(entry.job.id)
+        return changed
+
+    def set_reserved(self, reserved: Mapping[str, int]) -> None:
+        """Slots (of a backend) or cores (of a pool) kept for emergency jobs, now: every node's
+        load is recomputed, since what a non-emergency job may start on moved."""
+        clean = {k: int(v) for k, v in reserved.items() if int(v) > 0}
+        if dict(self.config.reserved) != clean:
+            self.config = dataclasses.replace(self.config, reserved=clean)
+        # always: a caller that replaced ``config`` whole (live configuration) left the cache behind
+        for node in list(self._nodes):
+            self._refresh_node(node)
 
     def _index_entry(self, entry: Entry) -> None:
         item = (entry.key(), entry.version, entry.job.id)
