@@ -414,14 +414,16 @@ def _tenants():
 
 @token_app.command("create")
 def token_create(tenant: str = typer.Argument(..., help="Tenant name (created if new)."),
-                 admin: bool = typer.Option(False, "--admin", help="May use the admin routes.")) -> None:
+                 admin: bool = typer.Option(False, "--admin", help="May use the admin routes."),
+                 scope: list[str] = typer.Option([], "--scope", help="Grant a scope: soar (threat actions: "
+                                                 "boost, reserve, pause, resume).")) -> None:
     """Print a new token for TENANT. It is shown once: only its hash is kept."""
     try:
-        token = _tenants().create_token(tenant, admin=admin)
+        token = _tenants().create_token(tenant, admin=admin, scopes=tuple(scope))
     except QAllocError as exc:
         _fail(exc)
     if _json_out():
-        _print_json({"tenant": tenant, "admin": admin, "token": token})
+        _print_json({"tenant": tenant, "admin": admin, "scopes": sorted(set(scope)), "token": token})
     else:
         err_console.print(f"token for tenant [bold]{tenant}[/bold]{' (admin)' if admin else ''} "
                           "- shown once, keep it safe:")

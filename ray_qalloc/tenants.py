@@ -48,7 +48,13 @@ tokens_table = sa.Table(
     sa.Column("admin", sa.Boolean, nullable=False, default=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("revoked_at", sa.Float),
+    sa.Column("scopes", sa.Text),                           # comma-separated (SCOPES); NULL: none
 )
+
+#: What a non-admin token may be granted beyond its tenant's own jobs: ``soar`` — a SOAR
+#: platform's token that takes threat actions (boost, reserve, pause, resume) and nothing else
+#: an admin can do.
+SCOPES: frozenset[str] = frozenset({"soar"})
 
 
 class Quota(BaseModel):
@@ -78,6 +84,24 @@ class Principal:
     tenant: str
     admin: bool
     token_id: str
+    scopes: frozenset[str] = frozenset()
+
+    def may(self, scope: str) -> bool:
+        """An admin may do everything; another token what its scopes grant."""
+        return self.admin or scope in self.scopes
+
+
+def _add_scopes_column(engine: sa.Engine) -> None:
+    """Additive migration: a token table written before scopes existed gets the column."""
+    cols = {c["name"] for c in sa.inspect(engine).get_columns("tokens")}
+    if "scopes" in cols:
+        return
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE tokens ADD COLUMN scopes TEXT")
+    except sa.exc.DBAPIError:      # another process added it meanwhile
+        if "scopes" not in {c["name"] for c in sa.inspect(engine).get_columns("tokens")}:
+            raise
 
 
 def _hash(secret: str) -> str:
@@ -98,6 +122,7 @@ class TenantStore:
         self._name_re = re.compile(_TENANT_PATTERN)
         self.engine = make_engine(url)
         meta.create_all(self.engine)
+        _add_scopes_column(self.engine)
         self._auth_cache: dict[str, tuple[float, str, Principal]] = {}
         # tenant -> (monotonic time read, UTC day start, usage incl. what this process admitted since)
         self._usage_cache: dict[str, tuple[float, float, dict[str, float]]] = {}
@@ -123,13 +148,18 @@ class TenantStore:
                 conn.execute(tenants_table.update().where(tenants_table.c.name == tenant)
                              .values(quota=quota.model_dump_json()))
 
-    def create_token(self, tenant: str, *, admin: bool = False) -> str:
+    def create_token(self, tenant: str, *, admin: bool = False, scopes: tuple[str, ...] | frozenset[str] = ()) -> str:
         """A new token for ``tenant`` (created if new). The token is returned once and never stored."""
+        unknown = sorted(set(scopes) - SCOPES)
+        if unknown:
+            raise QAllocError(f"unknown token scope(s): {', '.join(unknown)}.", field="scopes",
+                              fix=f"use {', '.join(sorted(SCOPES))}, or an admin token for everything.")
         self.ensure_tenant(tenant)
         token_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
         with self.engine.begin() as conn:
             conn.execute(tokens_table.insert().values(id=token_id, tenant=tenant, secret_sha256=_hash(secret),
-                                                      admin=admin, created_at=time.time()))
+                                                      admin=admin, created_at=time.time(),
+                                                      scopes=",".join(sorted(set(scopes))) or None))
         return f"{TOKEN_PREFIX}_{token_id}_{secret}"
 
     def revoke(self, token_id: str) -> bool:
@@ -141,8 +171,8 @@ class TenantStore:
         return n > 0
 
     def tokens(self, tenant: str | None = None) -> list[dict[str, Any]]:
-        q = sa.select(tokens_table.c.id, tokens_table.c.tenant, tokens_table.c.admin, tokens_table.c.created_at,
-                      tokens_table.c.revoked_at)
+        q = sa.select(tokens_table.c.id, tokens_table.c.tenant, tokens_table.c.admin, tokens_table.c.scopes,
+                      tokens_table.c.created_at, tokens_table.c.revoked_at)
         if tenant is not None:
             q = q.where(tokens_table.c.tenant == tenant)
         with self.engine.connect() as conn:
@@ -171,7 +201,8 @@ class TenantStore:
             row = conn.execute(sa.select(tokens_table).where(tokens_table.c.id == token_id)).first()
         if row is None or row.revoked_at is not None or not hmac.compare_digest(row.secret_sha256, digest):
             raise Unauthorized("the bearer token is not valid (unknown, revoked or wrong).", fix=fix)
-        principal = Principal(row.tenant, bool(row.admin), token_id)
+        principal = Principal(row.tenant, bool(row.admin), token_id,
+                              frozenset(x for x in (row.scopes or "").split(",") if x))
         self._auth_cache[token_id] = (time.monotonic(), row.secret_sha256, principal)
         return principal
 

@@ -54,6 +54,8 @@ class Action(BaseModel):
                                description="reserve: a backend (slots) or a pool (cores).")
     slots: int | None = Field(None, ge=1, le=1024, description="reserve: how many.")
     until: float | None = Field(None, description="Unix time it ends (None: only pause, until resumed).")
+    for_s: float | None = Field(None, gt=0, le=30 * 86_400, description="Instead of until: how long from when it "
+                                "is taken (a retry of the same request is then the same action).")
     reason: str = Field("", max_length=500)
     by: str = Field("admin", min_length=1, max_length=128, description="Who took it: rule:<name> or the caller.")
     rule: str | None = Field(None, max_length=128, description="The threat rule that took it, if one did.")
@@ -65,7 +67,9 @@ class Action(BaseModel):
         if not _ID.match(self.id):
             raise ValueError("id may hold letters, digits and . _ : @ / - only")
         need = {"boost": ("tenant", "to", "until"), "reserve": ("target", "slots", "until"), "pause": ("tenant",)}
-        missing = [f for f in need[self.kind] if getattr(self, f) is None]
+        if self.for_s is not None and self.until is not None and self.at == 0.0:
+            raise ValueError("give until or for_s, not both")
+        missing = [f for f in need[self.kind] if getattr(self, f) is None and not (f == "until" and self.for_s)]
         if missing:
             raise ValueError(f"a {self.kind} action needs {', '.join(missing)}")
         extra = [f for f in ("tenant", "to", "target", "slots") if f not in need[self.kind] and getattr(self, f) is not None]
@@ -75,7 +79,8 @@ class Action(BaseModel):
 
     def same_as(self, other: "Action") -> bool:
         """The same action, whenever it was taken (idempotent retries keep the first ``at``)."""
-        return self.model_dump(exclude={"at"}) == other.model_dump(exclude={"at"})
+        skip = {"at", "until"} if self.for_s is not None else {"at"}
+        return self.model_dump(exclude=skip) == other.model_dump(exclude=skip)
 
     def active(self, now: float) -> bool:
         return self.until is None or now < self.until
@@ -134,7 +139,7 @@ class ThreatDesk:
         if len(self.actions) >= MAX_ACTIONS:
             raise Conflict(f"{MAX_ACTIONS} actions are in force already.", field="id",
                            fix="remove actions that are no longer needed (qalloc threat remove ID).")
-        action = action.model_copy(update={"at": now})
+        action = action.model_copy(update={"at": now, **({"until": now + action.for_s} if action.for_s else {})})
         return action, True, {**self.actions, action.id: action}
 
     def commit(self, actions: dict[str, Action], actor: str, what: str, detail: str = "") -> None:

@@ -4,6 +4,7 @@ driven over loopback with httpx and with ray_qalloc.Client."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Any
 from pathlib import Path
@@ -441,3 +442,37 @@ def test_the_change_stream_follows_a_job_through_serve(server, alice):
     again = alice.get("/v1/changes", params={"after": events[0]["id"], "limit": 500}).json()["changes"]
     n = min(len(again), len(events) - 1)    # the same feed read again from the first event's position
     assert n >= len(mine) - 1 and [c["id"] for c in again[:n]] == [e["id"] for e in events[1:n + 1]]
+
+
+def test_soar_actions_need_the_scope_and_are_idempotent(server):
+    """A SOAR playbook's token (scope soar) pauses, resumes and raises a tenant over HTTP;
+    retries change nothing; a plain tenant token is refused."""
+    victim = tenant()
+    soar = {"Authorization": f"Bearer {server.tenants.create_token('soar-' + victim, scopes=('soar',))}"}
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        plain = c.post(f"/v1/threat/tenants/{victim}/pause", json={}, headers=server.headers(tenant()))
+        assert plain.status_code == 403 and plain.json()["error"]["code"] == "forbidden"
+        first = c.post(f"/v1/threat/tenants/{victim}/pause", json={"reason": "phishing"}, headers=soar)
+        again = c.post(f"/v1/threat/tenants/{victim}/pause", json={"reason": "phishing"}, headers=soar)
+        assert (first.status_code, again.status_code) == (201, 200), (first.text, again.text)
+        job = c.post("/v1/jobs", json={"qasm": BELL, "shots": 10, "backends": FAST},
+                     headers=server.headers(victim)).json()["id"]
+        time.sleep(1.0)
+        assert c.get(f"/v1/jobs/{job}", headers=server.headers(victim)).json()["state"] == "queued"
+        assert c.post(f"/v1/threat/tenants/{victim}/resume", headers=soar).json() == {"resumed": True}
+        assert c.post(f"/v1/threat/tenants/{victim}/resume", headers=soar).json() == {"resumed": False}
+        res = c.get(f"/v1/jobs/{job}/result", params={"wait": 30}, headers=server.headers(victim))
+        assert res.status_code == 200, res.text
+        body = {"to": "high", "for_s": 600, "reason": "incident 7", "event_id": "ev-7"}
+        key = {"Idempotency-Key": f"inc-7-{victim}"}
+        r1 = c.post(f"/v1/threat/tenants/{victim}/raise", json=body, headers={**soar, **key})
+        r2 = c.post(f"/v1/threat/tenants/{victim}/raise", json=body, headers={**soar, **key})
+        assert (r1.status_code, r2.status_code) == (201, 200) and r1.json()["action"]["until"] == r2.json()["action"]["until"]
+        other = c.post(f"/v1/threat/tenants/{victim}/raise", json={**body, "to": "emergency"}, headers={**soar, **key})
+        assert other.status_code == 409
+        listed = c.get("/v1/threat/actions", headers=soar).json()
+        assert listed["class_floors"].get(victim) == "high"
+        bad = c.post("/v1/threat/actions", json={"kind": "reserve", "target": "qpu_fez", "slots": 1, "for_s": 60},
+                     headers=soar)
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "id"
+        assert c.delete(f"/v1/threat/actions/inc-7-{victim}", headers=soar).json() == {"removed": True}
