@@ -84,6 +84,7 @@ class Allocator:
         self.d.observer.on_health_change = self._health_changed
         from ray_qalloc.threatdesk import ThreatDesk
 
+        self.rule_engine: Any = None      # threatrules.RuleEngine, once a rule exists
         self.threat = ThreatDesk(self.admin, self.d, self.sched, lambda: self.settings.scheduler_config().reserved,
                                  self._kick.set)
         self.maint = MaintenanceDesk(self.d, self.admin, self._kick.set)
@@ -173,7 +174,8 @@ class Allocator:
         loop = asyncio.get_running_loop()
         self._tasks += [loop.create_task(self._scheduler()), loop.create_task(self._health_loop()),
                         loop.create_task(self._history_loop()), loop.create_task(self._hedge_loop()),
-                        loop.create_task(self.calwatch.run()), loop.create_task(self._ops_loop())]
+                        loop.create_task(self.calwatch.run()), loop.create_task(self._ops_loop()),
+                        loop.create_task(self._threat_loop())]
         self._ready.set()
         self._kick.set()
 
@@ -471,6 +473,57 @@ class Allocator:
         await self.d.db(self.threat.commit, self.threat.without([action_id]), actor, f"remove {action_id}", "removed")
         self.threat.apply(time.time())
         return True
+
+    async def threat_submit_template(self, name: str, tenant: str, key: str) -> list[dict[str, Any]]:
+        """Submit a registered job template (threat.templates) for ``tenant``; ``key`` makes it
+        idempotent (job i gets the idempotency key ``<key>/<i>``): a retried playbook or a rule
+        firing again on one event submits nothing twice."""
+        from ray_qalloc.exceptions import InvalidRequest
+        from ray_qalloc.jobs import make_spec, prepare_job
+
+        await self._wait_ready()
+        template = self.settings.threat.templates.get(name)
+        if template is None:
+            raise InvalidRequest(f"no job template named {name!r}.", field="name",
+                                 fix=f"use one of {', '.join(sorted(self.settings.threat.templates)) or '(none defined)'}; "
+                                     "templates live in threat.templates (qalloc config set).")
+        out = []
+        for i, j in enumerate(template.jobs):
+            spec = make_spec(circuit=j.qasm, shots=j.shots, priority=j.priority, intent=j.intent, tenant=tenant,
+                             idempotency_key=f"{key}/{i}"[:200], backends=tuple(j.backends) if j.backends else None)
+            out.append(await self.d.submit(prepare_job(spec, self.settings.limits)))
+        return out
+
+    async def _threat_loop(self) -> None:
+        """Judge new security events against the threat rules; act on what fires."""
+        from ray_qalloc.threatrules import RuleEngine
+
+        engine: RuleEngine | None = None
+        while True:
+            settings = self.settings.threat
+            await asyncio.sleep(settings.poll_s)
+            try:
+                if not any(r.enabled for r in settings.rules):
+                    continue
+                if engine is None:
+                    engine = await self.d.db(RuleEngine, self.store.engine)
+                    self.rule_engine = engine
+                for fire in await self.d.db(engine.read, settings):
+                    await self._act_on(fire)
+            except Exception:  # never let the loop die; the next poll reads again
+                log.exception("threat rules pass failed")
+
+    async def _act_on(self, fire: Any) -> None:
+        actor = f"rule:{fire.rule.name}"
+        try:
+            raw = fire.action()
+            if raw is None:
+                await self.threat_submit_template(fire.rule.action.template, fire.subject,
+                                                  f"rule:{fire.rule.name}:{fire.event_id}")
+            elif raw["id"] not in self.threat.actions:      # in force already: nothing to do
+                await self.threat_add(raw, actor=actor)
+        except Exception as exc:  # a rule that cannot act (bad target, spent quota) must not stop the others
+            log.warning("threat rule %s could not act on event %s: %s", fire.rule.name, fire.event_id, exc)
 
     async def _expire_threat_actions(self, now: float) -> None:
         gone = self.threat.due(now)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -79,6 +79,107 @@ class EventSettings(BaseModel):
                               "(a token bucket; beyond it 429 with Retry-After).")
     burst: int = Field(100_000, gt=0, description="Events a tenant may send at once above its rate.")
     syslog: SyslogListenerSettings = Field(default_factory=SyslogListenerSettings)
+
+
+class RuleMatch(BaseModel):
+    """Which normalized security events a threat rule looks at (all given conditions must hold)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    severity_min: int = Field(0, ge=0, le=6, description="OCSF severity_id at least (0 any; 4 High, 5 Critical).")
+    categories: list[int] = Field(default_factory=list, description="OCSF category_uid, any of (empty: any).")
+    classes: list[int] = Field(default_factory=list, description="OCSF class_uid, any of (empty: any).")
+    tenants: list[str] = Field(default_factory=list, description="Tenants that sent the event (empty: any).")
+    formats: list[str] = Field(default_factory=list, description="cef, leef, syslog, ocsf, stix (empty: any).")
+    observables: dict[str, list[str]] = Field(default_factory=dict, description="kind (ip, hostname, user, "
+                                              "sha256, ...) -> values, any of (empty: any).")
+    message_contains: str | None = Field(None, min_length=1, max_length=200,
+                                         description="Case-insensitive text in the event's message.")
+
+
+class RuleRate(BaseModel):
+    """Fire only when ``count`` matching events arrived within ``window_s`` (per tenant that sent them)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    count: int = Field(ge=1, le=1_000_000)
+    window_s: float = Field(gt=0, le=86_400)
+
+
+class RuleAction(BaseModel):
+    """What a rule does when it fires: a timed action (threatdesk.py) or a job template."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["boost", "reserve", "pause", "submit"]
+    tenant: str = Field("$event.tenant", description="Whose jobs (boost, pause) or who submits (submit): a "
+                        "tenant name, or $event.tenant for the tenant that sent the event.")
+    to: Literal["emergency", "high", "normal"] | None = Field(None, description="boost: the class.")
+    target: str | None = Field(None, description="reserve: a backend or a pool.")
+    slots: int | None = Field(None, ge=1, le=1024, description="reserve: how many.")
+    for_s: float | None = Field(None, gt=0, le=30 * 86_400, description="How long (pause: None until resumed).")
+    template: str | None = Field(None, description="submit: a name in threat.templates.")
+
+    @model_validator(mode="after")
+    def _needs(self) -> "RuleAction":
+        need = {"boost": ("to", "for_s"), "reserve": ("target", "slots", "for_s"), "pause": (), "submit": ("template",)}
+        missing = [f for f in need[self.kind] if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"a {self.kind} action needs {', '.join(missing)}")
+        return self
+
+
+class ThreatRule(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    match: RuleMatch = Field(default_factory=RuleMatch)
+    rate: RuleRate | None = None
+    action: RuleAction
+    enabled: bool = True
+
+
+class TemplateJob(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    qasm: str = Field(min_length=1, description="OpenQASM 2 or 3.")
+    shots: int = Field(1024, ge=1)
+    priority: Literal["emergency", "high", "normal", "batch"] = "high"
+    intent: Literal["auto", "quantum", "classical"] = "auto"
+    backends: list[str] | None = None
+
+
+class JobTemplate(BaseModel):
+    """A named set of circuits and options, submitted by a threat rule or a SOAR playbook by name."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    jobs: list[TemplateJob] = Field(min_length=1, max_length=100)
+    description: str = ""
+
+
+class ThreatSettings(BaseModel):
+    """Threat-driven allocation: rules over normalized security events, and job templates."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rules: list[ThreatRule] = Field(default_factory=list, description="Evaluated on every stored event.")
+    templates: dict[str, JobTemplate] = Field(default_factory=dict, description="Name -> jobs (submit actions, "
+                                              "POST /v1/threat/templates/{name}:submit).")
+    poll_s: float = Field(0.25, gt=0, le=60, description="How often new events are read for the rules.")
+    settle_s: float = Field(2.0, ge=0, le=300, description="Events are read again this far back (a writer "
+                            "that committed late is not missed; each event is evaluated once).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ThreatSettings":
+        names = [r.name for r in self.rules]
+        if len(set(names)) != len(names):
+            raise ValueError("threat rule names must be unique")
+        for r in self.rules:
+            if r.action.kind == "submit" and r.action.template not in self.templates:
+                raise ValueError(f"rule {r.name!r} submits template {r.action.template!r}, which is not in "
+                                 f"threat.templates")
+        return self
 
 
 class HedgeSettings(BaseModel):
@@ -266,6 +367,7 @@ class Settings(BaseModel):
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     events: EventSettings = Field(default_factory=EventSettings)
+    threat: ThreatSettings = Field(default_factory=ThreatSettings)
     max_attempts: int = Field(5, gt=0, description="Attempts per job before it is failed.")
     breaker_failures: int = Field(3, gt=0, description="Consecutive failed runs that open a backend's "
                                   "circuit breaker (no new runs until a probe succeeds).")

@@ -50,6 +50,7 @@ LIVE_KEYS: dict[str, str] = {
     "call_timeout_s": "control calls: the next call",
     "pool": "pool membership (methods on the pools, QPUs): joiners serve at once, leavers retire once their runs end",
     "limits": "intake limits of the allocator's own submit path (the API's own are Serve's user_config)",
+    "threat": "threat rules and job templates: the next events read",
 }
 SECRET_KEYS = ("secret", "token", "password", "api_key")
 
