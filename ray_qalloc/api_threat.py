@@ -130,3 +130,15 @@ def add_threat_routes(app: FastAPI, call: Callable[..., Awaitable[Any]], caller:
     async def resume(tenant: str = TenantName, p: Any = Depends(soar)) -> dict[str, Any]:
         """The tenant's queued jobs start again. Idempotent."""
         return {"resumed": await call("threat_remove", f"pause:{tenant}", f"soar:{p.tenant}")}
+
+    @app.post("/v1/threat/templates/{name}:submit", status_code=201, **kw)
+    async def submit_template(name: str = Path(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="A name in threat.templates."),
+                              p: Any = Depends(soar),
+                              idempotency_key: str | None = Header(None, max_length=128)) -> dict[str, Any]:
+        """Submit a registered job template as the caller's tenant. The Idempotency-Key is
+        required: a playbook that retries submits nothing twice."""
+        if idempotency_key is None:
+            raise InvalidRequest("submitting a template needs an Idempotency-Key header.", field="Idempotency-Key",
+                                 fix="send one (a UUID, or the incident id): a retry with it submits nothing twice.")
+        key = key_of(None, idempotency_key)
+        return {"template": name, "jobs": await call("threat_submit_template", name, p.tenant, f"soar:{key}")}

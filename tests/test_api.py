@@ -476,3 +476,7 @@ def test_soar_actions_need_the_scope_and_are_idempotent(server):
                      headers=soar)
         assert bad.status_code == 422 and bad.json()["error"]["field"] == "id"
         assert c.delete(f"/v1/threat/actions/inc-7-{victim}", headers=soar).json() == {"removed": True}
+        missing = c.post("/v1/threat/templates/nope:submit", headers={**soar, "Idempotency-Key": "k1"})
+        assert missing.status_code == 422 and missing.json()["error"]["field"] == "name"
+        no_key = c.post("/v1/threat/templates/nope:submit", headers=soar)
+        assert no_key.status_code == 422 and no_key.json()["error"]["field"] == "Idempotency-Key"
