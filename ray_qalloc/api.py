@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray_qalloc import __version__
 from ray_qalloc.config import ApiSettings, Settings, load_settings
 from ray_qalloc.api_admin import add_admin_routes
+from ray_qalloc.api_events import add_event_routes
 from ray_qalloc.api_stream import add_stream_routes
 from ray_qalloc.api_threat import add_threat_routes
 from ray_qalloc.exceptions import (ConfigError, Conflict, Forbidden, IdempotencyKeyReused, IntakeError,
@@ -648,6 +649,7 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
         return await state.call("stats")
 
     add_admin_routes(app, state.call, admin, {403: {"model": ErrorOut}, 404: {"model": ErrorOut}})
+    add_event_routes(app, state, principal, {422: {"model": ErrorOut}})
     add_stream_routes(app, state.changefeed, principal, {422: {"model": ErrorOut}})
     add_threat_routes(app, state.call, principal, {403: {"model": ErrorOut}, 409: {"model": ErrorOut},
                                                    422: {"model": ErrorOut}})

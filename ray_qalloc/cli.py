@@ -512,8 +512,12 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.
     try:
         qa = connect(settings=settings, num_cpus=num_cpus)
         url = serving.start(settings, host=host, port=port)
+        syslog = serving.start_listener(settings)
     except QAllocError as exc:
         _fail(exc)
+    if syslog is not None:
+        err_console.print(f"syslog listener on {settings.events.syslog.host} (tcp {syslog.tcp_port}, udp "
+                          f"{syslog.udp_port}) for tenant {settings.events.syslog.tenant!r}")
     err_console.print(f"ray-qalloc API on [bold]{url}[/bold]  (docs: {url}/docs, spec: {url}/openapi.json)\n"
                       f"create a token:  qalloc token create TENANT\n"
                       f"submit:          curl -H 'Authorization: Bearer $TOKEN' -H 'Content-Type: application/json' "
@@ -521,6 +525,8 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.
                       "Ctrl-C stops the server; accepted jobs stay in the store.")
     done.wait()
     err_console.print("stopping: no new runs; running jobs get up to 30 s to finish, queued ones stay stored")
+    if syslog is not None:
+        syslog.stop()   # flushes what it received
     serving.stop()
     qa.shutdown(drain_s=30.0)
     if ray.is_initialized():
@@ -569,10 +575,11 @@ def calibration(device: str = typer.Argument(..., help="QPU backend name, e.g. q
 
 
 def _add_operator_commands() -> None:
-    from ray_qalloc.cli_ops import audit, backend_app
+    from ray_qalloc.cli_ops import audit, backend_app, sinks
 
     app.add_typer(backend_app, name="backend")
     app.command("audit")(audit)
+    app.command("sinks")(sinks)
     from ray_qalloc.cli_config import alerts, config_app
 
     app.add_typer(config_app, name="config")

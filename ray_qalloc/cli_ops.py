@@ -4,6 +4,10 @@ commands, over the HTTP API with an admin token (``QALLOC_URL``, ``QALLOC_TOKEN`
 Why over HTTP and not through Ray: an operator steers a running service from wherever the API
 is reachable, with the same token checks and audit trail as any other admin call; the CLI
 needs neither Ray nor the cluster's data directory.
+
+``qalloc sinks`` is the exception: it only reads (each sink's forwarding position and
+deliveries, from the job store's database, like ``qalloc status``), so it answers where the
+store is reachable even when the API or the allocator is down — which is when it is needed.
 """
 
 from __future__ import annotations
@@ -140,4 +144,70 @@ def audit(key: Optional[str] = typer.Option(None, "--key", help="Only changes of
     t = Table("when", "actor", "action", "key", "detail")
     for r in rows:
         t.add_row(_when(r["at"]), r["actor"], r["action"], r["key"], r["detail"])
+    cli.console.print(t)
+
+
+def _sinks_view(settings: Any) -> list[dict[str, Any]]:
+    """Every configured sink: what it is, what it receives, how far forwarding got, and its
+    alert deliveries (from the outbox), read from the store's database."""
+    import sqlalchemy as sa
+
+    from ray_qalloc.alerts.outbox import deliveries_table, metadata as outbox_md
+    from ray_qalloc.integration.forwarder import sink_status
+    from ray_qalloc.store import make_engine
+
+    configs = settings.alerts.sink_configs()
+    engine = make_engine(settings.resolved_store_url)
+    try:
+        forwarded = {r["sink"]: r for r in sink_status(engine, {n: c.forwarded() for n, c in configs.items()
+                                                                if c.forwarded()})}
+        outbox_md.create_all(engine, checkfirst=True)
+        d = deliveries_table
+        alerts: dict[str, dict[str, int]] = {}
+        with engine.connect() as conn:
+            for sink, state, n in conn.execute(sa.select(d.c.sink, d.c.state, sa.func.count())
+                                               .group_by(d.c.sink, d.c.state)):
+                alerts.setdefault(sink, {"pending": 0, "delivered": 0, "dead": 0})[state] = int(n)
+    finally:
+        engine.dispose()
+    out = []
+    for name, c in configs.items():
+        f = forwarded.get(name, {})
+        out.append({"sink": name, "type": c.type, "format": c.format, "records": list(c.records),
+                    "position": f.get("position"), "lag": f.get("lag"), "attempts": f.get("attempts", 0),
+                    "next_attempt_at": f.get("next_attempt_at"), "last_error": f.get("last_error"),
+                    "last_error_at": f.get("last_error_at"), "last_delivered_at": f.get("last_delivered_at"),
+                    "delivered": f.get("delivered", 0) if f else None, "dead": f.get("dead", 0) if f else None,
+                    "alerts": (alerts.get(name, {"pending": 0, "delivered": 0, "dead": 0})
+                               if "alerts" in c.records else None)})
+    return out
+
+
+def sinks() -> None:
+    """Each sink: type, format, what it receives, and how far job and audit forwarding got
+    (position, records behind, delivered / dead-lettered, last error, next attempt) beside its
+    alert deliveries. Reads the job store directly: no API or Ray needed."""
+    try:
+        view = _sinks_view(cli._settings())
+    except QAllocError as exc:
+        cli._fail(exc)
+    except ValueError as exc:      # a sink's configuration (QALLOC_ALERTS) does not validate
+        cli._fail(QAllocError(str(exc)))
+    if cli._json_out():
+        cli._print_json(view)
+        return
+    if not view:
+        cli.console.print("no sink is configured (alerts.sinks)")
+        return
+    t = Table(title="sinks (jobs / audit: forwarded from the change feed; alerts: the outbox)")
+    for col in ("sink", "type", "format", "records", "position", "lag", "delivered", "dead", "alerts p/d/x",
+                "last error", "next attempt"):
+        t.add_column(col, justify="right" if col in ("lag", "delivered", "dead") else "left")
+    for r in view:
+        a = r["alerts"]
+        t.add_row(r["sink"], r["type"], r["format"], ",".join(r["records"]), r["position"] or "",
+                  "" if r["lag"] is None else str(r["lag"]), "" if r["delivered"] is None else str(r["delivered"]),
+                  "" if r["dead"] is None else str(r["dead"]),
+                  "" if a is None else f"{a['pending']}/{a['delivered']}/{a['dead']}",
+                  (r["last_error"] or "")[:80], _when(r["next_attempt_at"]))
     cli.console.print(t)

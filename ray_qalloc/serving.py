@@ -77,6 +77,15 @@ def start(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, deta
     return f"http://{host}:{port}"
 
 
+def start_listener(settings: Settings) -> Any:
+    """The syslog listener of ``settings.events.syslog`` on a thread of this process, when a TCP
+    or UDP port is configured (``QALLOC_EVENTS__SYSLOG__TCP_PORT`` ...); None when neither is.
+    ``qalloc serve`` runs it beside the API and stops it (``.stop()``: flushes) before Serve."""
+    from ray_qalloc.integration.listener import start_in_thread
+
+    return start_in_thread(settings)
+
+
 def stop() -> None:
     """Stop the API (accepted jobs stay in the store and the allocator keeps running them)."""
     try:

@@ -480,3 +480,39 @@ def test_soar_actions_need_the_scope_and_are_idempotent(server):
         assert missing.status_code == 422 and missing.json()["error"]["field"] == "name"
         no_key = c.post("/v1/threat/templates/nope:submit", headers=soar)
         assert no_key.status_code == 422 and no_key.json()["error"]["field"] == "Idempotency-Key"
+
+
+def test_a_security_event_changes_allocation_end_to_end(server):
+    """Over Serve: an operator adds a threat rule live; a CEF event posted by the SOC's tenant
+    makes the allocator boost another tenant; the SOAR view shows the action with its rule and
+    event, the change stream shows it as an audited change, and it is undone at the end."""
+    tag = uuid.uuid4().hex[:12]
+    victim, soc = tenant(), tenant()
+    admin = server.headers(tenant(), admin=True)
+    rule = {"name": f"e2e-{tag}", "match": {"severity_min": 4, "message_contains": tag},
+            "action": {"kind": "boost", "tenant": victim, "to": "high", "for_s": 120}}
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        start = c.get("/v1/changes", params={"limit": 1}, headers=admin).json()["next"]
+        r = c.put("/v1/admin/config", json={"changes": {"threat.rules": [rule], "threat.poll_s": 0.1}}, headers=admin)
+        assert r.status_code == 200, r.text
+        try:
+            ev = c.post("/v1/events", content=f"CEF:0|Acme|EDR|3.1|77|lateral movement {tag}|9|src=10.2.3.4",
+                        headers={**server.headers(soc), "Content-Type": "application/cef"})
+            assert ev.status_code == 200 and ev.json()["accepted"] == 1, ev.text
+            action_id = f"rule:e2e-{tag}:{victim}"
+            deadline = time.time() + 20
+            view: dict[str, Any] = {}
+            while time.time() < deadline:
+                view = c.get("/v1/threat/actions", headers=admin).json()
+                if any(a["id"] == action_id for a in view["actions"]):
+                    break
+                time.sleep(0.1)
+            action = next(a for a in view["actions"] if a["id"] == action_id)
+            assert action["rule"] == f"e2e-{tag}" and action["event_id"] == ev.json()["ids"][0]
+            assert view["class_floors"][victim] == "high"
+            changes = c.get("/v1/changes", params={"after": start, "limit": 500}, headers=admin).json()["changes"]
+            audited = [ch["data"]["action"] for ch in changes if ch["kind"] == "config"]
+            assert f"threat.boost {action_id}"[:64] in audited, audited
+        finally:
+            c.delete(f"/v1/threat/actions/rule:e2e-{tag}:{victim}", headers=admin)
+            c.put("/v1/admin/config", json={"changes": {}, "unset": ["threat.rules", "threat.poll_s"]}, headers=admin)

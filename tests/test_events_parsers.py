@@ -537,3 +537,19 @@ def test_pathological_input_is_fast(parse, text):
     except InvalidEvent:
         pass
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_a_pretty_printed_json_document_is_one_record_and_ndjson_is_one_per_line():
+    """A multi-line OCSF object (as a person pastes it) is one document; NDJSON stays per line."""
+    import json as _json
+
+    from ray_qalloc.integration import parse_records
+
+    doc = {"class_uid": 2004, "category_uid": 2, "activity_id": 1, "severity_id": 5, "time": 1796544000000,
+           "metadata": {"version": "1.3.0", "product": {"name": "Sentinel", "vendor_name": "Microsoft"}},
+           "finding_info": {"uid": "f-1", "title": "Credential dumping"}, "message": "lsass read"}
+    pretty = parse_records(_json.dumps(doc, indent=2), "application/ocsf+json", tenant="t")
+    assert len(pretty) == 1 and not hasattr(pretty[0], "reason"), pretty
+    lines = parse_records(_json.dumps(doc) + "\n" + _json.dumps({**doc, "message": "again"}),
+                          "application/ocsf+json", tenant="t")
+    assert [e.message for e in lines] == ["lsass read", "again"]

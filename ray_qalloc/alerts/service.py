@@ -5,10 +5,16 @@ a snapshot, commit the events to the outbox (the job store's database, so an ale
 just before a crash is delivered by the next allocator), only then install the engine's new
 state and wake delivery — and it must not depend on Ray, so tests drive it with a clock.
 
-Sinks: every configured webhook and syslog receiver, plus ``log`` (the allocator's own
-structured log), which is always there so that an install with no receivers still keeps and
-shows its alerts. Delivery runs on a thread of its own (``alerts.outbox.Dispatcher``): a
-receiver that hangs delays nobody's placement.
+Sinks: every configured receiver whose ``records`` include ``alerts`` (the default), plus
+``log`` (the allocator's own structured log), which is always there so that an install with
+no receivers still keeps and shows its alerts. Delivery runs on a thread of its own
+(``alerts.outbox.Dispatcher``): a receiver that hangs delays nobody's placement.
+
+Receivers whose ``records`` include ``jobs`` or ``audit`` also get the job lifecycle and the
+configuration audit trail, read from the change feed by an ``integration.forwarder.Forwarder``
+on a second thread, started and stopped with the dispatcher. It has sink objects of its own
+(the same configuration, another connection), so that a backlog of job records never holds
+up an alert on the same receiver.
 """
 
 from __future__ import annotations
@@ -54,16 +60,27 @@ class AlertService:
         self.settings = settings
         self.clock = clock
         configs = settings.sink_configs()
-        self.sinks: dict[str, Any] = {LOG_SINK: LogSink(), **{n: build_sink(n, c) for n, c in configs.items()}}
+        self.sinks: dict[str, Any] = {LOG_SINK: LogSink(), **{n: build_sink(n, c) for n, c in configs.items()
+                                                              if "alerts" in c.records}}
         self.outbox = Outbox(engine_or_url, list(self.sinks), clock=clock)
         self.engine = AlertEngine(settings.alert_rules(), clock=clock)
         self.engine.restore(self.outbox.firing_events())     # a restart does not announce an alert twice
         self.delivery = Dispatcher(self.outbox, self.sinks, retry=settings.retry_policy(), clock=clock)
+        self.subscriptions: dict[str, set[str]] = {n: c.forwarded() for n, c in configs.items() if c.forwarded()}
+        self.record_sinks: dict[str, Any] = {n: build_sink(n, configs[n]) for n in self.subscriptions}
+        self.forwarder: Any = None
+        if self.subscriptions:     # imported only then: an alerts-only install runs what it ran before
+            from ray_qalloc.integration.forwarder import Forwarder
+
+            self.forwarder = Forwarder(self.outbox.engine, self.record_sinks, self.subscriptions,
+                                       retry=settings.retry_policy(), clock=clock)
         self.errors: list[str] = []
         self.evaluations = 0
         self._lock = threading.Lock()
         if start_delivery:
             self.delivery.start()
+            if self.forwarder is not None:
+                self.forwarder.start()
 
     def evaluate(self, obs: Observations) -> Decision:
         """Decide, commit, apply (``AlertEngine.step`` with the outbox as the commit), then wake
@@ -104,13 +121,23 @@ class AlertService:
     def delivery_counts(self) -> dict[str, dict[str, int]]:
         return self.outbox.counts()
 
+    def forward(self, now: float | None = None) -> dict[str, Any]:
+        """One forwarding pass now (the thread does this every second; for tests and tools)."""
+        return self.forwarder.pump(now) if self.forwarder is not None else {}
+
+    def sink_status(self) -> list[dict[str, Any]]:
+        """Per sink subscribed to jobs or audit: its position, lag and delivery counts."""
+        return self.forwarder.status() if self.forwarder is not None else []
+
     def prune(self, now: float | None = None) -> int:
         now = self.clock() if now is None else now
         return self.outbox.prune(now - self.settings.retention_s)
 
     def close(self) -> None:
         self.delivery.stop()
-        for sink in self.sinks.values():
+        if self.forwarder is not None:
+            self.forwarder.stop()
+        for sink in [*self.sinks.values(), *self.record_sinks.values()]:
             try:
                 sink.close()
             except Exception:  # noqa: BLE001 - closing is best effort

@@ -38,6 +38,13 @@ Splunk HEC: ``SplunkHecSink`` POSTs ``{"time", "host", "source", "sourcetype", "
 ``Authorization: Splunk <token>``. HEC answers with a JSON ``{"text", "code"}``; ``HEC_CODES``
 says which codes are worth retrying (busy, unhealthy, internal error) and which are refusals
 (bad or disabled token, bad format, index not allowed): see ``hec_outcome``.
+
+Records: every sink has ``records``, the kinds it receives: ``alerts`` (the default, through
+the alert outbox), ``jobs`` (job transitions) and ``audit`` (configuration changes), the
+last two forwarded from the change feed by ``ray_qalloc.integration.forwarder`` through
+``send_record`` — the same transport, signing and ``format``, with the record's dedupe key
+where an alert's key goes (``Idempotency-Key``; HEC's ``fields.idempotency_key``; syslog's
+structured data ``key`` and CEF's ``externalId``).
 """
 
 from __future__ import annotations
@@ -53,16 +60,21 @@ import select
 import socket
 import threading
 import time
-from typing import Annotated, Any, Callable, Literal, Mapping, Protocol, Union
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Mapping, Protocol, Union
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from ray_qalloc.alerts.rules import Severity
 
+if TYPE_CHECKING:
+    from ray_qalloc.integration.records import ChangeRecord
+
 SIGNATURE_HEADER = "X-Qalloc-Signature"
 TIMESTAMP_HEADER = "X-Qalloc-Timestamp"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+#: On forwarded records: ``job`` or ``config``, so that one receiver can route both kinds.
+RECORD_HEADER = "X-Qalloc-Record"
 #: RFC 5612's enterprise number for documentation; set ``enterprise_id`` to your own PEN.
 DOC_ENTERPRISE_ID = "32473"
 _USER_AGENT = "ray-qalloc-alerts"
@@ -70,6 +82,11 @@ _USER_AGENT = "ray-qalloc-alerts"
 SinkFormat = Literal["json", "ocsf", "cef"]
 _FORMAT_DESCRIPTION = ("How each alert is rendered: json (this sink's native payload), ocsf (an OCSF 1.3 "
                        "Detection Finding as JSON) or cef (one ArcSight CEF line).")
+#: What a sink may receive (its ``records`` option).
+RecordKind = Literal["alerts", "jobs", "audit"]
+RECORD_KINDS: tuple[str, ...] = ("alerts", "jobs", "audit")
+#: ``records`` entry → the change feed's kind it forwards (alerts go through the outbox).
+FORWARDED_KINDS: dict[str, str] = {"jobs": "job", "audit": "config"}
 
 
 class DeliveryError(Exception):
@@ -92,11 +109,46 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-# ---- webhook ----------------------------------------------------------------------------------
-class WebhookConfig(BaseModel):
-    """A JSON webhook receiver."""
+class RecordSink(Sink, Protocol):
+    """What the forwarder needs of a sink: one job transition or audit change, sent once."""
+
+    def send_record(self, record: "ChangeRecord") -> None: ...
+
+
+class SinkCommon(BaseModel):
+    """What every sink's configuration has, whatever its transport."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    records: list[RecordKind] = Field(default_factory=lambda: ["alerts"], description="What this sink receives: "
+                                      "any of alerts (the default), jobs (every job transition) and audit "
+                                      "(configuration changes). jobs and audit start at the moment the sink "
+                                      "is added, not at the beginning of history.")
+
+    @field_validator("records", mode="before")
+    @classmethod
+    def _record_kinds(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, (list, tuple)):
+            raise ValueError(f"{v!r} is not a list. To fix: give a list such as [\"alerts\", \"jobs\", \"audit\"]")
+        bad = [x for x in v if x not in RECORD_KINDS]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a kind of record a sink receives. To fix: use any of "
+                             f"{', '.join(repr(k) for k in RECORD_KINDS)}")
+        if not v:
+            raise ValueError("the list is empty, so the sink would receive nothing. To fix: list at least one of "
+                             f"{', '.join(repr(k) for k in RECORD_KINDS)}, or remove the sink")
+        return list(dict.fromkeys(v))
+
+    def forwarded(self) -> set[str]:
+        """The records that the change-feed forwarder sends here (jobs, audit)."""
+        return {r for r in self.records if r in FORWARDED_KINDS}
+
+
+# ---- webhook ----------------------------------------------------------------------------------
+class WebhookConfig(SinkCommon):
+    """A JSON webhook receiver."""
 
     type: Literal["webhook"] = "webhook"
     url: str = Field(..., description="http(s) URL the events are POSTed to.")
@@ -126,6 +178,13 @@ def render(event: Mapping[str, Any], fmt: str, *, host: str | None = None) -> di
     from ray_qalloc.integration.formats import render_alert
 
     return render_alert(event, fmt, host=host)
+
+
+def render_change(record: "ChangeRecord", fmt: str, *, host: str | None = None) -> dict[str, Any] | str:
+    """A forwarded job transition or audit change as format ``fmt`` (``formats.render_record``)."""
+    from ray_qalloc.integration.formats import render_record
+
+    return render_record(record, fmt, host=host)
 
 
 def canonical_body(event: Mapping[str, Any]) -> bytes:
@@ -189,10 +248,24 @@ class WebhookSink:
 
     def send(self, event: Mapping[str, Any]) -> None:
         body, content_type = self.body(event)
+        self._post(body, content_type, str(event["key"]))
+
+    def record_body(self, record: "ChangeRecord") -> tuple[bytes, str]:
+        """The bytes POSTed for a forwarded record and their content type."""
+        rendered = render_change(record, self.config.format)
+        if isinstance(rendered, str):
+            return rendered.encode(), "text/plain; charset=utf-8"
+        return canonical_body(rendered), "application/json"
+
+    def send_record(self, record: "ChangeRecord") -> None:
+        body, content_type = self.record_body(record)
+        self._post(body, content_type, record.key, {RECORD_HEADER: record.kind})
+
+    def _post(self, body: bytes, content_type: str, key: str, extra: Mapping[str, str] | None = None) -> None:
         ts = str(int(self._clock()))
-        headers = {**self.config.headers, "Content-Type": content_type, "User-Agent": _USER_AGENT,
+        headers = {**self.config.headers, **(extra or {}), "Content-Type": content_type, "User-Agent": _USER_AGENT,
                    TIMESTAMP_HEADER: ts, SIGNATURE_HEADER: sign(self.config.secret.get_secret_value(), body, ts),
-                   IDEMPOTENCY_HEADER: str(event["key"])}
+                   IDEMPOTENCY_HEADER: key}
         try:
             resp = self._client.post(self.config.url, content=body, headers=headers)
         except httpx.HTTPError as exc:
@@ -215,10 +288,8 @@ _FACILITIES = {"kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog"
                "clock": 15, **{f"local{i}": 16 + i for i in range(8)}}
 
 
-class SyslogConfig(BaseModel):
+class SyslogConfig(SinkCommon):
     """A syslog receiver (rsyslog, syslog-ng, a SIEM's collector)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     type: Literal["syslog"] = "syslog"
     host: str = Field("127.0.0.1", min_length=1, description="Receiver host name or address.")
@@ -313,26 +384,65 @@ def format_rfc5424(event: Mapping[str, Any], *, facility: int = 16, hostname: st
         sd += _sd_element(f"summary@{enterprise_id}", {"suppressed": details.get("suppressed"),
                                                        "firing": counts.get("firing", 0),
                                                        "resolved": counts.get("resolved", 0)})
-    head = (header + sd).encode()
+    return _with_msg((header + sd).encode(), body, str(event.get("summary") or ""), bom=bom, max_bytes=max_bytes,
+                     what="the alert")
+
+
+def _with_msg(head: bytes, body: str | None, summary: str, *, bom: bool, max_bytes: int, what: str) -> bytes:
+    """HEADER SD, then MSG: ``body`` (a record) whole, or ``summary`` on one line, cut to fit."""
     if body is not None:
         msg = ("\ufeff" if bom else "").encode() + body.encode()
         if len(head) + 1 + len(msg) > max_bytes:
-            raise DeliveryError(f"the alert as a syslog message with its record takes {len(head) + 1 + len(msg)} "
+            raise DeliveryError(f"{what} as a syslog message with its record takes {len(head) + 1 + len(msg)} "
                                 f"bytes, more than max_message_bytes={max_bytes}; a record is not cut. To fix: raise "
                                 f"the sink's max_message_bytes (and the receiver's limit), or use format json",
                                 permanent=True)
         return head + b" " + msg
-    text = re.sub(r"[\x00-\x1f\x7f]+", " ", str(event.get("summary") or "")).strip()
+    text = re.sub(r"[\x00-\x1f\x7f]+", " ", summary).strip()
     msg = ("\ufeff" if bom else "").encode() + text.encode()
     room = max_bytes - len(head) - 1
     if room < 0:
-        raise DeliveryError(f"the alert's header and structured data alone take {len(head)} bytes, more than "
+        raise DeliveryError(f"{what}'s header and structured data alone take {len(head)} bytes, more than "
                             f"max_message_bytes={max_bytes}", permanent=True)
     if not text:
         return head
     if len(msg) > room:
         msg = msg[:room].decode("utf-8", errors="ignore").encode()
     return head + b" " + msg
+
+
+#: RFC 5424 severities of forwarded records: a job that failed is a warning, other job
+#: transitions are informational, a configuration change is a notice.
+_RECORD_SEVERITY = {"job": 6, "job_failed": 4, "config": 5}
+
+
+def format_record_rfc5424(record: "ChangeRecord", *, facility: int = 16, hostname: str | None = None,
+                          app_name: str = "ray-qalloc", procid: str | None = None,
+                          enterprise_id: str = DOC_ENTERPRISE_ID, bom: bool = True, max_bytes: int = 2048,
+                          body: str | None = None) -> bytes:
+    """One forwarded job transition or audit change as an RFC 5424 message.
+
+    MSGID is ``job-<event>`` or ``audit-<action>``; the change's fields go in
+    ``[job@PEN ...]`` or ``[audit@PEN ...]``, with ``key`` the record's dedupe key (the audit
+    record's own key is ``resource``); MSG is a one-line summary, cut to fit, or ``body`` (a
+    CEF or OCSF record) whole."""
+    d = record.data
+    if record.kind == "job":
+        sev = _RECORD_SEVERITY["job_failed" if d.get("to") == "failed" else "job"]
+        msgid = f"job-{d.get('event') or d.get('to')}"
+        sd = _sd_element(f"job@{enterprise_id}", {"key": record.key, "job_id": d.get("job_id"),
+                                                 "event": d.get("event"), "from": d.get("from"), "to": d.get("to"),
+                                                 "tenant": d.get("tenant"), "priority": d.get("priority")})
+    else:
+        sev = _RECORD_SEVERITY["config"]
+        msgid = f"audit-{d.get('action')}"
+        sd = _sd_element(f"audit@{enterprise_id}", {"key": record.key, "actor": d.get("actor"),
+                                                   "action": d.get("action"), "resource": d.get("key")})
+    host = _header_field(hostname or socket.gethostname(), 255)
+    header = (f"<{facility * 8 + sev}>1 {_rfc3339(float(record.at))} {host} {_header_field(app_name, 48)} "
+              f"{_header_field(procid or str(os.getpid()), 128)} {_header_field(msgid, 32)} ")
+    return _with_msg((header + sd).encode(), body, record.summary(), bom=bom, max_bytes=max_bytes,
+                     what=f"the {'job transition' if record.kind == 'job' else 'audit record'} {record.key}")
 
 
 def octet_frame(message: bytes) -> bytes:
@@ -362,8 +472,24 @@ class SyslogSink:
                               procid=self._procid, enterprise_id=c.enterprise_id, bom=c.bom,
                               max_bytes=c.message_limit, body=body)
 
+    def format_record(self, record: "ChangeRecord") -> bytes:
+        c = self.config
+        body = None
+        if c.format != "json":
+            from ray_qalloc.integration.formats import record_text
+
+            body = record_text(render_change(record, c.format, host=self._hostname))
+        return format_record_rfc5424(record, facility=c.facility, hostname=self._hostname, app_name=c.app_name,
+                                     procid=self._procid, enterprise_id=c.enterprise_id, bom=c.bom,
+                                     max_bytes=c.message_limit, body=body)
+
+    def send_record(self, record: "ChangeRecord") -> None:
+        self._send(self.format_record(record))
+
     def send(self, event: Mapping[str, Any]) -> None:
-        message = self.format(event)
+        self._send(self.format(event))
+
+    def _send(self, message: bytes) -> None:
         with self._lock:
             if self.config.transport == "udp":
                 self._send_udp(message)
@@ -434,10 +560,8 @@ _HEC_FIXES = {1: "enable the token in Splunk (Settings > Data inputs > HTTP Even
               11: "turn off indexer acknowledgement on the token"}
 
 
-class SplunkHecConfig(BaseModel):
+class SplunkHecConfig(SinkCommon):
     """A Splunk HTTP Event Collector (Splunk Enterprise or Cloud)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     type: Literal["splunk_hec"] = "splunk_hec"
     url: str = Field(..., description="The collector's base URL, e.g. https://splunk:8088 (the event endpoint "
@@ -521,11 +645,29 @@ class SplunkHecSink:
             out["index"] = c.index
         return out
 
+    def record_payload(self, record: "ChangeRecord") -> dict[str, Any]:
+        """The HEC event envelope for a forwarded record (sourcetype by kind and format unless set)."""
+        from ray_qalloc.integration.formats import RECORD_SOURCETYPES
+
+        c = self.config
+        out: dict[str, Any] = {"time": round(float(record.at), 3), "host": self._host, "source": c.source,
+                               "sourcetype": c.sourcetype or RECORD_SOURCETYPES[record.kind][c.format],
+                               "event": render_change(record, c.format, host=self._host),
+                               "fields": {"idempotency_key": record.key}}
+        if c.index:
+            out["index"] = c.index
+        return out
+
+    def send_record(self, record: "ChangeRecord") -> None:
+        self._post(self.record_payload(record), record.key)
+
     def send(self, event: Mapping[str, Any]) -> None:
-        body = json.dumps(self.payload(event), separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        self._post(self.payload(event), str(event["key"]))
+
+    def _post(self, payload: dict[str, Any], key: str) -> None:
+        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
         headers = {"Authorization": f"Splunk {self.config.token.get_secret_value()}",
-                   "Content-Type": "application/json", "User-Agent": _USER_AGENT,
-                   IDEMPOTENCY_HEADER: str(event["key"])}
+                   "Content-Type": "application/json", "User-Agent": _USER_AGENT, IDEMPOTENCY_HEADER: key}
         try:
             resp = self._client.post(self.config.endpoint, content=body, headers=headers)
         except httpx.HTTPError as exc:
@@ -546,7 +688,7 @@ SINK_CONFIGS: dict[str, type[BaseModel]] = {"webhook": WebhookConfig, "syslog": 
                                             "splunk_hec": SplunkHecConfig}
 
 
-def build_sink(name: str, config: AnySinkConfig) -> Sink:
+def build_sink(name: str, config: AnySinkConfig) -> RecordSink:
     """The sink a configuration describes."""
     if isinstance(config, WebhookConfig):
         return WebhookSink(name, config)

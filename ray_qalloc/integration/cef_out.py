@@ -1,4 +1,5 @@
-"""Alert events as ArcSight CEF lines, escaped so that any text survives the trip.
+"""Alert events, job transitions and audit records as ArcSight CEF lines, escaped so that any
+text survives the trip.
 
 ``CEF:0|ray-qalloc|ray-qalloc|<version>|<rule>|<name>|<severity>|<extension>``
 
@@ -35,6 +36,20 @@ cfp2 / cfp2Label       threshold
 Severity (header, 0–10): critical 10, error 8, warning 6, notice 4, info 2 for a firing
 alert; a resolve is 1 and a rate-limit summary 3 — as on syslog, the header says how much
 attention *this event* needs, and cs2 keeps the alert's own severity.
+
+**Job transitions** (``job_cef``, a ``records.JobTransition``): event class ``job.<event>``
+(the transition's name: ``job.accept``, ``job.dispatch``, ``job.complete``, ...; the target
+state when no name is given), name ``job <id>: <from> -> <to>``, severity 1, or 5 for a
+transition to failed. Extension: rt, msg (the reason), act (the event), cat ``job``,
+externalId (the dedupe key), dvchost, outcome (success / failure), cs1 job id, cs2 from
+state, cs3 backend, cs4 tenant (as for alerts), cs5 to state, cs6 priority.
+
+**Audit records** (``audit_cef``, a ``records.AuditRecord``): event class
+``config.<action>`` (``config.set``, ``config.cordon``: an action already in the ``config``
+area is not prefixed twice), name ``<actor> <action> <key>``, severity 3, or 5 when it
+failed. Extension: rt, msg (the reason), act (the action), cat ``config``, externalId,
+dvchost, suser (the actor), outcome, src (caller's address), requestClientApplication
+(User-Agent), cs1 the key, cs2 / cs3 the old / new value as JSON.
 """
 
 from __future__ import annotations
@@ -44,12 +59,15 @@ import math
 from typing import Any, Iterable, Mapping
 
 from ray_qalloc.integration.ocsf_out import alert_title, product_version
+from ray_qalloc.integration.records import AuditRecord, JobTransition, parse_record
 
 VENDOR = "ray-qalloc"
 PRODUCT = "ray-qalloc"
 CEF_SEVERITY = {"critical": 10, "error": 8, "warning": 6, "notice": 4, "info": 2}
 RESOLVED_SEVERITY = 1
 SUMMARY_SEVERITY = 3
+JOB_SEVERITY, JOB_FAILED_SEVERITY = 1, 5
+AUDIT_SEVERITY, AUDIT_FAILED_SEVERITY = 3, 5
 
 
 def escape_header(value: Any) -> str:
@@ -115,3 +133,57 @@ def alert_cef(event: Mapping[str, Any], *, host: str | None = None, device_id: s
     name = alert_title(event) + {"firing": "", "resolved": " resolved"}.get(status, "")
     return cef_line(version=version or product_version(), event_class=str(event["rule"]), name=name,
                     severity=alert_severity(event), extension=ext)
+
+
+def _json_value(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                                 default=str)
+
+
+def job_event(t: JobTransition) -> str:
+    """The transition's name (accept, dispatch, ...), or its target state when it has none."""
+    event = (t.model_extra or {}).get("event")
+    return str(event) if event else ("accept" if t.from_state is None else t.to_state)
+
+
+def job_cef(record: Mapping[str, Any] | JobTransition, *, host: str | None = None,
+            version: str | None = None) -> str:
+    """One job transition (``records.JobTransition``) as a CEF line."""
+    t = parse_record(JobTransition, record, "job transition")
+    failed = t.to_state == "failed"
+    event = job_event(t)
+    ext: list[tuple[str, Any]] = [
+        ("rt", _ms(t.time)), ("msg", t.reason), ("act", event), ("cat", "job"),
+        ("externalId", t.uid or t.content_uid()), ("dvchost", host), ("outcome", "failure" if failed else "success"),
+        ("cs1Label", "job_id"), ("cs1", t.job_id), ("cs2Label", "from_state"), ("cs2", t.from_state),
+    ]
+    if t.backend:
+        ext += [("cs3Label", "backend"), ("cs3", t.backend)]
+    ext += [("cs4Label", "tenant"), ("cs4", t.tenant), ("cs5Label", "to_state"), ("cs5", t.to_state)]
+    priority = (t.model_extra or {}).get("priority")
+    if priority:
+        ext += [("cs6Label", "priority"), ("cs6", priority)]
+    return cef_line(version=version or product_version(), event_class=f"job.{event}",
+                    name=f"job {t.job_id}: {t.from_state or 'new'} -> {t.to_state}",
+                    severity=JOB_FAILED_SEVERITY if failed else JOB_SEVERITY, extension=ext)
+
+
+def audit_cef(record: Mapping[str, Any] | AuditRecord, *, host: str | None = None,
+              version: str | None = None) -> str:
+    """One audit record (``records.AuditRecord``) as a CEF line."""
+    a = parse_record(AuditRecord, record, "audit record")
+    failed = a.outcome == "failure"
+    event_class = a.action if a.action.startswith("config.") else f"config.{a.action}"
+    ext: list[tuple[str, Any]] = [
+        ("rt", _ms(a.time)), ("msg", a.reason), ("act", a.action), ("cat", "config"),
+        ("externalId", a.uid or a.content_uid()), ("dvchost", host), ("suser", a.actor), ("outcome", a.outcome),
+        ("src", a.src_ip), ("requestClientApplication", a.user_agent),
+        ("cs1Label", "key"), ("cs1", a.key),
+    ]
+    for n, label, value in ((2, "old", a.old), (3, "new", a.new)):
+        text = _json_value(value)
+        if text is not None:
+            ext += [(f"cs{n}Label", label), (f"cs{n}", text)]
+    return cef_line(version=version or product_version(), event_class=event_class,
+                    name=f"{a.actor} {a.action} {a.key}",
+                    severity=AUDIT_FAILED_SEVERITY if failed else AUDIT_SEVERITY, extension=ext)

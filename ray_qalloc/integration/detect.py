@@ -32,6 +32,8 @@ elements are counted as records, but are not measured one by one.
 
 from __future__ import annotations
 
+import json
+
 import datetime as dt
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
@@ -193,11 +195,21 @@ def _parse_lines(payload: str | bytes, fmt: str, limits: IntakeLimits, tenant: s
 def _json_docs(text: str) -> list[tuple[int | None, str]]:
     """The JSON documents of a payload: the whole text, or one per line (NDJSON)."""
     stripped = text.strip()
-    if "\n" in stripped and not stripped.startswith("["):
+    if "\n" in stripped and not stripped.startswith("[") and not _one_document(stripped):
         lines = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
         if len(lines) > 1:
             return lines
     return [(None, text)]
+
+
+def _one_document(text: str) -> bool:
+    """Whether a multi-line text is one (pretty-printed) JSON document rather than NDJSON: the
+    first value read ends where the text does."""
+    try:
+        _, end = json.JSONDecoder().raw_decode(text)
+    except (ValueError, RecursionError):
+        return False
+    return end == len(text)
 
 
 def _iter_doc(fmt: str, text: str, tenant: str, now: dt.datetime

@@ -9,8 +9,11 @@ is added once, not once per sink.
 - ``ocsf``: an OCSF 1.3 Detection Finding (``ocsf_out.detection_finding``), as JSON;
 - ``cef``: one CEF line (``cef_out.alert_cef``), as text.
 
-The builders for the other record kinds (``ocsf_out.scheduled_job_activity`` for job
-transitions, ``ocsf_out.api_activity`` for audit records) are re-exported here beside them.
+The other record kinds — job transitions and audit changes, forwarded from the change feed
+(``integration.forwarder``) as ``records.ChangeRecord`` — go through ``render_record``:
+``json`` is the change itself (``ChangeRecord.to_dict()``), ``ocsf`` a Scheduled Job Activity
+(``ocsf_out.scheduled_job_activity``) or API Activity (``ocsf_out.api_activity``), ``cef``
+``cef_out.job_cef`` / ``cef_out.audit_cef``.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, Mapping
 
-from ray_qalloc.integration.cef_out import alert_cef
+from ray_qalloc.integration.cef_out import alert_cef, audit_cef, job_cef
 from ray_qalloc.integration.ocsf_out import api_activity, detection_finding, scheduled_job_activity
+from ray_qalloc.integration.records import ChangeRecord
 
 Format = Literal["json", "ocsf", "cef"]
 FORMATS: tuple[str, ...] = ("json", "ocsf", "cef")
@@ -31,6 +35,11 @@ CONTENT_TYPES: dict[str, str] = {"json": "application/json", "ocsf": "applicatio
 #: built-in JSON type; ``cef`` is what Splunk's CEF add-ons extract; the OCSF one follows the
 #: ``ocsf:<class>`` naming of Splunk's OCSF tooling.
 SOURCETYPES: dict[str, str] = {"json": "_json", "ocsf": "ocsf:detection_finding", "cef": "cef"}
+#: The same per forwarded record kind (``ChangeRecord.kind``).
+RECORD_SOURCETYPES: dict[str, dict[str, str]] = {
+    "job": {"json": "_json", "ocsf": "ocsf:scheduled_job_activity", "cef": "cef"},
+    "config": {"json": "_json", "ocsf": "ocsf:api_activity", "cef": "cef"},
+}
 
 
 def render_alert(event: Mapping[str, Any], fmt: str = "json", *, host: str | None = None,
@@ -45,6 +54,21 @@ def render_alert(event: Mapping[str, Any], fmt: str = "json", *, host: str | Non
     raise ValueError(f"unknown alert format {fmt!r}. To fix: use one of {', '.join(FORMATS)}.")
 
 
+def render_record(record: ChangeRecord, fmt: str = "json", *, host: str | None = None) -> dict[str, Any] | str:
+    """A forwarded job transition or audit change as a record of format ``fmt``. Raises
+    ValueError (naming the field) when the change lacks what the format needs."""
+    if fmt == "json":
+        return record.to_dict()
+    if record.kind not in RECORD_SOURCETYPES:
+        raise ValueError(f"record kind {record.kind!r} is not forwarded. To fix: forward job or config changes.")
+    if fmt == "ocsf":
+        return scheduled_job_activity(record.transition(), host=host) if record.kind == "job" \
+            else api_activity(record.audit())
+    if fmt == "cef":
+        return job_cef(record.transition(), host=host) if record.kind == "job" else audit_cef(record.audit(), host=host)
+    raise ValueError(f"unknown record format {fmt!r}. To fix: use one of {', '.join(FORMATS)}.")
+
+
 def record_text(record: dict[str, Any] | str) -> str:
     """A rendered record as text: compact JSON (sorted keys, UTF-8, one line) or the CEF line."""
     if isinstance(record, str):
@@ -52,5 +76,5 @@ def record_text(record: dict[str, Any] | str) -> str:
     return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-__all__ = ["CONTENT_TYPES", "FORMATS", "Format", "SOURCETYPES", "api_activity", "detection_finding",
-           "record_text", "render_alert", "scheduled_job_activity"]
+__all__ = ["CONTENT_TYPES", "FORMATS", "Format", "RECORD_SOURCETYPES", "SOURCETYPES", "api_activity",
+           "detection_finding", "record_text", "render_alert", "render_record", "scheduled_job_activity"]

@@ -41,7 +41,8 @@ activity 1 Create (accepted), 6 Start (to running), 3 Delete (cancelled), 2 Upda
 for a transition to failed. OCSF requires ``job.file`` and the System category's
 ``actor`` and ``device``: a job's file is its circuit (``<job id>.qasm``, type 99 Other:
 it is submitted as text, not a file); the actor is ray-qalloc itself (the scheduler
-moved the job); the device is the host that recorded it, with the backend in ``unmapped``.
+moved the job); the device is the host that recorded it, with the backend (and the
+transition's ``event`` name and the job's ``priority``, when given) in ``unmapped``.
 
 **API Activity (6003)**, one per audit record (``records.AuditRecord``): activity from the
 action's verb (1 Create, 2 Read, 3 Update, 4 Delete, else 99 Other); ``actor.user``;
@@ -192,6 +193,7 @@ def scheduled_job_activity(record: Mapping[str, Any] | JobTransition, *, host: s
                            version: str | None = None) -> dict[str, Any]:
     """One job transition (``records.JobTransition``) as OCSF Scheduled Job Activity (1006)."""
     t = parse_record(JobTransition, record, "job transition")
+    extra = t.model_extra or {}
     failed = t.to_state == "failed"
     out = base_event(SCHEDULED_JOB_ACTIVITY, *_job_activity(t), time_s=t.time, severity_id=2 if failed else 1,
                      uid=t.uid or t.content_uid(), version=version, tenant=t.tenant)
@@ -206,7 +208,7 @@ def scheduled_job_activity(record: Mapping[str, Any] | JobTransition, *, host: s
         "actor": {"app_name": PRODUCT_NAME},
         "device": _compact({"type_id": 1, "type": "Server", "hostname": host}),
         "unmapped": _compact({"from_state": t.from_state, "to_state": t.to_state, "backend": t.backend,
-                              "tenant": t.tenant}),
+                              "tenant": t.tenant, "event": extra.get("event"), "priority": extra.get("priority")}),
     }))
     return out
 

@@ -14,7 +14,9 @@ A **job transition** (one state change of one job)::
 ``from_state`` is null for the job's first record (accepted). States are ``JobState``
 values (queued, running, completed, failed, cancelled); an unknown one is kept and rendered
 as "Other". ``uid`` (optional) is the record's idempotency key; when absent, one is derived
-from the content, so the same transition rendered twice has the same key.
+from the content, so the same transition rendered twice has the same key. ``event`` (the
+transition's name: accept, dispatch, complete, ...) and ``priority`` are optional extras,
+rendered when present.
 
 An **audit record** (one API call or configuration change)::
 
@@ -24,12 +26,18 @@ An **audit record** (one API call or configuration change)::
 ``action`` is ``<area>.<verb>``: the verb (create, read/get/list, update/set/put/patch/unset,
 delete) picks the OCSF activity; ``outcome`` is success or failure (a refused change is a
 failure, with ``reason``). ``src_ip`` and ``user_agent`` are optional (known for HTTP calls).
+
+A **change record** (``ChangeRecord``) is one job transition or audit change of the change
+feed (``ray_qalloc.changefeed``) as the forwarder sends it: its kind, its dedupe key (the
+change's position in its source, ``j:<id>`` or ``c:<id>``), its time and the feed's data.
+``transition()`` / ``audit()`` map that data onto the two models above.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -86,3 +94,53 @@ def parse_record(model: type[_M], data: Mapping[str, Any] | _M, what: str) -> _M
         where = ".".join(str(x) for x in err["loc"]) or "record"
         raise ValueError(f"{what}: field {where!r}: {err['msg']}. To fix: pass a dict with the fields "
                          f"{', '.join(model.model_fields)} (see ray_qalloc.integration.records).") from None
+
+
+#: The change feed's kinds that leave as records, and the source letter of their position.
+CHANGE_SOURCES: dict[str, str] = {"job": "j", "config": "c"}
+
+
+@dataclass(frozen=True)
+class ChangeRecord:
+    """One job transition or audit change of the change feed, as it leaves for a SIEM.
+
+    ``key`` is the change's position in its own source (``j:<transition id>``,
+    ``c:<audit id>``): unique, and the same however often and by whichever process the change
+    is read again, so a receiver drops the duplicates of at-least-once delivery by it. (The
+    feed's full cursor is not used: its other sources' positions depend on where a read
+    started.)"""
+
+    kind: Literal["job", "config"]
+    key: str
+    at: float
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``json`` form: the change as the feed gives it, with the dedupe key for its id."""
+        return {"key": self.key, "kind": self.kind, "at": self.at, "data": dict(self.data)}
+
+    def transition(self) -> JobTransition:
+        """A ``job`` change (``{job_id, event, from, to, why, tenant, priority}``) as a JobTransition."""
+        d = self.data
+        return parse_record(JobTransition, {
+            "job_id": d.get("job_id"), "tenant": d.get("tenant"), "from_state": d.get("from"),
+            "to_state": d.get("to"), "time": self.at, "reason": d.get("why") or None, "uid": self.key,
+            "event": d.get("event"), "priority": d.get("priority")}, "job transition")
+
+    def audit(self) -> AuditRecord:
+        """A ``config`` change (``{actor, action, key, old, new, detail}``) as an AuditRecord: the
+        admin audit trail records changes that were committed, so the outcome is success."""
+        d = self.data
+        return parse_record(AuditRecord, {
+            "actor": d.get("actor"), "action": d.get("action"), "key": d.get("key"), "old": d.get("old"),
+            "new": d.get("new"), "time": self.at, "outcome": "success", "reason": d.get("detail") or None,
+            "uid": self.key}, "audit record")
+
+    def summary(self) -> str:
+        """One line for humans (the syslog MSG of the json format)."""
+        d = self.data
+        if self.kind == "job":
+            why = f" ({d.get('why')})" if d.get("why") else ""
+            return f"job {d.get('job_id')} of {d.get('tenant')}: {d.get('from') or 'new'} -> {d.get('to')}{why}"
+        detail = f" ({d.get('detail')})" if d.get("detail") else ""
+        return f"{d.get('actor')} {d.get('action')} {d.get('key')}{detail}"

@@ -68,6 +68,8 @@ _NODE_CPU, _NODE_MEM_USED, _NODE_MEM_TOTAL, _NODE_GPU = (
     _I["qalloc_node_memory_total_bytes"], _I["qalloc_node_gpu_utilization_ratio"])
 _ALERTS, _ALERTS_FIRING = _I["qalloc_alerts_total"], _I["qalloc_alerts_firing"]
 _DROPPED = _I["qalloc_metrics_dropped_total"]
+_SINK_RECORDS, _SINK_LAG = _I["qalloc_sink_records_total"], _I["qalloc_sink_lag_records"]
+_EVENTS = _I["qalloc_events_total"]
 
 # The domains the calls fold with, read once from the table (so the table stays the authority).
 _D = T.TAGS
@@ -82,6 +84,10 @@ _QUANTITY = _D["qalloc_calibration_value"]["quantity"]
 _ROUTE, _CODE = _D["qalloc_api_requests_total"]["route"], _D["qalloc_api_requests_total"]["code"]
 _NODE, _GPU = _D["qalloc_node_gpu_utilization_ratio"]["node"], _D["qalloc_node_gpu_utilization_ratio"]["gpu"]
 _RULE, _SEVERITY = _D["qalloc_alerts_total"]["rule"], _D["qalloc_alerts_total"]["severity"]
+_EVENT_SOURCE, _EVENT_FORMAT, _EVENT_OUTCOME = (_D["qalloc_events_total"]["source"],
+                                            _D["qalloc_events_total"]["format"], _D["qalloc_events_total"]["outcome"])
+_SINK, _RECORD, _FORWARD_OUTCOME = (_D["qalloc_sink_records_total"]["sink"], _D["qalloc_sink_records_total"]["record"],
+                                   _D["qalloc_sink_records_total"]["outcome"])
 assert isinstance(_QUBIT, Index) and isinstance(_GPU, Index)
 
 # One Ray metric object per name and process, shared by every Metrics instance.
@@ -310,6 +316,29 @@ class Metrics:
     def alerts_firing(self, rule: str, severity: str, n: int) -> None:
         """How many alerts of ``rule`` fire now."""
         self._set(_ALERTS_FIRING, (_RULE.fold(rule), _SEVERITY.fold(severity)), float(n))
+
+    # ---- security events ---------------------------------------------------------------------
+    @_recording
+    def events_in(self, source: str, fmt: str | None, outcome: str, n: int = 1) -> None:
+        """``n`` security event records from ``source`` (http, syslog_tcp, syslog_udp) in format
+        ``fmt`` (None: not recognised) ended as ``outcome`` (stored, duplicate, rejected)."""
+        if n > 0:
+            self._add(_EVENTS, (_EVENT_SOURCE.fold(source), _EVENT_FORMAT.fold(fmt), _EVENT_OUTCOME.fold(outcome)),
+                      float(n))
+
+    # ---- sinks (forwarded records) -------------------------------------------------------------
+    @_recording
+    def sink_records(self, sink: str, record: str, outcome: str, n: int = 1) -> None:
+        """``n`` records of kind ``record`` (jobs, audit) forwarded to ``sink`` ended as ``outcome``
+        (delivered, failed, dead)."""
+        if n > 0:
+            self._add(_SINK_RECORDS, (_SINK.fold(sink), _RECORD.fold(record), _FORWARD_OUTCOME.fold(outcome)),
+                      float(n))
+
+    @_recording
+    def sink_lag(self, sink: str, records: int) -> None:
+        """How many subscribed records ``sink`` has not received yet."""
+        self._set(_SINK_LAG, (_SINK.fold(sink),), float(records))
 
     # ---- gauge series lifetime ---------------------------------------------------------------
     def forget(self, **tags: str) -> int:

@@ -99,6 +99,14 @@ RULE = Named(r"[a-z][a-z0-9_.\-]{0,63}", cap=128, doc="alert rule name")
 SEVERITY = Choice(("info", "warning", "critical"), aliases={"warn": "warning", "error": "critical"},
                   doc="alert severity")
 DROP_REASON = Choice(("overflow", "bad_value", "error"), doc="why a recording was dropped")
+SINK = Named(r"[A-Za-z0-9_.\-]{1,64}", cap=64, doc="a configured sink's name (alerts.sinks)")
+RECORD = Choice(("jobs", "audit"), doc="kind of record forwarded to a sink")
+FORWARD_OUTCOME = Choice(("delivered", "failed", "dead"), doc="what became of one attempt to forward a record: "
+                         "delivered, failed (retried later), dead (refused for good, skipped)")
+EVENT_SOURCE = Choice(("http", "syslog_tcp", "syslog_udp"), doc="how security events came in")
+EVENT_FORMAT = Choice(("cef", "leef", "syslog", "ocsf", "stix"), doc="security event format; 'none' when a "
+                      "record was not recognised")
+EVENT_OUTCOME = Choice(("stored", "duplicate", "rejected"), doc="what became of a security event record")
 
 
 # ---- metric definitions -----------------------------------------------------------------------
@@ -200,6 +208,16 @@ METRICS: tuple[MetricDef, ...] = (
        (("rule", RULE), ("severity", SEVERITY)), "Alerts"),
     _m("qalloc_alerts_firing", "gauge", "alerts", "Alerts firing now, by rule and severity.",
        (("rule", RULE), ("severity", SEVERITY)), "Alerts", agg="max"),
+    # Security events
+    _m("qalloc_events_total", "counter", "events", "Security event records in, by source, format and outcome "
+       "(stored, duplicate: stored before, rejected: refused with a per-record error).",
+       (("source", EVENT_SOURCE), ("format", EVENT_FORMAT), ("outcome", EVENT_OUTCOME)), "Security events"),
+    # Sinks (job transitions and audit changes forwarded from the change feed)
+    _m("qalloc_sink_records_total", "counter", "records", "Job transitions and audit changes forwarded to a "
+       "sink, by outcome (delivered; failed: an attempt to be retried; dead: refused for good and skipped).",
+       (("sink", SINK), ("record", RECORD), ("outcome", FORWARD_OUTCOME)), "Sinks"),
+    _m("qalloc_sink_lag_records", "gauge", "records", "Job transitions and audit changes a sink subscribes to "
+       "that it has not received yet.", (("sink", SINK),), "Sinks", agg="max"),
     # The metrics themselves
     _m("qalloc_metrics_dropped_total", "counter", "recordings",
        "Recordings the facade dropped (a full buffer, a non-finite value, an error).",
