@@ -109,7 +109,19 @@ class Allocator:
         _explore(self.d.predictor, settings.placement.explore_factor)
         self.startup: dict[str, float] = {}          # how long the last start took, by step (stats)
         self.started_at = time.time()
-        self._autoscale = Requester(slots={}, resource_of=self.fleet.resource_of)
+        self.scaling: Any = None        # predictive.PredictiveController, when settings.scaling.enabled
+        if settings.scaling.enabled and members is None:
+            # Ray keeps ONE request per cluster: the reactive and the predictive parts go through
+            # one sender, or each would erase the other
+            from ray_qalloc.autoscale import request as send_request
+            from ray_qalloc.predictive import PredictiveController, RequestMerger
+
+            merger = RequestMerger(send_request)
+            self._autoscale = Requester(slots={}, resource_of=self.fleet.resource_of, send=merger.part("reactive"))
+            self.scaling = PredictiveController(settings.scaling, merger.part("predictive"))
+        else:
+            self._autoscale = Requester(slots={}, resource_of=self.fleet.resource_of)
+        self._arrived, self._scaling_since = 0, time.time()
         # A restarted allocator serves at once with the executors that answer; one still warming
         # up (restarted with it, or busy) is picked up by the health loop a moment later.
         if self._injected is None and _reconstructed():
@@ -163,6 +175,8 @@ class Allocator:
             self.threat.load()      # after the live config (its reservations add to it), before the queue
             t1 = time.monotonic()
             await self._recover()
+            if self.scaling is not None:
+                await self._seed_scaling()
             self.startup = {"backends_s": t1 - t0, "recover_s": time.monotonic() - t1,
                             "since_init_s": time.time() - self.started_at,
                             "recovered_jobs": len(self.d.queued) + len(self.d.running)}
@@ -256,10 +270,12 @@ class Allocator:
     async def submit(self, job: PreparedJob) -> dict[str, Any]:
         """Store, then queue. Raises NoFeasibleBackend (nothing stored) if no backend could ever run it."""
         await self._wait_ready()
+        self._arrived += 1
         return await self.d.submit(job)
 
     async def submit_many(self, jobs: list[PreparedJob]) -> list[dict[str, Any]]:
         await self._wait_ready()
+        self._arrived += len(jobs)
         answers = await self.d.submit_many(jobs)
         if len(jobs) >= 1000:
             gc.freeze()   # queued jobs are acyclic and long-lived: keep them out of future passes
@@ -525,6 +541,33 @@ class Allocator:
         except Exception as exc:  # a rule that cannot act (bad target, spent quota) must not stop the others
             log.warning("threat rule %s could not act on event %s: %s", fire.rule.name, fire.event_id, exc)
 
+    # ==== predictive scaling (predictive.py) ====================================================
+    async def _seed_scaling(self) -> None:
+        """The forecaster learns from the stored history of jobs and security events."""
+        from ray_qalloc.predictive import history_from_store, mean_job_seconds
+
+        s, now = self.settings.scaling, time.time()
+        jobs, events = await self.d.db(history_from_store, self.store.engine, now - s.history_s, s.bin_s, until=now)
+        self.scaling.seed(jobs, events, now - s.history_s)
+        self.scaling.work_per_job_s = await self.d.db(mean_job_seconds, self.store.engine, now - s.history_s) or 1.0
+        self._scaling_since = now
+
+    async def _scaling_tick(self, now: float) -> None:
+        """One forecast and decision: nodes asked for ahead of predicted demand (and, where set, a
+        timed emergency reservation on a surge of severe events)."""
+        from ray_qalloc.predictive import history_from_store
+
+        since, self._scaling_since = self._scaling_since, now
+        _, events = await self.d.db(history_from_store, self.store.engine, since, max(now - since, 1e-3), until=now)
+        arrived, self._arrived = self._arrived, 0
+        pools = [h for h in self.fleet.hosts.values() if h.kind == "pool" and h.actor is not None]
+        queued_s = sum(min((e.runtime_s for e in q.plan.estimates.values()), default=0.0)
+                       for q in self.d.queued.values())
+        decision = await self.d.db(self.scaling.tick, now, arrived, events.sum(axis=0), len(pools), queued_s,
+                                   node_cores=max((h.cores for h in pools), default=None))
+        if decision.reserve:
+            await self.threat_add(decision.reserve, actor="predictive")
+
     async def _expire_threat_actions(self, now: float) -> None:
         gone = self.threat.due(now)
         if gone:
@@ -603,6 +646,8 @@ class Allocator:
 
         now = time.time() if now is None else now
         await self._expire_threat_actions(now)
+        if self.scaling is not None:
+            await self._scaling_tick(now)
         opsview.record_gauges(self, now)
         self.timeline.sample(now, dashboard.utilisation(self), dashboard.queue_by_class(self))
         if self.alerts is None:

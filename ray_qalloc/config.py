@@ -19,6 +19,8 @@ from typing import Any, Literal
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ray_qalloc.predictive import PredictiveScalingSettings
+
 from ray_qalloc.exceptions import ConfigError
 from ray_qalloc.monitor.drift import DriftSettings
 
@@ -368,6 +370,8 @@ class Settings(BaseModel):
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     events: EventSettings = Field(default_factory=EventSettings)
     threat: ThreatSettings = Field(default_factory=ThreatSettings)
+    scaling: PredictiveScalingSettings = Field(default_factory=PredictiveScalingSettings,
+                                               description="Predictive scaling of the elastic pool (off by default).")
     max_attempts: int = Field(5, gt=0, description="Attempts per job before it is failed.")
     breaker_failures: int = Field(3, gt=0, description="Consecutive failed runs that open a backend's "
                                   "circuit breaker (no new runs until a probe succeeds).")
