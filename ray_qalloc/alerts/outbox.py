@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -37,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Engine
 
 from ray_qalloc.alerts.engine import AlertEvent
+from ray_qalloc.alerts.passes import PassThread
 from ray_qalloc.alerts.sinks import DeliveryError, Sink
 from ray_qalloc.store import make_engine
 
@@ -280,9 +280,8 @@ class Dispatcher:
         self.retry = retry or RetryPolicy()
         self._clock = clock
         self._rand = rand
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = PassThread("qalloc-alert-dispatch", lambda: self.deliver_due().next_due_at, clock,
+                                "alert dispatch pass")
 
     def deliver_due(self) -> DispatchReport:
         report = DispatchReport()
@@ -344,33 +343,12 @@ class Dispatcher:
     # ---- background -----------------------------------------------------------------------
     def wake(self) -> None:
         """Run a pass now (call after ``Outbox.enqueue``)."""
-        self._wake.set()
+        self._loop.wake()
 
     def start(self, interval_s: float = 1.0) -> None:
         """Deliver in a daemon thread: a pass on every wake, when a backoff ends, and at least
         every ``interval_s`` (to pick up rows other processes committed)."""
-        if self._thread is not None:
-            return
-        self._stop.clear()
-
-        def loop() -> None:
-            while not self._stop.is_set():
-                self._wake.clear()
-                try:
-                    report = self.deliver_due()
-                    wait = interval_s if report.next_due_at is None else min(
-                        interval_s, max(report.next_due_at - float(self._clock()), 0.0))
-                except Exception:  # noqa: BLE001 - the database may be briefly unavailable; try again
-                    log.exception("alert dispatch pass failed")
-                    wait = interval_s
-                self._wake.wait(wait)
-
-        self._thread = threading.Thread(target=loop, name="qalloc-alert-dispatch", daemon=True)
-        self._thread.start()
+        self._loop.start(interval_s)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        self._loop.stop(timeout_s)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -51,6 +50,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ray_qalloc.alerts.outbox import RetryPolicy
+from ray_qalloc.alerts.passes import PassThread
 from ray_qalloc.alerts.sinks import FORWARDED_KINDS, DeliveryError, RecordSink
 from ray_qalloc.changefeed import ChangeFeed, Cursor
 from ray_qalloc.integration.records import CHANGE_SOURCES, ChangeRecord
@@ -144,9 +144,8 @@ class Forwarder:
         self.feed = ChangeFeed(engine)
         ensure_table(engine)
         self._start_new_sinks()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = PassThread("qalloc-sink-forward", lambda: self.pump_report().next_due_at, clock,
+                                "forwarding pass")
 
     # ---- positions ---------------------------------------------------------------------------
     def _start_new_sinks(self) -> None:
@@ -189,7 +188,7 @@ class Forwarder:
     def pump_report(self, now: float | None = None) -> ForwardReport:
         report = ForwardReport()
         for name in self.subscriptions:
-            if self._stop.is_set():
+            if self._loop.stopping.is_set():
                 break
             try:
                 self._pass(name, now, report)
@@ -217,7 +216,7 @@ class Forwarder:
         cursor = saved = Cursor.parse(row.cursor, "qalloc_sink_positions.cursor")
         attempts = int(row.attempts)
         seen = 0             # changes looked at this pass: a long backlog is worked off over several
-        while seen < self.max_per_pass and not self._stop.is_set():
+        while seen < self.max_per_pass and not self._loop.stopping.is_set():
             changes, _ = self.feed.read(cursor, tenant=None, admin=True, limit=self.retry.batch, now=t)
             for change in changes:
                 seen += 1
@@ -295,36 +294,16 @@ class Forwarder:
 
     # ---- background -----------------------------------------------------------------------------
     def wake(self) -> None:
-        self._wake.set()
+        self._loop.wake()
 
     def start(self, interval_s: float = 1.0) -> None:
         """Forward in a daemon thread: a pass at least every ``interval_s`` (new changes are
         found by reading, so this is also the forwarding delay), or when a backoff ends."""
-        if self._thread is not None or not self.subscriptions:
-            return
-        self._stop.clear()
-
-        def loop() -> None:
-            while not self._stop.is_set():
-                self._wake.clear()
-                try:
-                    report = self.pump_report()
-                    wait = interval_s if report.next_due_at is None else min(
-                        interval_s, max(report.next_due_at - float(self._clock()), 0.0))
-                except Exception:  # noqa: BLE001 - the database may be briefly unavailable; try again
-                    log.exception("forwarding pass failed")
-                    wait = interval_s
-                self._wake.wait(wait)
-
-        self._thread = threading.Thread(target=loop, name="qalloc-sink-forward", daemon=True)
-        self._thread.start()
+        if self.subscriptions:
+            self._loop.start(interval_s)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        self._loop.stop(timeout_s)
 
 
 def _record(change: Any) -> ChangeRecord:
