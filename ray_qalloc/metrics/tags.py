@@ -21,6 +21,7 @@ Three kinds:
 
 from __future__ import annotations
 
+import abc
 import re
 import threading
 from dataclasses import dataclass, field
@@ -37,13 +38,14 @@ def _identity(value: str) -> str:
     return value
 
 
-class Domain:
+class Domain(abc.ABC):
     """The set of values one tag may take. Subclasses implement :meth:`fold`."""
 
     doc: str = ""
 
-    def fold(self, value: object) -> str:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def fold(self, value: object) -> str:
+        """The tag value ``value`` is recorded under (bounded: unknown values fold to a catch-all)."""
 
     def values(self) -> tuple[str, ...] | None:
         """The complete value set when it is fixed (for dashboards), else None."""
