@@ -34,7 +34,7 @@ from ray_qalloc.jobs import JobState, PreparedJob, compact
 from ray_qalloc.observer import Observer
 from ray_qalloc.placement import JobView, Plan, explain, plan
 from ray_qalloc.placement.filters import make_filters
-from ray_qalloc.placement.scheduler import Decision, PassResult, Run, Scheduler
+from ray_qalloc.placement.scheduler import Decision, Entry, PassResult, Run, Scheduler
 from ray_qalloc.store import JobStore
 
 log = logging.getLogger("ray_qalloc.dispatch")
@@ -263,11 +263,16 @@ class Dispatcher:
         if p is None:
             p = self.plan_for(view)
         self._put(Queued(job, view, p, time.time(), created_at))
-        if job.tenant in self.paused:
-            return                 # stored and queued; weighed once its tenant is resumed
-        entry = self.sched.enqueue(view, p, created_at)
-        if entry.flagged:
+        entry = self._schedule(view, p, created_at)
+        if entry is not None and entry.flagged:
             self.flag(job.id, entry.flagged)
+
+    def _schedule(self, view: JobView, p: Plan, arrival: float, seq: int | None = None) -> Entry | None:
+        """Into the scheduler — unless the job's tenant is paused (threatdesk.py): then it stays
+        stored and in ``queued``, out of every pass, until ``set_paused`` lets it in."""
+        if view.tenant in self.paused:
+            return None
+        return self.sched.enqueue(view, p, arrival, seq)
 
     def _put(self, q: Queued) -> None:
         self.queued[q.job.id] = q
@@ -300,37 +305,33 @@ class Dispatcher:
     def _replan(self, q: Queued) -> None:
         # being started — committing, or started by a pass whose commit is still pending (a
         # submit's pass awaits the store while other runs complete): its plan no longer matters
-        if q.job.id in self._dispatching or q.job.id in self.sched.runs or q.job.tenant in self.paused:
+        if q.job.id in self._dispatching or q.job.id in self.sched.runs:
             return
         self.sched.remove(q.job.id)
         view = self.view(q.job, q.view.blocked)
         p = self.plan_for(view)
         q.view, q.plan = view, p
-        entry = self.sched.enqueue(view, p, q.created_at)
-        if entry.flagged and q.job.id not in self.flags:   # a flag, once raised, keeps its first reason
+        entry = self._schedule(view, p, q.created_at)
+        if entry is not None and entry.flagged and q.job.id not in self.flags:   # a flag, once raised, keeps its first reason
             self.flag(q.job.id, entry.flagged)
 
-    def set_paused(self, tenants: frozenset[str]) -> tuple[int, int]:
+    def set_paused(self, tenants: frozenset[str]) -> None:
         """Pause and resume tenants: a paused tenant's queued jobs leave the scheduler (stored,
         still queued, none started; running ones finish); a resumed tenant's go back, each in its
-        place (arrival). Returns (jobs held, jobs released)."""
-        held = released = 0
+        place (arrival)."""
         newly, resumed = tenants - self.paused, self.paused - tenants
         self.paused = frozenset(tenants)
         for q in list(self.queued.values()):
             if q.job.id in self._dispatching or q.job.id in self.sched.runs:
                 continue
-            if q.job.tenant in newly and q.job.id in self.sched.entries:
+            if q.job.tenant in newly:
                 self.sched.remove(q.job.id)
-                held += 1
             elif q.job.tenant in resumed and q.job.id not in self.sched.entries:
-                entry = self.sched.enqueue(q.view, q.plan, q.created_at)
-                if entry.flagged and q.job.id not in self.flags:
+                entry = self._schedule(q.view, q.plan, q.created_at)
+                if entry is not None and entry.flagged and q.job.id not in self.flags:
                     self.flag(q.job.id, entry.flagged)
-                released += 1
-        if released:
+        if resumed:
             self.kick()
-        return held, released
 
     def replan_queued(self) -> None:
         """The pool changed (a node joined or left): queued jobs are planned again over what
@@ -424,13 +425,13 @@ class Dispatcher:
         for d in res.dispatch:
             self._undo_start(d)
         for e in res.unplaceable:
-            if e.job.id in self.queued and e.job.id not in self.sched.entries and e.job.tenant not in self.paused:
-                self.sched.enqueue(e.job, e.plan, e.arrival, e.seq)
+            if e.job.id in self.queued and e.job.id not in self.sched.entries:
+                self._schedule(e.job, e.plan, e.arrival, e.seq)
 
     def _undo_start(self, d: Decision) -> None:
         self.sched.finish(d.entry.job.id)
-        if d.entry.job.id in self.queued and d.entry.job.tenant not in self.paused:
-            self.sched.enqueue(d.entry.job, d.entry.plan, d.entry.arrival, d.entry.seq)
+        if d.entry.job.id in self.queued:
+            self._schedule(d.entry.job, d.entry.plan, d.entry.arrival, d.entry.seq)
 
     async def apply(self, res: PassResult, skip: str | None = None) -> None:
         """Carry out one pass: commit each start, then start it; flags, preemptions, give-ups."""

@@ -427,10 +427,8 @@ class Fleet:
                 tell(name, wait)
         from ray_qalloc.metrics import metrics
 
-        provider_queue = getattr(metrics, "provider_queue", None)
-        if provider_queue is not None:
-            for name in host.members:
-                provider_queue(name, pending, status.operational)
+        for name in host.members:
+            metrics.provider_queue(name, pending, status.operational)
         if status.operational:
             return True
         if before is None or before.operational:
