@@ -155,30 +155,6 @@ class ThreatDesk:
         """Actions whose time is up."""
         return [a.id for a in self.actions.values() if not a.active(now)]
 
-    # Blocking conveniences (tests, the CLI without Ray): commit and apply in one call.
-    def add(self, action: Action, *, actor: str, now: float | None = None) -> tuple[Action, bool]:
-        now = time.time() if now is None else now
-        act, created, new = self.prepare_add(action, now)
-        if new is not None:
-            self.commit(new, actor, f"{act.kind} {act.id}", act.reason)
-            self.apply(now)
-        return act, created
-
-    def remove(self, action_id: str, *, actor: str, now: float | None = None) -> bool:
-        if action_id not in self.actions:
-            return False
-        self.commit(self.without([action_id]), actor, f"remove {action_id}", "removed")
-        self.apply(time.time() if now is None else now)
-        return True
-
-    def expire(self, now: float | None = None) -> list[str]:
-        now = time.time() if now is None else now
-        gone = self.due(now)
-        if gone:
-            self.commit(self.without(gone), "qalloc", "expire " + ", ".join(gone), "time is up")
-            self.apply(now)
-        return gone
-
     # ---- the effect -------------------------------------------------------------------------
     def apply(self, now: float) -> None:
         """Put the active actions in force: class floors, reservations, paused tenants."""
@@ -193,14 +169,14 @@ class ThreatDesk:
             if self._floors.get(tenant) != floors.get(tenant):
                 self.sched.set_class_floor(tenant, floors.get(tenant), now)
         self._floors = floors
-        self.sched.set_reserved(self.reserved())
+        self.sched.set_reserved(self.reserved(now))
         self.d.set_paused(frozenset(a.tenant for a in live if a.kind == "pause" and a.tenant is not None))
         self.kick()
 
-    def reserved(self) -> dict[str, int]:
+    def reserved(self, now: float | None = None) -> dict[str, int]:
         """The configured reservations plus the timed ones in force."""
         out = {k: int(v) for k, v in dict(self.base_reserved()).items()}
-        now = time.time()
+        now = time.time() if now is None else now
         for a in self.actions.values():
             if a.kind == "reserve" and a.active(now) and a.target is not None and a.slots:
                 out[a.target] = out.get(a.target, 0) + a.slots
@@ -228,5 +204,5 @@ class ThreatDesk:
     def view(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
         return {"actions": [a.model_dump() | {"active": a.active(now)} for a in self.actions.values()],
-                "class_floors": dict(self._floors), "reserved": self.reserved(),
+                "class_floors": dict(self._floors), "reserved": self.reserved(now),
                 "paused": sorted(self.d.paused)}
