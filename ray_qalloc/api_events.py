@@ -40,9 +40,8 @@ from ray_qalloc.exceptions import (IdempotencyKeyReused, InvalidEvent, LimitExce
                                    QuotaExceeded)
 from ray_qalloc.integration.detect import CONTENT_TYPES, IntakeLimits, RecordError, parse_records
 from ray_qalloc.integration.events import SEVERITY_NAMES, SecurityEvent
-from ray_qalloc.integration.eventstore import EventPage, EventStore, StoredAnswer, body_digest
+from ray_qalloc.integration.eventstore import EventPage, EventStore, StoredAnswer, body_digest, count_events
 from ray_qalloc.integration.ocsf import CATEGORY_NAMES
-from ray_qalloc.metrics import metrics
 
 __all__ = ["add_event_routes", "TokenBucket", "EventsResult", "EventIntake", "severity_of", "category_of"]
 
@@ -275,7 +274,7 @@ class EventIntake:
         else:
             new, dups = self.store.add_many(events)
             status, out = answer(new, dups)
-        _count(events, errors, new, dups, "http")
+        count_events(events, dups, "http", rejected_formats=[e.format for e in errors])
         return status, out
 
 
@@ -291,24 +290,6 @@ def _replay(prior: StoredAnswer, digest: str, key: str) -> tuple[int, dict[str, 
     return prior.status, prior.answer
 
 
-def _count(events: list[SecurityEvent], errors: list[RecordError], new: int, dups: int, source: str) -> None:
-    """Events in, by format and outcome. Duplicates are known per batch, not per event: in a
-    batch of one format (the usual case) exactly; in a mixed one they are charged to its
-    formats in batch order."""
-    per_format: dict[str, int] = {}
-    for e in events:
-        per_format[e.format] = per_format.get(e.format, 0) + 1
-    left = dups
-    for fmt, n in per_format.items():
-        d = min(n, left)
-        left -= d
-        metrics.events_in(source, fmt, "stored", n - d)
-        metrics.events_in(source, fmt, "duplicate", d)
-    for e in errors:
-        metrics.events_in(source, e.format, "rejected", 1)
-
-
-count_events = _count   # the listener counts its events the same way
 
 
 # ---- routes ------------------------------------------------------------------------------------

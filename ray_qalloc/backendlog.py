@@ -42,13 +42,9 @@ class BackendLog:
     def __init__(self, engine: Engine, retention_s: float = RETENTION_S) -> None:
         self.engine = engine
         self.retention_s = float(retention_s)
-        for attempt in range(3):       # stores opened at once (allocator, API replicas) race on DDL
-            try:
-                metadata.create_all(engine, checkfirst=True)
-                break
-            except sa.exc.OperationalError:
-                if attempt == 2:
-                    raise
+        from ray_qalloc.store import create_tables
+
+        create_tables(engine, metadata)
         self._pending: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._pruned_at = 0.0

@@ -100,15 +100,9 @@ def ensure_tables(engine: Engine) -> None:
     from ray_qalloc.adminstate import metadata as admin_md
     from ray_qalloc.alerts.outbox import metadata as outbox_md
     from ray_qalloc.backendlog import metadata as backend_md
+    from ray_qalloc.store import create_tables
 
-    for md in (outbox_md, admin_md, backend_md):
-        for attempt in range(3):
-            try:
-                md.create_all(engine, checkfirst=True)
-                break
-            except sa.exc.OperationalError:
-                if attempt == 2:
-                    raise
+    create_tables(engine, outbox_md, admin_md, backend_md)
 
 
 class ChangeFeed:
@@ -132,15 +126,18 @@ class ChangeFeed:
         return Cursor(pos)  # type: ignore[arg-type]
 
     def read(self, after: Cursor, *, tenant: str | None, admin: bool, limit: int = 500,
-             now: float | None = None) -> tuple[list[Change], Cursor]:
+             now: float | None = None, sources: tuple[str, ...] | None = None) -> tuple[list[Change], Cursor]:
         """Up to ``limit`` changes after ``after`` that this caller may see, merged by time, and
-        the position to read from next (past rows it may not see, too)."""
+        the position to read from next (past rows it may not see, too). ``sources``: only these
+        (a reader that wants job changes only does not page through alerts)."""
         now = time.time() if now is None else now
         settle = now - self.settle_s if self.settle_s > 0 else None
         rows: dict[str, list[tuple[float, int, dict[str, Any]]]] = {}
         skip_to: dict[str, int] = {}
         with self.engine.connect() as conn:
             for src in self.visible(admin):
+                if sources is not None and src not in sources:
+                    continue
                 got, scanned = self._read(conn, src, after.get(src), tenant if not admin else None, limit, settle)
                 rows[src] = got
                 if scanned is not None:

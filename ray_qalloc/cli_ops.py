@@ -150,9 +150,7 @@ def audit(key: Optional[str] = typer.Option(None, "--key", help="Only changes of
 def _sinks_view(settings: Any) -> list[dict[str, Any]]:
     """Every configured sink: what it is, what it receives, how far forwarding got, and its
     alert deliveries (from the outbox), read from the store's database."""
-    import sqlalchemy as sa
-
-    from ray_qalloc.alerts.outbox import deliveries_table, metadata as outbox_md
+    from ray_qalloc.alerts.outbox import Outbox
     from ray_qalloc.integration.forwarder import sink_status
     from ray_qalloc.store import make_engine
 
@@ -161,13 +159,7 @@ def _sinks_view(settings: Any) -> list[dict[str, Any]]:
     try:
         forwarded = {r["sink"]: r for r in sink_status(engine, {n: c.forwarded() for n, c in configs.items()
                                                                 if c.forwarded()})}
-        outbox_md.create_all(engine, checkfirst=True)
-        d = deliveries_table
-        alerts: dict[str, dict[str, int]] = {}
-        with engine.connect() as conn:
-            for sink, state, n in conn.execute(sa.select(d.c.sink, d.c.state, sa.func.count())
-                                               .group_by(d.c.sink, d.c.state)):
-                alerts.setdefault(sink, {"pending": 0, "delivered": 0, "dead": 0})[state] = int(n)
+        alerts = Outbox(engine, ["log"]).counts()     # every sink with delivery rows
     finally:
         engine.dispose()
     out = []

@@ -21,7 +21,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -239,8 +239,15 @@ def make_engine(url: str) -> Engine:
 
 
 def _create_schema(engine: Engine) -> None:
-    """Tables, then the additive migration, under one lock: processes that open a new store at
-    the same moment (allocator, CLI, API replicas) take turns.
+    """The job store's tables, then the additive migration (``create_tables``)."""
+    create_tables(engine, metadata, migrate=_add_missing_columns)
+
+
+def create_tables(engine: Engine, *metadatas: sa.MetaData,
+                  migrate: Callable[[sa.Connection], None] | None = None) -> None:
+    """Tables (and a migration) on the store's database under one lock: processes that open it
+    at the same moment (allocator, CLI, API replicas) take turns. Every module with tables of
+    its own on this database (alerts, events, the change feed, ...) creates them here.
 
     PostgreSQL: a transaction-scoped advisory lock (DDL there is transactional). SQLite:
     ``BEGIN IMMEDIATE`` takes the write lock first, waiting ``busy_timeout`` for it. Without
@@ -253,8 +260,10 @@ def _create_schema(engine: Engine) -> None:
                     conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
                 elif conn.dialect.name == "sqlite":
                     conn.exec_driver_sql("BEGIN IMMEDIATE")
-                metadata.create_all(conn)
-                _add_missing_columns(conn)
+                for md in metadatas:
+                    md.create_all(conn)
+                if migrate is not None:
+                    migrate(conn)
                 conn.commit()
             return
         except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError):

@@ -106,17 +106,11 @@ class RuleEngine:
     """Reads stored events forward and says which rules fired (blocking: run it on the store thread)."""
 
     def __init__(self, engine: Engine) -> None:
-        from ray_qalloc.integration.eventstore import create_schema, events_table
+        from ray_qalloc.integration.eventstore import metadata as events_md, events_table
+        from ray_qalloc.store import create_tables
 
         self.engine = engine
-        create_schema(engine)
-        for attempt in range(3):
-            try:
-                metadata.create_all(engine, checkfirst=True)
-                break
-            except sa.exc.OperationalError:
-                if attempt == 2:
-                    raise
+        create_tables(engine, events_md, metadata)
         self.events = events_table
         self.position: int | None = None       # received_at (µs) of the newest event judged
         self._seen: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()

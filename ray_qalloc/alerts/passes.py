@@ -25,10 +25,6 @@ class PassThread:
         self.stopping = threading.Event()     # passes may check it to end early
         self._thread: threading.Thread | None = None
 
-    @property
-    def running(self) -> bool:
-        return self._thread is not None
-
     def wake(self) -> None:
         self.woken.set()
 

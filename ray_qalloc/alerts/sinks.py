@@ -193,6 +193,13 @@ def canonical_body(event: Mapping[str, Any]) -> bytes:
                       allow_nan=False).encode()
 
 
+def _encoded(rendered: Mapping[str, Any] | str) -> tuple[bytes, str]:
+    """What a webhook POSTs for a rendered record: a CEF line as text, JSON canonical."""
+    if isinstance(rendered, str):
+        return rendered.encode(), "text/plain; charset=utf-8"
+    return canonical_body(rendered), "application/json"
+
+
 def sign(secret: str | bytes, body: bytes, timestamp: str) -> str:
     """The ``X-Qalloc-Signature`` value for ``body`` sent at ``timestamp`` (unix seconds)."""
     key = secret.encode() if isinstance(secret, str) else secret
@@ -239,12 +246,7 @@ class WebhookSink:
 
     def body(self, event: Mapping[str, Any]) -> tuple[bytes, str]:
         """The bytes POSTed for ``event`` and their content type."""
-        if self.config.format == "json":
-            return canonical_body(event), "application/json"
-        record = render(event, self.config.format)
-        if isinstance(record, str):
-            return record.encode(), "text/plain; charset=utf-8"
-        return canonical_body(record), "application/json"
+        return _encoded(event if self.config.format == "json" else render(event, self.config.format))
 
     def send(self, event: Mapping[str, Any]) -> None:
         body, content_type = self.body(event)
@@ -252,10 +254,7 @@ class WebhookSink:
 
     def record_body(self, record: "ChangeRecord") -> tuple[bytes, str]:
         """The bytes POSTed for a forwarded record and their content type."""
-        rendered = render_change(record, self.config.format)
-        if isinstance(rendered, str):
-            return rendered.encode(), "text/plain; charset=utf-8"
-        return canonical_body(rendered), "application/json"
+        return _encoded(render_change(record, self.config.format))
 
     def send_record(self, record: "ChangeRecord") -> None:
         body, content_type = self.record_body(record)

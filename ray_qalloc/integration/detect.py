@@ -284,8 +284,3 @@ def parse_records(payload: str | bytes, content_type: str | None = None, *,
         text = payload
     text = text.removeprefix("\ufeff")
     return _parse_json(text, fmt, limits, tenant, now)
-
-
-def events_only(results: Iterable[Any]) -> list[SecurityEvent]:
-    """The events of a ``parse_records`` result (the errors are for the caller to report)."""
-    return [r for r in results if isinstance(r, SecurityEvent)]

@@ -244,12 +244,6 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def severity(sid: int) -> tuple[SeverityId, str]:
-    """``(severity_id, severity)`` for an OCSF severity id."""
-    s = SeverityId(sid)
-    return s, SEVERITY_NAMES[s]
-
-
 def severity_from_cef(value: int) -> SeverityId:
     """CEF severity 0–10 → OCSF.
 

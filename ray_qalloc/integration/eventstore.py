@@ -48,7 +48,6 @@ __all__ = ["EventStore", "EventPage", "StoredAnswer", "Cursor", "events_table", 
 
 metadata = sa.MetaData()
 
-_SCHEMA_LOCK_KEY = 0x51A11E7E  # "qalloc events": not the job store's nor the calibration series' lock
 
 events_table = sa.Table(
     "security_events", metadata,
@@ -326,20 +325,28 @@ class EventStore:
             return int(conn.execute(stmt).scalar_one())
 
 
+def count_events(events: Sequence[SecurityEvent], dups: int, source: str,
+                 rejected_formats: Sequence[str | None] = ()) -> None:
+    """Events in (the API's batches and the syslog listener alike), by format and outcome.
+    Duplicates are known per batch, not per event: in a batch of one format (the usual case)
+    exactly; in a mixed one they are charged to its formats in batch order."""
+    from ray_qalloc.metrics import metrics
+
+    per_format: dict[str, int] = {}
+    for e in events:
+        per_format[e.format] = per_format.get(e.format, 0) + 1
+    left = dups
+    for fmt, n in per_format.items():
+        d = min(n, left)
+        left -= d
+        metrics.events_in(source, fmt, "stored", n - d)
+        metrics.events_in(source, fmt, "duplicate", d)
+    for fmt in rejected_formats:
+        metrics.events_in(source, fmt, "rejected", 1)
+
+
 def create_schema(engine: Engine) -> None:
-    """The tables, under one lock (the pattern of ``store._create_schema``): PostgreSQL takes a
-    transaction-scoped advisory lock of its own; SQLite ``BEGIN IMMEDIATE`` takes the write lock
-    first, so processes racing to create the tables take turns instead of colliding."""
-    for attempt in range(3):
-        try:
-            with engine.connect() as conn:
-                if conn.dialect.name == "postgresql":
-                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
-                elif conn.dialect.name == "sqlite":
-                    conn.exec_driver_sql("BEGIN IMMEDIATE")
-                metadata.create_all(conn)
-                conn.commit()
-            return
-        except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError):
-            if attempt == 2 or engine.dialect.name != "sqlite":
-                raise
+    """The tables, under the store's schema lock (``store.create_tables``)."""
+    from ray_qalloc.store import create_tables
+
+    create_tables(engine, metadata)

@@ -18,19 +18,14 @@ The other record kinds — job transitions and audit changes, forwarded from the
 
 from __future__ import annotations
 
-import json
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 from ray_qalloc.integration.cef_out import alert_cef, audit_cef, job_cef
 from ray_qalloc.integration.ocsf_out import api_activity, detection_finding, scheduled_job_activity
 from ray_qalloc.integration.records import ChangeRecord
 
-Format = Literal["json", "ocsf", "cef"]
 FORMATS: tuple[str, ...] = ("json", "ocsf", "cef")
 
-#: HTTP Content-Type of each format's text.
-CONTENT_TYPES: dict[str, str] = {"json": "application/json", "ocsf": "application/json",
-                                 "cef": "text/plain; charset=utf-8"}
 #: Splunk sourcetype of each format when the sink does not set one: ``_json`` is Splunk's
 #: built-in JSON type; ``cef`` is what Splunk's CEF add-ons extract; the OCSF one follows the
 #: ``ocsf:<class>`` naming of Splunk's OCSF tooling.
@@ -71,10 +66,10 @@ def render_record(record: ChangeRecord, fmt: str = "json", *, host: str | None =
 
 def record_text(record: dict[str, Any] | str) -> str:
     """A rendered record as text: compact JSON (sorted keys, UTF-8, one line) or the CEF line."""
-    if isinstance(record, str):
-        return record
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    from ray_qalloc.alerts.sinks import canonical_body
+
+    return record if isinstance(record, str) else canonical_body(record).decode()
 
 
-__all__ = ["CONTENT_TYPES", "FORMATS", "Format", "RECORD_SOURCETYPES", "SOURCETYPES", "api_activity",
+__all__ = ["FORMATS", "RECORD_SOURCETYPES", "SOURCETYPES", "api_activity",
            "detection_finding", "record_text", "render_alert", "render_record", "scheduled_job_activity"]

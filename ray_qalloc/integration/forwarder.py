@@ -81,13 +81,9 @@ _RECORD_OF = {kind: rec for rec, kind in FORWARDED_KINDS.items()}   # feed kind 
 
 def ensure_table(engine: Engine) -> None:
     """Create the positions table; another process creating it at the same moment is fine."""
-    for attempt in range(3):
-        try:
-            metadata.create_all(engine, checkfirst=True)
-            return
-        except sa.exc.OperationalError:
-            if attempt == 2:
-                raise
+    from ray_qalloc.store import create_tables
+
+    create_tables(engine, metadata)
 
 
 @dataclass
@@ -216,8 +212,10 @@ class Forwarder:
         cursor = saved = Cursor.parse(row.cursor, "qalloc_sink_positions.cursor")
         attempts = int(row.attempts)
         seen = 0             # changes looked at this pass: a long backlog is worked off over several
+        sources = tuple(_SOURCE_OF[r] for r in kinds if r in _SOURCE_OF)
         while seen < self.max_per_pass and not self._loop.stopping.is_set():
-            changes, _ = self.feed.read(cursor, tenant=None, admin=True, limit=self.retry.batch, now=t)
+            changes, _ = self.feed.read(cursor, tenant=None, admin=True, limit=self.retry.batch, now=t,
+                                        sources=sources)
             for change in changes:
                 seen += 1
                 rec = _RECORD_OF.get(change.kind)
@@ -293,9 +291,6 @@ class Forwarder:
         return sink_status(self.engine, {n: set(k) for n, k in self.subscriptions.items()})
 
     # ---- background -----------------------------------------------------------------------------
-    def wake(self) -> None:
-        self._loop.wake()
-
     def start(self, interval_s: float = 1.0) -> None:
         """Forward in a daemon thread: a pass at least every ``interval_s`` (new changes are
         found by reading, so this is also the forwarding delay), or when a backoff ends."""

@@ -38,7 +38,7 @@ from ray_qalloc.config import Settings, SyslogListenerSettings
 from ray_qalloc.exceptions import ConfigError, InvalidEvent
 from ray_qalloc.integration.cef import parse_cef
 from ray_qalloc.integration.events import SecurityEvent, utc_now
-from ray_qalloc.integration.eventstore import EventStore
+from ray_qalloc.integration.eventstore import EventStore, count_events
 from ray_qalloc.integration.leef import parse_leef
 from ray_qalloc.integration.syslog import parse_syslog
 from ray_qalloc.metrics import metrics
@@ -247,7 +247,6 @@ class SyslogListener:
         self._stopping = False
         self._bad_since_warning = 0
         self._last_warning = 0.0
-        self._last_bad = ""
         self.tcp_port: int | None = None
         self.udp_port: int | None = None
 
@@ -370,7 +369,6 @@ class SyslogListener:
         """DEBUG per bad message; at most one WARNING a minute with how many there were."""
         log.debug("syslog listener: bad message (%s): %s", source or "-", reason)
         self._bad_since_warning += 1
-        self._last_bad = reason
         now = time.monotonic()
         if now - self._last_warning >= 60.0:
             log.warning("syslog listener: %d bad message(s) since the last report; the latest: %s",
@@ -380,16 +378,11 @@ class SyslogListener:
 
 
 def _count_by_source(events: list[SecurityEvent], sources: list[str], dups: int) -> None:
-    from ray_qalloc.api_events import count_events
-
-    if len(set(sources)) == 1:
-        count_events(events, [], len(events) - dups, dups, sources[0])
-        return
     for src in set(sources):   # duplicates are known per batch: charged to the first source
         mine = [e for e, s in zip(events, sources) if s == src]
         d = min(dups, len(mine))
         dups -= d
-        count_events(mine, [], len(mine) - d, d, src)
+        count_events(mine, d, src)
 
 
 def _grow_receive_buffer(transport: asyncio.DatagramTransport, size: int = 8 * 1024 * 1024) -> None:

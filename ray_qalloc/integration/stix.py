@@ -176,15 +176,16 @@ def _event(obj: dict[str, Any], objects: dict[str, dict[str, Any]],
         extensions["relationships"] = related
     sid = severity_from_stix(t)
     finding = t == "sighting"
+    raw = canonical(obj, FMT)
     return SecurityEvent.fast(
-        id=event_id(canonical(obj, FMT)), tenant=tenant, time=_time(obj), received_at=now,
+        id=event_id(raw), tenant=tenant, time=_time(obj), received_at=now,
         class_uid=2004 if finding else 0, class_name="Detection Finding" if finding else "Base Event",
         category_uid=2 if finding else 0, category_name="Findings" if finding else "Uncategorized",
         severity_id=sid, severity=SEVERITY_NAMES[sid], activity_name=t,
         message=message if isinstance(message, str) else None, event_code=obj["id"],
         product=Product.of(creator.get("name") if creator else None, "STIX",
                            obj.get("spec_version", "2.1")),
-        observables=observables, format=FMT, syslog=None, raw=canonical(obj, FMT),
+        observables=observables, format=FMT, syslog=None, raw=raw,
         extensions=extensions)
 
 
