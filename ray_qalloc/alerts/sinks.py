@@ -460,27 +460,23 @@ class SyslogSink:
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
 
-    def format(self, event: Mapping[str, Any]) -> bytes:
+    def _options(self, rendered: Any) -> dict[str, Any]:
+        """The RFC 5424 options of this sink, with the MSG of a SIEM format (None: the JSON default)."""
         c = self.config
         body = None
         if c.format != "json":
             from ray_qalloc.integration.formats import record_text
 
-            body = record_text(render(event, c.format, host=self._hostname))
-        return format_rfc5424(event, facility=c.facility, hostname=self._hostname, app_name=c.app_name,
-                              procid=self._procid, enterprise_id=c.enterprise_id, bom=c.bom,
-                              max_bytes=c.message_limit, body=body)
+            body = record_text(rendered())
+        return {"facility": c.facility, "hostname": self._hostname, "app_name": c.app_name, "procid": self._procid,
+                "enterprise_id": c.enterprise_id, "bom": c.bom, "max_bytes": c.message_limit, "body": body}
+
+    def format(self, event: Mapping[str, Any]) -> bytes:
+        return format_rfc5424(event, **self._options(lambda: render(event, self.config.format, host=self._hostname)))
 
     def format_record(self, record: "ChangeRecord") -> bytes:
-        c = self.config
-        body = None
-        if c.format != "json":
-            from ray_qalloc.integration.formats import record_text
-
-            body = record_text(render_change(record, c.format, host=self._hostname))
-        return format_record_rfc5424(record, facility=c.facility, hostname=self._hostname, app_name=c.app_name,
-                                     procid=self._procid, enterprise_id=c.enterprise_id, bom=c.bom,
-                                     max_bytes=c.message_limit, body=body)
+        return format_record_rfc5424(record, **self._options(
+            lambda: render_change(record, self.config.format, host=self._hostname)))
 
     def send_record(self, record: "ChangeRecord") -> None:
         self._send(self.format_record(record))
@@ -637,22 +633,20 @@ class SplunkHecSink:
         """The HEC event envelope for ``event`` (``time`` in epoch seconds, ms precision)."""
         c = self.config
         record = dict(event) if c.format == "json" else render(event, c.format, host=self._host)
-        out: dict[str, Any] = {"time": round(float(event["at"]), 3), "host": self._host, "source": c.source,
-                               "sourcetype": c.effective_sourcetype, "event": record,
-                               "fields": {"idempotency_key": str(event["key"])}}
-        if c.index:
-            out["index"] = c.index
-        return out
+        return self._envelope(float(event["at"]), c.effective_sourcetype, record, str(event["key"]))
 
     def record_payload(self, record: "ChangeRecord") -> dict[str, Any]:
         """The HEC event envelope for a forwarded record (sourcetype by kind and format unless set)."""
         from ray_qalloc.integration.formats import RECORD_SOURCETYPES
 
         c = self.config
-        out: dict[str, Any] = {"time": round(float(record.at), 3), "host": self._host, "source": c.source,
-                               "sourcetype": c.sourcetype or RECORD_SOURCETYPES[record.kind][c.format],
-                               "event": render_change(record, c.format, host=self._host),
-                               "fields": {"idempotency_key": record.key}}
+        return self._envelope(record.at, c.sourcetype or RECORD_SOURCETYPES[record.kind][c.format],
+                              render_change(record, c.format, host=self._host), record.key)
+
+    def _envelope(self, at: float, sourcetype: str, event: Any, key: str) -> dict[str, Any]:
+        c = self.config
+        out: dict[str, Any] = {"time": round(float(at), 3), "host": self._host, "source": c.source,
+                               "sourcetype": sourcetype, "event": event, "fields": {"idempotency_key": key}}
         if c.index:
             out["index"] = c.index
         return out
