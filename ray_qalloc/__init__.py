@@ -23,6 +23,7 @@ _EXPORTS = {
     "Settings": "ray_qalloc.config",
     "load_settings": "ray_qalloc.config",
     "QAllocSampler": "ray_qalloc.sampler",
+    "QAllocEstimator": "ray_qalloc.estimator",
     "Client": "ray_qalloc.client",
 }
 

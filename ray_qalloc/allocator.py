@@ -250,7 +250,8 @@ class Allocator(ThreatOps):
                     created_at=rec.created_at)
         self.sched.start(job.id, m.spec.name, attempt["started_at"], predicted, job.priority.value)
         if attempt.get("provider_job_id"):
-            ref = actor.reattach.remote(job.id, r.attempt, attempt["provider_job_id"], job.shots)
+            ref = actor.reattach.remote(job.id, r.attempt, attempt["provider_job_id"], job.shots,
+                                        payload=job.payload)   # an estimator job's observables
         else:
             ref = actor.attach.remote(job.id, r.attempt)
         self.d.attach(r, ref)

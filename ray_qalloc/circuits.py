@@ -824,6 +824,10 @@ def encode_payload(source: str | bytes | QuantumCircuit, parsed: ParsedCircuit) 
 def decode_payload(data: bytes) -> QuantumCircuit:
     """Inverse of encode_payload, with the measurements intake promised (``ensure_measured``)."""
     fmt, _, body = data.partition(_PAYLOAD_SEP)
+    if fmt == b"opts":   # a job with run options (ray_qalloc.runopts): the circuit is inside
+        from ray_qalloc.runopts import split_payload
+
+        return decode_payload(split_payload(data)[0])
     if fmt == b"qpy":
         circuit = circuit_from_bytes(body)
     elif fmt == b"qasm2":

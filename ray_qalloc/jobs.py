@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ray_qalloc import runopts
 from ray_qalloc.config import Limits
 from ray_qalloc.exceptions import InvalidJobSpec, LimitExceeded
 from ray_qalloc.priority import rank as _class_rank
@@ -90,6 +91,13 @@ class JobSpec(BaseModel):
     tenant: str = "default"
     idempotency_key: str | None = Field(None, max_length=200)
     backends: tuple[str, ...] | None = Field(None, description="Only these backends may run the job.")
+    observables: Any = Field(None, description=(
+        "Estimator jobs: a list of observables, each {pauli_label: coefficient} (labels in Qiskit's "
+        "order, rightmost = qubit 0). The job then returns their expectation values, not counts."))
+    precision: float | None = Field(None, description=(
+        "Estimator jobs: the wanted standard error; a QPU spends ceil(1/precision**2) shots per "
+        "measurement basis (instead of `shots`), simulators compute exact values. 0: simulators only."))
+    seed: int | None = Field(None, description="Simulator seed: the same seed on the same method gives the same result.")
 
     @field_validator("shots", mode="before")
     @classmethod
@@ -132,6 +140,8 @@ _FIX = {
     "deadline_s": "pass a positive number of seconds, or leave it out.",
     "tenant": "use a short name of letters, digits, '_', '.' or '-'.",
     "backends": "pass a list of backend names (see `qalloc backends`), or leave it out.",
+    "precision": "pass a number >= 0 (the standard error wanted), or leave it out.",
+    "seed": "pass a whole number, or leave it out.",
 }
 
 
@@ -224,6 +234,7 @@ def prepare_job(spec: JobSpec, limits: Limits, *, job_id: str | None = None) -> 
 
     check_limits(spec, limits)
     parsed = circuits.parse_circuit(spec.circuit, limits)
+    options, shots, intent = _run_options(spec, parsed.circuit, limits)
     circuit = circuits.ensure_measured(parsed.circuit)
     if circuit.num_clbits > limits.max_clbits:
         raise LimitExceeded(f"circuit: measuring all {circuit.num_qubits} qubits needs {circuit.num_clbits} "
@@ -232,12 +243,59 @@ def prepare_job(spec: JobSpec, limits: Limits, *, job_id: str | None = None) -> 
     ops = dict(parsed.expanded_ops)
     if circuit is not parsed.circuit:
         ops["measure"] = ops.get("measure", 0) + circuit.num_qubits
-    feats = circuits.circuit_features(circuit, shots=spec.shots, op_counts=ops)
+    feats = circuits.circuit_features(circuit, shots=shots, op_counts=ops)
+    payload = runopts.wrap_payload(circuits.encode_payload(spec.circuit, parsed), options)
     return PreparedJob(
-        id=job_id or new_job_id(), tenant=spec.tenant, priority=spec.priority, intent=spec.intent,
-        shots=spec.shots, deadline_s=spec.deadline_s, fidelity_min=spec.fidelity_min,
-        idempotency_key=spec.idempotency_key, payload=circuits.encode_payload(spec.circuit, parsed),
+        id=job_id or new_job_id(), tenant=spec.tenant, priority=spec.priority, intent=intent,
+        shots=shots, deadline_s=spec.deadline_s, fidelity_min=spec.fidelity_min,
+        idempotency_key=spec.idempotency_key, payload=payload,
         source_format=parsed.source_format, num_qubits=circuit.num_qubits,
         num_clbits=circuit.num_clbits, ops=frozenset(ops),
         features=feats, backends=spec.backends,
     )
+
+
+def _run_options(spec: JobSpec, circuit: Any, limits: Limits) -> tuple[runopts.RunOptions, int, Intent]:
+    """The run options a job carries (``ray_qalloc.runopts``), the shots it is charged and
+    planned with, and its intent.
+
+    An estimator job (``observables`` given) is planned as what a QPU would spend on it: shots
+    per measurement basis (from ``precision``, else the job's ``shots``) times the number of
+    qubit-wise commuting bases. A simulator computes exact values instead, so its runtime
+    estimate is on the safe side. ``precision=0`` asks for exact values: simulators only."""
+    seed = runopts.check_seed(spec.seed)
+    if spec.observables is None:
+        if spec.precision is not None:
+            raise InvalidJobSpec("field 'precision' is given without 'observables'.", field="precision",
+                                 fix="give observables for an estimator job, or leave precision out.")
+        return runopts.RunOptions(seed=seed), spec.shots, spec.intent
+    from ray_qalloc import expectation  # numpy only; kept off the module import path
+
+    observables = runopts.check_observables(spec.observables, circuit.num_qubits)
+    try:
+        expectation.unmeasured(circuit)
+    except Exception as exc:  # BackendError at run time; here the caller's input is at fault
+        raise InvalidJobSpec(f"circuit: {getattr(exc, 'message', exc)}", field="circuit",
+                             fix="remove mid-circuit measurements (final ones are ignored).") from None
+    precision = runopts.check_precision(spec.precision)
+    intent = spec.intent
+    if precision == 0.0:
+        if intent == Intent.QUANTUM:
+            raise InvalidJobSpec("precision=0 asks for exact expectation values, which only a simulator gives, "
+                                 "but intent is 'quantum'.", field="precision",
+                                 fix="give a precision > 0 for a QPU, or use intent 'auto' or 'classical'.")
+        intent, per_group = Intent.CLASSICAL, 1
+    elif precision is not None:
+        per_group = runopts.shots_for_precision(precision)
+    else:
+        per_group, precision = spec.shots, spec.shots ** -0.5
+    if per_group > limits.max_shots:
+        raise LimitExceeded(f"precision={spec.precision} needs {per_group} shots per measurement basis, more than "
+                            f"max_shots={limits.max_shots}.", field="precision",
+                            fix=f"ask for a precision of at least {limits.max_shots ** -0.5:.2g}.",
+                            limit=limits.max_shots)
+    groups = expectation.count_groups(observables)
+    shots = per_group * groups if precision else 1
+    options = runopts.RunOptions(observables=observables, precision=precision, shots_per_group=per_group,
+                                 seed=seed)
+    return options, shots, intent

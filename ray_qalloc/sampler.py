@@ -9,6 +9,13 @@ of one ``run`` go to the client in ONE ``submit_many`` (one round trip, one stor
 transaction). The returned job waits for the handles in a background thread and turns each
 job's counts into per-register ``BitArray``s shaped like the pub.
 
+Where it follows Qiskit's reference samplers (``StatevectorSampler``, Aer's ``SamplerV2``):
+``seed`` (sent to every simulator run: the same seed on the same method gives the same counts,
+and the same shot order), ``default_shots``, a circuit without classical registers (a
+``UserWarning`` and an empty ``DataBin``, nothing submitted), registers that share classical
+bits or leave some out (the circuit travels with one register of all its bits; each register
+is read back from it), registers never measured (zeros), and ``ValueError`` for bad pubs.
+
 The client is anything with ``submit_many(list[dict]) -> list[handle]`` and
 ``handle.result(timeout=...)`` returning an object with ``.counts`` and ``.backend``
 (the in-Ray ``QAlloc`` session and the HTTP client both do); nothing else of it is used.
@@ -17,42 +24,26 @@ The client is anything with ``submit_many(list[dict]) -> list[handle]`` and
 from __future__ import annotations
 
 import math
-import time
-import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+import warnings
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from qiskit.primitives import BaseSamplerV2, BitArray, DataBin, PrimitiveResult, SamplerPubResult
-from qiskit.primitives.base.base_primitive_job import BasePrimitiveJob
 from qiskit.primitives.containers.sampler_pub import SamplerPub, SamplerPubLike
-from qiskit.providers import JobStatus
-from qiskit.providers.jobstatus import JOB_FINAL_STATES
 
-from ray_qalloc.exceptions import InvalidJobSpec, JobFailed, JobTimeout
+from ray_qalloc.exceptions import JobFailed
 from ray_qalloc.jobs import make_spec
+from ray_qalloc.primitive_job import (InvalidPub, PrimitiveClient, QAllocPrimitiveJob, _Handle, check_seed,
+                                      check_timeout, pub_error, submit_all)
 
 if TYPE_CHECKING:  # pragma: no cover
     from qiskit import QuantumCircuit
 
+SamplerClient = PrimitiveClient   # the name this module exported before the Estimator shared it
 
-class InvalidPub(InvalidJobSpec, ValueError):
-    """A pub the sampler cannot run; a ValueError too, because that is what Qiskit code catches."""
-
-    code = "invalid_pub"
-
-
-class _Handle(Protocol):
-    id: str
-
-    def result(self, timeout: float | None = None) -> Any: ...
-
-
-class SamplerClient(Protocol):
-    """What the sampler needs of a client: bulk submit, and handles that wait for results."""
-
-    def submit_many(self, jobs: list[dict[str, Any]]) -> Sequence[_Handle]: ...
+NO_REGISTERS_WARNING = ("One of your circuits has no output classical registers and so the result will be empty. "
+                        "Did you mean to add measurement instructions?")   # Qiskit's own words
 
 
 @dataclass(frozen=True)
@@ -67,6 +58,7 @@ class QAllocSamplerOptions:
     backends: tuple[str, ...] | None = None
     tenant: str | None = None
     timeout_s: float | None = None
+    seed: int | None = None
 
     def job_fields(self) -> dict[str, Any]:
         """The set options as submit keywords (unset ones left out, so any client accepts them)."""
@@ -78,11 +70,15 @@ class QAllocSamplerOptions:
 
 @dataclass(frozen=True)
 class _PubPlan:
-    """One coerced pub, its bound circuits (flattened in C order) and how to read its counts."""
+    """One coerced pub, its bound circuits (flattened in C order) and how to read its counts.
+
+    ``circuits`` is empty when nothing needs running: no classical registers (empty result) or
+    no measurements (every register reads zeros)."""
 
     pub: SamplerPub
     circuits: list["QuantumCircuit"]
     registers: list[tuple[str, list[int]]]  # creg name -> its bits' indices among circuit.clbits
+    measured: bool = True
 
 
 class QAllocSampler(BaseSamplerV2):
@@ -92,25 +88,26 @@ class QAllocSampler(BaseSamplerV2):
         client: anything following the client contract (module docstring); ``None`` connects
             with ``ray_qalloc.connect()``.
         default_shots: shots when neither the pub nor ``run`` says.
+        seed: an int sent to every simulator run (as Qiskit's reference samplers take it); real
+            QPUs ignore it. ``None``: each run draws its own.
         priority, intent, fidelity_min, deadline_s, backends, tenant: job options, as for
             ``QAlloc.submit``; ``None`` leaves each to the client's default.
         timeout_s: how long ``job.result()`` waits for all circuits of one ``run`` (None: forever).
     """
 
-    def __init__(self, client: SamplerClient | None = None, *, default_shots: int = 1024,
-                 priority: str | None = None, intent: str | None = None, fidelity_min: float | None = None,
-                 deadline_s: float | None = None, backends: Iterable[str] | None = None,
-                 tenant: str | None = None, timeout_s: float | None = None) -> None:
+    def __init__(self, client: PrimitiveClient | None = None, *, default_shots: int = 1024,
+                 seed: int | None = None, priority: str | None = None, intent: str | None = None,
+                 fidelity_min: float | None = None, deadline_s: float | None = None,
+                 backends: Iterable[str] | None = None, tenant: str | None = None,
+                 timeout_s: float | None = None) -> None:
         _check_shots(default_shots, "default_shots")
-        if timeout_s is not None and not timeout_s > 0:
-            raise InvalidPub(f"timeout_s={timeout_s!r} must be a positive number of seconds.",
-                             field="timeout_s", fix="pass a positive timeout, or None to wait forever.")
+        check_timeout(timeout_s)
         if isinstance(backends, str):  # a bare name would otherwise become a list of letters
             backends = [backends]
         self._options = QAllocSamplerOptions(
             default_shots=int(default_shots), priority=priority, intent=intent, fidelity_min=fidelity_min,
             deadline_s=deadline_s, backends=tuple(backends) if backends is not None else None,
-            tenant=tenant, timeout_s=timeout_s)
+            tenant=tenant, timeout_s=timeout_s, seed=check_seed(seed))
         # Refuse bad options now, not at the first run (same rules as intake).
         make_spec(circuit="", shots=self._options.default_shots, **self._options.job_fields())
         if client is None:
@@ -124,99 +121,52 @@ class QAllocSampler(BaseSamplerV2):
         return self._options
 
     @property
-    def client(self) -> SamplerClient:
+    def default_shots(self) -> int:
+        """Shots when neither the pub nor ``run`` says (as ``StatevectorSampler.default_shots``)."""
+        return self._options.default_shots
+
+    @property
+    def seed(self) -> int | None:
+        """The seed sent to simulator runs (as ``StatevectorSampler.seed``)."""
+        return self._options.seed
+
+    @property
+    def client(self) -> PrimitiveClient:
         return self._client
 
     def run(self, pubs: Iterable[SamplerPubLike], *, shots: int | None = None) -> "QAllocSamplerJob":
         """Validate every pub, submit all bound circuits in one ``submit_many``, return the job.
 
-        Intake errors (bad pub, limits, no feasible backend) raise here; backend failures and
+        Intake errors (bad pub, limits) raise here as ``ValueError``; backend failures and
         timeouts raise from ``job.result()``.
         """
         if shots is None:
             shots = self._options.default_shots
         _check_shots(shots, "shots")
         plans = [_plan(i, pub, shots) for i, pub in enumerate(_as_list(pubs))]
-        run_key = f"sampler-{uuid.uuid4().hex}"
+        if any(not plan.pub.circuit.cregs for plan in plans):
+            warnings.warn(NO_REGISTERS_WARNING, UserWarning, stacklevel=2)
         fields = self._options.job_fields()
-        # Keys of our own make a retried submit_many (by any client) create no second job.
         jobs = [dict(fields, circuit=circuit, shots=int(plan.pub.shots)) for plan in plans for circuit in plan.circuits]
-        for n, job in enumerate(jobs):
-            job["idempotency_key"] = f"{run_key}-{n}"
-        handles = list(self._client.submit_many(jobs)) if jobs else []
-        if len(handles) != len(jobs):
-            raise JobFailed(f"the client returned {len(handles)} handles for {len(jobs)} circuits.",
-                            fix="check the client's submit_many: it must return one handle per job, in order.")
-        return QAllocSamplerJob(plans, handles, self._options.timeout_s)
+        handles = submit_all(self._client, jobs, "sampler")
+        return QAllocSamplerJob(plans, handles, self._options.timeout_s, self._options.seed)
 
 
-class QAllocSamplerJob(BasePrimitiveJob[PrimitiveResult[SamplerPubResult], JobStatus]):
+class QAllocSamplerJob(QAllocPrimitiveJob[PrimitiveResult[SamplerPubResult]]):
     """The ray-qalloc jobs of one ``run``, collected in a background thread into a PrimitiveResult."""
 
-    def __init__(self, plans: list[_PubPlan], handles: list[_Handle], timeout_s: float | None) -> None:
-        super().__init__(uuid.uuid4().hex, job_ids=[h.id for h in handles])
+    def __init__(self, plans: list[_PubPlan], handles: list[_Handle], timeout_s: float | None,
+                 seed: int | None = None) -> None:
         self._plans = plans
-        self._handles = handles
-        self._timeout_s = timeout_s
-        self._cancel_requested = False
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qalloc-sampler")
-        self._future: Future[PrimitiveResult[SamplerPubResult]] = executor.submit(self._collect)
-        executor.shutdown(wait=False)
+        self._seed = seed
+        super().__init__(handles, timeout_s, self._results,
+                         timeout_fix=f"raise QAllocSampler(timeout_s=...) (now {timeout_s} s).")
 
-    @property
-    def job_ids(self) -> list[str]:
-        """ray-qalloc job ids, pub by pub, each pub's settings in C order."""
-        return [h.id for h in self._handles]
-
-    def result(self) -> PrimitiveResult[SamplerPubResult]:
-        return self._future.result()
-
-    def status(self) -> JobStatus:
-        if not self._future.done():
-            return JobStatus.RUNNING
-        if self._future.cancelled() or (self._cancel_requested and self._future.exception() is not None):
-            return JobStatus.CANCELLED
-        return JobStatus.DONE if self._future.exception() is None else JobStatus.ERROR
-
-    def done(self) -> bool:
-        return self.status() == JobStatus.DONE
-
-    def running(self) -> bool:
-        return self.status() == JobStatus.RUNNING
-
-    def cancelled(self) -> bool:
-        return self.status() == JobStatus.CANCELLED
-
-    def in_final_state(self) -> bool:
-        return self.status() in JOB_FINAL_STATES
-
-    def cancel(self) -> bool:
-        """Cancel the circuits not yet finished, where the client's handles can (``handle.cancel()``)."""
-        self._cancel_requested = True
-        cancelled = False
-        for handle in self._handles:
-            cancel = getattr(handle, "cancel", None)
-            if callable(cancel):
-                try:
-                    cancelled = bool(cancel()) or cancelled
-                except Exception:  # noqa: BLE001 - best effort: a finished job cannot be cancelled
-                    pass
-        return cancelled
-
-    def _collect(self) -> PrimitiveResult[SamplerPubResult]:
-        deadline = None if self._timeout_s is None else time.monotonic() + self._timeout_s
-        outcomes = []
-        for handle in self._handles:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            try:
-                outcomes.append(handle.result(timeout=left))
-            except JobTimeout as exc:
-                raise JobTimeout(f"sampler job {self.job_id()}: {exc.message}",
-                                 fix=f"raise QAllocSampler(timeout_s=...) (now {self._timeout_s} s).") from exc
+    def _results(self, handles: list[_Handle], outcomes: list[Any]) -> PrimitiveResult[SamplerPubResult]:
         results, start = [], 0
         for plan in self._plans:
             n = len(plan.circuits)
-            results.append(_pub_result(plan, self._handles[start:start + n], outcomes[start:start + n]))
+            results.append(_pub_result(plan, handles[start:start + n], outcomes[start:start + n], self._seed))
             start += n
         return PrimitiveResult(results, metadata={"version": 2})
 
@@ -248,34 +198,54 @@ def _plan(index: int, pub_like: SamplerPubLike, shots: int) -> _PubPlan:
     try:
         pub = SamplerPub.coerce(pub_like, shots)
     except (ValueError, TypeError) as exc:
-        raise InvalidPub(f"{where}: {exc}{_parameters_note(pub_like)}", field="pubs",
-                         fix="give (circuit,), (circuit, parameter_values) or (circuit, parameter_values, "
-                             "shots), with one value per circuit parameter on the last axis.") from None
+        raise pub_error(exc, f"{where}: {exc}{_parameters_note(pub_like)}",
+                        fix="give (circuit,), (circuit, parameter_values) or (circuit, parameter_values, "
+                            "shots), with one value per circuit parameter on the last axis.") from None
     circuit = pub.circuit
-    if not circuit.cregs or not has_measurement(circuit):
-        raise InvalidPub(f"{where}: the circuit has no {'classical registers' if not circuit.cregs else 'measurements'}"
-                         f", so there is nothing to sample.", field="pubs",
-                         fix="measure the qubits you want, e.g. circuit.measure_all().")
-    layout = [bit for creg in circuit.cregs for bit in creg]
-    if layout != list(circuit.clbits):
-        raise InvalidPub(f"{where}: the classical registers ({', '.join(c.name for c in circuit.cregs)}) do not hold "
-                         f"each of the circuit's {circuit.num_clbits} classical bits exactly once, in order, so "
-                         "the backends' counts cannot be split into registers.", field="pubs",
-                         fix="measure into registers created as ClassicalRegister(size, name), without loose "
-                             "or shared bits.")
+    registers = [(creg.name, [circuit.find_bit(bit).index for bit in creg]) for creg in circuit.cregs]
     try:
         bound = pub.parameter_values.bind_all(circuit)
     except (ValueError, TypeError, KeyError) as exc:
         raise InvalidPub(f"{where}: cannot bind the parameter values: {exc}", field="pubs",
                          fix="give one value per circuit parameter, keyed by parameter (or in circuit.parameters "
                              "order).") from None
+    if not circuit.cregs or not has_measurement(circuit):
+        # Nothing to sample: no registers gives an empty result, unmeasured registers read 0
+        # (as StatevectorSampler): no backend is needed for either.
+        return _PubPlan(pub=pub, circuits=[], registers=registers, measured=False)
     circuits = [bound[idx] for idx in np.ndindex(pub.shape)]
     unbound = next((c for c in circuits if c.num_parameters), None)
     if unbound is not None:
         raise InvalidPub(f"{where}: parameters left unbound: {', '.join(p.name for p in unbound.parameters)}.",
                          field="pubs", fix="give a value for every circuit parameter.")
-    registers = [(creg.name, [circuit.find_bit(bit).index for bit in creg]) for creg in circuit.cregs]
+    layout = [bit for creg in circuit.cregs for bit in creg]
+    if layout != list(circuit.clbits):
+        circuits = [_one_register(c, where) for c in circuits]
     return _PubPlan(pub=pub, circuits=circuits, registers=registers)
+
+
+def _one_register(circuit: "QuantumCircuit", where: str) -> "QuantumCircuit":
+    """The circuit with its classical bits in one fresh register, in ``circuit.clbits`` order.
+
+    Why: registers that share bits (aliasing) or bits in no register have no single counts
+    format that every backend writes the same way; with one register, counts keys are the
+    clbits, and each original register is read back from its bits' indices."""
+    from qiskit import ClassicalRegister, QuantumCircuit
+
+    if any(inst.operation.name in ("if_else", "while_loop", "for_loop", "switch_case", "box")
+           or getattr(inst.operation, "_condition", None) is not None for inst in circuit.data):
+        raise InvalidPub(f"{where}: the circuit's classical registers share bits (or leave bits out) and it "
+                         "has classical control flow; ray-qalloc runs such circuits only without control flow.",
+                         field="pubs", fix="give each classical bit to exactly one register, or remove the "
+                                           "control flow.")
+    out = QuantumCircuit(circuit.num_qubits, name=circuit.name, global_phase=circuit.global_phase,
+                         metadata=circuit.metadata)
+    out.add_register(ClassicalRegister(circuit.num_clbits, "c"))
+    qmap = {q: out.qubits[i] for i, q in enumerate(circuit.qubits)}
+    cmap = {c: out.clbits[i] for i, c in enumerate(circuit.clbits)}
+    for inst in circuit.data:
+        out.append(inst.operation, [qmap[q] for q in inst.qubits], [cmap[c] for c in inst.clbits], copy=False)
+    return out
 
 
 def _parameters_note(pub_like: Any) -> str:
@@ -295,16 +265,18 @@ def _parameters_note(pub_like: Any) -> str:
 # Counts out
 # ---------------------------------------------------------------------------------------------
 
-def _pub_result(plan: _PubPlan, handles: Sequence[_Handle], outcomes: Sequence[Any]) -> SamplerPubResult:
+def _pub_result(plan: _PubPlan, handles: Sequence[_Handle], outcomes: Sequence[Any],
+                seed: int | None = None) -> SamplerPubResult:
     pub = plan.pub
     shots = int(pub.shots)
     num_clbits = pub.circuit.num_clbits
-    rng = np.random.default_rng()
+    # Counts have no shot order; shuffled, any slice of shots is a fair sample (seeded: the same
+    # seed gives the same BitArrays, not only the same counts).
+    rng = np.random.default_rng(seed)
     arrays = {name: np.zeros(pub.shape + (shots, math.ceil(len(bits) / 8)), dtype=np.uint8)
               for name, bits in plan.registers}
     for idx, handle, outcome in zip(np.ndindex(pub.shape), handles, outcomes):
         samples = _samples(outcome.counts, num_clbits, shots, handle.id)
-        # Counts have no shot order; shuffled, any slice of shots is a fair sample.
         samples = samples[rng.permutation(shots)]
         for name, bits in plan.registers:
             arrays[name][idx] = BitArray.from_bool_array(samples[:, bits], order="little").array
@@ -343,4 +315,5 @@ def _key_bits(key: Any, num_clbits: int, job_id: str) -> list[bool]:
     return [bool(value >> i & 1) for i in range(num_clbits)]
 
 
-__all__ = ["InvalidPub", "QAllocSampler", "QAllocSamplerJob", "QAllocSamplerOptions", "SamplerClient"]
+__all__ = ["NO_REGISTERS_WARNING", "InvalidPub", "QAllocSampler", "QAllocSamplerJob", "QAllocSamplerOptions",
+           "SamplerClient"]

@@ -112,22 +112,29 @@ class QAlloc:
     def submit(self, circuit: "str | QuantumCircuit", *, shots: int = 1024, priority: str = "normal",
                deadline_s: float | None = None, intent: str = "auto", fidelity_min: float | None = None,
                tenant: str = "default", idempotency_key: str | None = None,
-               backends: list[str] | None = None) -> JobHandle:
-        """Validate the job here, store it through the allocator, return its handle."""
+               backends: list[str] | None = None, observables: list[Any] | None = None,
+               precision: float | None = None, seed: int | None = None) -> JobHandle:
+        """Validate the job here, store it through the allocator, return its handle.
+
+        ``observables`` (``[{pauli_label: coeff}, ...]``) make it an estimator job: its result's
+        ``metadata["expectation"]`` holds ``evs`` and ``stds``; ``precision`` sets the QPU shots
+        (``ray_qalloc.jobs.JobSpec``). ``seed`` seeds simulator runs."""
         job = self._prepare(circuit, shots=shots, priority=priority, deadline_s=deadline_s, intent=intent,
                             fidelity_min=fidelity_min, tenant=tenant, idempotency_key=idempotency_key,
-                            backends=backends)
+                            backends=backends, observables=observables, precision=precision, seed=seed)
         out = self._call("submit", job)
         return JobHandle(self, out["id"], out["created"])
 
     def _prepare(self, circuit: "str | QuantumCircuit", *, shots: int = 1024, priority: str = "normal",
                  deadline_s: float | None = None, intent: str = "auto", fidelity_min: float | None = None,
                  tenant: str = "default", idempotency_key: str | None = None,
-                 backends: list[str] | None = None) -> Any:
+                 backends: list[str] | None = None, observables: list[Any] | None = None,
+                 precision: float | None = None, seed: int | None = None) -> Any:
         spec = make_spec(circuit=circuit, shots=shots, priority=priority, deadline_s=deadline_s, intent=intent,
                          fidelity_min=fidelity_min, tenant=tenant,
                          idempotency_key=idempotency_key or f"auto-{uuid.uuid4().hex}",
-                         backends=tuple(backends) if backends else None)
+                         backends=tuple(backends) if backends else None, observables=observables,
+                         precision=precision, seed=seed)
         return prepare_job(spec, self.settings.limits)
 
     def submit_many(self, jobs: Iterable[dict[str, Any]]) -> list[JobHandle]:

@@ -171,11 +171,20 @@ class BackendActor:
             run = self._runs.get(key)
         return None if run is None else run.wait()
 
-    def reattach(self, job_id: str, attempt: int, provider_job_id: str, shots: int) -> dict[str, Any]:
-        """Wait again on a provider job (QPU): never submit a paid job twice."""
+    def reattach(self, job_id: str, attempt: int, provider_job_id: str, shots: int,
+                 payload: bytes | None = None) -> dict[str, Any]:
+        """Wait again on a provider job (QPU): never submit a paid job twice.
+
+        ``payload`` (the job's): an estimator job's expectation values are computed again from
+        the provider job's counts of every measurement basis; without it, counts only."""
         if not isinstance(self._backend, Reattachable):
             raise RuntimeError(f"backend {self._spec.name} cannot re-attach to provider jobs")
-        out = self._with_context(self._backend.reattach(provider_job_id, shots))
+        res = self._backend.reattach(provider_job_id, shots)
+        if payload is not None:
+            from ray_qalloc.expectation import expectation_from_reattached
+
+            res = expectation_from_reattached(res, payload)
+        out = self._with_context(res)
         self._remember((job_id, attempt), out)
         return out
 
@@ -188,16 +197,25 @@ class BackendActor:
     def _run_sync(self, job_id: str, attempt: int, payload: bytes, shots: int,
                   seed: int | None) -> dict[str, Any]:
         from ray_qalloc.circuits import decode_payload
+        from ray_qalloc.runopts import split_payload
 
         received = time.time()
-        circuit = decode_payload(payload)
+        inner, options = split_payload(payload)   # a job's own seed and observables (runopts)
+        if options.seed is not None:
+            seed = options.seed
+        circuit = decode_payload(inner)
 
         def submitted(provider_job_id: str) -> None:
             # Stored before waiting, so a restarted actor re-attaches instead of paying twice.
             alloc = ray.get_actor(self._allocator_name, namespace=self._namespace)
             ray.get(alloc.record_provider_job.remote(job_id, attempt, provider_job_id), timeout=60)
 
-        res = self._backend.run(circuit, shots, seed=seed, on_submitted=submitted)
+        if options.estimator:
+            from ray_qalloc.expectation import estimate_by_sampling
+
+            res = estimate_by_sampling(self._backend, circuit, options, seed=seed, on_submitted=submitted)
+        else:
+            res = self._backend.run(circuit, shots, seed=seed, on_submitted=submitted)
         res.metadata["received_at"] = received
         res.metadata["finished_at"] = time.time()
         return self._with_context(res)

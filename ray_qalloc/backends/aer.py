@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from qiskit import QuantumCircuit
     from qiskit_aer import AerSimulator
 
+    from ray_qalloc.runopts import RunOptions
+
 METHODS: tuple[str, ...] = ("statevector", "matrix_product_state", "stabilizer", "density_matrix", "automatic")
 SHORT_NAMES: dict[str, str] = {
     "statevector": "statevector",
@@ -203,6 +205,26 @@ class AerBackend:
                       "sim_time_s": float(getattr(data, "time_taken", 0.0) or 0.0),
                       "noise_model": "ideal"},
         )
+
+    def estimate(self, circuit: "QuantumCircuit", options: "RunOptions", *, seed: int | None = None) -> RunResult:
+        """Exact expectation values of ``options.observables`` on the circuit without its final
+        measurements (``ray_qalloc.expectation``); ``stds`` are 0 and no shots are sampled."""
+        from ray_qalloc.expectation import ExpectationResult, exact_on_aer, unmeasured
+
+        assert options.observables is not None
+        start = time.perf_counter()
+        bare = unmeasured(circuit)
+        self._check_width(bare)
+        prepared, transpile_s = self.prepare(bare)
+        t_exec = time.perf_counter()
+        evs = exact_on_aer(self.simulator, prepared, options.observables, seed)
+        execute_s = time.perf_counter() - t_exec
+        expectation = ExpectationResult(evs, [0.0] * len(evs), exact=True, precision=options.precision)
+        return RunResult(
+            counts={}, shots=0, backend=self._name, wall_s=time.perf_counter() - start,
+            transpile_s=transpile_s, execute_s=execute_s, qpu_s=None, method=self._method,
+            metadata={"transpiled": transpile_s > 0.0, "device": self._device, "noise_model": "ideal",
+                      "expectation": expectation.to_dict()})
 
     # -- helpers --------------------------------------------------------------------------
 

@@ -63,11 +63,20 @@ def _backend(method: str, threads: int, memory_bytes: int) -> Any:
 
 def run_variant(method: str, threads: int, memory_bytes: int, payload: bytes, shots: int,
                 seed: int | None, name: str) -> dict[str, Any]:
-    """One simulation in a task's worker process (the body of the Ray task)."""
+    """One simulation in a task's worker process (the body of the Ray task).
+
+    A job's own run options (``ray_qalloc.runopts``) come first: its seed replaces the
+    allocator's, and an estimator job gets exact expectation values instead of counts."""
     from ray_qalloc.circuits import decode_payload
+    from ray_qalloc.runopts import split_payload
 
     received = time.time()
-    res = _backend(method, threads, memory_bytes).run(decode_payload(payload), shots, seed=seed)
+    inner, options = split_payload(payload)
+    if options.seed is not None:
+        seed = options.seed
+    backend = _backend(method, threads, memory_bytes)
+    circuit = decode_payload(inner)
+    res = backend.estimate(circuit, options, seed=seed) if options.estimator else backend.run(circuit, shots, seed=seed)
     res.backend = name
     out = res.to_dict()
     meta = out.setdefault("metadata", {})
