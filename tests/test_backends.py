@@ -321,12 +321,12 @@ def test_ibm_from_env_without_credentials_is_none() -> None:
 
 def test_registry_builds_every_default_backend_by_name() -> None:
     assert DEFAULT_POOL == ("aer_statevector", "aer_mps", "aer_stabilizer", "aer_density_matrix",
-                            "qpu_torino", "qpu_sherbrooke", "qpu_fez")
+                            "qpu_torino", "qpu_sherbrooke", "qpu_fez", "qpu_ion_aria", "qpu_atom_rydberg")
     backends = default_backends(threads=1)
     names = [b.spec().name for b in backends]
-    assert names[:7] == list(DEFAULT_POOL)
+    assert names[:9] == list(DEFAULT_POOL)
     assert all(isinstance(b, Backend) for b in backends)
-    assert len({b.spec().device for b in backends if b.spec().kind == "qpu"}) == 3
+    assert len({b.spec().device for b in backends if b.spec().kind == "qpu"}) == 5
     for name in DEFAULT_POOL:
         assert make_backend(name).spec().name == name
     assert isinstance(gpu_available(), bool)

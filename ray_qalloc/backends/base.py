@@ -16,6 +16,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 BackendKind = Literal["simulator", "qpu"]
 
+# A device counts as all-to-all (no routing) when at least this fraction of its qubit pairs has a
+# two-qubit gate: trapped ions and reconfigurable neutral atoms are 1.0, heavy-hex chips ~0.02.
+ALL_TO_ALL_DENSITY = 0.99
+
 
 @dataclass(frozen=True)
 class Price:
@@ -93,6 +97,8 @@ class Calibration:
 
         two_q = [e for e in self.edge_error.values() if e is not None]
         return {
+            "coupling_density": self.coupling_density(),
+            "rep_delay_s": float(self.rep_delay_s),
             "qubits": float(len(self.t1_s)),
             "t1_median_us": med(self.t1_s) * 1e6,
             "t2_median_us": med(self.t2_s) * 1e6,
@@ -101,6 +107,17 @@ class Calibration:
             "gate_2q_error_median": float(statistics.median(two_q)) if two_q else float("nan"),
             "age_s": 0.0,
         }
+
+    def coupling_density(self) -> float:
+        """Fraction of qubit pairs with a calibrated two-qubit gate (NaN: none calibrated).
+
+        Why placement reads it: on a sparse chip a circuit's distant pairs cost SWAPs (routing),
+        on an all-to-all device (ions, reconfigurable atoms) they cost nothing."""
+        n = len(self.t1_s)
+        pairs = {(min(a, b), max(a, b)) for a, b in self.edge_error}
+        if n < 2 or not pairs:
+            return float("nan")
+        return len(pairs) / (n * (n - 1) / 2)
 
 
 def _first(values: dict[str, float], names: tuple[str, ...]) -> float:

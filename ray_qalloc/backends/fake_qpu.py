@@ -92,8 +92,15 @@ def fake_device_class_name(device: str) -> str:
 
 
 def load_fake_device(device: str) -> "BackendV2":
-    """Instantiate a fake device of ``qiskit_ibm_runtime.fake_provider`` by name."""
+    """Instantiate a fake device of ``qiskit_ibm_runtime.fake_provider`` by name, or one of the
+    trapped-ion / neutral-atom devices of ``backends.architectures`` (``fake_ion_aria``, ...)."""
     from qiskit_ibm_runtime import fake_provider
+
+    from ray_qalloc.backends.architectures import architecture_device
+
+    emulated = architecture_device(device)
+    if emulated is not None:
+        return emulated  # type: ignore[return-value]
 
     cls_name = fake_device_class_name(device)
     cls = None
@@ -176,7 +183,12 @@ def device_pass_manager(target: "Target", seed_transpiler: int | None = DEFAULT_
     """
     from qiskit.transpiler import generate_preset_pass_manager
 
+    from ray_qalloc.backends.architectures import best_qubits_layout_stage, is_all_to_all
+
     pm = generate_preset_pass_manager(optimization_level=1, target=target, seed_transpiler=seed_transpiler)
+    if is_all_to_all(target):  # ions, atoms: no routing; layout only picks the best qubits
+        pm.layout = best_qubits_layout_stage(target)
+        return pm
     pm.layout = generate_preset_pass_manager(optimization_level=2, target=target,
                                              seed_transpiler=seed_transpiler).layout
     return pm
@@ -617,7 +629,7 @@ class FakeQPUBackend:
         self._name = name or f"qpu_{short_device_name(self._device_name)}"
         self._overhead_s = float(overhead_s)
         self._exact_max_qubits = int(exact_max_qubits)
-        self._price = price or QPU_PRICE
+        self._price = price or getattr(self._device, "qalloc_price", None) or QPU_PRICE
         self._threads = max(1, int(threads))
         self._seed_transpiler = seed_transpiler
         self._noise_cache_size = noise_cache_size
@@ -644,8 +656,9 @@ class FakeQPUBackend:
                 name=self._name, kind="qpu", family="fake_qpu",
                 num_qubits=self._device.num_qubits, slots=1, device=self._device_name,
                 basis_gates=basis, noisy=True, threads=self._threads, price=self._price,
-                description=f"Emulated {self._device_name} ({self._device.num_qubits} qubits) "
-                            "with its calibration snapshot; Aer noise on the used qubits only.")
+                description=getattr(self._device, "qalloc_description", None) or
+                f"Emulated {self._device_name} ({self._device.num_qubits} qubits) "
+                "with its calibration snapshot; Aer noise on the used qubits only.")
         return self._spec
 
     def calibration(self) -> Calibration:

@@ -11,8 +11,13 @@ Naming scheme:
 * ``aer_<method>`` with method ``statevector``, ``mps``, ``stabilizer``, ``density_matrix``
   (``aer_statevector_gpu`` for the GPU statevector, only where Aer sees a GPU);
 * ``qpu_<device>`` for an emulated IBM device of ``qiskit_ibm_runtime.fake_provider``
-  (``qpu_torino``, ``qpu_sherbrooke``, ``qpu_fez``, ``qpu_kyiv``, ...);
-* ``ibm_<device>`` for real IBM Quantum hardware, only where credentials are configured.
+  (``qpu_torino``, ``qpu_sherbrooke``, ``qpu_fez``, ``qpu_kyiv``, ...), or an emulated device of
+  another architecture built from published specifications (``backends.architectures``):
+  ``qpu_ion_aria`` (trapped ion), ``qpu_atom_rydberg`` (neutral atom);
+* ``ibm_<device>`` for real IBM Quantum hardware, only where credentials are configured;
+* ``braket_local`` / ``braket_local_dm`` for Braket's local simulators (the ``braket`` extra),
+  ``braket_<device>`` (``braket_sv1``, ``braket_forte_1``) for Amazon Braket, only where AWS
+  credentials are configured (``ray_qalloc.backends.braket``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from functools import lru_cache
 from typing import Any
 
 from ray_qalloc.backends.aer import ALIASES, SHORT_NAMES, AerBackend
+from ray_qalloc.backends.architectures import DEFAULT_ARCHITECTURE_DEVICES
 from ray_qalloc.backends.base import Backend
 from ray_qalloc.backends.fake_qpu import DEFAULT_DEVICES, FakeQPUBackend, short_device_name
 from ray_qalloc.backends.ibm import IBMRuntimeBackend
@@ -30,7 +36,8 @@ from ray_qalloc.exceptions import BackendError
 log = logging.getLogger(__name__)
 
 AER_POOL: tuple[str, ...] = tuple(f"aer_{short}" for short in SHORT_NAMES.values())
-FAKE_QPU_POOL: tuple[str, ...] = tuple(f"qpu_{short_device_name(d)}" for d in DEFAULT_DEVICES)
+FAKE_QPU_POOL: tuple[str, ...] = (tuple(f"qpu_{short_device_name(d)}" for d in DEFAULT_DEVICES)
+                                  + tuple(f"qpu_{d}" for d in DEFAULT_ARCHITECTURE_DEVICES))
 DEFAULT_POOL: tuple[str, ...] = AER_POOL + FAKE_QPU_POOL
 GPU_BACKEND_NAME = "aer_statevector_gpu"
 
@@ -74,8 +81,13 @@ def make_backend(name: str, *, threads: int = 1, **kwargs: Any) -> Backend:
                                fix="set QISKIT_IBM_TOKEN (and QISKIT_IBM_INSTANCE), or save an account "
                                    "with QiskitRuntimeService.save_account().")
         return backend
+    if name.startswith("braket_"):
+        from ray_qalloc.backends.braket import LOCAL_DEVICES, BraketBackend   # the optional extra, on use
+
+        return BraketBackend.local(name) if name in LOCAL_DEVICES else BraketBackend.managed(name)
     raise BackendError(f"unknown backend name {name!r}.",
-                       fix=f"use aer_<method>, qpu_<device> or ibm_<device>, e.g. {', '.join(DEFAULT_POOL)}.")
+                       fix=f"use aer_<method>, qpu_<device>, ibm_<device> or braket_<device>, e.g. "
+                           f"{', '.join(DEFAULT_POOL)}, braket_local.")
 
 
 backend_by_name = make_backend
@@ -88,7 +100,8 @@ def default_pool(*, include_gpu: bool | None = None) -> tuple[str, ...]:
 
 
 def default_backends(*, threads: int = 1) -> list[Backend]:
-    """The four Aer methods, three emulated QPUs, a GPU simulator and IBM hardware where present."""
+    """The four Aer methods, the emulated QPUs (three IBM devices, a trapped-ion and a neutral-atom
+    one), a GPU simulator and IBM hardware where present."""
     backends: list[Backend] = [make_backend(n, threads=threads) for n in default_pool()]
     try:
         ibm = IBMRuntimeBackend.from_env()

@@ -52,6 +52,7 @@ class QubitProfile:
     gate_1q_s: float | None = None         # calibrated durations (medians), for scheduled duration
     gate_2q_s: float | None = None
     readout_s: float | None = None
+    rep_delay_s: float | None = None       # per shot beside the gates (reset, cooling, atom loading)
 
     @property
     def qubits(self) -> int:
@@ -75,7 +76,8 @@ class QubitProfile:
     @classmethod
     def from_calibration(cls, t1_s: tuple[float | None, ...], t2_s: tuple[float | None, ...],
                          readout_error: tuple[float | None, ...], gate_1q_s: float | None = None,
-                         gate_2q_s: float | None = None, readout_s: float | None = None) -> "QubitProfile":
+                         gate_2q_s: float | None = None, readout_s: float | None = None,
+                         rep_delay_s: float | None = None) -> "QubitProfile":
         """From a calibration's per-qubit figures; qubits with a missing T1/T2 rank last."""
         def ok(v: float | None) -> bool:
             return v is not None and v == v and v > 0
@@ -91,12 +93,12 @@ class QubitProfile:
         ro = sorted(math.inf if e is None or e != e else -math.log(min(max(1.0 - e, 1e-12), 1.0))
                     for e in readout_error)
         return cls(_prefix(sorted(rates)), tuple(sorted(coherence, reverse=True)), _prefix(ro),
-                   gate_1q_s, gate_2q_s, readout_s)
+                   gate_1q_s, gate_2q_s, readout_s, rep_delay_s)
 
     @classmethod
     def of(cls, calibration: Any) -> "QubitProfile":
         """From a ``backends.base.Calibration``: per-qubit T1, T2 and readout; the median durations
-        of a single-qubit gate, of the native two-qubit gate, and of readout."""
+        of a single-qubit gate, of the native two-qubit gate, of readout, and the per-shot delay."""
         durations = calibration.gate_duration_s or {}
 
         def first(names: tuple[str, ...]) -> float | None:
@@ -109,7 +111,8 @@ class QubitProfile:
         return cls.from_calibration(tuple(calibration.t1_s), tuple(calibration.t2_s),
                                     tuple(calibration.readout_error), first(("sx", "x", "rx")),
                                     first(("cz", "ecr", "cx", "rzz")),
-                                    float(calibration.readout_duration_s or 0.0) or first(("measure",)))
+                                    float(calibration.readout_duration_s or 0.0) or first(("measure",)),
+                                    float(getattr(calibration, "rep_delay_s", 0.0) or 0.0) or None)
 
 
 def _prefix(values: list[float]) -> tuple[float, ...]:
