@@ -15,6 +15,8 @@ from fastapi import Depends, FastAPI, Path, Query
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ray_qalloc.wire import JsonFloat
+
 BackendName = Path(description="A placement candidate (`cpu-1a2b3c4d/statevector`), a pool "
                                "(`cpu-1a2b3c4d`: all its methods) or a QPU (`qpu_fez`).")
 
@@ -25,14 +27,14 @@ class CordonIn(BaseModel):
 
 
 class DrainIn(CordonIn):
-    wait_s: float = Field(60.0, ge=0.0, le=3600.0,
+    wait_s: JsonFloat = Field(60.0, ge=0.0, le=3600.0,
                           description="How long to wait for the backend's running jobs to end.")
 
 
 class WindowIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    start: float = Field(description="Unix time the maintenance begins.")
-    end: float = Field(description="Unix time it ends (after start, in the future).")
+    start: JsonFloat = Field(description="Unix time the maintenance begins.")
+    end: JsonFloat = Field(description="Unix time it ends (after start, in the future).")
     reason: str = Field("", max_length=500)
 
     @model_validator(mode="after")

@@ -36,8 +36,8 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from ray_qalloc.config import EventSettings
-from ray_qalloc.exceptions import (IdempotencyKeyReused, InvalidEvent, LimitExceeded, QAllocError,
-                                   QuotaExceeded)
+from ray_qalloc.exceptions import (IdempotencyKeyReused, InvalidEvent, InvalidRequest, LimitExceeded,
+                                   QAllocError, QuotaExceeded)
 from ray_qalloc.integration.detect import CONTENT_TYPES, IntakeLimits, RecordError, parse_records
 from ray_qalloc.integration.events import SEVERITY_NAMES, SecurityEvent
 from ray_qalloc.integration.eventstore import EventPage, EventStore, StoredAnswer, body_digest, count_events
@@ -146,6 +146,21 @@ def _norm(name: str) -> str:
 
 _SEVERITY_BY_NAME = {_norm(n): i for i, n in SEVERITY_NAMES.items()} | {"info": 1, "crit": 5}
 _CATEGORY_BY_NAME = {_norm(n): i for i, n in CATEGORY_NAMES.items()} | {"iam": 3, "identityaccess": 3}
+
+
+def _names_pattern(names: Any, separators: str) -> str:
+    """A regular expression for exactly the spellings ``_norm`` maps to one of ``names``: any
+    case, with any of ``separators`` between letters. Why spelled out: JSON Schema's patterns
+    have no case-insensitive flag, and the document must not allow a name the server refuses."""
+    sep = f"[{separators}]*"   # "-" last: a literal in a class, in Python and ECMA regexes alike
+    words = sorted(set(names), key=lambda n: (-len(n), n))
+    alts = [sep + "".join((f"[{c}{c.upper()}]" if c.isalpha() else re.escape(c)) + sep for c in n) for n in words]
+    return "|".join(alts)
+
+
+# what severity_of / category_of read, as the document says it
+SEVERITY_PATTERN = "^(0?[0-6]|99|" + _names_pattern(_SEVERITY_BY_NAME, "_ -") + ")$"
+CATEGORY_PATTERN = "^([0-9]{1,5}|" + _names_pattern(_CATEGORY_BY_NAME, "&_ -") + ")$"
 
 
 def severity_of(value: str) -> int:
@@ -351,13 +366,15 @@ def add_event_routes(app: FastAPI, state: Any, principal: Callable[..., Any], re
              responses={422: err})
     async def list_events(
             p: Any = Depends(principal),
-            since: Annotated[dt.datetime | None, Query(description="Events at or after this time (source time; "
-                                                                   "ISO 8601 or Unix seconds; UTC if no zone).")] = None,
-            until: Annotated[dt.datetime | None, Query(description="Events before this time.")] = None,
-            severity: Annotated[str | None, Query(pattern=r"^([0-9]{1,2}|[A-Za-z_ -]{1,16})$", description=(
+            since: Annotated[str | None, Query(json_schema_extra=_TIME_SCHEMA, description=(
+                "Events at or after this time (source time): an RFC 3339 date-time (UTC if no zone) or "
+                "Unix seconds."))] = None,
+            until: Annotated[str | None, Query(json_schema_extra=_TIME_SCHEMA,
+                                               description="Events before this time (as `since`).")] = None,
+            severity: Annotated[str | None, Query(pattern=SEVERITY_PATTERN, description=(
                 "At least this OCSF severity: a severity_id (1-6) or a name (informational, low, medium, high, "
                 "critical, fatal); 99/other matches only Other, 0/unknown everything."))] = None,
-            category: Annotated[str | None, Query(pattern=r"^([0-9]{1,5}|[A-Za-z&_ -]{1,40})$", description=(
+            category: Annotated[str | None, Query(pattern=CATEGORY_PATTERN, description=(
                 "An OCSF category_uid (2) or name (findings, network_activity, iam, ...).") )] = None,
             class_uid: Annotated[int | None, Query(ge=0, le=999_999, description="An OCSF class_uid, e.g. 2004.")] = None,
             limit: Annotated[int, Query(ge=1, description="Events per page, at most the API's `max_page` "
@@ -372,12 +389,39 @@ def add_event_routes(app: FastAPI, state: Any, principal: Callable[..., Any], re
         if limit > cap:
             raise LimitExceeded(f"query parameter 'limit' is {limit}, over this API's limit of {cap}.",
                                 field="limit", fix=f"ask for at most {cap} (the API's `max_page`).")
+        since_t = time_param("since", since) if since is not None else None
+        until_t = time_param("until", until) if until is not None else None
         sev = severity_of(severity) if severity is not None else None
         cat = category_of(category) if category is not None else None
         page: EventPage = await run_in_threadpool(
-            intake.store.query, p.tenant, since=since, until=until, severity_min=sev, category=cat,
+            intake.store.query, p.tenant, since=since_t, until=until_t, severity_min=sev, category=cat,
             class_uid=class_uid, limit=limit, cursor=cursor, raw=raw)
         return JSONResponse({"events": page.items, "next_cursor": page.next_cursor})
+
+
+# `since` / `until`: parsed here rather than by pydantic's datetime, whose rules the document
+# cannot state (a number past 2e10 becomes milliseconds, "2e10" is refused but "2.1e10" read).
+# The document says exactly this: an RFC 3339 date-time, or Unix seconds written plainly
+# (at most 11 integer digits: up to the year 5138). A date-time without a zone is read as UTC,
+# a leap second as the second before it.
+_SECONDS = r"[0-9]{1,11}(\.[0-9]{1,6})?"
+_TIME_SCHEMA: dict[str, Any] = {"anyOf": [
+    {"type": "string", "format": "date-time"}, {"type": "string", "pattern": f"^{_SECONDS}$"}, {"type": "null"}]}
+_SECONDS_RE = re.compile(f"^{_SECONDS}$")
+
+
+def time_param(name: str, text: str) -> dt.datetime:
+    """A time query parameter: an RFC 3339 date-time (UTC when it names no zone) or Unix seconds."""
+    if _SECONDS_RE.match(text):
+        return dt.datetime.fromtimestamp(float(text), dt.timezone.utc)
+    try:
+        iso = re.sub(r"(?<=[0-9]{2}:[0-9]{2}):60", ":59", text.strip().upper().replace("Z", "+00:00"), count=1)
+        value = dt.datetime.fromisoformat(iso)
+    except ValueError:
+        raise InvalidRequest(f"query parameter {name!r} is {text[:40]!r}, not a date-time or Unix seconds.",
+                             field=name, fix="give an RFC 3339 date-time (2026-12-06T08:00:00Z) or Unix seconds "
+                                             "(1796544000).") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
 
 
 def _unsupported(content_type: str | None, exc: QAllocError | None = None) -> JSONResponse:

@@ -28,6 +28,12 @@ HEARTBEAT_S = 15.0          # a comment line this often keeps proxies from closi
 RETRY_MS = 2_000            # what the browser's EventSource waits before reconnecting
 MAX_PER_READ = 500
 
+# What the routes read, said in the document: `now`, `start`, or a position as the stream writes
+# it (sources in the order j, b, a, c, each at most once). A schema-valid position is read; any
+# other is refused before the route runs (a source named twice can be said no other way).
+_N = "[0-9]{1,18}"
+POSITION_PATTERN = (f"^(now|start|j:{_N}(,b:{_N})?(,a:{_N})?(,c:{_N})?|b:{_N}(,a:{_N})?(,c:{_N})?"
+                    f"|a:{_N}(,c:{_N})?|c:{_N})?$")
 _POSITION = ("Where to start: the `id` of the last event received (resumes right after it), `now` (the "
              "default: only changes from now on) or `start` (everything still kept).")
 
@@ -45,7 +51,8 @@ def add_stream_routes(app: FastAPI, feed: Callable[[], ChangeFeed], caller: Call
         return Cursor.parse(position)
 
     @app.get("/v1/changes", tags=["stream"], responses=responses)
-    async def changes(after: str | None = Query(None, max_length=120, description=_POSITION),
+    async def changes(after: str | None = Query(None, max_length=120, pattern=POSITION_PATTERN,
+                                                description=_POSITION),
                       limit: int = Query(100, ge=1, le=MAX_PER_READ),
                       p: Any = Depends(caller)) -> dict[str, Any]:
         """Changes after a position, oldest first: jobs (this tenant's; every tenant's for an
@@ -60,8 +67,10 @@ def add_stream_routes(app: FastAPI, feed: Callable[[], ChangeFeed], caller: Call
                        "`id:` the position after it, `data:` JSON).",
         "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
         response_class=StreamingResponse)
-    async def stream(last_event_id: str | None = Header(None, max_length=120, description=_POSITION),
-                     start_at: str | None = Query(None, alias="from", max_length=120, description=_POSITION),
+    async def stream(last_event_id: str | None = Header(None, max_length=120, pattern=POSITION_PATTERN,
+                                                        description=_POSITION),
+                     start_at: str | None = Query(None, alias="from", max_length=120, pattern=POSITION_PATTERN,
+                                                  description=_POSITION),
                      p: Any = Depends(caller)) -> StreamingResponse:
         """Follow every change as it is committed (Server-Sent Events). Reconnect with the
         `Last-Event-ID` header (browsers' EventSource does it by itself) to resume without a gap."""

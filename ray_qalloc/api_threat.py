@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ray_qalloc.exceptions import Forbidden, InvalidRequest
+from ray_qalloc.wire import JsonFloat, JsonInt
 
 _KEY = re.compile(r"^[A-Za-z0-9._:@/-]{1,128}$")
 TenantName = Path(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="The tenant the action is about.")
@@ -35,9 +36,9 @@ class ActionIn(BaseModel):
     tenant: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="boost, pause: whose jobs.")
     to: Literal["emergency", "high", "normal"] | None = Field(None, description="boost: the class served at least.")
     target: str | None = Field(None, min_length=1, max_length=128, description="reserve: a backend or a pool.")
-    slots: int | None = Field(None, ge=1, le=1024, description="reserve: slots (backend) or cores (pool).")
-    for_s: float | None = Field(None, gt=0, le=30 * 86_400, description="How long from now.")
-    until: float | None = Field(None, gt=0, description="Unix time it ends (instead of for_s).")
+    slots: JsonInt | None = Field(None, ge=1, le=1024, description="reserve: slots (backend) or cores (pool).")
+    for_s: JsonFloat | None = Field(None, gt=0, le=30 * 86_400, description="How long from now.")
+    until: JsonFloat | None = Field(None, gt=0, description="Unix time it ends (instead of for_s).")
     reason: str = Field("", max_length=500)
     event_id: str | None = Field(None, max_length=128, description="The security event behind it (for explain).")
 
@@ -45,14 +46,14 @@ class ActionIn(BaseModel):
 class RaiseIn(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     to: Literal["emergency", "high", "normal"] = "high"
-    for_s: float = Field(3_600.0, gt=0, le=30 * 86_400)
+    for_s: JsonFloat = Field(3_600.0, gt=0, le=30 * 86_400)
     reason: str = Field("", max_length=500)
     event_id: str | None = Field(None, max_length=128)
 
 
 class PauseIn(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    for_s: float | None = Field(None, gt=0, le=30 * 86_400, description="None: until resumed.")
+    for_s: JsonFloat | None = Field(None, gt=0, le=30 * 86_400, description="None: until resumed.")
     reason: str = Field("", max_length=500)
     event_id: str | None = Field(None, max_length=128)
 

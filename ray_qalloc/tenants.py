@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray_qalloc.exceptions import Forbidden, QAllocError, QuotaExceeded, Unauthorized
 from ray_qalloc.jobs import Priority
 from ray_qalloc.store import attempts_table, jobs_table, make_engine
+from ray_qalloc.wire import JsonFloat, JsonInt
 
 TOKEN_PREFIX = "qat"
 #: How long ``admit`` trusts a tenant's usage read from the store (plus what it admitted since).
@@ -65,16 +66,18 @@ class Quota(BaseModel):
     # every later read of that tenant's quota failed (500 on each of its requests)
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    max_active_jobs: int = Field(10_000, ge=0, description="Jobs queued or running at once.")
-    shots_per_day: int = Field(100_000_000, ge=0, description="Shots submitted per UTC day.")
-    qpu_seconds_per_day: float = Field(3_600.0, ge=0, description="QPU seconds used per UTC day.")
+    # JSON numbers only: `false` or "10" for a limit is a client's bug, not a zero or a ten
+    max_active_jobs: JsonInt = Field(10_000, ge=0, description="Jobs queued or running at once.")
+    shots_per_day: JsonInt = Field(100_000_000, ge=0, description="Shots submitted per UTC day.")
+    qpu_seconds_per_day: JsonFloat = Field(3_600.0, ge=0, description="QPU seconds used per UTC day.")
     priorities: tuple[Priority, ...] = Field((Priority.HIGH, Priority.NORMAL, Priority.BATCH),
                                              description="Priority classes this tenant may use.")
 
-    @field_validator("priorities", mode="before")
+    @field_validator("priorities", mode="after")
     @classmethod
-    def _dedupe(cls, v: Any) -> Any:
-        return tuple(dict.fromkeys(v)) if isinstance(v, (list, tuple)) else v
+    def _dedupe(cls, v: tuple[Priority, ...]) -> tuple[Priority, ...]:
+        # after validation: every item is a Priority (hashable); before it, `[{}]` crashed here (a 500)
+        return tuple(dict.fromkeys(v))
 
 
 @dataclass(frozen=True)
