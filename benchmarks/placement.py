@@ -146,15 +146,18 @@ def intake(records: Sequence[Mapping[str, Any]]) -> Workload:
 # ---------------------------------------------------------------------------------------------
 
 def qpu_views() -> list[Any]:
-    """The emulated QPUs as placement sees them: spec with ``threads=0`` (no local core) and
-    the calibration summary."""
+    """The emulated QPUs as placement sees them: spec with ``threads=0`` (no local core), the
+    calibration summary and the ranked per-qubit profile (as the allocator's fleet gives them: the
+    profile carries the calibrated gate, readout and per-shot times, without which an ion's or an
+    atom's QPU time would be estimated with a superconducting chip's)."""
     from ray_qalloc.backends.registry import FAKE_QPU_POOL, make_backend
-    from ray_qalloc.placement.model import BackendView
+    from ray_qalloc.placement.model import BackendView, QubitProfile
 
     out = []
     for name in FAKE_QPU_POOL:
         b = make_backend(name)
-        out.append(BackendView(b.spec().copy(threads=0), True, b.calibration().summary()))
+        cal = b.calibration()
+        out.append(BackendView(b.spec().copy(threads=0), True, cal.summary(), None, QubitProfile.of(cal)))
     return out
 
 

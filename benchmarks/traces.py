@@ -1,7 +1,7 @@
 """Generate a workload trace (JSON Lines, the format of DESIGN.md).
 
     python -m benchmarks.traces --jobs N --seed S --out FILE [--rate 2.0] [--burst-every 60]
-        [--mix light|heavy|mixed] [--families a,b] [--exclude-families a,b] [--load 0.85]
+        [--mix light|heavy|mixed|architectures] [--families a,b] [--exclude-families a,b] [--load 0.85]
 
 Each line: ``{"id", "arrival_s", "qasm", "shots", "priority", "deadline_s", "intent",
 "fidelity_min", "tenant", "family", "mix"}`` (``family`` and ``mix`` are extra; readers must
@@ -32,6 +32,12 @@ than Aer ``automatic`` on wide non-Clifford circuits and 1.29× on small stateve
   background at ``--rate`` (default 1/s). Shots from today's mix.
 * ``mixed`` — 30 % heavy circuits, 70 % light, arrivals as ``heavy`` (load-driven) plus the
   light bursts.
+* ``architectures`` — quantum-intent jobs where the QPU's architecture decides (issue #14): QFTs
+  and random-pair circuits of 8–20 qubits (all-to-all interaction: SWAPs on a sparse chip, none on
+  ions), QFTs of 26–30 qubits (past the 25-ion chain: neutral atoms or a routed chip), and GHZ
+  states of 3–5 qubits with 4,000–20,000 shots and a deadline (ms per ion shot, 0.3 s per atom
+  shot: a superconducting chip). ``family`` names which (``routing``, ``wide``, ``shots``).
+  Poisson arrivals at ``--rate`` (default 0.2/s).
 
 Quantum-intent jobs are built at ≤ 10 qubits (``QPU_MAX_QUBITS``, the widest circuit the
 emulated QPUs simulate with exact local noise), so their fidelity can be measured.
@@ -353,6 +359,73 @@ def generate_mix(n: int, seed: int, mix: str, *, rate: float | None = None, burs
     return jobs, info
 
 
+ARCHITECTURES_MIX = "architectures"
+
+
+def _random_pairs(n: int, gates: int, seed: int) -> Any:
+    """CX between random pairs (each followed by a small Z rotation): an all-to-all interaction graph."""
+    from qiskit import QuantumCircuit
+
+    rng = random.Random(seed)
+    qc = QuantumCircuit(n)
+    qc.h(range(n))
+    for _ in range(gates):
+        a, b = rng.sample(range(n), 2)
+        qc.cx(a, b)
+        qc.rz(0.3, b)
+    qc.measure_all()
+    return qc
+
+
+def _qft_of_plus(n: int) -> Any:
+    """QFT of |+>^n (ideal answer |0>^n; an MPS of low bond dimension, so wide ones simulate fast)."""
+    from qiskit import QuantumCircuit
+    from qiskit.circuit.library import QFTGate
+
+    qc = QuantumCircuit(n)
+    qc.h(range(n))
+    qc.append(QFTGate(n), range(n))
+    qc.measure_all()
+    return qc.decompose()
+
+
+def _ghz(n: int) -> Any:
+    from qiskit import QuantumCircuit
+
+    qc = QuantumCircuit(n)
+    qc.h(0)
+    for i in range(n - 1):
+        qc.cx(i, i + 1)
+    qc.measure_all()
+    return qc
+
+
+def generate_architectures(n: int, seed: int, rate: float = 0.2) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The ``architectures`` mix (module docstring): every job quantum intent, a third of each kind."""
+    rng = random.Random(seed)
+    t = 0.0
+    jobs = []
+    for i in range(n):
+        t += rng.expovariate(rate)
+        kind = ("routing", "wide", "shots")[i % 3]
+        if kind == "routing":
+            if rng.random() < 0.5:
+                qc, shots = _qft_of_plus(rng.choice((8, 10, 12))), 1000
+            else:
+                qc, shots = _random_pairs(rng.choice((12, 16, 20)), 40, rng.randrange(1 << 30)), 1000
+            fields = {"priority": "normal", "deadline_s": None}
+        elif kind == "wide":
+            qc, shots = _qft_of_plus(rng.choice((26, 28, 30))), 200
+            fields = {"priority": "batch", "deadline_s": None}
+        else:
+            qc, shots = _ghz(rng.choice((3, 4, 5))), rng.choice((4000, 10000, 20000))
+            fields = {"priority": "high", "deadline_s": 60.0}
+        jobs.append({"id": f"x{i:05d}", "arrival_s": round(t, 4), "qasm": _export(qc), "shots": shots,
+                     "intent": "quantum", "fidelity_min": None, "tenant": f"t{i % 3}", **fields,
+                     "family": kind, "mix": ARCHITECTURES_MIX})
+    return jobs, {"mix": ARCHITECTURES_MIX, "jobs": n, "seed": seed, "rate": rate}
+
+
 def read_trace(path: Path | str) -> list[dict[str, Any]]:
     """Any trace of the format: missing optional fields take their defaults."""
     out = []
@@ -384,7 +457,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--rate", type=float, default=None,
                     help="mean arrivals per second outside bursts (default 2.0; heavy/mixed: set by --load)")
     ap.add_argument("--burst-every", type=float, default=None, help="seconds between bursts (0: none)")
-    ap.add_argument("--mix", choices=MIXES, help="light, heavy or mixed (default: today's trace)")
+    ap.add_argument("--mix", choices=(*MIXES, ARCHITECTURES_MIX),
+                    help="light, heavy, mixed or architectures (default: today's trace)")
     ap.add_argument("--families", help="only these families of the mix (comma-separated)")
     ap.add_argument("--exclude-families", help="drop these families (comma-separated)")
     ap.add_argument("--load", type=float, default=DEFAULT_LOAD,
@@ -394,7 +468,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--work-from", type=Path,
                     help="heavy/mixed: estimate work from this measured-truth cache (default: the cost model)")
     args = ap.parse_args(argv)
-    if args.from_trace is not None:
+    if args.mix == ARCHITECTURES_MIX:
+        jobs, info = generate_architectures(args.jobs, args.seed, 0.2 if args.rate is None else args.rate)
+    elif args.from_trace is not None:
         if args.mix is None:
             raise SystemExit("--from-trace needs --mix")
         work = measured_core_seconds(args.work_from) if args.work_from and args.mix != "light" else None
