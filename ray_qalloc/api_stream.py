@@ -31,6 +31,8 @@ MAX_PER_READ = 500
 # What the routes read, said in the document: `now`, `start`, or a position as the stream writes
 # it (sources in the order j, b, a, c, each at most once). A schema-valid position is read; any
 # other is refused before the route runs (a source named twice can be said no other way).
+# Not on `Last-Event-ID`: a browser's EventSource sends it by itself, and Cursor.parse refuses a
+# bad one naming the header and how to fix it (the stream is endless, so no fuzzer drives it).
 _N = "[0-9]{1,18}"
 POSITION_PATTERN = (f"^(now|start|j:{_N}(,b:{_N})?(,a:{_N})?(,c:{_N})?|b:{_N}(,a:{_N})?(,c:{_N})?"
                     f"|a:{_N}(,c:{_N})?|c:{_N})?$")
@@ -67,8 +69,7 @@ def add_stream_routes(app: FastAPI, feed: Callable[[], ChangeFeed], caller: Call
                        "`id:` the position after it, `data:` JSON).",
         "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
         response_class=StreamingResponse)
-    async def stream(last_event_id: str | None = Header(None, max_length=120, pattern=POSITION_PATTERN,
-                                                        description=_POSITION),
+    async def stream(last_event_id: str | None = Header(None, max_length=120, description=_POSITION),
                      start_at: str | None = Query(None, alias="from", max_length=120, pattern=POSITION_PATTERN,
                                                   description=_POSITION),
                      p: Any = Depends(caller)) -> StreamingResponse:
