@@ -29,11 +29,19 @@ _BY_CODE: dict[str, type[QAllocError]] = {
 }
 
 
-def to_qasm(circuit: "str | QuantumCircuit") -> str:
-    """QASM text for the wire: OpenQASM 2 where it can express the circuit, else 3."""
+def to_qasm(circuit: "str | QuantumCircuit | Any") -> str:
+    """QASM text for the wire: OpenQASM 2 where it can express the circuit, else 3.
+
+    A Cirq or Braket circuit is converted here, caller-side (``ray_qalloc.frontends``), so the
+    server sees plain OpenQASM and the counts come back in the framework's bit order."""
     if isinstance(circuit, str):
         return circuit
     from qiskit import qasm2, qasm3
+
+    from ray_qalloc.frontends import framework_of, to_intake
+
+    if framework_of(circuit) is not None:
+        circuit = to_intake(circuit)
 
     try:
         return qasm2.dumps(circuit)
@@ -136,9 +144,10 @@ class Client:
     def submit(self, circuit: "str | QuantumCircuit", *, shots: int = 1024, priority: str = "normal",
                deadline_s: float | None = None, intent: str = "auto", fidelity_min: float | None = None,
                backends: list[str] | None = None, idempotency_key: str | None = None,
-               tenant: str | None = None) -> RemoteJob:
+               tenant: str | None = None, format: str = "qasm") -> RemoteJob:
+        """One job; ``circuit`` as for ``QAlloc.submit`` (text, Qiskit, Cirq or Braket circuit)."""
         body = _job_body(circuit=circuit, shots=shots, priority=priority, deadline_s=deadline_s, intent=intent,
-                         fidelity_min=fidelity_min, backends=backends, tenant=tenant)
+                         fidelity_min=fidelity_min, backends=backends, tenant=tenant, format=format)
         key = idempotency_key or f"client-{uuid.uuid4().hex}"
         resp = self._request("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key}, ok=(200, 201))
         out = resp.json()
@@ -263,8 +272,11 @@ class Client:
 
 def _job_body(*, circuit: "str | QuantumCircuit", shots: int = 1024, priority: str = "normal",
               deadline_s: float | None = None, intent: str = "auto", fidelity_min: float | None = None,
-              backends: list[str] | None = None, tenant: str | None = None) -> dict[str, Any]:
+              backends: list[str] | None = None, tenant: str | None = None,
+              format: str = "qasm") -> dict[str, Any]:
     body: dict[str, Any] = {"qasm": to_qasm(circuit), "shots": int(shots), "priority": priority, "intent": intent}
+    if format != "qasm" and isinstance(circuit, (str, bytes)):   # framework text: the server translates it
+        body["format"] = format
     for k, v in (("deadline_s", deadline_s), ("fidelity_min", fidelity_min), ("backends", backends),
                  ("tenant", tenant)):
         if v is not None:

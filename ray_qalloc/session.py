@@ -109,19 +109,24 @@ class QAlloc:
         self._started_ray = started_ray
 
     # ---- jobs ---------------------------------------------------------------------------
-    def submit(self, circuit: "str | QuantumCircuit", *, shots: int = 1024, priority: str = "normal",
+    def submit(self, circuit: "str | QuantumCircuit | Any", *, shots: int = 1024, priority: str = "normal",
                deadline_s: float | None = None, intent: str = "auto", fidelity_min: float | None = None,
                tenant: str = "default", idempotency_key: str | None = None,
                backends: list[str] | None = None, observables: list[Any] | None = None,
-               precision: float | None = None, seed: int | None = None) -> JobHandle:
+               precision: float | None = None, seed: int | None = None, format: str = "qasm") -> JobHandle:
         """Validate the job here, store it through the allocator, return its handle.
 
         ``observables`` (``[{pauli_label: coeff}, ...]``) make it an estimator job: its result's
         ``metadata["expectation"]`` holds ``evs`` and ``stds``; ``precision`` sets the QPU shots
-        (``ray_qalloc.jobs.JobSpec``). ``seed`` seeds simulator runs."""
+        (``ray_qalloc.jobs.JobSpec``). ``seed`` seeds simulator runs.
+
+        ``circuit`` may also be a ``cirq.Circuit`` or a Braket ``Circuit`` (converted here; the
+        counts then read in that framework's bit order, see ``ray_qalloc.frontends``); ``format``
+        names framework OpenQASM text: ``cirq`` or ``braket``."""
         job = self._prepare(circuit, shots=shots, priority=priority, deadline_s=deadline_s, intent=intent,
                             fidelity_min=fidelity_min, tenant=tenant, idempotency_key=idempotency_key,
-                            backends=backends, observables=observables, precision=precision, seed=seed)
+                            backends=backends, observables=observables, precision=precision, seed=seed,
+                            format=format)
         out = self._call("submit", job)
         return JobHandle(self, out["id"], out["created"])
 
@@ -129,7 +134,10 @@ class QAlloc:
                  deadline_s: float | None = None, intent: str = "auto", fidelity_min: float | None = None,
                  tenant: str = "default", idempotency_key: str | None = None,
                  backends: list[str] | None = None, observables: list[Any] | None = None,
-                 precision: float | None = None, seed: int | None = None) -> Any:
+                 precision: float | None = None, seed: int | None = None, format: str = "qasm") -> Any:
+        from ray_qalloc.frontends import to_intake   # Cirq / Braket load only for their own objects
+
+        circuit = to_intake(circuit, format, self.settings.limits)
         spec = make_spec(circuit=circuit, shots=shots, priority=priority, deadline_s=deadline_s, intent=intent,
                          fidelity_min=fidelity_min, tenant=tenant,
                          idempotency_key=idempotency_key or f"auto-{uuid.uuid4().hex}",
