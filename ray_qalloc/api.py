@@ -27,9 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray_qalloc import __version__
 from ray_qalloc.config import ApiSettings, Settings, load_settings
 from ray_qalloc.api_admin import add_admin_routes
-from ray_qalloc.api_events import add_event_routes
 from ray_qalloc.api_stream import add_stream_routes
-from ray_qalloc.api_threat import add_threat_routes
 from ray_qalloc.exceptions import (ConfigError, Conflict, Forbidden, IdempotencyKeyReused, IntakeError,
                                    InvalidJobSpec, JobNotFound, LimitExceeded, QAllocError, QuotaExceeded,
                                    Unauthorized)
@@ -170,8 +168,6 @@ class TokenIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tenant: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     admin: bool = False
-    scopes: list[Literal["soar"]] = Field(default_factory=list, max_length=4, description=(
-        "Grants beyond the tenant's own jobs: `soar` takes threat actions (boost, reserve, pause, resume)."))
 
 
 class TokenOut(BaseModel):
@@ -632,8 +628,7 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
     @app.post("/v1/admin/tokens", response_model=TokenOut, status_code=201, tags=["admin"],
               responses={403: {"model": ErrorOut}})
     async def create_token(body: TokenIn, _: Admin) -> TokenOut:
-        token = await run_in_threadpool(state.tenants.create_token, body.tenant, admin=body.admin,
-                                        scopes=tuple(body.scopes))
+        token = await run_in_threadpool(state.tenants.create_token, body.tenant, admin=body.admin)
         return TokenOut(tenant=body.tenant, admin=body.admin, token=token)
 
     @app.put("/v1/admin/tenants/{tenant}/quota", response_model=TenantOut, tags=["admin"],
@@ -649,10 +644,7 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
         return await state.call("stats")
 
     add_admin_routes(app, state.call, admin, {403: {"model": ErrorOut}, 404: {"model": ErrorOut}})
-    add_event_routes(app, state, principal, {422: {"model": ErrorOut}})
     add_stream_routes(app, state.changefeed, principal, {422: {"model": ErrorOut}})
-    add_threat_routes(app, state.call, principal, {403: {"model": ErrorOut}, 409: {"model": ErrorOut},
-                                                   422: {"model": ErrorOut}})
 
     # -- health
     @app.get("/healthz", tags=["health"])
