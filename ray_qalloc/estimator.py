@@ -25,7 +25,8 @@ import numpy as np
 from qiskit.primitives import BaseEstimatorV2, DataBin, PrimitiveResult, PubResult
 from qiskit.primitives.containers.estimator_pub import EstimatorPub, EstimatorPubLike
 
-from ray_qalloc.exceptions import JobFailed
+from ray_qalloc.exceptions import BackendError, JobFailed
+from ray_qalloc.expectation import unmeasured
 from ray_qalloc.jobs import make_spec
 from ray_qalloc.primitive_job import (InvalidPub, PrimitiveClient, QAllocPrimitiveJob, _Handle, check_seed,
                                       check_timeout, pub_error, submit_all)
@@ -187,6 +188,10 @@ def _plan(index: int, pub_like: EstimatorPubLike, precision: float) -> _PubPlan:
                             "observables, parameter_values, precision), with shapes that broadcast.") from None
     if pub.precision is not None:
         _check_precision(pub.precision, f"{where} precision")
+    try:
+        unmeasured(pub.circuit)
+    except BackendError as exc:
+        raise InvalidPub(f"{where}: {exc.message}", field="pubs", fix=exc.fix) from None
     try:
         bound = pub.parameter_values.bind_all(pub.circuit)
     except (ValueError, TypeError, KeyError) as exc:

@@ -176,27 +176,21 @@ def test_shots_pub_over_run_over_default(client: CountingClient) -> None:
     assert sampler.run([bell()]).result()[0].data.c.num_shots == 64
 
 
-def test_bad_pubs_raise_before_anything_is_sent(sampler: QAllocSampler, client: CountingClient) -> None:
-    no_cregs = QuantumCircuit(2)
-    no_cregs.h(0)
-    unmeasured = QuantumCircuit(2, 2)
-    unmeasured.h(0)
-    bits = [Clbit(), Clbit()]
-    loose = QuantumCircuit(QuantumRegister(2), bits)
-    loose.add_register(ClassicalRegister(bits=[bits[1]], name="r"))
-    loose.measure([0, 1], bits)
+def test_bad_pubs_raise_what_the_reference_raises(sampler: QAllocSampler, client: CountingClient) -> None:
+    """Each bad pub: ours raises an error of the class StatevectorSampler raises (ValueError or
+    TypeError), naming the pub and how to fix it, before anything is sent."""
     cases = [
-        ([no_cregs], "no classical registers"),
-        ([unmeasured], "no measurements"),
         ([(ry_pair(), [0.1])], r"2 parameter\(s\): t0, t1"),       # 1 value, 2 parameters
         ([(ry_pair(), [[0.1, 0.2, 0.3]])], r"2 parameter\(s\)"),
         ([(bell(), [0.5])], r"0 parameter\(s\)"),
         ([ry_pair()], "number of values"),                          # parameters, no values
         ([bell(), (bell(), None, 0)], "pub 1: shots must be positive"),
-        ([loose], "classical registers"),
+        ([("not a circuit",)], "QuantumCircuit"),                   # TypeError in Qiskit
     ]
     for pubs, words in cases:
-        with pytest.raises(ValueError, match=words) as info:
+        with pytest.raises(Exception) as theirs:
+            StatevectorSampler().run(pubs).result()
+        with pytest.raises(type(theirs.value), match=words) as info:
             sampler.run(pubs)
         assert isinstance(info.value, QAllocError) and "To fix:" in str(info.value)
     with pytest.raises(InvalidPub, match="single one"):
@@ -242,3 +236,76 @@ def test_counts_keys_in_every_format() -> None:
         _samples({"101": 2}, 3, 3, "j")
     with pytest.raises(QAllocError, match="not 3 classical bits"):
         _samples({"1011": 3}, 3, 3, "j")
+
+
+# ---------------------------------------------------------------------------------------------
+# Behaviours of Qiskit's reference samplers (StatevectorSampler, Aer's SamplerV2)
+# ---------------------------------------------------------------------------------------------
+
+def test_seed_and_default_shots_like_the_reference(client: CountingClient) -> None:
+    """The same seed on the same method gives the same counts (and the same BitArrays); another
+    seed gives others; ``seed`` and ``default_shots`` read back as on StatevectorSampler."""
+    pub = (ry_pair(), [[0.7, 2.1], [1.5, 0.3]])
+
+    def run(seed: int | None) -> BitArray:
+        s = QAllocSampler(client, default_shots=500, seed=seed, backends=EXACT, timeout_s=120)
+        assert (s.default_shots, s.seed) == (500, seed)
+        return s.run([pub]).result()[0].data.c
+
+    first, again, other = run(42), run(42), run(43)
+    assert [first.get_counts(i) for i in range(2)] == [again.get_counts(i) for i in range(2)]
+    assert np.array_equal(first.array, again.array)
+    assert [first.get_counts(i) for i in range(2)] != [other.get_counts(i) for i in range(2)]
+    ref = StatevectorSampler(default_shots=500, seed=42)
+    assert (ref.default_shots, ref.seed) == (500, 42)
+    assert not np.array_equal(run(None).array, run(None).array)
+    with pytest.raises(ValueError, match="seed"):
+        QAllocSampler(client, seed=np.random.default_rng(1))   # type: ignore[arg-type]
+
+
+def test_no_classical_registers_warns_and_gives_an_empty_result(sampler: QAllocSampler,
+                                                               client: CountingClient) -> None:
+    no_cregs = QuantumCircuit(2)
+    no_cregs.h(0)
+    no_cregs.cx(0, 1)
+    pubs = [no_cregs, (ry_pair(), [[0.1, 0.2]] * 3), bell()]
+    with pytest.warns(UserWarning, match="no output classical registers") as ours_w:
+        ours = sampler.run(pubs).result()
+    with pytest.warns(UserWarning) as theirs_w:
+        theirs = StatevectorSampler().run(pubs, shots=SHOTS).result()
+    assert str(ours_w[0].message) == str(theirs_w[0].message)
+    assert list(ours[0].data) == list(theirs[0].data) == []
+    assert ours[0].data.shape == theirs[0].data.shape == ()
+    assert ours[0].metadata["shots"] == SHOTS and ours[0].metadata["job_ids"] == []
+    assert ours[1].data.c.shape == (3,) and set(ours[2].data.c.get_counts()) == {"00", "11"}
+    assert client.calls == 1 and client.jobs == 3 + 1          # nothing was sent for the empty pub
+
+
+def test_unmeasured_registers_read_zeros(sampler: QAllocSampler, client: CountingClient) -> None:
+    qc = QuantumCircuit(2, 3)
+    qc.h(0)
+    ours = sampler.run([qc]).result()[0].data.c
+    theirs = reference([qc])[0].data.c
+    assert ours.get_counts() == theirs.get_counts() == {"000": SHOTS}
+    assert client.calls == 0
+
+
+def test_registers_sharing_bits_and_loose_bits(sampler: QAllocSampler) -> None:
+    """Aliasing: register `a` holds clbits 0-2, `b` holds clbits 1 and 3 (shared bit 1), clbit 4
+    is in no register; each register reads its bits as StatevectorSampler reads them."""
+    bits = [Clbit() for _ in range(5)]
+    a = ClassicalRegister(bits=[bits[0], bits[1], bits[2]], name="a")
+    b = ClassicalRegister(bits=[bits[3], bits[1]], name="b")
+    qc = QuantumCircuit(QuantumRegister(4), bits, a, b)
+    qc.x(0)
+    qc.ry(2 * math.pi / 3, 1)      # P(1) = 0.75
+    qc.ry(math.pi / 3, 2)          # P(1) = 0.25
+    qc.h(3)
+    qc.measure([0, 1, 2, 3, 0], bits)
+    ours = sampler.run([qc]).result()[0].data
+    theirs = reference([qc])[0].data
+    assert (ours.a.num_bits, ours.b.num_bits) == (3, 2) and sorted(ours) == sorted(theirs) == ["a", "b"]
+    for name in ("a", "b"):
+        assert tvd(probs(ours[name]), probs(theirs[name])) < TOL, name
+    # the shared bit agrees shot by shot: a's bit 1 is b's bit 1
+    assert np.array_equal(ours.a.slice_bits(1).array, ours.b.slice_bits(1).array)
