@@ -27,7 +27,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray_qalloc import __version__
 from ray_qalloc.config import ApiSettings, Settings, load_settings
 from ray_qalloc.api_admin import add_admin_routes
+from ray_qalloc.api_events import add_event_routes
 from ray_qalloc.api_stream import add_stream_routes
+from ray_qalloc.api_threat import add_threat_routes
 from ray_qalloc.exceptions import (ConfigError, Conflict, Forbidden, IdempotencyKeyReused, IntakeError,
                                    InvalidJobSpec, JobNotFound, LimitExceeded, QAllocError, QuotaExceeded,
                                    Unauthorized)
@@ -69,6 +71,11 @@ class JobIn(BaseModel):
                 "measure q -> c;\n", "shots": 1000, "priority": "normal"}]})
 
     qasm: str = Field(description="OpenQASM 2 or 3 text (no includes but qelib1.inc / stdgates.inc).")
+    format: Literal["qasm", "cirq", "braket"] = Field("qasm", description=(
+        "What wrote `qasm`: `qasm` standard OpenQASM 2/3; `cirq` what `cirq.qasm` writes (standard OpenQASM, "
+        "read as is); `braket` Braket's OpenQASM 3 (`Circuit.to_ir('OPENQASM')`, Braket gate names such as "
+        "`cnot`, `phaseshift`, `xy`; no includes; `#pragma braket` result types, noise, verbatim boxes and "
+        "unitaries are refused). Counts use Qiskit's bit order (classical bit 0 rightmost) for every format."))
     shots: int = Field(1024, ge=1, description="Number of shots.")
     priority: Priority = Field("normal", description="Priority class; `emergency` only where granted.")
     deadline_s: float | None = Field(None, gt=0, description="Seconds from submission to the wanted result.")
@@ -168,6 +175,8 @@ class TokenIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tenant: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     admin: bool = False
+    scopes: list[Literal["soar"]] = Field(default_factory=list, max_length=4, description=(
+        "Grants beyond the tenant's own jobs: `soar` takes threat actions (boost, reserve, pause, resume)."))
 
 
 class TokenOut(BaseModel):
@@ -452,7 +461,9 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
         if job.tenant is not None and job.tenant != p.tenant:
             raise Forbidden(f"field 'tenant' is {job.tenant!r} but the token belongs to {p.tenant!r}.",
                             field="tenant", fix="leave 'tenant' out; it comes from the token.")
-        spec = make_spec(circuit=job.qasm, shots=job.shots, priority=job.priority, deadline_s=job.deadline_s,
+        from ray_qalloc.frontends import translate_text   # Braket's dialect -> standard OpenQASM 3
+
+        spec = make_spec(circuit=translate_text(job.qasm, job.format), shots=job.shots, priority=job.priority, deadline_s=job.deadline_s,
                          intent=job.intent, fidelity_min=job.fidelity_min, tenant=p.tenant,
                          idempotency_key=key, backends=tuple(job.backends) if job.backends else None)
         return prepare_job(spec, settings.limits)
@@ -628,7 +639,8 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
     @app.post("/v1/admin/tokens", response_model=TokenOut, status_code=201, tags=["admin"],
               responses={403: {"model": ErrorOut}})
     async def create_token(body: TokenIn, _: Admin) -> TokenOut:
-        token = await run_in_threadpool(state.tenants.create_token, body.tenant, admin=body.admin)
+        token = await run_in_threadpool(state.tenants.create_token, body.tenant, admin=body.admin,
+                                        scopes=tuple(body.scopes))
         return TokenOut(tenant=body.tenant, admin=body.admin, token=token)
 
     @app.put("/v1/admin/tenants/{tenant}/quota", response_model=TenantOut, tags=["admin"],
@@ -644,7 +656,10 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
         return await state.call("stats")
 
     add_admin_routes(app, state.call, admin, {403: {"model": ErrorOut}, 404: {"model": ErrorOut}})
+    add_event_routes(app, state, principal, {422: {"model": ErrorOut}})
     add_stream_routes(app, state.changefeed, principal, {422: {"model": ErrorOut}})
+    add_threat_routes(app, state.call, principal, {403: {"model": ErrorOut}, 409: {"model": ErrorOut},
+                                                   422: {"model": ErrorOut}})
 
     # -- health
     @app.get("/healthz", tags=["health"])
