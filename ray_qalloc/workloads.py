@@ -51,6 +51,8 @@ DEMO: tuple[WorkItem, ...] = (
     WorkItem("bv-6 (QPU)", "bv", 6, intent="quantum"),
     WorkItem("dj-4 (QPU)", "dj", 4, intent="quantum", priority="emergency"),
     WorkItem("ae-5 (QPU)", "ae", 5, intent="quantum", shots=2000),
+    # all-to-all interactions: SWAPs on the superconducting chips, none on the trapped-ion device
+    WorkItem("qft-8 (QPU, all-to-all)", "qft", 8, intent="quantum"),
     WorkItem("qft-20", "qft", 20, priority="batch", intent="classical"),
     WorkItem("ghz-40", "ghz", 40, intent="classical"),
 )
