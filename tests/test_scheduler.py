@@ -127,8 +127,8 @@ def test_preemption_candidates_do_not_grow_with_passes():
     s.enqueue(e, plan_for(e, {"a": 1.0}), 0.0)
     assert s.decide(0.0).preempt == []      # no batch victim: waits, looked at again later
     for t in (0.1, 0.2, 0.3):
-        assert s.decide(t).preempt == [] and s._emergency_new == set()
-    assert list(s._emergency_waiting) == ["e"]
+        assert s.decide(t).preempt == [] and s._preempt.new == set()
+    assert list(s._preempt.waiting) == ["e"]
 
 
 def test_qpu_runs_are_never_preempted():

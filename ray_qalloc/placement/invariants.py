@@ -110,7 +110,7 @@ def _check_capacity(s: "Scheduler") -> None:
 
 
 def _check_load(s: "Scheduler") -> None:
-    from ray_qalloc.placement.scheduler import backend_load, emergency_threads, first_core_run
+    from ray_qalloc.placement.load import backend_load, emergency_threads, first_core_run
 
     reserved = s.config.reserved
     for node, names in s._nodes.items():

@@ -208,8 +208,13 @@ def select(job: JobView, p: Plan, live: Mapping[str, LiveState], *, detailed: bo
 
 
 def _score(state: LiveState, est: Estimate, run: float, objective: float) -> dict[str, float]:
-    return {"wait_s": state.wait_s, "runtime_s": est.runtime_s, "log_sd": est.log_sd,
-            "expected_runtime_s": run, "completion_s": state.wait_s + run,
+    return score_row(state.wait_s, state.can_start, est, run, objective)
+
+
+def score_row(wait_s: float, can_start: bool, est: Estimate, run: float, objective: float) -> dict[str, float]:
+    """One backend's row of explain: what a decision weighed there."""
+    return {"wait_s": wait_s, "runtime_s": est.runtime_s, "log_sd": est.log_sd,
+            "expected_runtime_s": run, "completion_s": wait_s + run,
             "fidelity": est.fidelity, "cost": est.cost, "objective": objective}
 
 

@@ -19,7 +19,7 @@ What it decides, per pass (``decide(now)``):
 * **congestion** — when a QPU's predicted wait passes ``qpu_wait_high_s``, ``auto`` jobs whose
   fidelity floor a simulator meets stop considering it, until the wait falls below
   ``qpu_wait_low_s`` (hysteresis);
-* **preemption** — an emergency job that cannot start anywhere may take the slot of a running
+* **preemption** (``placement/preemption.py``) — an emergency job that cannot start anywhere may take the slot of a running
   ``batch`` job on a simulator (``preempt`` in the pass result); the caller stops that run and
   re-queues the batch job, which keeps its place: order within a class is (deadline, arrival),
   so re-enqueueing with the original arrival puts it back where it was.
@@ -44,13 +44,15 @@ import itertools
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Iterator, Any, Callable, Iterable, Mapping, Protocol, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Protocol, TypeVar
 
 from ray_qalloc.backends.base import BackendSpec
-from ray_qalloc.placement.hedging import REMAINING_PER_ELAPSED
 from ray_qalloc.placement.holds import Holds
+from ray_qalloc.placement.load import (BackendSlotState, LiveView, Run, _Without, backend_load, emergency_threads,
+                                       first_core_run)
+from ray_qalloc.placement.preemption import Preemption
 from ray_qalloc.placement.model import JobView, LiveState, Plan
-from ray_qalloc.placement.pipeline import Choice, objective_rows, select, static_objective
+from ray_qalloc.placement.pipeline import Choice, objective_rows, score_row, select
 from ray_qalloc.priority import CLASSES, RANK as _RANK, known as _known_class
 
 __all__ = ["CLASSES", "CHECK_INVARIANTS_ENV", "Decision", "Entry", "LiveView", "PassResult", "Policy",
@@ -109,95 +111,6 @@ class Entry:
         return (_RANK[self.cls], self.deadline_at, self.arrival, self.seq)
 
 
-@dataclass
-class Run:
-    job_id: str
-    backend: str
-    priority: str
-    started: float
-    predicted_s: float
-
-    def remaining(self, now: float) -> float:
-        return max(self.started + self.predicted_s - now, 0.0)
-
-    @property
-    def ends(self) -> float:
-        return self.started + self.predicted_s
-
-
-@dataclass
-class BackendSlotState:
-    spec: BackendSpec
-    node: str = "local"
-    healthy: bool = True
-    runs: dict[str, Run] = field(default_factory=dict)
-    queued_work_s: float = 0.0        # predicted runtime of queued jobs that prefer this backend
-    congested: bool = False
-    # cached load, refreshed when a run starts or ends on its node (not per decision)
-    free_at: float = 0.0              # when a slot (and a core) is predicted to free
-    free_run_started: float = 0.0     # start of the run predicted to free it (to judge overruns)
-    can_start: bool = True            # for non-emergency jobs (reserved slots held back)
-    can_start_emergency: bool = True
-    free_at_emergency: float = 0.0    # the same for an emergency job: reserved slots are its own
-    free_run_started_emergency: float = 0.0
-    # wait that is not ours to see run: jobs of other users ahead in a QPU provider's queue
-    external_wait_s: float = 0.0
-
-
-Load = tuple[float, float, bool, float, float, bool]   # free_at, its run's start, can_start; the same for emergency
-
-
-def backend_load(spec: BackendSpec, healthy: bool, runs: Iterable[Run], reserved: int,
-                 short: bool, short_emergency: bool, core_first: Run | None, never: bool = False) -> Load:
-    """When a backend can next take a job, for other jobs and for emergency ones.
-
-    ``reserved``: its slots kept for emergency jobs (emergency runs count against them, so
-    the hold grows again as they end: the wait walks the runs in order of their predicted
-    end); ``short`` / ``short_emergency``: its node's free cores (less the pool's emergency
-    hold, for other jobs) are fewer than its threads; ``never``: the pool's reserved cores
-    leave too few for it whatever ends; ``core_first``: the thread-holding run on the node
-    predicted to end first (the wait for a core is taken as the wait for that run). The one
-    formula, so that the cache, ``validate_state`` and every view agree. A slot that never
-    frees for other jobs (all reserved) is infinitely far: they must not wait for it."""
-    ends = sorted(runs, key=lambda r: (r.ends, r.started))
-    emergency = sum(1 for r in ends if r.priority == _EMERGENCY)
-    hold = max(reserved - emergency, 0)
-    free = spec.slots - len(ends)
-    at, started = 0.0, 0.0
-    if free - hold <= 0:
-        at = math.inf
-        for k, r in enumerate(ends, 1):
-            emergency -= r.priority == _EMERGENCY
-            if free + k - max(reserved - emergency, 0) > 0:
-                at, started = r.ends, r.started
-                break
-    at_e, started_e = 0.0, 0.0
-    if free <= 0 and ends:       # the (1 - free)-th run to end frees a slot for an emergency job
-        r = ends[min(-free, len(ends) - 1)]
-        at_e, started_e = r.ends, r.started
-    if never and short:
-        at = math.inf
-    if core_first is not None:
-        if short and core_first.ends > at:
-            at, started = core_first.ends, core_first.started
-        if short_emergency and core_first.ends > at_e:
-            at_e, started_e = core_first.ends, core_first.started
-    can_e = healthy and free > 0 and not short_emergency
-    can = can_e and free - hold > 0 and not short
-    return at, started, can, at_e, started_e, can_e
-
-
-def emergency_threads(backends: Iterable[BackendSlotState]) -> float:
-    """Threads emergency runs hold on these backends: what a pool's reserved cores count against."""
-    return sum(b.spec.threads for b in backends for r in b.runs.values() if r.priority == _EMERGENCY)
-
-
-def first_core_run(backends: Iterable[BackendSlotState]) -> Run | None:
-    """The thread-holding run predicted to end first (ties: the one started first)."""
-    return min((r for b in backends if b.spec.threads > 0 for r in b.runs.values()),
-               key=lambda r: (r.ends, r.started), default=None)
-
-
 class Policy(Protocol):
     """Where a job goes, given its plan and live load (qalloc's ``select``, or a baseline)."""
 
@@ -210,78 +123,11 @@ class QallocPolicy:
     name = "qalloc"
 
     def choose(self, entry: Entry, live: Mapping[str, LiveState], now: float) -> Choice:
+        if type(live) is LiveView:
+            return live.weigh(entry)
         if not entry.excluded:
             return select(entry.job, entry.plan, live)
         return select(entry.job, entry.plan, _Without(live, entry.excluded))
-
-
-class _Without(Mapping[str, LiveState]):
-    def __init__(self, base: Mapping[str, LiveState], drop: frozenset[str]) -> None:
-        self.base, self.drop = base, drop
-
-    def __getitem__(self, key: str) -> LiveState:
-        if key in self.drop:
-            raise KeyError(key)
-        return self.base[key]
-
-    def get(self, key: str, default: Any = None) -> LiveState | None:
-        return default if key in self.drop else self.base.get(key, default)
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return (k for k in self.base if k not in self.drop)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
-class LiveView(Mapping[str, LiveState]):
-    """Live load as a mapping, computed on access from the cached per-backend state: a decision
-    reads only the backends of its own plan, so building all of them would waste O(backends)."""
-
-    def __init__(self, sched: "Scheduler", now: float, emergency: bool,
-                 ahead: Mapping[str, float] | None = None, held: Mapping[str, float] | None = None) -> None:
-        self.sched, self.now, self.emergency = sched, now, emergency
-        self.ahead = ahead if ahead is not None else {}   # shared: a pass adds to it as jobs wait
-        self.held = held if held is not None else {}      # work of jobs held waiting (``Holds.work``)
-
-    def extra(self, key: str) -> float:
-        """Work of waiting jobs counted ahead on ``key`` (not yet spread over its slots)."""
-        return self.ahead.get(key, 0.0) + self.held.get(key, 0.0)
-
-    def get(self, key: str, default: Any = None) -> LiveState | None:  # the hot path: no ABC detour
-        b = self.sched.backends.get(key)
-        if b is None:
-            return default
-        if not b.healthy:
-            return LiveState(math.inf, False)
-        if self.emergency:
-            can, free_at, started = b.can_start_emergency, b.free_at_emergency, b.free_run_started_emergency
-        else:
-            can, free_at, started = b.can_start, b.free_at, b.free_run_started
-        wait = 0.0 if can else free_at - self.now
-        if wait < 0.0:
-            # past its predicted end but still running: an overrun is not a free slot; expect it
-            # to run as long again as it has so far (heavy tails) — the estimate hedging uses too
-            wait = max(REMAINING_PER_ELAPSED * (self.now - started), 0.0)
-        if self.ahead or self.held:
-            extra = self.ahead.get(key, 0.0) + self.held.get(key, 0.0)
-            if extra:
-                wait += extra / max(b.spec.slots, 1)
-        if b.external_wait_s:
-            wait += b.external_wait_s   # a free slot of ours still queues behind the provider's line
-        return LiveState(wait, can)
-
-    def __getitem__(self, key: str) -> LiveState:
-        state = self.get(key)
-        if state is None:
-            raise KeyError(key)
-        return state
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self.sched.backends)
-
-    def __len__(self) -> int:
-        return len(self.sched.backends)
 
 
 @dataclass
@@ -289,9 +135,20 @@ class Decision:
     entry: Entry
     choice: Choice
     scores: dict[str, dict[str, float]] = field(default_factory=dict)   # every backend's, at decision time
+    # (backend, wait, can start) as the decision weighed them: every backend's scores are
+    # rebuilt from these when explain asks, not on the hot path
+    seen: tuple[tuple[str, float, bool], ...] = ()
 
     @property
     def explained(self) -> Choice:
+        if not self.scores and self.seen:
+            job, p = self.entry.job, self.entry.plan
+            rows = {name: (run, base) for name, run, base in objective_rows(p, job.priority, job.intent)}
+            for name, wait, can in self.seen:
+                run, base = rows[name]
+                completion = wait + run
+                objective = math.log(completion if completion > 1e-6 else 1e-6) + base
+                self.scores[name] = score_row(wait, can, p.estimates[name], run, objective)
         return Choice(self.choice.backend, self.choice.can_start, self.scores or self.choice.scores)
 
 
@@ -373,11 +230,7 @@ class Scheduler:
         self._aging: list[tuple[float, int, str]] = []  # batch jobs by (arrival, seq, id): oldest first
         self._deadlines: list[tuple[float, int, str]] = []   # (latest start that meets the deadline, seq, job)
         self._pending_unplaceable: list[Entry] = []
-        # emergency jobs to consider for preemption at the next pass: new arrivals, and those a
-        # pass saw waiting; each is checked once, so a pass never rescans the queue
-        self._emergency_new: set[str] = set()
-        self._emergency_waiting: dict[str, None] = {}   # insertion-ordered set
-        self._emergency_recheck_at = -math.inf
+        self._preempt = Preemption(self)   # emergency jobs that may stop a batch run
         self._jitter = 12345
         self.examined = 0            # jobs a pass has weighed, in all (benchmarks divide by it)
         self._congestion_checked = -math.inf
@@ -500,7 +353,7 @@ class Scheduler:
         if entry.cls == _BATCH:
             heapq.heappush(self._aging, (arrival, entry.seq, job.id))
         elif entry.cls == _EMERGENCY:
-            self._emergency_new.add(job.id)
+            self._preempt.arrived(job.id)
         self._count_queued(entry, +1)
         if job.deadline_s is not None:
             # flag at once if the predicted queue already makes it late; and remember the latest
@@ -543,7 +396,7 @@ class Scheduler:
             if new == _BATCH:
                 heapq.heappush(self._aging, (entry.arrival, entry.seq, entry.job.id))
             elif new == _EMERGENCY:
-                self._emergency_new.add(entry.job.id)
+                self._preempt.arrived(entry.job.id)
             changed.append(entry.job.id)
         return changed
 
@@ -818,6 +671,7 @@ class Scheduler:
         carried, self._carry = self._carry, {}
         examined: set[str] = set()
         live_n, live_e = LiveView(self, now, False, ahead, holds.work), LiveView(self, now, True, ahead, holds.work)
+        fast = type(self.policy).choose is QallocPolicy.choose   # qalloc's own selector: weigh inline
         while heads and misses < self.config.lookahead:
             item, backend = heapq.heappop(heads)
             job_id = item[2]
@@ -840,7 +694,8 @@ class Scheduler:
             live = live_e if emergency else live_n
             entry.excluded = (self._exclusions(entry, congested, now) if congested or self.windows
                               else frozenset())
-            choice = self.policy.choose(entry, live, now)
+            seen: list[tuple[str, float, bool]] | None = [] if fast and self.config.explain else None
+            choice = live.weigh(entry, seen) if fast else self.policy.choose(entry, live, now)
             if choice.backend is None:
                 if not any(b in self.backends for b in entry.plan.estimates):
                     out.unplaceable.append(entry)
@@ -852,8 +707,11 @@ class Scheduler:
             if entry.flagged is None and entry.job.deadline_s is not None:
                 self._flag(entry, choice, now, out)
             if choice.can_start:
-                scores = select(entry.job, entry.plan, live, detailed=True).scores if self.config.explain else {}
-                out.dispatch.append(Decision(entry, choice, scores))
+                if seen is not None:
+                    out.dispatch.append(Decision(entry, choice, {}, tuple(seen)))
+                else:
+                    scores = select(entry.job, entry.plan, live, detailed=True).scores if self.config.explain else {}
+                    out.dispatch.append(Decision(entry, choice, scores))
                 self.start(job_id, choice.backend, now, entry.plan.estimates[choice.backend].runtime_s)
             else:
                 # it prefers to wait (for a busy backend, or a slot reserved for emergencies)
@@ -862,7 +720,8 @@ class Scheduler:
                 self._waits(entry, choice, live, now, ahead, kept or [])
             self._advance(backend, walk, heads, skip, parked)
         self._end_pass(now, parked, carried, examined)
-        self._preemptions(now, out)
+        if self.config.preemption:
+            self._preempt.run(now, out)
         return out
 
     def _end_pass(self, now: float, parked: list[tuple[str, _Item]],
@@ -917,11 +776,8 @@ class Scheduler:
         the items ``kept`` off free indexes) while that memo is on, else for this pass only."""
         job_id = entry.job.id
         emergency = live.emergency
-        if emergency and job_id not in self._emergency_new:
-            # it declined a free slot for a better one: no preemption needed now; the bounded
-            # once-a-second recheck looks at it again while it waits (checking every declining
-            # emergency job after every pass cost a victim search each)
-            self._emergency_waiting.setdefault(job_id, None)
+        if emergency:
+            self._preempt.declined(job_id)
         holds = self._holds
         if choice.backend in entry.plan.estimates:
             run_s = entry.plan.estimates[choice.backend].runtime_s
@@ -966,78 +822,6 @@ class Scheduler:
             return 0.0
         self._jitter = (self._jitter * 1103515245 + 12345) & 0x7FFFFFFF
         return ttl * (1.0 + self._jitter / 0x7FFFFFFF)
-
-    def _preemptions(self, now: float, out: PassResult) -> None:
-        """Emergency jobs that cannot start anywhere may take a long batch simulator run's slot."""
-        if not self.config.preemption:
-            return
-        taken: set[str] = set()
-        candidates, self._emergency_new = self._emergency_new, set()
-        if now - self._emergency_recheck_at >= self.config.preempt_recheck_s and self._emergency_waiting:
-            # jobs checked before that are still waiting: loads move (overruns, batch runs
-            # starting), so they are looked at again — once per ``preempt_recheck_s``, a bounded
-            # number per pass, oldest first, so a pass never rescans a long emergency queue
-            self._emergency_recheck_at = now
-            waiting = self._emergency_waiting
-            for job_id in list(itertools.islice(waiting, self.config.preempt_recheck_batch)):
-                del waiting[job_id]
-                candidates.add(job_id)
-        # most urgent first: the first victims go to the jobs first in line (and a set's order
-        # would depend on string hashing, i.e. differ between processes)
-        for entry in sorted((self.entries[j] for j in candidates if j in self.entries), key=Entry.key):
-            job_id = entry.job.id
-            if any(self.backends[b].can_start_emergency for b in entry.plan.estimates if b in self.backends):
-                # a backend is free for it: the pass starts it, or it chose to wait for a better one
-                self._emergency_waiting[job_id] = None
-                continue
-            victim = self._victim(entry, now, taken)
-            if victim is None:
-                self._emergency_waiting[job_id] = None   # nothing worth stopping now; looked at again
-            else:
-                taken.add(victim.job_id)
-                out.preempt.append((victim, entry))
-
-    def _victim(self, entry: Entry, now: float, taken: set[str]) -> Run | None:
-        """The batch simulator run whose slot would serve this emergency job best — and only if
-        taking it beats the job's best option as things stand (waiting for a busy backend may
-        be better than a slow free one: then stopping someone's work gains nothing)."""
-        current = select(entry.job, entry.plan, LiveView(self, now, True))
-        if current.backend is None:
-            return None
-        best_obj = current.scores[current.backend]["objective"]
-        static = static_objective(entry.plan, entry.job.priority, entry.job.intent)
-        best: Run | None = None
-        for b, est in entry.plan.estimates.items():
-            state = self.backends.get(b)
-            if state is None or state.spec.kind != "simulator" or not state.healthy:
-                continue
-            obj = math.log(max(est.runtime_s, 1e-6)) + static[b]
-            if obj >= best_obj:
-                continue
-            for run in self._victims_for(state, taken, now):
-                best_obj, best = obj, run
-                break
-        return best
-
-    def _victims_for(self, state: BackendSlotState, taken: set[str], now: float) -> Iterator[Run]:
-        """Batch runs whose stop would let ``state``'s backend start a run: its own, and — for a
-        pool's variant, whose cores every variant of the pool shares — those of its siblings that
-        free enough cores (a batch MPS run's core serves an emergency statevector job)."""
-        spec = state.spec
-        ok = lambda r: (r.priority == _BATCH and r.job_id not in taken  # noqa: E731
-                        and r.remaining(now) >= self.config.preempt_min_remaining_s)
-        yield from (r for r in state.runs.values() if ok(r))
-        if spec.threads <= 0 or len(state.runs) >= spec.slots:
-            return
-        cores = self.node_cpus.get(state.node, 1.0)
-        free = cores - self._node_busy.get(state.node, 0.0)
-        for name in self._nodes.get(state.node, ()):
-            sib = self.backends[name]
-            if name == spec.name or sib.spec.threads <= 0:
-                continue
-            for r in sib.runs.values():
-                if ok(r) and free + sib.spec.threads >= spec.threads:
-                    yield r
 
     def _flag(self, entry: Entry, choice: Choice, now: float, out: PassResult) -> None:
         if entry.flagged is not None or math.isinf(entry.deadline_at):
