@@ -11,6 +11,7 @@ stable (see ``ERROR_STATUS``).
 
 
 import asyncio
+import copy
 import dataclasses
 import logging
 import math
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ray_qalloc import __version__
 from ray_qalloc.config import ApiSettings, Settings, load_settings
@@ -40,6 +42,7 @@ from ray_qalloc.placement.filters import TenantFilter
 from ray_qalloc.placement.model import BackendView, JobView
 from ray_qalloc.metrics import metrics
 from ray_qalloc.tenants import Principal, Quota, TenantStore
+from ray_qalloc.wire import JsonFloat, JsonInt
 
 log = logging.getLogger("ray_qalloc.api")
 
@@ -64,30 +67,32 @@ Intent = Literal["auto", "quantum", "classical"]
 
 # ---- request and response bodies ---------------------------------------------------------
 class JobIn(BaseModel):
-    """One job, in the field names of the trace format (DESIGN.md). The tenant is the token's."""
+    """One job, in the field names of the trace format (DESIGN.md). The tenant is the token's.
+
+    Numbers are ``wire`` types: ``"5"`` or ``true`` for ``shots`` is refused, not coerced."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "qasm": 'OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[2];\ncreg c[2];\nh q[0];\ncx q[0],q[1];\n'
                 "measure q -> c;\n", "shots": 1000, "priority": "normal"}]})
 
-    qasm: str = Field(description="OpenQASM 2 or 3 text (no includes but qelib1.inc / stdgates.inc).")
+    qasm: str = Field(min_length=1, description="OpenQASM 2 or 3 text (no includes but qelib1.inc / stdgates.inc).")
     format: Literal["qasm", "cirq", "braket"] = Field("qasm", description=(
         "What wrote `qasm`: `qasm` standard OpenQASM 2/3; `cirq` what `cirq.qasm` writes (standard OpenQASM, "
         "read as is); `braket` Braket's OpenQASM 3 (`Circuit.to_ir('OPENQASM')`, Braket gate names such as "
         "`cnot`, `phaseshift`, `xy`; no includes; `#pragma braket` result types, noise, verbatim boxes and "
         "unitaries are refused). Counts use Qiskit's bit order (classical bit 0 rightmost) for every format."))
-    shots: int = Field(1024, ge=1, description="Number of shots.")
+    shots: JsonInt = Field(1024, ge=1, description="Number of shots.")
     priority: Priority = Field("normal", description="Priority class; `emergency` only where granted.")
-    deadline_s: float | None = Field(None, gt=0, description="Seconds from submission to the wanted result.")
+    deadline_s: JsonFloat | None = Field(None, gt=0, description="Seconds from submission to the wanted result.")
     intent: Intent = Field("auto", description="`quantum` needs a QPU, `classical` a simulator, `auto` either.")
-    fidelity_min: float | None = Field(None, gt=0, le=1, description="Lowest acceptable estimated fidelity.")
+    fidelity_min: JsonFloat | None = Field(None, gt=0, le=1, description="Lowest acceptable estimated fidelity.")
     backends: list[str] | None = Field(None, max_length=64, description=(
         "Only these may run the job: backend or candidate names (`cpu-1a2b3c4d/mps`), pool names "
         "(`cpu-1a2b3c4d`: every method there) or method names (`statevector`, `mps`, `stabilizer`, "
         "`density_matrix`: that method on every pool)."))
     tenant: str | None = Field(None, description="Optional; must be the token's tenant when given.")
     id: str | None = Field(None, max_length=200, description="A trace's own job id; echoed as `client_id`.")
-    arrival_s: float | None = Field(None, description="Trace replay field; ignored.")
+    arrival_s: JsonFloat | None = Field(None, description="Trace replay field; ignored.")
 
 
 class BatchIn(BaseModel):
@@ -174,7 +179,7 @@ class Pending(BaseModel):
 class TokenIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tenant: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    admin: bool = False
+    admin: bool = Field(False, strict=True)   # `0` or "no" is refused, not read as false
     scopes: list[Literal["soar"]] = Field(default_factory=list, max_length=4, description=(
         "Grants beyond the tenant's own jobs: `soar` takes threat actions (boost, reserve, pause, resume)."))
 
@@ -362,6 +367,7 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
                              503: {"model": ErrorOut}})
     app.state.qalloc = state
     app.state.limits = limits   # the ingress's reconfigure reaches it through the app it serves
+    _document_live_limits(app, settings, limits)
 
     # -- error handlers: every error is the same JSON shape
     @app.exception_handler(QAllocError)
@@ -381,10 +387,13 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
                                                    "message": str(e.get("msg"))} for e in errs[:20]]})
 
     @app.exception_handler(StarletteHTTPException)
-    async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "invalid_request")
         status = 422 if exc.status_code == 400 else exc.status_code   # a body that does not parse
-        return error_response(code, str(exc.detail), status=status,
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:   # RFC 9110: a 405 lists what the resource does support
+            headers["Allow"] = allowed_methods(request)
+        return error_response(code, str(exc.detail), status=status, headers=headers or None,
                               hint="see /docs for the routes." if exc.status_code in (404, 405) else None)
 
     @app.exception_handler(Exception)
@@ -682,6 +691,64 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
         return {"status": "ready"}
 
     return app
+
+
+def _document_live_limits(app: FastAPI, settings: Settings, limits: ApiLimits) -> None:
+    """Make the served OpenAPI document state the limits this replica enforces by hand.
+
+    Why by hand and not in the models: the intake limits are settings and the API's own limits
+    change live (``ApiLimits.reconfigure``), while a model's constraints are fixed when the
+    module is imported. The checks stay where they are (they answer with their own codes,
+    `limit_exceeded` and `invalid_job_spec`, naming the setting); the document is rebuilt
+    after a reconfigure, so a client or fuzzer reading it sees the bounds in force."""
+    build = app.openapi
+    built_for = [-1]
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None or built_for[0] != limits.changes:
+            app.openapi_schema = None
+            doc = build()
+            intake, api = settings.limits, limits.current
+            schemas = doc["components"]["schemas"]
+            # a batch answers a job over a limit on its own (its `error`), not with a 422 for all:
+            # its items keep the unbounded shape
+            schemas["BatchJobIn"] = copy.deepcopy(schemas["JobIn"])
+            schemas["BatchJobIn"]["title"] = "BatchJobIn"
+            schemas["BatchJobIn"]["description"] = (
+                "As JobIn; a job over an intake limit (shots, deadline, circuit size) is refused on its "
+                "own in the answer's `jobs[i].error`, and the others go on.")
+            schemas["BatchIn"]["properties"]["jobs"]["items"] = {"$ref": "#/components/schemas/BatchJobIn"}
+            job = schemas["JobIn"]["properties"]
+            job["qasm"]["maxLength"] = intake.max_qasm_bytes   # bytes of UTF-8: a bound on characters too
+            job["shots"]["maximum"] = intake.max_shots
+            for branch in job["deadline_s"].get("anyOf", []):
+                if branch.get("type") == "number":
+                    branch["maximum"] = intake.max_deadline_s
+            schemas["BatchIn"]["properties"]["jobs"]["maxItems"] = api.max_batch_jobs
+            for path, name, bound in (("/v1/jobs", "limit", api.max_page), ("/v1/events", "limit", api.max_page),
+                                      ("/v1/jobs/{job_id}/result", "wait", api.max_result_wait_s)):
+                for param in doc["paths"].get(path, {}).get("get", {}).get("parameters", []):
+                    if param["name"] == name:
+                        param["schema"]["maximum"] = bound
+            built_for[0] = limits.changes
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def allowed_methods(request: Request) -> str:
+    """The ``Allow`` value of a 405: every method of every route on the request's path.
+
+    Why not Starlette's own header: it names only the first route whose path matched, and
+    FastAPI makes one route per method (``GET`` and ``DELETE /v1/jobs/{id}`` are two), so it
+    would leave out methods the resource has."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match is not Match.NONE:   # the path matched (a method mismatch is PARTIAL, not NONE)
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
 
 
 def _reused(key: str | None, job_id: str) -> QAllocError:

@@ -7,6 +7,14 @@ a non-5xx that the document describes, and invalid input must not be accepted. B
 CI: ``FUZZ_EXAMPLES`` cases per operation and mode, no shrinking, a 10 s timeout per request
 (a hang fails the test), derandomized so a failure reproduces on the next run.
 
+Every check schemathesis has runs (``CHECKS`` is built from its registry and a test fails if a
+new one appears unhandled), in its three generators: the document's examples, Hypothesis
+(positive and negative), and the *coverage* phase, whose systematic cases (boundary values,
+each type and constraint broken one at a time, a missing header, an undeclared method) are the
+only ones that drive ``unsupported_method`` and ``missing_required_header``. Two checks are
+narrowed, each for a reason written beside it: ``status_code_conformance`` (a list that is now
+empty) and ``positive_data_acceptance`` (content rules no JSON Schema can state).
+
 Why not ``schemathesis.pytest.from_fixture(...).parametrize()``: in schemathesis 4.32.5 it
 renames pytest nodes through ``Node._nodeid``, which pytest 9.2 no longer has
 (AttributeError at run time). Hypothesis over ``APIOperation.as_strategy`` is the same
@@ -28,10 +36,13 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from hypothesis import strategies as st
-from schemathesis.checks import (content_type_conformance, negative_data_rejection, not_a_server_error,
-                                 response_headers_conformance, response_schema_conformance,
-                                 status_code_conformance)
+from schemathesis.checks import CHECKS as REGISTERED_CHECKS
+from schemathesis.checks import load_all_checks, positive_data_acceptance, status_code_conformance
+from schemathesis.core.failures import FailureGroup
 from schemathesis.generation import GenerationMode
+from schemathesis.generation.drivers import CoverageGenerator
+from schemathesis.generation.feedback import FeedbackSources
+from schemathesis.generation.overrides import Override
 
 from tests.serve_fixtures import BELL
 
@@ -75,8 +86,50 @@ def _with_real_records(case: schemathesis.Case) -> schemathesis.Case:
     return case
 
 
-CHECKS = [not_a_server_error, status_code_documented, content_type_conformance, response_headers_conformance,
-          response_schema_conformance, negative_data_rejection]
+# Refusals of schema-valid input that are right by design: the content of a field breaks a rule
+# that JSON Schema cannot express, and the answer says which rule with its own code (never the
+# `invalid_request` of a request that does not fit the document). OpenQASM's grammar and what a
+# circuit expands to (`invalid_circuit`, `forbidden_include`, `limit_exceeded`: gates, qubits);
+# whether any backend of the live pool can run it (`no_feasible_backend`); whether text is a CEF,
+# LEEF, syslog, OCSF or STIX record (`invalid_event`); whether a dotted settings key exists and its
+# value is valid for the running configuration (`config_error`); whether the names in a job's
+# `backends` allow-list are in the live pool (`invalid_job_spec` on `backends`: the pool changes
+# with nodes and membership while the document is read once).
+CONTENT_RULE_CODES = frozenset({"invalid_circuit", "forbidden_include", "limit_exceeded", "no_feasible_backend",
+                                "invalid_event", "config_error"})
+CONTENT_RULE_FIELDS = frozenset({("invalid_job_spec", "backends")})
+
+
+def _cross_field_rule(error: dict[str, Any]) -> bool:
+    """A model-level validator (``end`` after ``start``): pydantic reports it on the whole body as
+    a ``Value error``; JSON Schema has no way to compare two fields."""
+    errors = (error.get("details") or {}).get("errors") or []
+    return bool(errors) and all(e.get("field") == "body" and str(e.get("message", "")).startswith("Value error")
+                                for e in errors)
+
+
+def positive_data_accepted(ctx: Any, response: Any, case: schemathesis.Case) -> bool | None:
+    """positive_data_acceptance, less refusals by a content rule the document cannot state."""
+    if response.status_code == 422:
+        try:
+            error = response.json().get("error") or {}
+        except ValueError:
+            error = {}
+        if (error.get("code") in CONTENT_RULE_CODES or (error.get("code"), error.get("field")) in CONTENT_RULE_FIELDS
+                or _cross_field_rule(error)):
+            return None
+    return positive_data_acceptance(ctx, response, case)
+
+
+load_all_checks()
+_NARROWED = {status_code_conformance: status_code_documented, positive_data_acceptance: positive_data_accepted}
+# every check schemathesis registers (`--checks all`), the narrowed two replaced by their wrappers
+CHECKS = [_NARROWED.get(check, check) for check in REGISTERED_CHECKS.get_all()]
+ALL_CHECK_NAMES = frozenset({
+    "not_a_server_error", "status_code_conformance", "content_type_conformance", "response_headers_conformance",
+    "response_schema_conformance", "negative_data_rejection", "positive_data_acceptance",
+    "missing_required_header", "unsupported_method", "allow_header_conformance", "use_after_free",
+    "ensure_resource_availability", "ignored_auth", "object_level_authorization"})
 FUZZ_SETTINGS = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
                          derandomize=os.environ.get("TEST_FUZZ_RANDOM") != "1",
                          phases=[Phase.explicit, Phase.generate],   # no shrinking: bounded time
@@ -166,6 +219,12 @@ def _call(case: schemathesis.Case, headers: dict[str, str]) -> None:
     _CALLS.append(1)
 
 
+def test_every_schemathesis_check_runs() -> None:
+    """A schemathesis upgrade that adds a check fails here until the check is looked at."""
+    assert {check.__name__ for check in REGISTERED_CHECKS.get_all()} == ALL_CHECK_NAMES
+    assert len(CHECKS) == len(ALL_CHECK_NAMES)
+
+
 def test_openapi_document_is_served_and_complete(api_schema: schemathesis.BaseSchema) -> None:
     """The routes the fuzzer drives are the API's routes (a missing route would go untested)."""
     labels = {op.label for op in _operations(api_schema)}
@@ -185,9 +244,25 @@ def test_api_fuzz(server: Any, api_schema: schemathesis.BaseSchema, fuzz_tokens:
     assert len(_CALLS) - before >= 3 * len(_fuzzable(api_schema)), len(_CALLS) - before
 
 
+def _coverage_cases(schema: schemathesis.BaseSchema, op: schemathesis.APIOperation) -> list[schemathesis.Case]:
+    """The coverage phase's deterministic cases for one operation, positive and negative."""
+    return list(CoverageGenerator(
+        operation=op, generation_modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
+        generation_config=schema.config.generation_for(operation=op, phase="coverage"),
+        auth_storage=None, override=Override(), feedback=FeedbackSources()))
+
+
 def _fuzz_all(api_schema: schemathesis.BaseSchema, fuzz_tokens: Tokens, subtests: Any) -> None:
     for op in _fuzzable(api_schema):
         headers = fuzz_tokens.for_path(op.path)
+        with subtests.test(operation=op.label, mode="coverage"):
+            failures: list[str] = []
+            for case in _coverage_cases(api_schema, op):
+                try:
+                    _call(case, headers)
+                except (AssertionError, FailureGroup) as exc:
+                    failures.append(str(exc))
+            assert not failures, f"{len(failures)} coverage case(s) failed; the first:\n{failures[0]}"
         examples = api_schema.get_strategies_from_examples(op)
         if examples:
             with subtests.test(operation=op.label, mode="examples"):
