@@ -293,6 +293,7 @@ def _load_qasm3(text: str, limits: Limits) -> QuantumCircuit:
     except Exception as exc:  # noqa: BLE001
         _parse_error(exc)
     _Qasm3Precheck(limits).run(program.statements)
+    _positional_gate_parameters(program.statements)
     try:
         return qiskit_qasm3_import.convert(program)
     except RecursionError:
@@ -300,6 +301,45 @@ def _load_qasm3(text: str, limits: Limits) -> QuantumCircuit:
                              field="circuit", fix="flatten deeply nested blocks.") from None
     except Exception as exc:  # noqa: BLE001
         _parse_error(exc)
+
+
+def _positional_gate_parameters(statements: list[Any]) -> None:
+    """Rename every custom gate's parameters so that their names sort in their declared order.
+
+    Why: ``qiskit_qasm3_import`` 0.6 binds a call's arguments to a gate definition's parameters
+    in the *alphabetical* order of the parameters' names, not by position — ``gate g(b, a) q
+    {...}`` called as ``g(0.1, 0.7)`` gets ``b = 0.7``: a tenant's circuit would silently run
+    with its angles swapped. Names ``_qalloc_p0000``, ``_qalloc_p0001``, ... sort as declared;
+    the body's references (which shadow any global of the same name) follow the rename."""
+    import openqasm3.ast as ast
+
+    for stmt in statements:
+        if not isinstance(stmt, ast.QuantumGateDefinition) or len(stmt.arguments) < 2:
+            continue
+        names = {arg.name: f"_qalloc_p{i:04d}" for i, arg in enumerate(stmt.arguments)}
+        for arg in stmt.arguments:
+            arg.name = names[arg.name]
+        _rename_identifiers(stmt.body, names)
+
+
+def _rename_identifiers(node: Any, names: dict[str, str]) -> None:
+    """Rename ``Identifier`` nodes in an AST subtree (iteratively: bodies may be deep)."""
+    import dataclasses
+
+    import openqasm3.ast as ast
+
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, list):
+            stack.extend(n)
+        elif isinstance(n, ast.Identifier):
+            if n.name in names:
+                n.name = names[n.name]
+        elif dataclasses.is_dataclass(n) and not isinstance(n, type):
+            for f in dataclasses.fields(n):
+                if f.name != "span":
+                    stack.append(getattr(n, f.name))
 
 
 def _gate_limit(total: int, limits: Limits, what: str = "expands to") -> NoReturn:

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from qiskit import QuantumCircuit, qasm2
 from qiskit.circuit import Gate, Parameter
 from qiskit.circuit.library import QFTGate
@@ -438,3 +440,21 @@ def test_qasm3_materialisation_is_capped_but_flat_programs_are_not() -> None:
     assert_refusal(info.value, "OpenQASM 3 importer", "max_gates")
     with pytest.raises(LimitExceeded):
         parse_circuit(heavy.replace("big q[0], q[1];\n" * 300, "pow(2) @ big q[0], q[1];\n" * 300), LIMITS)
+
+
+@settings(max_examples=40, deadline=None)
+@given(names=st.permutations(["a", "b", "c", "theta", "x1"]),
+       values=st.lists(st.floats(-3.0, 3.0, allow_nan=False), min_size=5, max_size=5))
+def test_qasm3_custom_gate_arguments_bind_by_position(names, values):
+    """A call's arguments bind to a gate's parameters in declared order, whatever their names
+    (qiskit_qasm3_import alone binds them in alphabetical order: angles silently swapped)."""
+    from qiskit.quantum_info import Operator
+
+    body = "; ".join(f"{g}({n}) q" for g, n in zip(("rx", "rz", "ry", "rx", "rz"), names))
+    text = (f'OPENQASM 3.0;\ninclude "stdgates.inc";\ngate g({", ".join(names)}) q {{ {body}; }}\n'
+            f"qubit[1] q;\ng({', '.join(repr(v) for v in values)}) q[0];\n")
+    got = parse_circuit(text, Limits()).circuit
+    want = QuantumCircuit(1)
+    for gate, v in zip(("rx", "rz", "ry", "rx", "rz"), values):
+        getattr(want, gate)(v, 0)
+    assert Operator(got).equiv(Operator(want))
