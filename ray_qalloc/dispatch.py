@@ -1,4 +1,4 @@
-"""Dispatch and transitions: the queue, runs, completion, failover, hedges, stops.
+"""Dispatch: the queue, the passes that start jobs, and the commits before anything happens.
 
 Every change goes one way: the scheduler *proposes* (a pass marks its starts in its own
 books so a concurrent pass cannot double-book a core), the JobStore *commits*, and only then
@@ -6,10 +6,10 @@ does anything happen (a run starts, a waiter wakes). When a commit fails, the pr
 undone — the job goes back to its place in line — so a database blip leaves no run that
 holds a slot nobody started (a *phantom run*).
 
-Failover follows SkyPilot: an attempt that dies with its actor, times out or raises a
-backend error is placed again with that backend blocked; the attempts table keeps the
-history. Hedging: a simulator run that overruns its prediction may get one backup attempt
-on another method or pool; the first result wins and the other run is stopped.
+What happens to a run once started — watch, complete, fail over, stop — is ``runlife.py``;
+backup attempts (hedges beside overrunning runs, probes on idle cores) are ``backups.py``;
+both are mixed into ``Dispatcher`` and share its state. The records they share (a queued
+job, a running attempt) are ``inflight.py``.
 """
 
 from __future__ import annotations
@@ -18,74 +18,28 @@ import asyncio
 import collections
 import concurrent.futures
 import functools
-import hashlib
 import logging
-import math
 import time
-from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from ray_qalloc.backends.pools import resolve_allowed, unknown_allowed
 from ray_qalloc.config import Settings
-from ray_qalloc.exceptions import BackendError, InvalidJobSpec, NoFeasibleBackend
+from ray_qalloc.exceptions import InvalidJobSpec, NoFeasibleBackend
 from ray_qalloc.placement.capacity import ForeignLoad
-from ray_qalloc.fleet import ACTOR_GONE, Fleet, Host, Member
+from ray_qalloc.fleet import Fleet, Host, Member
 from ray_qalloc.jobs import JobState, PreparedJob, compact
 from ray_qalloc.observer import Observer
 from ray_qalloc.placement import JobView, Plan, explain, plan
 from ray_qalloc.placement.filters import make_filters
 from ray_qalloc.placement.scheduler import Decision, Entry, PassResult, Run, Scheduler
 from ray_qalloc.store import JobStore
+from ray_qalloc.backups import Backups
+from ray_qalloc.inflight import Queued, Running, circuit_key
+from ray_qalloc.runlife import RunLife, hopeless
 
 log = logging.getLogger("ray_qalloc.dispatch")
 
-_FINISHED_KEEP = 10_000
-# A run off its prediction by more than this factor (either way) re-plans the queued jobs of
-# its circuit: memory now knows better than the plans they were given.
-_REPLAN_LOG_RATIO = math.log(2.0)
-_HEDGE_SUFFIX = "#backup"
-
-
-@dataclass
-class Queued:
-    job: PreparedJob
-    view: JobView
-    plan: Plan
-    enqueued_at: float
-    created_at: float
-
-
-@dataclass
-class Running:
-    job: PreparedJob
-    view: JobView
-    plan: Plan
-    backend: str
-    attempt: int
-    started_at: float
-    predicted_s: float
-    task: asyncio.Task | None = None
-    created_at: float = 0.0
-    sched_id: str = ""                 # the scheduler's key of this run (a backup has its own)
-    backup: "Running | None" = None    # the hedge of this run, while it runs
-    primary: "Running | None" = None   # set on a backup: the run it hedges
-    overrun_noted: bool = False
-    probe: bool = False                # a backup raced on an idle core (stopped when a job waits)
-    backup_pending: bool = False       # a backup's commit is in flight (no second one meanwhile)
-    accepted_at: float = 0.0           # the submit call reached the allocator (fast path only)
-    committed_at: float = 0.0          # its accept+dispatch commit returned
-
-    def __post_init__(self) -> None:
-        if not self.sched_id:
-            self.sched_id = self.job.id
-
-
-def circuit_key(job: PreparedJob) -> str:
-    """Content hash of the circuit and its shots: what "the same circuit again" means."""
-    return hashlib.blake2b(job.payload, digest_size=12).hexdigest() + f":{job.shots}"
-
-
-class Dispatcher:
+class Dispatcher(RunLife, Backups):
     """Queue, runs and every job transition of one allocator (see the module docstring)."""
 
     def __init__(self, settings: Settings, store: JobStore, fleet: Fleet, sched: Scheduler,
@@ -250,7 +204,7 @@ class Dispatcher:
                         "statevector, mps, stabilizer, density_matrix, or names from `qalloc backends`.")
         view = self.view(job, frozenset())
         p = self.plan_for(view)
-        if _hopeless(p):
+        if hopeless(p):
             raise NoFeasibleBackend(
                 f"no backend of the pool can run job {job.id}: " + _why_not(p),
                 fix="reduce the circuit (qubits, operations), relax intent or fidelity_min, or add a backend.",
@@ -506,380 +460,6 @@ class Dispatcher:
         if job_id in self._dispatching:
             self._dispatching[job_id] = True
 
-    # ==== runs ===================================================================================
-    def launch(self, q: Queued, name: str, attempt: int, *, started_at: float | None = None,
-               predicted_s: float | None = None, primary: Running | None = None,
-               sched_id: str = "") -> Running:
-        """Call the executor; the store already says RUNNING, the scheduler counts the run."""
-        m = self.fleet.members[name]
-        est = q.plan.estimates.get(name)
-        predicted = predicted_s if predicted_s is not None else (est.runtime_s if est is not None else 1.0)
-        r = Running(q.job, q.view, q.plan, name, attempt, started_at or time.time(), predicted,
-                    created_at=q.created_at, sched_id=sched_id,
-                    primary=primary)
-        if primary is None:
-            self.running[q.job.id] = r
-            self.observer.on_decision("placed")
-            self.observer.on_started(q.job.priority.value, name, r.started_at - q.created_at, job_id=q.job.id,
-                                     reason=self.choices.get(q.job.id, {}).get("reason"))
-        else:
-            primary.backup = r
-        try:
-            ref = self.fleet.actor_of(name).run.remote(q.job.id, attempt, q.job.payload, q.job.shots,
-                                                       **m.run_kwargs)
-        except Exception as exc:  # no actor (gone, elastic and stopped), a bad call: this attempt failed
-            r.task = None
-            outcome = "actor_died" if self.fleet.actor_of(name) is None else "error"
-            asyncio.ensure_future(self._ended(r, outcome, f"{type(exc).__name__}: {exc}"))
-            return r
-        r.task = asyncio.get_running_loop().create_task(self._watch(r, ref))
-        return r
-
-    def attach(self, r: Running, ref: Any) -> None:
-        """Watch a run started before a restart (re-attached by the caller)."""
-        self.running[r.job.id] = r
-        r.task = asyncio.get_running_loop().create_task(self._watch(r, ref))
-
-    def _timeout(self, r: Running) -> float:
-        """The last line of defence (hedging is the first): a run that never ends is failed over."""
-        return max(self.settings.run_timeout_floor_s, self.settings.run_timeout_factor * r.predicted_s)
-
-    async def _watch(self, r: Running, ref: Any) -> None:
-        try:
-            elapsed = time.time() - r.started_at
-            result = await asyncio.wait_for(_aref(ref), max(self._timeout(r) - elapsed, 1.0))
-        except asyncio.CancelledError:
-            raise
-        except asyncio.TimeoutError:
-            self.stop(r)
-            await self._ended(r, "timed_out", f"no result after {self._timeout(r):.0f} s")
-            return
-        except Exception as exc:  # noqa: BLE001 - classified: every failure ends this attempt
-            outcome, error = _classify(exc)
-            await self._ended(r, outcome, error)
-            return
-        if result is None:  # re-attach found nothing: the run was lost with its actor
-            await self._ended(r, "lost", "the executor no longer knew this run", block=False)
-            return
-        await self.complete(r, result)
-
-    async def _ended(self, r: Running, outcome: str, error: str, *, block: bool = True) -> None:
-        """An attempt ended without a result. A run stopped on purpose is only closed; a run whose
-        twin (hedge) still runs is closed and the twin goes on; otherwise the job fails over."""
-        if not self._is_live(r):   # already handled (an unreachable pool, then the run's own error)
-            return
-        key = (r.job.id, r.attempt)
-        if key in self._stopping:
-            self._stopping.discard(key)
-            if r.job.id in self._preempting and r.primary is None:
-                self._preempting.pop(r.job.id, None)
-                self._forget(r)
-                await self.requeue_preempted(r)
-                return
-            self._forget(r)
-            return
-        if outcome == "stopped":   # stopped, but not by us (a pool restarting): place it again
-            block = False
-        twin = r.backup if r.primary is None else r.primary
-        if twin is not None and self._is_live(twin):
-            log.warning("job %s attempt %d on %s: %s (%s); its other attempt goes on",
-                        r.job.id, r.attempt, r.backend, outcome, error)
-            self._count_failure(r.backend, outcome)
-            self._forget(r)
-            await self.db(self.store.close_attempt, r.job.id, r.attempt, outcome, error)
-            return
-        await self.failover(r, outcome, error, block=block)
-
-    def _is_live(self, r: Running) -> bool:
-        main = self.running.get(r.job.id)
-        return main is r or (main is not None and main.backup is r)
-
-    def _forget(self, r: Running) -> None:
-        """Drop a run from memory and the scheduler's books (its store row is handled by the caller)."""
-        main = self.running.get(r.job.id)
-        if r.primary is not None:          # a backup
-            if r.primary.backup is r:
-                r.primary.backup = None
-        elif main is r:
-            if r.backup is not None:       # the backup becomes the job's run
-                b = r.backup
-                b.primary = None
-                self.running[r.job.id] = b
-            else:
-                self.running.pop(r.job.id)
-        self.sched.finish(r.sched_id)
-
-    def _count_failure(self, backend: str, outcome: str) -> None:
-        if outcome in ("actor_died", "timed_out"):
-            self.fleet.mark_unhealthy(backend)
-        if outcome in ("actor_died", "timed_out", "backend_error", "error"):
-            self.fleet.run_failed(backend)
-
-    async def complete(self, r: Running, result: dict[str, Any]) -> None:
-        arrived = time.time()
-        twin = r.backup if r.primary is None else r.primary
-        self._forget(r)
-        if twin is not None and self._is_live(twin):   # the first result wins; stop the other run
-            self.stop(twin)
-            self._forget(twin)
-        self.running.pop(r.job.id, None)
-        self.fleet.run_succeeded(r.backend)
-        self._preempting.pop(r.job.id, None)
-        self._stopping.discard((r.job.id, r.attempt))
-        result = dict(result)
-        result["queue_s"] = r.started_at - (r.created_at or r.started_at)
-        result["launched_at"] = r.started_at
-        result.setdefault("backend", r.backend)
-        meta = result["metadata"] = dict(result.get("metadata") or {})
-        # where the time went, per hop (the overhead benchmark reads it): wall-clock stamps of one
-        # machine's clock, so hops across processes on one node compare
-        meta["timeline"] = {"accepted_at": r.accepted_at or None, "committed_at": r.committed_at or None,
-                              "launched_at": r.started_at, "run_started_at": meta.get("received_at"),
-                              "run_finished_at": meta.get("finished_at"), "result_at_allocator": arrived}
-        recorded = await self.db(self.store.complete, r.job.id, r.attempt, result)
-        if twin is not None:
-            await self.db(self.store.close_attempt, r.job.id, twin.attempt, "hedge_lost",
-                          f"attempt {r.attempt} on {r.backend} finished first")
-            self._remember_bound(twin, time.time() - twin.started_at)
-        if recorded and r.attempt == 1:
-            meta["timeline"]["completed_at"] = time.time()
-            self._remember_final(r, result)
-        if recorded:
-            self.learn(r, result)
-            self.observer.on_finished(r.job.priority.value, "completed", deadline_s=r.job.deadline_s,
-                                      created_at=r.created_at)
-        self._done(r.job.id)
-        self.kick()
-
-    def learn(self, r: Running, result: dict[str, Any]) -> None:
-        """Online correction: tell the model how long the run really took."""
-        m = self.fleet.members.get(r.backend)
-        if m is None:
-            return
-        actual = result.get("qpu_s") if m.spec.kind == "qpu" else result.get("wall_s")
-        if not actual:
-            return
-        self.observer.on_completed(r.backend, m.spec.method or m.spec.kind, r.predicted_s, float(actual))
-        observe = getattr(self.predictor, "observe", None)
-        if observe is not None:
-            observe(r.backend, r.predicted_s, float(actual))
-        remember = getattr(self.predictor, "remember", None)
-        if remember is not None and m.spec.kind == "simulator":
-            remember(r.view, m.spec, float(actual), censored=False, predicted_s=r.predicted_s)
-            if abs(math.log(max(float(actual), 1e-6) / max(r.predicted_s, 1e-6))) > _REPLAN_LOG_RATIO:
-                self.replan_circuit(r.view.circuit_key)
-
-    def _remember_bound(self, r: Running, elapsed_s: float) -> None:
-        """A run that lost its race took longer than the winner: remembered as a lower bound, so
-        the next job of the circuit is planned with it (and not probed there again)."""
-        remember = getattr(self.predictor, "remember", None)
-        m = self.fleet.members.get(r.backend)
-        if remember is not None and m is not None and m.spec.kind == "simulator" and elapsed_s > 0:
-            remember(r.view, m.spec, elapsed_s, censored=True, predicted_s=r.predicted_s)
-
-    async def stop_probes(self) -> int:
-        """A job waits: every probe gives its core back (nothing is learned from a cut-short probe)."""
-        stopped = 0
-        for r in list(self.running.values()):
-            b = r.backup
-            if b is not None and b.probe and self._is_live(b):
-                self.stop(b)
-                self._forget(b)
-                await self.db(self.store.close_attempt, b.job.id, b.attempt, "probe_stopped",
-                              "a queued job needed the core")
-                stopped += 1
-        if stopped:
-            self.kick()
-        return stopped
-
-    def _remember_final(self, r: Running, result: dict[str, Any]) -> None:
-        job, now = r.job, time.time()
-        self.finished[job.id] = {
-            "id": job.id, "tenant": job.tenant, "state": JobState.COMPLETED.value,
-            "priority": job.priority.value, "intent": job.intent.value, "shots": job.shots,
-            "deadline_s": job.deadline_s, "fidelity_min": job.fidelity_min, "num_qubits": job.num_qubits,
-            "created_at": r.created_at, "updated_at": now, "backend": r.backend, "attempts": 1, "error": None,
-            "flag": self.flags.get(job.id),
-            "result": result,
-            "attempt_history": [{"attempt": 1, "backend": r.backend, "outcome": "completed",
-                                 "started_at": r.started_at, "finished_at": now, "error": None}],
-        }
-        while len(self.finished) > _FINISHED_KEEP:
-            self.finished.popitem(last=False)
-
-    async def failover(self, r: Running, outcome: str, error: str, *, block: bool = True) -> None:
-        self._forget(r)
-        if self._preempting.pop(r.job.id, None) is not None and outcome in ("actor_died", "error"):
-            await self.requeue_preempted(r)
-            return
-        log.warning("job %s attempt %d on %s: %s (%s)", r.job.id, r.attempt, r.backend, outcome, error)
-        self._count_failure(r.backend, outcome)
-        self.observer.on_attempt_failed(r.backend, outcome)
-        self.observer.on_decision("failover")
-        blocked = r.view.blocked | {r.backend} if block else r.view.blocked
-        view = replace(r.view, blocked=blocked)
-        if r.attempt >= self.settings.max_attempts:
-            await self.db(self.store.end_attempt, r.job.id, r.attempt, outcome, error, then="fail")
-            self.observer.on_finished(r.job.priority.value, "failed", deadline_s=r.job.deadline_s,
-                                      created_at=r.created_at)
-            self._done(r.job.id)
-            return
-        if not await self.db(self.store.end_attempt, r.job.id, r.attempt, outcome, error, then="failover"):
-            return  # cancelled or already finished
-        p = self.plan_for(view)
-        if _hopeless(p) and outcome == "actor_died" and r.backend not in r.view.blocked:
-            # the only backend(s) it may use died: Ray restarts the actor (here or on another
-            # node), so the job waits for it instead of failing; max_attempts bounds the retries
-            view = r.view
-            p = self.plan_for(view)
-        if _hopeless(p):
-            await self.give_up(r.job.id, f"attempt {r.attempt} failed on {r.backend} ({outcome}) and no other "
-                                         "backend can run it", p, job=r.job, created_at=r.created_at)
-            return
-        self.enqueue(r.job, view, r.created_at, p)
-        self.kick()
-
-    async def requeue_preempted(self, r: Running) -> None:
-        """Back to the queue (same place in line), not failed over: the backend is fine."""
-        if not await self.db(self.store.end_attempt, r.job.id, r.attempt, "preempted",
-                             "stopped for an emergency job", then="requeue"):
-            return
-        self.enqueue(r.job, r.view, r.created_at, r.plan)
-        self.kick()
-
-    async def give_up(self, job_id: str, error: str, p: Plan, *, job: PreparedJob | None = None,
-                      created_at: float | None = None) -> None:
-        await self.db(self.store.save_explanation, job_id, self.annotated(explain(p, None)))
-        await self.db(self.store.fail, job_id, error)
-        if job is not None:
-            self.observer.on_finished(job.priority.value, "failed", deadline_s=job.deadline_s,
-                                      created_at=created_at)
-        self._done(job_id)
-
-    def _done(self, job_id: str) -> None:
-        """The job ended: wake its waiters; forget what only live jobs need."""
-        self.choices.pop(job_id, None)
-        self.flags.pop(job_id, None)
-        for fut in self.waiters.pop(job_id, []):
-            if not fut.done():
-                fut.set_result(None)
-
-    def notify(self, job_id: str) -> None:
-        self._done(job_id)
-
-    # ==== stopping runs =========================================================================
-    def stop(self, r: Running) -> None:
-        """Stop a run where it runs: a pool kills the run's worker (its cores free at once); a QPU
-        run is left to finish (it is not stopped, and its late result is ignored)."""
-        if r.task is not None and not r.task.done() and r.task is not asyncio.current_task():
-            r.task.cancel()
-        m = self.fleet.members.get(r.backend)
-        actor = self.fleet.actor_of(r.backend)
-        if m is None or actor is None or m.spec.pool is None:
-            return
-        try:
-            actor.stop.remote(r.job.id, r.attempt)
-        except Exception:  # the pool is gone: its runs went with it
-            pass
-
-    def cancel_running(self, job_id: str) -> None:
-        r = self.running.pop(job_id, None)
-        if r is None:
-            return
-        for run in (r, r.backup):
-            if run is not None:
-                self.stop(run)
-                self.sched.finish(run.sched_id)
-        self._done(job_id)
-
-    def preempt(self, run: Run, for_job: str) -> None:
-        """Stop a batch simulator run for an emergency job; the batch job goes back to the queue
-        keeping its place (nothing is lost). Only the run is stopped, not its pool."""
-        r = self.running.get(run.job_id)
-        if r is None or run.job_id in self._preempting or r.backend != run.backend:
-            return
-        log.warning("preempting batch job %s on %s for emergency job %s", run.job_id, run.backend, for_job)
-        self._preempting[run.job_id] = run.backend
-        m = self.fleet.members.get(r.backend)
-        if m is not None and m.spec.pool is not None and self.fleet.actor_of(r.backend) is not None:
-            self._stopping.add((r.job.id, r.attempt))
-            actor = self.fleet.actor_of(r.backend)
-            try:
-                actor.stop.remote(r.job.id, r.attempt)
-                return
-            except Exception:
-                pass
-        if r.task is not None:   # injected fakes: end the watch; the job is requeued
-            r.task.cancel()
-            self._preempting.pop(r.job.id, None)
-            self._forget(r)
-            asyncio.ensure_future(self.requeue_preempted(r))
-
-    # ==== hedging ===============================================================================
-    async def hedge_tick(self, now: float, decide: Callable[..., list[Any]] | None, note_overrun: Callable[..., None] | None,
-                   k: float, min_elapsed_s: float = 0.0) -> int:
-        """Runs past ``k``× their prediction (and ``min_elapsed_s``): remember the overrun at once
-        (so the next job of that circuit goes elsewhere), and start one backup where ``decide``
-        says it pays."""
-        started = 0
-        overrunning = [r for r in self.running.values() if r.backup is None and not r.backup_pending
-                       and now - r.started_at > max(k * r.predicted_s, min_elapsed_s)]
-        if not overrunning:
-            return 0
-        for r in overrunning:
-            if note_overrun is not None and not r.overrun_noted:
-                r.overrun_noted = True
-                note_overrun(r, now)
-        if decide is None or self.draining:
-            return 0
-        for job_id, backend in decide(overrunning, now):
-            r = self.running.get(job_id)
-            if r is None or r.backup is not None or backend == r.backend:
-                continue
-            if await self.start_backup(r, backend):
-                started += 1
-        return started
-
-    async def start_backup(self, r: Running, backend: str, *, probe: bool = False) -> bool:
-        est = r.plan.estimates.get(backend)
-        if est is None or backend not in self.fleet.members or r.backup is not None or r.backup_pending:
-            return False
-        r.backup_pending = True   # set before the first await: a concurrent pass or tick sees it
-        try:
-            return await self._start_backup(r, backend, est, probe)
-        finally:
-            r.backup_pending = False
-
-    async def _start_backup(self, r: Running, backend: str, est: Any, probe: bool) -> bool:
-        # the backup's core is taken in the scheduler's books before the commit (no pass may give
-        # it away meanwhile), and given back if the commit says the job is no longer running
-        now = time.time()
-        # its own scheduler key: a job may have had a backup before (one promoted to its run
-        # still holds the earlier key)
-        self._backup_seq += 1
-        sid = f"{r.job.id}{_HEDGE_SUFFIX}{self._backup_seq}"
-        self.sched.start(sid, backend, now, est.runtime_s, r.job.priority.value)
-        try:
-            attempt = await self.db(self.store.hedge, r.job.id, backend, predicted_s=est.runtime_s)
-        except Exception:
-            self.sched.finish(sid)
-            raise
-        if attempt is None or not self._is_live(r) or r.backup is not None:
-            self.sched.finish(sid)
-            if attempt is not None:
-                await self.db(self.store.close_attempt, r.job.id, attempt, "superseded", "the job ended meanwhile")
-            return False
-        q = Queued(r.job, r.view, r.plan, now, r.created_at)
-        self.launch(q, backend, attempt, primary=r, sched_id=sid).probe = probe
-        if probe:
-            self.probes += 1
-            log.info("job %s: probe on %s (idle core) beside %s", r.job.id, backend, r.backend)
-            return True
-        self.hedges += 1
-        log.warning("job %s overran %.3g s on %s (predicted %.3g s): backup attempt %d on %s",
-                    r.job.id, now - r.started_at, r.backend, r.predicted_s, attempt, backend)
-        return True
-
 
 def _log_failure(fut: "concurrent.futures.Future[Any]") -> None:
     exc = fut.exception()
@@ -887,33 +467,9 @@ def _log_failure(fut: "concurrent.futures.Future[Any]") -> None:
         log.error("store write failed: %s: %s", type(exc).__name__, exc)
 
 
-def _classify(exc: BaseException) -> tuple[str, str]:
-    """(outcome, error) of an attempt that raised. Ray re-raises a remote exception as a class
-    deriving from both RayTaskError and the cause, so the cause decides."""
-    from ray_qalloc.backends.pool_actor import RunStopped
-
-    cause = getattr(exc, "cause", None) or exc
-    text = f"{type(cause).__name__}: {str(cause)[:500]}"
-    if isinstance(exc, ACTOR_GONE):
-        return "actor_died", f"{type(exc).__name__}: {str(exc)[:300]}"
-    if isinstance(cause, RunStopped) or isinstance(exc, RunStopped):
-        return "stopped", text
-    if isinstance(cause, BackendError) or isinstance(exc, BackendError):
-        return "backend_error", str(cause)[:500]
-    return "error", text
-
-
-def _hopeless(p: Plan) -> bool:
-    """No backend can run it and waiting would not help (every filter said 'unresolvable')."""
-    return not p.estimates and all(s.code == "unresolvable" for s in p.filtered.values())
-
-
 def _why_not(p: Plan) -> str:
     """Every filtered backend with its reasons, for error messages."""
     return "; ".join(f"{b}: {', '.join(s.reasons)}" for b, s in p.filtered.items())
 
-
-async def _aref(ref: Any) -> Any:
-    return await ref
 
 __all__ = ["Dispatcher", "Queued", "Running", "circuit_key"]

@@ -87,7 +87,7 @@ QUANTITY = Choice(("t1_seconds", "t2_seconds", "readout_error", "gate_error_1q",
 DECISION_OUTCOME = Choice(("placed", "held", "preempted", "hedged", "failover", "unplaceable", "rejected",
                            "deadline_at_risk"), doc="what a placement decision did")
 ATTEMPT_OUTCOME = Choice(("actor_died", "timed_out", "backend_error", "error", "stopped", "unreachable",
-                          "lost", "cancelled"), doc="how a failed attempt ended (dispatch._classify)")
+                          "lost", "cancelled"), doc="how a failed attempt ended (runlife._classify)")
 JOB_STATE = Choice(("completed", "failed", "cancelled"), doc="terminal job state (jobs.TERMINAL_STATES)")
 DIRECTION = Choice(("over", "under"), doc="over: ran longer than predicted")
 ROUTE = Named(r"/[A-Za-z0-9_{}:.\-/]{0,99}", cap=64, normalise=_route_template,
