@@ -251,3 +251,23 @@ def test_serve_command_starts_and_stops_the_listener(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "syslog listener on 127.0.0.1" in result.output
     assert seen["shutdown"] and seen["running"].listener.stats.stored == 1
+
+
+@pytest.mark.parametrize("line", [
+    "<86>1 2025-06-01T12:00:00Z ids1 arcsight - - - CEF:0|Acme|IDS|1|100|Scan|8|src=10.0.0.1",
+    "Jun  1 12:00:00 ids1 CEF:0|Acme|IDS|1|100|Scan|8|src=10.0.0.1",       # a header without <PRI>
+    "CEF:0|Acme|IDS|1|100|Scan|8|src=10.0.0.1",
+    "Jun  1 12:00:00 fw LEEF:1.0|Acme|FW|1|deny|src=10.0.0.2\tdst=10.0.0.3",
+    "<34>1 2025-06-01T12:00:00Z host su - ID47 - 'su root' failed",
+])
+def test_the_listener_reads_a_line_as_the_http_endpoint_does(line):
+    """One dispatch for both doors: a line the endpoint accepts undeclared, the listener
+    accepts as the same event (a CEF record behind a header without <PRI> was refused here)."""
+    from ray_qalloc.integration.detect import parse_records
+    from ray_qalloc.integration.events import utc_now
+    from ray_qalloc.integration.listener import parse_message
+
+    now = utc_now()
+    via_http = parse_records(line.encode(), None, tenant="t", received_at=now)[0]
+    via_listener = parse_message(line, "t", now)
+    assert via_listener.model_dump() == via_http.model_dump()

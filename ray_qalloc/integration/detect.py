@@ -112,6 +112,19 @@ def _media_type(content_type: str | None) -> Format:
     return fmt
 
 
+def parse_line(text: str, *, tenant: str, received_at: dt.datetime) -> SecurityEvent:
+    """One line of unknown format — CEF or LEEF, bare or behind any syslog header (with or
+    without ``<PRI>``), or a plain syslog message — parsed by what it holds. The one dispatch
+    for the HTTP endpoint's undeclared lines and the syslog listener's messages, so both read a
+    line the same way. ``InvalidEvent`` names what is missing."""
+    use = _sniff_line(text)
+    if use is None:
+        raise InvalidEvent(f"the record is not CEF, LEEF or syslog (no 'CEF:', 'LEEF:' or '<PRI>'; "
+                           f"starts {text[:24]!r}).", field="format", format="syslog",
+                           fix="send RFC 5424 or RFC 3164 syslog, or CEF/LEEF records.")
+    return _LINE_PARSERS[use](text, tenant=tenant, received_at=received_at)
+
+
 def _sniff_line(line: str) -> str | None:
     bar = line.find("|")
     head = line if bar < 0 else line[:bar + 1]

@@ -36,11 +36,9 @@ from typing import Any
 
 from ray_qalloc.config import Settings, SyslogListenerSettings
 from ray_qalloc.exceptions import ConfigError, InvalidEvent
-from ray_qalloc.integration.cef import parse_cef
+from ray_qalloc.integration.detect import parse_line
 from ray_qalloc.integration.events import SecurityEvent, utc_now
 from ray_qalloc.integration.eventstore import EventStore, count_events
-from ray_qalloc.integration.leef import parse_leef
-from ray_qalloc.integration.syslog import parse_syslog
 from ray_qalloc.metrics import metrics
 
 log = logging.getLogger("ray_qalloc.integration.listener")
@@ -67,16 +65,9 @@ class ListenerStats:
 
 
 def parse_message(text: str, tenant: str, now: Any) -> SecurityEvent:
-    """One syslog message: a syslog line (CEF or LEEF inside are read as such), or a bare
-    CEF / LEEF record (some forwarders drop the header). ``InvalidEvent`` if none fits."""
-    if text.startswith("<"):
-        return parse_syslog(text, tenant=tenant, received_at=now)
-    if text.startswith("CEF:"):
-        return parse_cef(text, tenant=tenant, received_at=now)
-    if text.startswith("LEEF:"):
-        return parse_leef(text, tenant=tenant, received_at=now)
-    raise InvalidEvent(f"the message is not syslog (no '<PRI>'), CEF or LEEF (starts {text[:24]!r}).",
-                       field="pri", fix="send RFC 5424 or RFC 3164 syslog, or CEF/LEEF records.", format="syslog")
+    """One syslog message, read as the HTTP endpoint reads an undeclared line
+    (``detect.parse_line``): CEF or LEEF behind any syslog header or none, else syslog."""
+    return parse_line(text, tenant=tenant, received_at=now)
 
 
 def _too_big(message: bytes | bytearray, limit: int) -> bool:
