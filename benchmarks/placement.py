@@ -24,7 +24,7 @@ What is true (measured), and what the policies see:
   quantum/auto circuit of at most 10 qubits; wider circuits get the device's ESP of the
   transpiled circuit, labelled not measured. Simulators: 1.0.
 * **Predictions**: each job is planned at its arrival (``plan`` over the pool's views with the
-  predictor). qalloc's predictor is the live allocator's (``benchmarks.learning``: model + run
+  predictor). qalloc's predictor is the live allocator's (``benchmarks.live_learning``: model + run
   memory, online correction, hedged backups with the live settings). Baselines get the same
   plans' feasibility from the plain predictor and never learn or hedge.
 * **The pools**: qalloc, ``random`` and ``hindsight`` on the candidates + QPUs; ``fcfs``,
@@ -229,7 +229,7 @@ def run(trace: Path, *, model: Path | None, truth_dir: Path, time_cap_s: float, 
         measure_fn: Callable[..., Any] | None = None, profile_fn: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Measure (or reuse) truth, simulate every policy, and assemble the JSON."""
     from benchmarks import fidelity as fid_mod
-    from benchmarks import learning, truth as truth_mod
+    from benchmarks import live_learning as learning, truth as truth_mod
     from benchmarks.traces import read_trace
     from ray_qalloc.costmodel.registry import load_predictor
 

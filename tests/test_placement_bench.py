@@ -198,7 +198,7 @@ class _Toy:
 
 
 def test_qalloc_learns_a_wrong_mps_prediction_after_the_first_overrun():
-    from benchmarks.learning import LearningPlanner, live_hedger
+    from benchmarks.live_learning import LearningPlanner, live_hedger
     from ray_qalloc.costmodel.memory import MemoryPredictor, RunMemory
     from ray_qalloc.placement.model import BackendView
 
