@@ -365,10 +365,8 @@ def format_rfc5424(event: Mapping[str, Any], *, facility: int = 16, hostname: st
     limit summary's counts in ``[summary@PEN ...]``; MSG is the event's summary on one line,
     cut (on a character boundary) so the whole message fits ``max_bytes`` — or ``body``
     exactly (a CEF or OCSF record), which is never cut: one that does not fit is refused."""
-    pri = facility * 8 + syslog_severity(event)
-    host = _header_field(hostname or socket.gethostname(), 255)
-    header = (f"<{pri}>1 {_rfc3339(float(event['at']))} {host} {_header_field(app_name, 48)} "
-              f"{_header_field(procid or str(os.getpid()), 128)} {_header_field('alert-' + event['status'], 32)} ")
+    header = _header(facility * 8 + syslog_severity(event), float(event["at"]), hostname, app_name, procid,
+                     "alert-" + event["status"])
     alert = {"status": event["status"], "rule": event["rule"], "kind": event["kind"],
              "severity": event["severity"], "fingerprint": event["fingerprint"], "key": event["key"],
              "value": event.get("value"), "threshold": event.get("threshold"),
@@ -385,6 +383,13 @@ def format_rfc5424(event: Mapping[str, Any], *, facility: int = 16, hostname: st
                                                        "resolved": counts.get("resolved", 0)})
     return _with_msg((header + sd).encode(), body, str(event.get("summary") or ""), bom=bom, max_bytes=max_bytes,
                      what="the alert")
+
+
+def _header(pri: int, at: float, hostname: str | None, app_name: str, procid: str | None, msgid: str) -> str:
+    """``<PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID `` — the one RFC 5424 header writer."""
+    host = _header_field(hostname or socket.gethostname(), 255)
+    return (f"<{pri}>1 {_rfc3339(at)} {host} {_header_field(app_name, 48)} "
+            f"{_header_field(procid or str(os.getpid()), 128)} {_header_field(msgid, 32)} ")
 
 
 def _with_msg(head: bytes, body: str | None, summary: str, *, bom: bool, max_bytes: int, what: str) -> bytes:
@@ -437,9 +442,7 @@ def format_record_rfc5424(record: "ChangeRecord", *, facility: int = 16, hostnam
         msgid = f"audit-{d.get('action')}"
         sd = _sd_element(f"audit@{enterprise_id}", {"key": record.key, "actor": d.get("actor"),
                                                    "action": d.get("action"), "resource": d.get("key")})
-    host = _header_field(hostname or socket.gethostname(), 255)
-    header = (f"<{facility * 8 + sev}>1 {_rfc3339(float(record.at))} {host} {_header_field(app_name, 48)} "
-              f"{_header_field(procid or str(os.getpid()), 128)} {_header_field(msgid, 32)} ")
+    header = _header(facility * 8 + sev, float(record.at), hostname, app_name, procid, msgid)
     return _with_msg((header + sd).encode(), body, record.summary(), bom=bom, max_bytes=max_bytes,
                      what=f"the {'job transition' if record.kind == 'job' else 'audit record'} {record.key}")
 
