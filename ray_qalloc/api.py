@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -41,8 +41,9 @@ from ray_qalloc.jobs import JobState, PreparedJob, make_spec, prepare_job
 from ray_qalloc.placement.filters import TenantFilter
 from ray_qalloc.placement.model import BackendView, JobView
 from ray_qalloc.metrics import metrics
+from ray_qalloc.runopts import MAX_OBSERVABLES, MAX_SEED, MAX_TERMS, shots_for_precision
 from ray_qalloc.tenants import Principal, Quota, TenantStore
-from ray_qalloc.wire import JsonFloat, JsonInt
+from ray_qalloc.wire import JsonFloat, JsonInt, _json_integer
 
 log = logging.getLogger("ray_qalloc.api")
 
@@ -66,6 +67,30 @@ Intent = Literal["auto", "quantum", "classical"]
 
 
 # ---- request and response bodies ---------------------------------------------------------
+PAULI_LABEL = r"^[IXYZ]+$"
+_OBSERVABLE_SCHEMA = {
+    "type": "object", "minProperties": 1, "propertyNames": {"pattern": PAULI_LABEL},
+    "additionalProperties": {"type": "number"},
+    "description": "Pauli label (one letter I/X/Y/Z per circuit qubit, rightmost = qubit 0) -> real coefficient.",
+}
+Observable = Annotated[
+    dict[Annotated[str, Field(pattern=PAULI_LABEL)], Annotated[float, Field(strict=True, allow_inf_nan=False)]],
+    Field(min_length=1),
+    # pydantic writes a key pattern as `patternProperties`, which lets other keys through in the
+    # document while the model refuses them: `propertyNames` says exactly what the model checks
+    WithJsonSchema(_OBSERVABLE_SCHEMA)]
+"""One observable: a Pauli sum as ``{label: coefficient}``. JSON numbers only (``"1"`` is refused)."""
+
+
+def _json_integer_or_null(value: Any) -> Any:
+    return None if value is None else _json_integer(value)
+
+
+# A JSON integer or null. Why not ``JsonInt | None``: pydantic then writes the bounds of the
+# integer branch into the document as `ge`/`le`, which no JSON Schema reader understands.
+Seed = Annotated[Annotated[int, Field(ge=0, le=MAX_SEED)] | None, BeforeValidator(_json_integer_or_null)]
+
+
 class JobIn(BaseModel):
     """One job, in the field names of the trace format (DESIGN.md). The tenant is the token's.
 
@@ -93,6 +118,18 @@ class JobIn(BaseModel):
     tenant: str | None = Field(None, description="Optional; must be the token's tenant when given.")
     id: str | None = Field(None, max_length=200, description="A trace's own job id; echoed as `client_id`.")
     arrival_s: JsonFloat | None = Field(None, description="Trace replay field; ignored.")
+    observables: list[Observable] | None = Field(None, min_length=1, description=(
+        "Makes it an estimator job: the result carries `expectation` (one value per observable, in this order), "
+        "not counts. Each observable is `{pauli_label: coefficient}`, one letter per circuit qubit "
+        f"(rightmost = qubit 0). At most {MAX_OBSERVABLES:,} observables and {MAX_TERMS:,} Pauli terms in all; "
+        "final measurements are ignored, earlier ones refused."))
+    precision: JsonFloat | None = Field(None, ge=0, allow_inf_nan=False, description=(
+        "Estimator jobs only: the wanted standard error. A QPU spends ceil(1/precision^2) shots per "
+        "measurement basis (at most `max_shots`); simulators compute exact values. 0: exact values, "
+        "simulators only. Left out: `shots` per basis."))
+    seed: Seed = Field(None, description=(
+        "Simulator seed: the same seed on the same method gives the same counts (pin the method with "
+        "`backends`); QPUs ignore it."))
 
 
 class BatchIn(BaseModel):
@@ -158,10 +195,21 @@ class JobPage(BaseModel):
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null at the end.")
 
 
+class ExpectationOut(BaseModel):
+    """An estimator job's values, one per submitted observable, in order."""
+
+    evs: list[float] = Field(description="Expectation values.")
+    stds: list[float] = Field(description="Their standard errors: 0 where computed exactly.")
+    exact: bool = Field(description="Computed exactly (a simulator), not from shots.")
+    groups: int = Field(0, description="Measurement bases run (qubit-wise commuting groups); 0 when exact.")
+    shots_per_group: int = Field(0, description="Shots per measurement basis; 0 when exact.")
+    precision: float | None = Field(None, description="The standard error asked for (from `precision` or `shots`).")
+
+
 class ResultOut(BaseModel):
     id: str
     state: str
-    counts: dict[str, int]
+    counts: dict[str, int] = Field(description="Measured outcomes; empty for an estimator job (see `expectation`).")
     shots: int
     backend: str
     wall_s: float
@@ -169,6 +217,7 @@ class ResultOut(BaseModel):
     qpu_s: float | None = None
     attempts: int
     failover_history: list[dict[str, Any]] = Field(default_factory=list)
+    expectation: ExpectationOut | None = Field(None, description="An estimator job's values; null for a sampler job.")
 
 
 class Pending(BaseModel):
@@ -223,6 +272,24 @@ def _qalloc_error(exc: QAllocError) -> JSONResponse:
     details = {k: v for k, v in exc.details.items() if _jsonable(v)} or None
     return error_response(d["code"], d["message"], field=d.get("field"), hint=d.get("hint"), details=details,
                           status=status, headers=headers or None)
+
+
+_FIELD_FIX = {
+    "observables": 'pass a list of observables, each a mapping of Pauli label to a number, e.g. '
+                   '[{"ZZ": 1.0, "XI": 0.5}]: one letter I, X, Y or Z per circuit qubit (rightmost = qubit 0).',
+    "precision": "pass the wanted standard error as a number >= 0 (0: exact values, on simulators only), "
+                 "together with observables; or leave it out.",
+    "seed": f"pass a whole number in 0..{MAX_SEED} (a JSON integer, not a string), or leave it out.",
+}
+
+
+def _hint_for(field: str) -> str:
+    """The fix for a field the model refused: the field's own where it has one (a job's field,
+    also inside a batch: ``jobs.3.observables.0``), else where the document is."""
+    parts = field.split(".")
+    if parts[0] == "jobs" and len(parts) > 2:
+        parts = parts[2:]
+    return _FIELD_FIX.get(parts[0], "see the OpenAPI schema at /openapi.json for the accepted fields.")
 
 
 def _jsonable(v: Any) -> bool:
@@ -382,7 +449,7 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
         first = errs[0] if errs else {"loc": ("body",), "msg": "invalid request"}
         where = _field_of(tuple(first.get("loc", ())))
         return error_response("invalid_request", f"field {where!r}: {first.get('msg')}", field=where,
-                              hint="see the OpenAPI schema at /openapi.json for the accepted fields.",
+                              hint=_hint_for(where),
                               details={"errors": [{"field": _field_of(tuple(e.get("loc", ()))),
                                                    "message": str(e.get("msg"))} for e in errs[:20]]})
 
@@ -474,8 +541,15 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
 
         spec = make_spec(circuit=translate_text(job.qasm, job.format), shots=job.shots, priority=job.priority, deadline_s=job.deadline_s,
                          intent=job.intent, fidelity_min=job.fidelity_min, tenant=p.tenant,
-                         idempotency_key=key, backends=tuple(job.backends) if job.backends else None)
+                         idempotency_key=key, backends=tuple(job.backends) if job.backends else None,
+                         observables=job.observables, precision=job.precision, seed=job.seed)
         return prepare_job(spec, settings.limits)
+
+    def _charged(job: JobIn, prepared: PreparedJob | ErrorDetail) -> dict[str, Any]:
+        """What the quota check reads of a job. Why the prepared shots: an estimator job runs
+        ⌈1/precision²⌉ shots per measurement basis, not its `shots` field."""
+        shots = prepared.shots if isinstance(prepared, PreparedJob) else job.shots
+        return {"shots": shots, "priority": job.priority, "intent": job.intent}
 
     def _on_simulators(job: PreparedJob, sims: list[str] | None) -> PreparedJob:
         """The tenant's QPU time is spent: an ``auto`` job may still run, on simulators only."""
@@ -496,7 +570,7 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
                      idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JSONResponse:
         """Validate, store and queue one job. With `Idempotency-Key`, a retry returns the same job."""
         prepared = _prepare(p, job, idempotency_key)   # intake on the loop; limits before quotas
-        usage = state.tenants.admit(p.tenant, [job.model_dump()])
+        usage = state.tenants.admit(p.tenant, [_charged(job, prepared)])
         sims = await _simulators() if usage["qpu_exhausted"] else None
         prepared = _on_simulators(prepared, sims)
         out = await state.call("submit", prepared)
@@ -533,7 +607,7 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
             return out
 
         prepared = prepare_all()   # intake on the loop; limits before quotas
-        usage = state.tenants.admit(p.tenant, [j.model_dump() for j in batch.jobs])
+        usage = state.tenants.admit(p.tenant, [_charged(j, x) for j, x in zip(batch.jobs, prepared)])
         sims = await _simulators() if usage["qpu_exhausted"] else None
         prepared = [_on_simulators(x, sims) if isinstance(x, PreparedJob) else x for x in prepared]
         good = [x for x in prepared if isinstance(x, PreparedJob)]
@@ -596,7 +670,8 @@ def create_app(settings: Settings | None = None, *, allocator: Any = None) -> Fa
             return ResultOut(id=job_id, state=state_now.value, counts=result.get("counts", {}), shots=rec.shots,
                              backend=result.get("backend", rec.backend or ""), wall_s=float(result.get("wall_s", 0)),
                              queue_s=float(result.get("queue_s", 0)), qpu_s=result.get("qpu_s"),
-                             attempts=attempts, failover_history=history)
+                             attempts=attempts, failover_history=history,
+                             expectation=(result.get("metadata") or {}).get("expectation"))
         if state_now == JobState.FAILED:
             return error_response("job_failed", f"job {job_id} failed: {rec.error or 'no detail'}.",
                                   hint="see GET /v1/jobs/{id}/explain for placement and failover history.")
@@ -718,12 +793,15 @@ def _document_live_limits(app: FastAPI, settings: Settings, limits: ApiLimits) -
                 "As JobIn; a job over an intake limit (shots, deadline, circuit size) is refused on its "
                 "own in the answer's `jobs[i].error`, and the others go on.")
             schemas["BatchIn"]["properties"]["jobs"]["items"] = {"$ref": "#/components/schemas/BatchJobIn"}
+            for model in ("JobIn", "BatchJobIn"):
+                _exact_seed_bound(schemas[model]["properties"]["seed"])
             job = schemas["JobIn"]["properties"]
             job["qasm"]["maxLength"] = intake.max_qasm_bytes   # bytes of UTF-8: a bound on characters too
             job["shots"]["maximum"] = intake.max_shots
             for branch in job["deadline_s"].get("anyOf", []):
                 if branch.get("type") == "number":
                     branch["maximum"] = intake.max_deadline_s
+            _document_estimator_limits(job, intake.max_shots, intake.max_qubits)
             schemas["BatchIn"]["properties"]["jobs"]["maxItems"] = api.max_batch_jobs
             for path, name, bound in (("/v1/jobs", "limit", api.max_page), ("/v1/events", "limit", api.max_page),
                                       ("/v1/jobs/{job_id}/result", "wait", api.max_result_wait_s)):
@@ -735,6 +813,47 @@ def _document_live_limits(app: FastAPI, settings: Settings, limits: ApiLimits) -
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _exact_seed_bound(seed: dict[str, Any]) -> None:
+    """The seed's maximum as the integer it is. Why: FastAPI's OpenAPI model holds bounds as
+    floats, and 2**63-1 as a float is 2**63, a seed the server refuses."""
+    for branch in seed.get("anyOf", []):
+        if branch.get("type") == "integer":
+            branch["minimum"], branch["maximum"] = 0, MAX_SEED
+
+
+def smallest_precision(max_shots: int) -> float:
+    """The smallest precision > 0 intake takes: ⌈1/precision²⌉ shots per basis within ``max_shots``.
+
+    Why nudged both ways: ``max_shots ** -0.5`` squared back can land a hair either side of
+    ``max_shots`` in floating point, and a fuzzer sends exactly the documented minimum and the
+    number just below it: the first must be taken, the second refused."""
+    p = max_shots ** -0.5
+    while shots_for_precision(p) > max_shots:
+        p = math.nextafter(p, math.inf)
+    while shots_for_precision(below := math.nextafter(p, 0.0)) <= max_shots:
+        p = below
+    return p
+
+
+def _document_estimator_limits(job: dict[str, Any], max_shots: int, max_qubits: int) -> None:
+    """The estimator fields' intake limits, in JobIn's document (batch items are refused one by one).
+
+    ``precision`` is 0 (exact) or at least the value whose shots per basis fit ``max_shots``; an
+    observable has at most ``MAX_OBSERVABLES`` entries and labels of at most ``max_qubits`` letters
+    (a label has one letter per circuit qubit)."""
+    for branch in job["observables"].get("anyOf", []):
+        if branch.get("type") == "array":
+            branch["maxItems"] = MAX_OBSERVABLES
+            branch["items"] = copy.deepcopy(branch["items"])
+            branch["items"]["propertyNames"]["maxLength"] = max_qubits
+    branches = job["precision"].get("anyOf", [])
+    for i, branch in enumerate(branches):
+        if branch.get("type") == "number":
+            branches[i:i + 1] = [{"type": "number", "const": 0},
+                                 {"type": "number", "minimum": smallest_precision(max_shots)}]
+            break
 
 
 def allowed_methods(request: Request) -> str:

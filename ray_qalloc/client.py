@@ -9,15 +9,16 @@ library raises in-process (their stable ``code`` picks the class).
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import httpx
 
 from ray_qalloc import exceptions as exc_mod
-from ray_qalloc.exceptions import JobFailed, JobTimeout, QAllocError
+from ray_qalloc.exceptions import InvalidJobSpec, JobFailed, JobTimeout, QAllocError
 from ray_qalloc.session import JobResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -91,10 +92,14 @@ class RemoteJob:
                                          ok=(200, 202, 409), timeout=min(left, self._client.max_wait_s) + 30.0)
             body = resp.json()
             if resp.status_code == 200:
+                # an estimator job's values go where the in-Ray JobResult has them (and the
+                # primitives read them): metadata["expectation"]
+                expectation = body.get("expectation")
                 return JobResult(job_id=body["id"], counts=body["counts"], shots=body["shots"],
                                  backend=body["backend"], wall_s=body["wall_s"], queue_s=body["queue_s"],
                                  qpu_s=body.get("qpu_s"), attempts=body["attempts"],
-                                 failover_history=body.get("failover_history", []))
+                                 failover_history=body.get("failover_history", []),
+                                 metadata={"expectation": expectation} if expectation is not None else {})
             if resp.status_code == 409:
                 err = body["error"]
                 raise JobFailed(err["message"], fix=err.get("hint"), state=err["code"])
@@ -144,10 +149,15 @@ class Client:
     def submit(self, circuit: "str | QuantumCircuit", *, shots: int = 1024, priority: str = "normal",
                deadline_s: float | None = None, intent: str = "auto", fidelity_min: float | None = None,
                backends: list[str] | None = None, idempotency_key: str | None = None,
-               tenant: str | None = None, format: str = "qasm") -> RemoteJob:
-        """One job; ``circuit`` as for ``QAlloc.submit`` (text, Qiskit, Cirq or Braket circuit)."""
+               tenant: str | None = None, format: str = "qasm", observables: list[Any] | None = None,
+               precision: float | None = None, seed: int | None = None) -> RemoteJob:
+        """One job; the arguments as for ``QAlloc.submit`` (``circuit``: text, Qiskit, Cirq or Braket).
+
+        ``observables`` (``[{pauli_label: coeff}, ...]``) make it an estimator job: its result's
+        ``metadata["expectation"]`` holds ``evs`` and ``stds``, as in-Ray; ``seed`` seeds simulator runs."""
         body = _job_body(circuit=circuit, shots=shots, priority=priority, deadline_s=deadline_s, intent=intent,
-                         fidelity_min=fidelity_min, backends=backends, tenant=tenant, format=format)
+                         fidelity_min=fidelity_min, backends=backends, tenant=tenant, format=format,
+                         observables=observables, precision=precision, seed=seed)
         key = idempotency_key or f"client-{uuid.uuid4().hex}"
         resp = self._request("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key}, ok=(200, 201))
         out = resp.json()
@@ -273,7 +283,8 @@ class Client:
 def _job_body(*, circuit: "str | QuantumCircuit", shots: int = 1024, priority: str = "normal",
               deadline_s: float | None = None, intent: str = "auto", fidelity_min: float | None = None,
               backends: list[str] | None = None, tenant: str | None = None,
-              format: str = "qasm") -> dict[str, Any]:
+              format: str = "qasm", observables: Iterable[Any] | None = None, precision: float | None = None,
+              seed: int | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"qasm": to_qasm(circuit), "shots": int(shots), "priority": priority, "intent": intent}
     if format != "qasm" and isinstance(circuit, (str, bytes)):   # framework text: the server translates it
         body["format"] = format
@@ -281,4 +292,52 @@ def _job_body(*, circuit: "str | QuantumCircuit", shots: int = 1024, priority: s
                  ("tenant", tenant)):
         if v is not None:
             body[k] = list(v) if k == "backends" else v
+    if observables is not None:
+        body["observables"] = _wire_observables(observables)
+    if precision is not None:
+        body["precision"] = _wire_number(precision, "precision", "precision")
+    if seed is not None:
+        body["seed"] = _wire_number(seed, "seed", "seed")
     return body
+
+
+def _wire_observables(raw: Iterable[Any]) -> Any:
+    """Observables as the API takes them: a list of ``{label: coefficient}`` with JSON numbers.
+
+    Why here: the in-Ray session also takes ``[[label, coeff], ...]`` pairs and numpy or complex
+    coefficients (``ray_qalloc.runopts``); the wire has one shape and JSON numbers. Equal labels
+    are summed (as intake does); everything else is left to the server, which names what is wrong."""
+    if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, Iterable):
+        return raw   # the server refuses it with the field and the fix
+    out: list[Any] = []
+    for i, obs in enumerate(raw):
+        pairs = obs.items() if isinstance(obs, Mapping) else obs if isinstance(obs, (list, tuple)) else None
+        if pairs is None:
+            out.append(obs)
+            continue
+        terms: dict[Any, Any] = {}
+        for pair in pairs:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise InvalidJobSpec(f"observables[{i}]: {pair!r:.60} is not a (label, coefficient) pair.",
+                                     field="observables", fix='use {"ZZ": 1.0} or [["ZZ", 1.0]].')
+            label, coeff = pair
+            value = _wire_number(coeff, where=f"observables[{i}], the coefficient of {label!r:.40}")
+            terms[label] = terms[label] + value if label in terms else value
+        out.append(terms)
+    return out
+
+
+def _wire_number(value: Any, where: str | None = None, field: str = "observables") -> Any:
+    """A Python, numpy or real-valued complex number as a JSON number (``int`` stays ``int``)."""
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, numbers.Complex):
+        if abs(value.imag) > 1e-10 * max(1.0, abs(value.real)):
+            raise InvalidJobSpec(f"{where} is complex ({value}); it must be real.", field=field,
+                                 fix="use real numbers (observables: a Hermitian sum of Pauli terms).")
+        return float(value.real)
+    return value   # not a number: the server refuses it, naming the field

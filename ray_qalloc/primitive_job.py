@@ -65,7 +65,6 @@ def submit_all(client: PrimitiveClient, jobs: list[dict[str, Any]], prefix: str)
         job["idempotency_key"] = f"{run_key}-{n}"
     if not jobs:
         return []
-    _check_client(client, jobs)
     try:
         handles = list(client.submit_many(jobs))
     except IntakeError as exc:
@@ -76,20 +75,6 @@ def submit_all(client: PrimitiveClient, jobs: list[dict[str, Any]], prefix: str)
         raise JobFailed(f"the client returned {len(handles)} handles for {len(jobs)} jobs.",
                         fix="check the client's submit_many: it must return one handle per job, in order.")
     return handles
-
-
-def _check_client(client: PrimitiveClient, jobs: list[dict[str, Any]]) -> None:
-    """The HTTP API does not take run options yet (observables, precision, seed): say so
-    instead of failing inside the client with an unexpected keyword."""
-    if not any(k in job for job in jobs for k in ("observables", "precision", "seed")):
-        return
-    from ray_qalloc.session import QAlloc
-
-    if not isinstance(client, QAlloc) and type(client).__module__ == "ray_qalloc.client":
-        raise InvalidPub("the HTTP client cannot send estimator jobs or seeds yet (the API has no "
-                         "observables/precision/seed fields).", field="client",
-                         fix="use the in-Ray session (client=None: ray_qalloc.connect()), or leave seed unset "
-                             "for a QAllocSampler over HTTP.")
 
 
 class QAllocPrimitiveJob(BasePrimitiveJob[R, JobStatus], Generic[R]):

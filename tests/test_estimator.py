@@ -329,17 +329,3 @@ def test_estimator_job_intake() -> None:
         prepare_job(make_spec(circuit=qc, observables=many), Limits())
     with pytest.raises(InvalidJobSpec, match="only a simulator"):
         prepare_job(make_spec(circuit=qc, observables=[{"ZZ": 1}], precision=0, intent="quantum"), Limits())
-
-
-def test_http_client_is_refused_with_a_reason_for_run_options() -> None:
-    """The HTTP API takes no observables or seeds yet: both primitives say so before any request."""
-    from ray_qalloc.client import Client
-    from ray_qalloc.sampler import QAllocSampler
-
-    http = Client("http://127.0.0.1:9", "token")     # nothing listens there: no request may be made
-    with pytest.raises(ValueError, match="HTTP client cannot send estimator jobs"):
-        QAllocEstimator(http).run([(ansatz(), "ZZ", [0.1, 0.2])])
-    measured = QuantumCircuit(1, 1)
-    measured.measure(0, 0)
-    with pytest.raises(ValueError, match="leave seed unset"):
-        QAllocSampler(http, seed=5).run([measured])
