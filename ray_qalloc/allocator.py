@@ -74,8 +74,16 @@ class Allocator(ThreatOps):
         self._ready = asyncio.Event()
         from ray_qalloc import overruns
 
+        from ray_qalloc.costmodel import policy as learning_policy
+        from ray_qalloc.costmodel.bandit import BanditStore
+
+        self.bandit_store = BanditStore(self.store.engine)   # the bandit's state survives restarts (#13)
         self.d = Dispatcher(settings, self.store, None, self.sched,  # type: ignore[arg-type]
-                            overruns.wrap_predictor(predictor or load_predictor(settings.models_dir)), self._kick.set)
+                            learning_policy.wrap(predictor or load_predictor(settings.models_dir),
+                                                 learning=settings.learning,
+                                                 explore_factor=settings.placement.explore_factor,
+                                                 weights=settings.placement.table(), restore=self.bandit_store.load),
+                            self._kick.set)
         self.fleet = Fleet(settings, self.d)
         self.d.fleet = self.fleet
         self.admin = AdminState(self.store.engine)
@@ -91,11 +99,19 @@ class Allocator(ThreatOps):
         self.maint = MaintenanceDesk(self.d, self.admin, self._kick.set)
         self.d.maintenance_why = self.maint.why
         self.calwatch = self._calibration_watch(settings, members is None)
+        self.retrain: Any = None          # costmodel.retrain.RetrainLoop, when learning.retrain.enabled
         self.alerts: Any = None
         if settings.alerts.enabled:
             from ray_qalloc.alerts.service import AlertService
 
             self.alerts = AlertService(settings.alerts, self.store.engine)
+        if settings.learning.retrain.enabled:
+            from ray_qalloc.costmodel.retrain import RetrainLoop
+
+            self.retrain = RetrainLoop(settings.learning.retrain, settings.history_dir, settings.models_dir,
+                                       admin=self.admin, outbox=self.alerts.outbox if self.alerts else None,
+                                       busy=self._urgent_waiting)
+            self.d.learn_hooks = [self.retrain.observe]
         from ray_qalloc.tenants import TenantStore
 
         self._tenants = TenantStore(settings.resolved_store_url)
@@ -190,7 +206,7 @@ class Allocator(ThreatOps):
         self._tasks += [loop.create_task(self._scheduler()), loop.create_task(self._health_loop()),
                         loop.create_task(self._history_loop()), loop.create_task(self._hedge_loop()),
                         loop.create_task(self.calwatch.run()), loop.create_task(self._ops_loop()),
-                        loop.create_task(self._threat_loop())]
+                        loop.create_task(self._threat_loop()), loop.create_task(self._learning_loop())]
         self._ready.set()
         self._kick.set()
 
@@ -626,10 +642,38 @@ class Allocator(ThreatOps):
             log.warning("cost model switched to %s", self._watcher.current)
             from ray_qalloc import overruns
 
-            self.d.predictor = overruns.wrap_predictor(fresh, self.d.predictor)
+            from ray_qalloc.costmodel import policy as learning_policy
+
+            self.d.predictor = learning_policy.wrap(fresh, self.d.predictor, learning=self.settings.learning,
+                                                    explore_factor=self.settings.placement.explore_factor,
+                                                    weights=self.settings.placement.table())
             from ray_qalloc.liveconfig import _explore
 
             _explore(self.d.predictor, self.settings.placement.explore_factor)
+
+    def _urgent_waiting(self) -> bool:
+        """Retraining runs at batch priority: not while emergency or high-priority jobs wait."""
+        return any(q.job.priority.value in ("emergency", "high") for q in self.d.queued.values())
+
+    async def _learning_loop(self) -> None:
+        """Save the bandit's state every ``learning.save_s``; step the retraining loop every
+        ``learning.retrain.check_s`` (both in the store thread: they touch the database)."""
+        from ray_qalloc.costmodel.policy import bandit_of
+
+        learning = self.settings.learning
+        last_check = time.time()
+        while True:
+            await asyncio.sleep(learning.save_s)
+            bandit = bandit_of(self.d.predictor)
+            try:
+                if bandit is not None:
+                    await self.d.db(self.bandit_store.save, bandit.snapshot())
+                if self.retrain is not None and (self.retrain.state != "idle"
+                                                 or time.time() - last_check >= learning.retrain.check_s):
+                    last_check = time.time()
+                    await self.d.db(self.retrain.tick)
+            except Exception:  # never let the loop die; the next round tries again
+                log.exception("learning round failed")
 
     async def _history_loop(self) -> None:
         while True:

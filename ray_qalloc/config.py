@@ -20,6 +20,7 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ray_qalloc.predictive import PredictiveScalingSettings
+from ray_qalloc.costmodel.policy import LearningSettings
 
 from ray_qalloc.exceptions import ConfigError
 from ray_qalloc.monitor.drift import DriftSettings
@@ -372,6 +373,9 @@ class Settings(BaseModel):
     threat: ThreatSettings = Field(default_factory=ThreatSettings)
     scaling: PredictiveScalingSettings = Field(default_factory=PredictiveScalingSettings,
                                                description="Predictive scaling of the elastic pool (off by default).")
+    learning: LearningSettings = Field(default_factory=LearningSettings,
+                                       description="Online learning policy (correction | bandit) and the "
+                                                   "unattended retraining loop (off by default).")
     max_attempts: int = Field(5, gt=0, description="Attempts per job before it is failed.")
     breaker_failures: int = Field(3, gt=0, description="Consecutive failed runs that open a backend's "
                                   "circuit breaker (no new runs until a probe succeeds).")

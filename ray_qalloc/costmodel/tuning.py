@@ -118,8 +118,10 @@ def _load(history: Path | str | pa.Table) -> pa.Table:
 
 def train(history: Path | str | pa.Table, registry_dir: Path | str, *, num_samples: int = 8,
           max_rounds: int = 200, folds: int = 3, seed: int = 0, quick: bool = False,
-          specs: Mapping[str, BackendSpec] | None = None) -> Path:
-    """Tune, refit the best configuration on all rows, and write a versioned artifact."""
+          specs: Mapping[str, BackendSpec] | None = None, max_concurrent_trials: int | None = None) -> Path:
+    """Tune, refit the best configuration on all rows, and write a versioned artifact.
+    ``max_concurrent_trials`` bounds the cores the search holds (default: every CPU of the cluster;
+    the retraining loop runs beside jobs and passes its own bound)."""
     if quick:
         num_samples, max_rounds = min(num_samples, QUICK_SAMPLES), min(max_rounds, QUICK_ROUNDS)
     table = _load(history)
@@ -127,7 +129,8 @@ def train(history: Path | str | pa.Table, registry_dir: Path | str, *, num_sampl
     splits = _folds(data, folds)
     chunk = max(5, max_rounds // 8)
     started = time.perf_counter()
-    best = _tune(data, splits, num_samples=num_samples, max_rounds=max_rounds, chunk=chunk, seed=seed)
+    best = _tune(data, splits, num_samples=num_samples, max_rounds=max_rounds, chunk=chunk, seed=seed,
+                 max_concurrent_trials=max_concurrent_trials)
     tune_s = time.perf_counter() - started
     config = {k: v for k, v in best["config"].items() if k != "num_boost_round"}
     rounds = max(int(best["metrics"]["best_round"]), 1)
@@ -145,7 +148,7 @@ def train(history: Path | str | pa.Table, registry_dir: Path | str, *, num_sampl
 
 
 def _tune(data: RuntimeData, splits: list[tuple[np.ndarray, np.ndarray]], *, num_samples: int,
-          max_rounds: int, chunk: int, seed: int) -> dict[str, Any]:
+          max_rounds: int, chunk: int, seed: int, max_concurrent_trials: int | None = None) -> dict[str, Any]:
     """Run the Tune experiment; return the best trial's config and its best-round metrics."""
     import ray
     from ray import tune
@@ -163,7 +166,7 @@ def _tune(data: RuntimeData, splits: list[tuple[np.ndarray, np.ndarray]], *, num
             param_space=_search_space(max_rounds, chunk),
             tune_config=tune.TuneConfig(
                 metric="best_rmse", mode="min", num_samples=num_samples, reuse_actors=True,
-                max_concurrent_trials=max(1, int(ray.cluster_resources().get("CPU", 2))),
+                max_concurrent_trials=max(1, max_concurrent_trials or int(ray.cluster_resources().get("CPU", 2))),
                 search_alg=OptunaSearch(seed=seed),
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=math.ceil(max_rounds / chunk),
                                         grace_period=2, reduction_factor=2)),

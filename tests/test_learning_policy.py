@@ -1,0 +1,134 @@
+"""The bandit over the cost model's residuals (issue #13): what it learns, its bounds, its state.
+
+Pure Python over placement's value objects (no Ray); the model is the shipped artifact (or the
+prior), the runtimes are given: what is tested is the policy, not the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import sqlalchemy as sa
+
+from ray_qalloc.backends.base import BackendSpec
+from ray_qalloc.costmodel.bandit import BanditConfig, BanditPredictor, BanditStore, ResidualBandit, bucket_of
+from ray_qalloc.costmodel.policy import LearningSettings, bandit_of, wrap
+from ray_qalloc.placement.model import BackendView, Estimate, JobView, LiveState
+from ray_qalloc.placement.pipeline import plan, select
+
+
+class Fixed:
+    """A predictor that always says the same (what the model would): A 1 s, B 2 s."""
+
+    def __init__(self, runtimes: dict[str, float], log_sd: float = 0.5) -> None:
+        self.runtimes, self.log_sd, self.observed = runtimes, log_sd, []
+
+    def predict(self, job, backends):
+        return [Estimate(b.name, self.runtimes[b.name], 1.0, 0.0, 0.0, "model:test", self.log_sd) for b in backends]
+
+    def observe(self, backend, predicted_s, actual_s):
+        self.observed.append((backend, predicted_s, actual_s))
+
+
+VIEWS = [BackendView(BackendSpec(name=n, kind="simulator", family="aer", num_qubits=30, method="statevector"))
+         for n in ("A", "B")]
+FREE = {v.name: LiveState(0.0, True) for v in VIEWS}
+
+
+def job(i: int, **kw) -> JobView:
+    base = dict(id=f"j{i}", num_qubits=12, ops=frozenset({"h", "cx"}), features={"clifford_fraction": 0.5,
+                                                                                  "cut_max": 6.0}, shots=1024)
+    return JobView(**{**base, **kw})
+
+
+def run(pred: BanditPredictor, truth, n: int, start: int = 0, **kw) -> list[str]:
+    picks = []
+    for i in range(start, start + n):
+        p = plan(job(i, **kw), VIEWS, pred)
+        pick = select(job(i, **kw), p, FREE).backend
+        pred.observe(pick, p.estimates[pick].runtime_s, truth(pick, i))
+        picks.append(pick)
+    return picks
+
+
+def test_bandit_learns_a_backend_got_slower_and_moves_away():
+    pred = BanditPredictor(Fixed({"A": 1.0, "B": 2.0}), ResidualBandit(BanditConfig(seed=1)))
+    truth = lambda b, i: (1.0 if i < 100 else 8.0) if b == "A" else 2.0  # noqa: E731 - A gets 8x slower at 100
+    early = run(pred, truth, 100)
+    late = run(pred, truth, 100, start=100)
+    assert early[-30:].count("A") >= 25
+    assert late[-30:].count("B") >= 25           # it left A once A was slower than B
+    assert late.index("B") < 30                  # and within a few dozen jobs
+
+
+def test_no_exploration_for_emergency_or_deadline_jobs_and_draws_are_bounded():
+    bandit = ResidualBandit(BanditConfig(seed=3, explore_factor=2.0))
+    pred = BanditPredictor(Fixed({"A": 1.0, "B": 1.5}, log_sd=2.0), bandit)
+    for kw in ({"priority": "emergency"}, {"deadline_s": 30.0}):
+        shown = {e.backend: e.runtime_s for e in pred.predict(job(0, **kw), VIEWS)}
+        assert shown == pytest.approx({"A": 1.0, "B": 1.5})          # the posterior mean: no draw
+    for i in range(300):
+        for e in pred.predict(job(i), VIEWS):
+            base = {"A": 1.0, "B": 1.5}[e.backend]
+            assert base / 2.0 - 1e-9 <= e.runtime_s <= base * 2.0 + 1e-9   # within explore_factor
+
+
+def test_exploration_spends_no_more_than_its_budget():
+    bandit = ResidualBandit(BanditConfig(seed=5, budget_per_job=0.01, budget_burst=0.2))
+    pred = BanditPredictor(Fixed({"A": 1.0, "B": 1.3}, log_sd=1.5), bandit)
+    run(pred, lambda b, i: 1.0 if b == "A" else 1.3, 400)
+    assert bandit.spent <= 0.2 + 0.01 * bandit.jobs + 1e-9
+    assert bandit.explored > 0 and bandit.held_back > 0
+
+
+def test_buckets_separate_what_the_model_gets_wrong_per_kind_of_circuit():
+    bandit = ResidualBandit(BanditConfig(seed=2))
+    pred = BanditPredictor(Fixed({"A": 1.0, "B": 1.0}), bandit)
+    wide = {"num_qubits": 18}
+    narrow = {"num_qubits": 6}
+    assert bucket_of(job(0, **wide)) != bucket_of(job(0, **narrow))
+    for i in range(60):   # A is 4x slower than predicted on wide circuits only
+        for kw in (wide, narrow):
+            est = {e.backend: e for e in pred.predict(job(i, **kw), VIEWS)}
+            pred.observe("A", est["A"].runtime_s, 4.0 if kw is wide else 1.0)
+    post_wide = bandit.posterior("rt", "A", bucket_of(job(0, **wide)), 0.5)
+    post_narrow = bandit.posterior("rt", "A", bucket_of(job(0, **narrow)), 0.5)
+    assert post_wide.mean == pytest.approx(math.log(4.0), abs=0.25)
+    assert abs(post_narrow.mean) < 0.25
+
+
+def test_state_survives_a_restart_and_a_model_swap(tmp_path):
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store = BanditStore(engine)
+    learning = LearningSettings(policy="bandit")
+    first = wrap(Fixed({"A": 1.0, "B": 2.0}), learning=learning, restore=store.load)
+    run(first, lambda b, i: 3.0, 40)
+    store.save(bandit_of(first).snapshot())
+    before = bandit_of(first).posterior("rt", "A", bucket_of(job(0)), 0.5)
+    # a restarted allocator: a new stack restored from the store
+    again = wrap(Fixed({"A": 1.0, "B": 2.0}), learning=learning, restore=BanditStore(engine).load)
+    after = bandit_of(again).posterior("rt", "A", bucket_of(job(0)), 0.5)
+    assert after.mean == pytest.approx(before.mean) and after.n == pytest.approx(before.n)
+    # a new model: the same bandit goes on (its evidence thinned, its means kept), memory too
+    swapped = wrap(Fixed({"A": 1.0, "B": 2.0}), again, learning=learning)
+    assert bandit_of(swapped) is bandit_of(again)
+    assert swapped.base.memory is again.base.memory
+    thinned = bandit_of(swapped).posterior("rt", "A", bucket_of(job(0)), 0.5)
+    assert thinned.n == pytest.approx(after.n * 0.5)
+
+
+def test_the_layers_below_learn_against_their_own_numbers():
+    inner = Fixed({"A": 1.0, "B": 2.0})
+    pred = BanditPredictor(inner, ResidualBandit(BanditConfig(seed=0)))
+    est = {e.backend: e for e in pred.predict(job(0), VIEWS)}
+    pred.observe("A", est["A"].runtime_s, 1.7)
+    assert inner.observed == [("A", 1.0, 1.7)]
+    assert est["A"].source.endswith(":ts")
+
+
+def test_correction_policy_is_todays_stack():
+    from ray_qalloc.costmodel.memory import MemoryPredictor
+
+    stack = wrap(Fixed({"A": 1.0, "B": 2.0}), learning=LearningSettings())
+    assert isinstance(stack, MemoryPredictor) and bandit_of(stack) is None
