@@ -37,7 +37,7 @@ from ray.exceptions import RayActorError, WorkerCrashedError
 
 from ray_qalloc.backends.actor import RemoteBackendActor, backend_actor_options
 from ray_qalloc.backends.base import BackendSpec, ProviderStatus, resource_name
-from ray_qalloc.backends.pools import POOL_RESOURCE_CPU, pool_candidate_specs, pool_name
+from ray_qalloc.backends.pools import POOL_RESOURCE_CPU, is_gpu_pool, pool_candidate_specs, pool_name, pool_resource
 from ray_qalloc.config import Settings
 from ray_qalloc.placement import BackendView
 from ray_qalloc.monitor.node import NodeStats, usable_memory_bytes
@@ -221,7 +221,7 @@ class Fleet:
                 continue
             cores = host.cores or 1.0
             memory = host.memory_bytes
-            if not memory:
+            if not memory and not is_gpu_pool(host.name):   # a GPU pool without GPU memory has no members
                 from ray_qalloc.backends.aer import default_memory_bytes
 
                 memory = default_memory_bytes()
@@ -295,6 +295,9 @@ class Fleet:
             if not node.get("Alive"):
                 continue
             res = node.get("Resources", {})
+            gpu_host = self._discover_gpu_pool(node, res)   # issue #15: a GPU pool per GPU node
+            if gpu_host is not None:
+                started.append(gpu_host)
             offers = res.get(POOL_RESOURCE_CPU, 0.0) >= 1.0 if self._declared else res.get("CPU", 0.0) > 0
             name = pool_name(node["NodeID"])
             if not offers or name in self.hosts or node["NodeID"] in self._retired:
@@ -311,6 +314,21 @@ class Fleet:
             log.info("pool %s on node %s (%g CPUs%s)", name, node["NodeID"][:8], host.cores,
                      ", elastic" if host.elastic else "")
         return started
+
+    def _discover_gpu_pool(self, node: dict[str, Any], res: dict[str, float]) -> Host | None:
+        """A GPU pool on a node that offers one and has none yet (``backends.gpu_pool_actor``)."""
+        from ray_qalloc.backends.gpu_pool_actor import RemoteGpuPoolActor, gpu_pool_actor_options, offers_gpu_pool
+
+        name = pool_name(node["NodeID"], "gpu")
+        if not offers_gpu_pool(res, self._declared) or name in self.hosts or node["NodeID"] in self._retired:
+            return None
+        actor = RemoteGpuPoolActor.options(**gpu_pool_actor_options(
+            name, node["NodeID"], self.settings.namespace, use_resource=self._declared)).remote(name, node["NodeID"])
+        host = Host(name, "pool", actor, node_id=node["NodeID"], cores=float(res.get("GPU", 0.0)),
+                    elastic=self.elastic_pools, last_used=time.time())
+        self.hosts[name] = host
+        log.info("GPU pool %s on node %s (%g GPUs)", name, node["NodeID"][:8], host.cores)
+        return host
 
     def _start_backend(self, spec: BackendSpec, *, use_resource: bool = True) -> Any:
         opts = backend_actor_options(spec, self.settings.namespace, use_resource=use_resource)
@@ -378,11 +396,14 @@ class Fleet:
                 host.running = int(info.get("running") or 0)
                 self._node_measured(host, info.get("node"))
                 if not host.members and self.methods:
+                    offered = info.get("methods")   # a GPU pool offers what its installed engines run
+                    methods = [m for m in self.methods if offered is None or m in offered]
                     specs = pool_candidate_specs(host.name, cores=host.cores, memory_bytes=host.memory_bytes,
-                                                 methods=self.methods)
+                                                 methods=methods)
                     # a real pool answered: the placeholder that stood for it goes now, not
                     # before (if this pool never answers, jobs keep waiting for the placeholder)
-                    self._drop_placeholder()
+                    if not is_gpu_pool(host.name):
+                        self._drop_placeholder()
                     self._announce(self._add_members(host, specs))
             else:
                 for name in host.members:
@@ -449,7 +470,13 @@ class Fleet:
             return
         before = host.planned_free_bytes
         host.node_stats = stats
-        usable = usable_memory_bytes(stats)
+        gpu = is_gpu_pool(host.name)
+        if gpu:   # a GPU pool's runs live in GPU memory: the freest GPU's, as NVML read it
+            from ray_qalloc.backends.gpu_probe import free_gpu_bytes
+
+            usable = free_gpu_bytes(stats.gpus) or 0
+        else:
+            usable = usable_memory_bytes(stats)
         for name in host.members:
             m = self.members.get(name)
             if m is not None:
@@ -457,14 +484,16 @@ class Fleet:
         from ray_qalloc.metrics import metrics
 
         measured = getattr(self.listener, "pool_measured", None)
-        if measured is not None and host.kind == "pool":
+        if measured is not None and host.kind == "pool" and not gpu:   # CPU load is no GPU pool's budget
             measured(host.name, max(host.cores, 1.0), stats.busy_cores)
         node = (host.node_id or host.name)[:8]
         metrics.node(node, cpu_ratio=stats.cpu_ratio, memory_used_bytes=stats.memory_used_bytes,
                      memory_total_bytes=stats.memory_total_bytes)
-        for gpu in stats.gpus:
-            if gpu.utilization_ratio is not None:
-                metrics.gpu(node, gpu.index, gpu.utilization_ratio)
+        for device in stats.gpus:
+            if device.utilization_ratio is not None:
+                metrics.gpu(node, device.index, device.utilization_ratio)
+            metrics.gpu_memory(node, device.index, used_bytes=device.memory_used_bytes,
+                               total_bytes=device.memory_total_bytes)
         if before is None:
             host.planned_free_bytes = usable
         elif abs(usable - before) > 0.25 * max(before, 1):   # against the value plans were made with
@@ -638,7 +667,7 @@ class Fleet:
         """The Ray resource a node must offer to run member ``name`` (for autoscaling requests)."""
         m = self.members.get(name)
         if m is not None and m.spec.pool is not None:
-            return POOL_RESOURCE_CPU
+            return pool_resource(m.spec.pool)
         return resource_name(name)
 
     def sched_node(self, m: Member) -> str:

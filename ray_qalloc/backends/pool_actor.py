@@ -88,7 +88,11 @@ def run_variant(method: str, threads: int, memory_bytes: int, payload: bytes, sh
 
 def warm(methods: tuple[str, ...], memory_bytes: int) -> int:
     """Import Qiskit and Aer and run a Bell pair per method, so no job pays first-use costs."""
+    from ray_qalloc.backends.pools import GPU_ONLY_METHODS
+
     for m in methods:
+        if m in GPU_ONLY_METHODS:        # run by GPU pools only (backends.gpu_pool_actor)
+            continue
         _backend(m, 1, memory_bytes)     # built and warmed in this worker
     return os.getpid()
 

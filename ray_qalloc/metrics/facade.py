@@ -66,6 +66,8 @@ _API_REQ, _API_SEC = _I["qalloc_api_requests_total"], _I["qalloc_api_request_sec
 _NODE_CPU, _NODE_MEM_USED, _NODE_MEM_TOTAL, _NODE_GPU = (
     _I["qalloc_node_cpu_utilization_ratio"], _I["qalloc_node_memory_used_bytes"],
     _I["qalloc_node_memory_total_bytes"], _I["qalloc_node_gpu_utilization_ratio"])
+_NODE_GPU_MEM_USED, _NODE_GPU_MEM_TOTAL = (_I["qalloc_node_gpu_memory_used_bytes"],
+                                          _I["qalloc_node_gpu_memory_total_bytes"])
 _ALERTS, _ALERTS_FIRING = _I["qalloc_alerts_total"], _I["qalloc_alerts_firing"]
 _DROPPED = _I["qalloc_metrics_dropped_total"]
 _SINK_RECORDS, _SINK_LAG = _I["qalloc_sink_records_total"], _I["qalloc_sink_lag_records"]
@@ -305,6 +307,13 @@ class Metrics:
     def gpu(self, node: str, gpu: int, utilization_ratio: float) -> None:
         """Utilisation (0..1) of GPU ``gpu`` of ``node``."""
         self._set_finite(_NODE_GPU, (_NODE.fold(node), _GPU.fold(gpu)), utilization_ratio)
+
+    @_recording
+    def gpu_memory(self, node: str, gpu: int, *, used_bytes: float, total_bytes: float) -> None:
+        """Memory in use and in all of GPU ``gpu`` of ``node`` (NVML: other processes' too)."""
+        tags = (_NODE.fold(node), _GPU.fold(gpu))
+        self._set_finite(_NODE_GPU_MEM_USED, tags, used_bytes)
+        self._set_finite(_NODE_GPU_MEM_TOTAL, tags, total_bytes)
 
     # ---- alerts ------------------------------------------------------------------------------
     @_recording

@@ -203,6 +203,11 @@ METRICS: tuple[MetricDef, ...] = (
        agg="max"),
     _m("qalloc_node_gpu_utilization_ratio", "gauge", "ratio", "Utilisation of one GPU of a node (0..1).",
        (("node", NODE), ("gpu", GPU)), "Nodes", agg="max"),
+    _m("qalloc_node_gpu_memory_used_bytes", "gauge", "bytes",
+       "Memory in use on one GPU of a node (every process's, as NVML reports it).",
+       (("node", NODE), ("gpu", GPU)), "Nodes", agg="max"),
+    _m("qalloc_node_gpu_memory_total_bytes", "gauge", "bytes", "Memory of one GPU of a node.",
+       (("node", NODE), ("gpu", GPU)), "Nodes", agg="max"),
     # Alerts
     _m("qalloc_alerts_total", "counter", "alerts", "Alerts raised, by rule and severity.",
        (("rule", RULE), ("severity", SEVERITY)), "Alerts"),
