@@ -154,12 +154,16 @@ class GpuBackend:
                                fix="use the tensor network for wide shallow circuits, or MPS.")
         engine = self.engine
         t_exec = time.perf_counter()
-        if engine == "aer_gpu":
-            counts, transpile_s = self._run_aer(circuit, shots, seed)
-        elif engine == "custatevec":
-            counts, transpile_s = run_custatevec(circuit, shots, seed), 0.0
-        else:
-            counts, transpile_s = run_cutensornet(circuit, shots, seed), 0.0
+        try:
+            if engine == "aer_gpu":
+                counts, transpile_s = self._run_aer(circuit, shots, seed)
+            elif engine == "custatevec":
+                counts, transpile_s = run_custatevec(circuit, shots, seed), 0.0
+            else:
+                counts, transpile_s = run_cutensornet(circuit, shots, seed), 0.0
+        except ImportError as exc:   # the probe said yes, this worker cannot import it: the node's setup
+            raise BackendError(f"the GPU engine {engine} cannot be imported on this node: {exc}",
+                               fix="pip install 'ray-qalloc[gpu]' (or the gpu-cu13 extra) on the GPU node.") from None
         return RunResult(counts=counts, shots=shots, backend=self._name, wall_s=time.perf_counter() - start,
                          transpile_s=transpile_s, execute_s=time.perf_counter() - t_exec - transpile_s,
                          qpu_s=None, method=self._method,

@@ -9,7 +9,9 @@ a pool starts in about a second.
 Naming scheme:
 
 * ``aer_<method>`` with method ``statevector``, ``mps``, ``stabilizer``, ``density_matrix``
-  (``aer_statevector_gpu`` for the GPU statevector, only where Aer sees a GPU);
+  (``aer_statevector_gpu`` for Aer's GPU statevector as a backend of its own, only where Aer
+  sees a GPU; GPU *pools*, ``gpu-<node>/statevector`` and ``gpu-<node>/tensornet``, are the
+  fleet's, found per GPU node: ``backends.gpu_pool_actor``, ``gpu_pool_available``);
 * ``qpu_<device>`` for an emulated IBM device of ``qiskit_ibm_runtime.fake_provider``
   (``qpu_torino``, ``qpu_sherbrooke``, ``qpu_fez``, ``qpu_kyiv``, ...), or an emulated device of
   another architecture built from published specifications (``backends.architectures``):
@@ -44,12 +46,27 @@ GPU_BACKEND_NAME = "aer_statevector_gpu"
 
 @lru_cache(maxsize=1)
 def gpu_available() -> bool:
-    """True only when this Aer build can simulate on a GPU."""
+    """True only when this Aer build can simulate on a GPU (the legacy ``aer_statevector_gpu``
+    backend). The GPU *pools* ask ``gpu_pool_available`` instead."""
     try:
         from qiskit_aer import AerSimulator
 
         return "GPU" in AerSimulator().available_devices()
     except Exception:  # a broken CUDA setup means no GPU for us
+        return False
+
+
+def gpu_pool_available(probe: Any = None) -> bool:
+    """True when this node can host a GPU pool with members: NVML reports a GPU and an engine
+    (cuStateVec, cuTensorNet or Aer's CUDA build) imports. ``probe`` (a ``GpuProbe``) replaces
+    NVML and the import attempts, e.g. ``StaticProbe.present()`` in tests."""
+    from ray_qalloc.backends.gpu_pool_actor import gpu_methods_for
+    from ray_qalloc.backends.gpu_probe import default_probe
+
+    probe = probe or default_probe()
+    try:
+        return bool(probe.devices()) and bool(gpu_methods_for(frozenset(probe.engines())))
+    except Exception:  # a broken driver means no GPU pool, as for Aer
         return False
 
 
