@@ -252,7 +252,11 @@ def run(trace: Path, *, model: Path | None, truth_dir: Path, time_cap_s: float, 
     t_q = time.perf_counter()
     q_stats = (profile_fn or fid_mod.measure_profiles)(circuits, [v.name for v in qpus], profiles)
     q_wall = time.perf_counter() - t_q
-    t_report = truth_mod.measure_truth(work.cases, sim_specs, truth_dir, time_cap_s=time_cap_s,
+    # simulators are measured only on circuits some job may run there: a circuit that only
+    # quantum-intent jobs carry has no simulator in any policy's plan
+    simulable = {work.case_of[j.id] for j in work.jobs if j.view.intent != "quantum"}
+    sim_cases = {cid: c for cid, c in work.cases.items() if cid in simulable}
+    t_report = truth_mod.measure_truth(sim_cases, sim_specs, truth_dir, time_cap_s=time_cap_s,
                                        measure_fn=measure_fn, progress=console.is_terminal, samples=samples)
     by_case, outcomes = truth_mod.read_truth(truth_dir, set(work.cases), sim_specs, time_cap_s)
     q_runtime, q_fid, fid_info = qpu_truth(work, [v.name for v in qpus], profiles)
