@@ -94,10 +94,15 @@ def _with_real_records(case: schemathesis.Case) -> schemathesis.Case:
 # LEEF, syslog, OCSF or STIX record (`invalid_event`); whether a dotted settings key exists and its
 # value is valid for the running configuration (`config_error`); whether the names in a job's
 # `backends` allow-list are in the live pool (`invalid_job_spec` on `backends`: the pool changes
-# with nodes and membership while the document is read once).
+# with nodes and membership while the document is read once); whether an estimator job's Pauli
+# labels have one letter per qubit of *its circuit* (`invalid_job_spec` on `observables`: the
+# count is in the QASM text); and the rules between `precision` and the other fields
+# (`invalid_job_spec` on `precision`: only with `observables`; 0, exact values, not with
+# `intent: quantum`).
 CONTENT_RULE_CODES = frozenset({"invalid_circuit", "forbidden_include", "limit_exceeded", "no_feasible_backend",
                                 "invalid_event", "config_error"})
-CONTENT_RULE_FIELDS = frozenset({("invalid_job_spec", "backends")})
+CONTENT_RULE_FIELDS = frozenset({("invalid_job_spec", "backends"), ("invalid_job_spec", "observables"),
+                                 ("invalid_job_spec", "precision")})
 
 
 def _cross_field_rule(error: dict[str, Any]) -> bool:
@@ -184,7 +189,9 @@ def _fuzzable(schema: schemathesis.BaseSchema) -> list[schemathesis.APIOperation
 def _with_real_circuit(case: schemathesis.Case) -> schemathesis.Case:
     """Keep every generated field but put a real circuit in, so that cases get past the QASM
     parser into intake limits, placement and the allocator (random text stops at the parser).
-    Shots within the limit are capped at 256: accepted jobs really run, on these 2 cores."""
+    Shots within the limit are capped at 256, and so are an estimator job's shots per basis
+    (precision at least 1/16): accepted jobs really run, on these 2 cores. Pauli labels are cut
+    or padded to the circuit's two qubits, so that estimator jobs get past intake too."""
     body = case.body
     jobs = body.get("jobs") if isinstance(body, dict) and case.operation.path.endswith(":batch") else [body]
     for job in jobs if isinstance(jobs, list) else []:
@@ -193,6 +200,13 @@ def _with_real_circuit(case: schemathesis.Case) -> schemathesis.Case:
             shots = job.get("shots")
             if isinstance(shots, (int, float)) and 1 <= shots <= 1_000_000:
                 job["shots"] = min(int(shots), 256)
+            precision = job.get("precision")
+            if isinstance(precision, (int, float)) and 0 < precision < 1 / 16:
+                job["precision"] = 1 / 16
+            observables = job.get("observables")
+            if isinstance(observables, list):
+                job["observables"] = [{k[-2:].rjust(2, "I"): v for k, v in obs.items()} if isinstance(obs, dict)
+                                      else obs for obs in observables]
     return case
 
 
