@@ -132,3 +132,15 @@ def test_correction_policy_is_todays_stack():
 
     stack = wrap(Fixed({"A": 1.0, "B": 2.0}), learning=LearningSettings())
     assert isinstance(stack, MemoryPredictor) and bandit_of(stack) is None
+
+
+def test_bandit_policy_switches_the_models_own_correction_off():
+    from ray_qalloc.costmodel.model import LearnedPredictor
+    from ray_qalloc.costmodel.registry import load_predictor
+
+    base = load_predictor(None)
+    if not isinstance(base, LearnedPredictor):
+        pytest.skip("no compatible shipped artifact: the prior has no correction to switch off")
+    stack = wrap(base, learning=LearningSettings(policy="bandit"))
+    assert base.alpha == 0.0 and base.exploration_rate == 0.0
+    assert "alpha" not in vars(stack) and "alpha" not in vars(stack.base)

@@ -76,7 +76,8 @@ def switch_off_correction(predictor: Any) -> None:
     learn it too (through the wrappers, down to the learned model)."""
     p = predictor
     for _ in range(4):
-        if hasattr(p, "exploration_rate") and hasattr(p, "alpha"):
+        own = vars(p) if hasattr(p, "__dict__") else {}
+        if "exploration_rate" in own and "alpha" in own:   # not hasattr: wrappers forward reads
             p.exploration_rate = 0.0
             p.alpha = 0.0
             return
