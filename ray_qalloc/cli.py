@@ -590,3 +590,62 @@ _add_operator_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     app()
+
+
+model_app = typer.Typer(help="Cost-model versions: list, roll back, restore (each audited and announced).",
+                        no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+def _model_ops() -> tuple[Any, Any, Any]:
+    """Settings, the audited admin state and the alert outbox of this data directory."""
+    from ray_qalloc.adminstate import AdminState
+    from ray_qalloc.alerts.outbox import Outbox
+    from ray_qalloc.alerts.service import LOG_SINK
+
+    s = _settings()
+    store = _store()
+    sinks = [LOG_SINK, *(n for n, c in s.alerts.sink_configs().items() if "alerts" in c.records)]
+    return s, AdminState(store.engine), Outbox(store.engine, sinks)
+
+
+@model_app.command("versions")
+def model_versions() -> None:
+    """Every model version: active, available, retired, candidate."""
+    from ray_qalloc.costmodel.versions import versions
+
+    rows = versions(_settings().models_dir)
+    if _json_out():
+        _print_json(rows)
+        return
+    for r in rows:
+        typer.echo(f"{r['version']:<36} {r['state']:<10} rows={r['n_rows']} cv_rmse_log={r['cv_rmse_log']}")
+
+
+@model_app.command("rollback")
+def model_rollback(to: Optional[str] = typer.Argument(None, help="Version to serve (default: the previous one)."),
+                   reason: str = typer.Option("", help="Why (kept in the audit trail).")) -> None:
+    """Retire the version in service (nothing is deleted); the allocator swaps within seconds."""
+    from ray_qalloc.costmodel.versions import rollback
+
+    s, admin, outbox = _model_ops()
+    try:
+        out = rollback(s.models_dir, to, actor="cli", admin=admin, outbox=outbox, detail=reason)
+    except QAllocError as exc:
+        _fail(exc)
+        return
+    _print_json(out) if _json_out() else typer.echo(f"retired {', '.join(out['retired'])}; serving {out['active']}")
+
+
+@model_app.command("restore")
+def model_restore(version: str = typer.Argument(..., help="A retired version.")) -> None:
+    """Bring a retired version back (it serves if it is the newest)."""
+    from ray_qalloc.costmodel.versions import restore
+
+    s, admin, outbox = _model_ops()
+    try:
+        path = restore(s.models_dir, version, actor="cli", admin=admin, outbox=outbox)
+    except QAllocError as exc:
+        _fail(exc)
+        return
+    typer.echo(f"restored {path.name}")
