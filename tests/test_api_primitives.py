@@ -119,7 +119,7 @@ def test_estimator_job_result_over_raw_http(http: httpx.Client, client: Client) 
     body = out.json()
     assert body["counts"] == {}
     exp = body["expectation"]
-    assert exp["exact"] is True and exp["precision"] == 0.05
+    assert exp["exact"] is True and exp["precision"] == 0.05 and exp["groups"] == exp["shots_per_group"] == 0
     np.testing.assert_allclose(exp["evs"], [1.0, 2.0], atol=ATOL)    # Bell: <ZZ> = <XX> = 1, <XI> = 0
     assert exp["stds"] == [0.0, 0.0]
     handle = client.job(r.json()["id"])
