@@ -41,7 +41,7 @@ from ray_qalloc.jobs import JobState, PreparedJob, make_spec, prepare_job
 from ray_qalloc.placement.filters import TenantFilter
 from ray_qalloc.placement.model import BackendView, JobView
 from ray_qalloc.metrics import metrics
-from ray_qalloc.runopts import MAX_OBSERVABLES, MAX_SEED, MAX_TERMS, shots_for_precision
+from ray_qalloc.runopts import MAX_OBSERVABLES, MAX_SEED, MAX_TERMS, smallest_precision
 from ray_qalloc.tenants import Principal, Quota, TenantStore
 from ray_qalloc.wire import JsonFloat, JsonInt, _json_integer
 
@@ -821,20 +821,6 @@ def _exact_seed_bound(seed: dict[str, Any]) -> None:
     for branch in seed.get("anyOf", []):
         if branch.get("type") == "integer":
             branch["minimum"], branch["maximum"] = 0, MAX_SEED
-
-
-def smallest_precision(max_shots: int) -> float:
-    """The smallest precision > 0 intake takes: ⌈1/precision²⌉ shots per basis within ``max_shots``.
-
-    Why nudged both ways: ``max_shots ** -0.5`` squared back can land a hair either side of
-    ``max_shots`` in floating point, and a fuzzer sends exactly the documented minimum and the
-    number just below it: the first must be taken, the second refused."""
-    p = max_shots ** -0.5
-    while shots_for_precision(p) > max_shots:
-        p = math.nextafter(p, math.inf)
-    while shots_for_precision(below := math.nextafter(p, 0.0)) <= max_shots:
-        p = below
-    return p
 
 
 def _document_estimator_limits(job: dict[str, Any], max_shots: int, max_qubits: int) -> None:

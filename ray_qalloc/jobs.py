@@ -292,7 +292,7 @@ def _run_options(spec: JobSpec, circuit: Any, limits: Limits) -> tuple[runopts.R
     if per_group > limits.max_shots:
         raise LimitExceeded(f"precision={spec.precision} needs {per_group} shots per measurement basis, more than "
                             f"max_shots={limits.max_shots}.", field="precision",
-                            fix=f"ask for a precision of at least {limits.max_shots ** -0.5:.2g}.",
+                            fix=f"ask for a precision of at least {runopts.precision_hint(limits.max_shots)}.",
                             limit=limits.max_shots)
     groups = expectation.count_groups(observables)
     shots = per_group * groups if precision else 1

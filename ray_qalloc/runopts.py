@@ -208,6 +208,28 @@ def shots_for_precision(precision: float) -> int:
     return int(math.ceil(1.0 / precision**2))
 
 
+def smallest_precision(max_shots: int) -> float:
+    """The smallest precision > 0 intake takes: ⌈1/precision²⌉ shots per basis within ``max_shots``.
+
+    Why nudged both ways: ``max_shots ** -0.5`` squared back can land a hair either side of
+    ``max_shots`` in floating point, and a fuzzer sends exactly the documented minimum and the
+    number just below it: the first must be taken, the second refused."""
+    p = max_shots ** -0.5
+    while shots_for_precision(p) > max_shots:
+        p = math.nextafter(p, math.inf)
+    while shots_for_precision(below := math.nextafter(p, 0.0)) <= max_shots:
+        p = below
+    return p
+
+
+def precision_hint(max_shots: int) -> str:
+    """The smallest precision intake takes, rounded *up* to 3 significant digits: a number the
+    user can copy that is taken (rounding to nearest showed one that is refused)."""
+    p = smallest_precision(max_shots)
+    scale = 10 ** (2 - math.floor(math.log10(p)))
+    return f"{math.ceil(p * scale) / scale:.3g}"
+
+
 def labels_of(observables: Sequence[Observable]) -> list[str]:
     """Every distinct label, in first-seen order."""
     seen: dict[str, None] = {}
@@ -218,4 +240,4 @@ def labels_of(observables: Sequence[Observable]) -> list[str]:
 
 
 __all__ = ["MAX_OBSERVABLES", "MAX_TERMS", "Observable", "RunOptions", "check_observables", "check_precision",
-           "check_seed", "labels_of", "shots_for_precision", "split_payload", "wrap_payload"]
+           "check_seed", "labels_of", "precision_hint", "shots_for_precision", "smallest_precision", "split_payload", "wrap_payload"]

@@ -329,3 +329,21 @@ def test_estimator_job_intake() -> None:
         prepare_job(make_spec(circuit=qc, observables=many), Limits())
     with pytest.raises(InvalidJobSpec, match="only a simulator"):
         prepare_job(make_spec(circuit=qc, observables=[{"ZZ": 1}], precision=0, intent="quantum"), Limits())
+
+
+def test_the_precision_a_refusal_suggests_is_taken():
+    """The fix a too-fine precision gets names a number intake takes (it once rounded to nearest,
+    suggesting a value that is itself refused)."""
+    import re
+
+    from ray_qalloc.config import Limits
+    from ray_qalloc.exceptions import LimitExceeded
+    from ray_qalloc.jobs import make_spec, prepare_job
+
+    qasm = 'OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[2];\nh q[0];\ncx q[0],q[1];\n'
+    for max_shots in (1000, 1024, 5000, 100_000):
+        limits = Limits(max_shots=max_shots)
+        with pytest.raises(LimitExceeded) as err:
+            prepare_job(make_spec(circuit=qasm, shots=100, observables=[{"ZZ": 1.0}], precision=1e-4), limits)
+        suggested = float(re.search(r"at least ([0-9.eE+-]+)\.", err.value.fix).group(1))
+        prepare_job(make_spec(circuit=qasm, shots=100, observables=[{"ZZ": 1.0}], precision=suggested), limits)
