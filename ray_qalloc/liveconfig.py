@@ -268,14 +268,19 @@ def install(alloc: Any, old: Settings, new: Settings) -> None:
 
 
 def _explore(predictor: Any, factor: float) -> None:
+    """Set the learned model's exploration factor, under its wrappers (run memory, the bandit).
+
+    Why not ``hasattr``: the wrappers forward attribute *reads* to what they wrap, so
+    ``hasattr(wrapper, "explore_factor")`` is true and the assignment landed on the wrapper,
+    where nothing reads it; only an object that holds the attribute itself is the model."""
     p = predictor
-    for _ in range(4):       # through the wrappers (run memory, ...) to the learned model
-        if hasattr(p, "explore_factor"):
-            p.explore_factor = min(max(float(factor), 1.0), 10.0)
-            return
-        p = getattr(p, "base", None)
+    for _ in range(8):       # through the wrappers to the learned model
         if p is None:
             return
+        if "explore_factor" in getattr(p, "__dict__", {}):
+            p.explore_factor = min(max(float(factor), 1.0), 10.0)
+            return
+        p = getattr(p, "__dict__", {}).get("base")
 
 
 def _install_alerts(alloc: Any, old: Settings, new: Settings) -> None:

@@ -185,3 +185,21 @@ def test_pool_membership_changes_on_the_running_service(server, monkeypatch):
         r = c.submit(bell, shots=10, backends=["qpu_sherbrooke"]).result(timeout=60)
         assert r.backend == "qpu_sherbrooke"
         assert names(c) == before
+
+
+def test_a_live_explore_factor_reaches_the_model_under_its_wrappers():
+    """Wrappers forward reads, so the factor used to land on the wrapper where nothing reads it."""
+    from ray_qalloc.costmodel.memory import MemoryPredictor
+    from ray_qalloc.liveconfig import _explore
+
+    class Model:
+        def __init__(self) -> None:
+            self.explore_factor = 4.0
+
+    model = Model()
+    wrapped = MemoryPredictor(MemoryPredictor(model))
+    _explore(wrapped, 2.5)
+    assert model.explore_factor == 2.5
+    assert "explore_factor" not in vars(wrapped) and "explore_factor" not in vars(wrapped.base)
+    assert wrapped.explore_factor == 2.5          # what the wrappers read through
+    _explore(object(), 3.0)                       # a predictor without exploration: nothing to set
