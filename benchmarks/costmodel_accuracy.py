@@ -21,6 +21,12 @@ metrics when at least one feasible backend takes ≥ 50 ms): ``within_20pct``, `
 ``n_circuits``, ``n_runs``. Emulated QPUs (``--backends`` with ``qpu_*``) are reported apart
 under ``summary_qpu``: their times are modelled, hence predictable.
 
+With ``--fidelity CACHE``, the fidelity model is scored too (``benchmarks.fidelity``): on
+emulated QPU runs whose Hellinger fidelity was measured against the exact ideal distribution,
+the calibration estimate with the per-device correction learned on each device's earlier runs,
+against later ones: ``summary.fidelity_mae`` (goal ≤ 0.03), beside ``fidelity_mae_calibration``
+(the estimate alone) and ``fidelity_mae_miscalibrated`` (a device noisier than its calibration).
+
 With ``--holdout``, a model is trained (one XGBoost fit, default parameters) on
 ``--train-history`` minus the held-out families, and the summary is given for the held-out
 families (``summary_heldout``) and for the others (``summary_seen``).
@@ -242,6 +248,22 @@ def print_report(result: dict[str, Any], console: Console) -> None:
                 f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
 
 
+def add_fidelity(result: dict[str, Any], cache: Path, console: Console) -> None:
+    """``--fidelity``: the fidelity model's error on measured emulated QPU runs, held out
+    (``benchmarks.fidelity.run_accuracy``), into ``summary`` (``fidelity_mae``: calibration
+    estimate with the learned correction; ``fidelity_mae_calibration``: without it)."""
+    from benchmarks.fidelity import run_accuracy
+
+    fid = run_accuracy(cache)
+    result["fidelity"] = fid
+    for key in ("fidelity_mae", "fidelity_mae_calibration", "fidelity_n_test", "fidelity_mae_miscalibrated",
+                "fidelity_mae_miscalibrated_calibration"):
+        if key in fid:
+            result["summary"][key] = fid[key]
+    console.print("[bold]fidelity[/bold]: " + ", ".join(
+        f"{k}={v:.3g}" for k, v in fid.items() if k.startswith("fidelity_") and isinstance(v, float)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--circuits", type=Path, required=True)
@@ -252,12 +274,16 @@ def main() -> None:
     ap.add_argument("--time-cap", type=float, default=20.0)
     ap.add_argument("--holdout", default="", help="families to hold out of training (needs --train-history)")
     ap.add_argument("--train-history", type=Path)
+    ap.add_argument("--fidelity", type=Path, metavar="CACHE",
+                    help="also score the fidelity model on measured emulated QPU runs (CACHE: their JSON Lines)")
     args = ap.parse_args()
     console = make_console()
     result = run(args.circuits, model=args.model, history=args.history,
                  backends=[b for b in args.backends.split(",") if b], time_cap_s=args.time_cap,
                  holdout={f for f in args.holdout.split(",") if f}, train_history=args.train_history,
                  console=console)
+    if args.fidelity is not None:
+        add_fidelity(result, args.fidelity, console)
     print_report(result, console)
     write_json(args.json, result, console)
 

@@ -86,6 +86,11 @@ class Allocator(ThreatOps):
                             self._kick.set)
         self.fleet = Fleet(settings, self.d)
         self.d.fleet = self.fleet
+        from ray_qalloc.fidelity_meter import FidelityMeter
+
+        # QPU runs' fidelity, measured after completion off the loop; corrects placement (#13)
+        self.fidelity_meter = self.d.fidelity_meter = FidelityMeter(self.store.engine, self.d.db,
+                                                                    lambda: self.d.predictor)
         self.admin = AdminState(self.store.engine)
         from ray_qalloc.backendlog import BackendLog
 
@@ -188,6 +193,7 @@ class Allocator(ThreatOps):
                 await self.fleet.start()
                 self._register(list(self.fleet.members.values()))
             await self.maint.load()
+            await self.d.db(self.fidelity_meter.load)    # the fidelity corrections learned before
             await self.live.load()
             self.threat.load()      # after the live config (its reservations add to it), before the queue
             t1 = time.monotonic()
@@ -686,10 +692,10 @@ class Allocator(ThreatOps):
     def _flush_history(self) -> int:
         rows = self.store.unexported_runs()
         if not rows:
-            return 0
+            return self.fidelity_meter.export(self.history)
         self.history.append(rows)
         self.store.mark_exported(r["id"] for r in rows)
-        return len(rows)
+        return len(rows) + self.fidelity_meter.export(self.history)
 
 
 def _reconstructed() -> bool:

@@ -18,15 +18,17 @@ from __future__ import annotations
 from typing import Any
 
 from ray_qalloc.config import Settings
+from ray_qalloc.costmodel import fidelity_correction
 from ray_qalloc.costmodel.memory import MemoryPredictor, RunMemory
 
 
 def wrap_predictor(fresh: Any, previous: Any = None) -> MemoryPredictor:
-    """A predictor that consults run memory; a hot-reloaded model keeps the memory it had."""
+    """A predictor that consults run memory, over the model with its measured-fidelity correction
+    (``costmodel.fidelity_correction``); a hot-reloaded model keeps the memory and corrections it had."""
     if isinstance(fresh, MemoryPredictor):
         return fresh
     memory = previous.memory if isinstance(previous, MemoryPredictor) else RunMemory()
-    return MemoryPredictor(fresh, memory)
+    return MemoryPredictor(fidelity_correction.corrected(fresh, previous), memory)
 
 
 def hedge_policy(settings: Settings) -> Any:

@@ -208,6 +208,9 @@ class RunLife:
         m = self.fleet.members.get(r.backend)
         if m is None:
             return
+        meter = getattr(self, "fidelity_meter", None)   # measured QPU fidelity, off this loop (#13)
+        if meter is not None and m.spec.kind == "qpu":
+            meter.submit(r, result, m)
         actual = result.get("qpu_s") if m.spec.kind == "qpu" else result.get("wall_s")
         if not actual:
             return

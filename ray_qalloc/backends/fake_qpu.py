@@ -32,6 +32,12 @@ is not counted twice: it enters the shots through the bit flips only.
 ``metadata["noise_model"]`` says which path ran: ``"exact_local"`` or
 ``"global_depolarizing"``.
 
+Test-only miscalibration (``noise_scale``, default 1): the noise *applied* is that of a
+device whose gate and readout errors are ``noise_scale``× and whose T1/T2 are 1/``noise_scale``×
+what its calibration says, while ``calibration()``, the transpiler's view and the reported
+``esp`` stay those of the advertised calibration — a device noisier than it claims, which
+learned fidelity corrections must discover from measured counts (``metadata["noise_scale"]``).
+
 Modelled QPU time: ``qpu_s = shots * (duration + rep_delay) + overhead_s``, where
 ``duration`` is the critical path through the transpiled circuit with each instruction's
 duration from the target (measurements included).
@@ -604,6 +610,7 @@ class _DeviceView:
     pass_manager: Any = None
     gate_errors: dict[str, tuple[float, ...]] | None = None
     noise_cache: OrderedDict[tuple[int, ...], "NoiseModel"] = field(default_factory=OrderedDict)
+    noise_target: "Target | None" = None           # the target noise is built from (noise_scale ≠ 1)
 
 
 class FakeQPUBackend:
@@ -623,7 +630,11 @@ class FakeQPUBackend:
                  seed_transpiler: int = DEFAULT_SEED_TRANSPILER,
                  noise_cache_size: int = DEFAULT_NOISE_CACHE,
                  drift: "DriftSettings | None" = None,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None,
+                 noise_scale: float = 1.0) -> None:
+        if not noise_scale > 0:
+            raise BackendError(f"noise_scale must be positive, not {noise_scale!r}.", fix="use e.g. 1.0 or 3.0.")
+        self._noise_scale = float(noise_scale)
         self._device = load_fake_device(device)
         self._device_name = self._device.name
         self._name = name or f"qpu_{short_device_name(self._device_name)}"
@@ -700,6 +711,8 @@ class FakeQPUBackend:
                     "esp_decoherence": success.decoherence, "duration_s": schedule.duration_s,
                     "rep_delay_s": rep_delay, "overhead_s": self._overhead_s,
                     "device": self._device_name, "depth": transpiled.depth()}
+        if self._noise_scale != 1.0:
+            metadata["noise_scale"] = self._noise_scale
         if self._drift is not None:
             metadata["calibration_at"] = calibration.taken_at
         return RunResult(
@@ -798,12 +811,20 @@ class FakeQPUBackend:
             if model is not None:
                 cache.move_to_end(qubits)
                 return model
-        model = local_noise_model(view.target, qubits)
+        model = local_noise_model(self._noise_target(view), qubits)
         with self._lock:
             cache[qubits] = model
             while len(cache) > self._noise_cache_size:
                 cache.popitem(last=False)
         return model
+
+    def _noise_target(self, view: _DeviceView) -> "Target":
+        """The target whose errors the emulator applies: the calibration's, or its scaled copy."""
+        if self._noise_scale == 1.0:
+            return view.target
+        if view.noise_target is None:
+            view.noise_target = scaled_target(view.target, self._noise_scale)
+        return view.noise_target
 
     def _run_exact(self, transpiled: "QuantumCircuit", layout: tuple[int, ...], shots: int,
                    seed: int | None, view: _DeviceView) -> tuple[dict[str, int], str]:
@@ -842,7 +863,12 @@ class FakeQPUBackend:
                     success: SuccessEstimate, shots: int,
                     seed: int | None, view: _DeviceView) -> tuple[dict[str, int], str]:
         ideal = self._ideal_backend(circuit).run(circuit, shots, seed=seed)
-        readout = self._calibration_of(view).readout_error
+        if self._noise_scale != 1.0:   # the noise applied is the scaled device's, not the advertised one
+            noisy = self._noise_target(view)
+            success = estimate_success(transpiled, noisy, scheduled_duration(transpiled, noisy))
+            readout = _readout_errors(noisy)
+        else:
+            readout = self._calibration_of(view).readout_error
         flips = {c: _finite(readout[q]) for c, q in measured_qubits(transpiled).items()}
         rng = np.random.default_rng(seed)
         keep = success.gates * success.decoherence
@@ -851,3 +877,41 @@ class FakeQPUBackend:
 
 def _finite(value: float) -> float:
     return value if value == value else 0.0
+
+
+def _readout_errors(target: "Target") -> list[float]:
+    out = [float("nan")] * target.num_qubits
+    if "measure" in target.operation_names:
+        for qargs, p in target["measure"].items():
+            if qargs is not None and p is not None and p.error is not None:
+                out[qargs[0]] = float(p.error)
+    return out
+
+
+def scaled_target(target: "Target", scale: float) -> "Target":
+    """A copy of ``target`` with every error ×``scale`` (capped: gates 0.75, readout 0.5) and
+    T1/T2 ÷``scale``; durations unchanged. Test-only miscalibration (``noise_scale``)."""
+    from qiskit.providers import QubitProperties
+    from qiskit.transpiler import InstructionProperties, Target
+
+    qprops = None
+    if target.qubit_properties:
+        qprops = [None if p is None else QubitProperties(
+            t1=None if p.t1 is None else p.t1 / scale, t2=None if p.t2 is None else p.t2 / scale,
+            frequency=p.frequency) for p in target.qubit_properties]
+    out = Target(description=target.description, num_qubits=target.num_qubits, dt=target.dt,
+                 granularity=target.granularity, min_length=target.min_length,
+                 pulse_alignment=target.pulse_alignment, acquire_alignment=target.acquire_alignment,
+                 qubit_properties=qprops, concurrent_measurements=target.concurrent_measurements)
+    for name in target.operation_names:
+        op = target.operation_from_name(name)
+        props = target[name]
+        if isinstance(op, type) or not props or None in props:
+            out.add_instruction(op, name=name)
+            continue
+        cap = 0.5 if name == "measure" else 0.75
+        new = {qargs: (p if p is None or p.error is None else
+                       InstructionProperties(duration=p.duration, error=min(p.error * scale, cap)))
+               for qargs, p in props.items()}
+        out.add_instruction(op, new, name=name)
+    return out

@@ -6,6 +6,15 @@ history is written from it in batches, so a crash between the two loses nothing:
 attempts are exported at the next flush. Each flush writes one new part file atomically
 (temporary name, then rename); readers see whole parts only. ``attempt_id`` is unique
 across parts, so a part written twice after a crash is removed by ``read`` de-duplication.
+
+Measured fidelity arrives after its attempt (it is computed off the allocator's loop,
+``ray_qalloc.fidelity_meter``), possibly after the attempt was exported, so it is written as
+parts of its own (``fidelity-*.parquet``, one row per measured attempt) and ``read`` joins them
+onto their attempts by (job, attempt): columns ``fidelity`` (the Hellinger fidelity measured
+against the exact ideal distribution; null where nothing was measured), ``fidelity_method``,
+``fidelity_calibration`` (the uncorrected calibration estimate it was compared with),
+``fidelity_estimate`` (what placement showed), ``fidelity_device_esp`` and
+``fidelity_calibration_at``.
 """
 
 from __future__ import annotations
@@ -36,6 +45,20 @@ _BASE_FIELDS: list[tuple[str, pa.DataType]] = [
     # sweep-only context (None for live runs)
     ("case_id", pa.string()), ("family", pa.string()), ("level", pa.string()),
     ("peak_memory_bytes", pa.float64()), ("cap_s", pa.float64()), ("method", pa.string()),
+]
+
+
+#: Columns ``read`` joins onto the attempts from the fidelity parts: (column, field of a part).
+FIDELITY_FIELDS: list[tuple[str, str, pa.DataType]] = [
+    ("fidelity", "fidelity", pa.float64()), ("fidelity_method", "method", pa.string()),
+    ("fidelity_calibration", "calibration_estimate", pa.float64()), ("fidelity_estimate", "estimate", pa.float64()),
+    ("fidelity_device_esp", "device_esp", pa.float64()), ("fidelity_calibration_at", "calibration_at", pa.float64()),
+]
+_FIDELITY_PART_FIELDS: list[tuple[str, pa.DataType]] = [
+    ("job_id", pa.string()), ("attempt", pa.int32()), ("backend", pa.string()),
+    *((part, t) for _, part, t in FIDELITY_FIELDS),
+    ("outcomes", pa.float64()), ("shots", pa.int64()), ("num_qubits", pa.int32()),
+    ("measure_s", pa.float64()), ("measured_at", pa.float64()),
 ]
 
 
@@ -82,18 +105,46 @@ class RunHistory:
         fields += [(c, pa.float64()) for c in feature_cols]
         schema = pa.schema(fields)
         table = pa.Table.from_pylist([{name: r.get(name) for name, _ in fields} for r in rows], schema=schema)
-        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        return self._write("part", table)
+
+    def _write(self, prefix: str, table: pa.Table) -> Path:
+        name = f"{prefix}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         tmp = self.directory / f".{name}.tmp"
         pq.write_table(table, tmp)
         final = self.directory / name
         os.replace(tmp, final)
         return final
 
+    def append_fidelity(self, records: Iterable[dict[str, Any]]) -> Path | None:
+        """Measured fidelities (``fidelity_meter`` rows: job_id, n, backend, fidelity, ...)."""
+        rows = [{**r, "attempt": r.get("n", r.get("attempt"))} for r in records]
+        if not rows:
+            return None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        schema = pa.schema(_FIDELITY_PART_FIELDS)
+        table = pa.Table.from_pylist([{name: r.get(name) for name, _ in _FIDELITY_PART_FIELDS} for r in rows],
+                                     schema=schema)
+        return self._write("fidelity", table)
+
+    def read_fidelity(self) -> pa.Table:
+        """The measured fidelities alone, one row per (job, attempt), newest part winning."""
+        parts = sorted(self.directory.glob("fidelity-*.parquet")) if self.directory.exists() else []
+        if not parts:
+            return pa.table({name: pa.array([], type=t) for name, t in _FIDELITY_PART_FIELDS})
+        table = ds.dataset([str(p) for p in parts], format="parquet",
+                           schema=pa.schema(_FIDELITY_PART_FIELDS)).to_table()
+        last: dict[tuple[Any, Any], int] = {}
+        for i, key in enumerate(zip(table.column("job_id").to_pylist(), table.column("attempt").to_pylist())):
+            last[key] = i
+        return table.take(sorted(last.values())) if len(last) != table.num_rows else table
+
     def read(self) -> pa.Table:
-        """All rows, one per attempt id (parts may differ in feature columns)."""
+        """All rows, one per attempt id (parts may differ in feature columns), with the
+        measured fidelity columns joined on where any exists (``FIDELITY_FIELDS``; null where none)."""
         parts = sorted(self.directory.glob("part-*.parquet")) if self.directory.exists() else []
         if not parts:
-            return pa.table({name: pa.array([], type=t) for name, t in _BASE_FIELDS})
+            table = pa.table({name: pa.array([], type=t) for name, t in _BASE_FIELDS})
+            return _with_fidelity(table, self.read_fidelity())
         table = ds.dataset([str(p) for p in parts], format="parquet",
                            schema=_unified_schema(parts)).to_table()
         ids = table.column("attempt_id").to_pylist()
@@ -103,10 +154,30 @@ class RunHistory:
             if a is None or a not in seen:
                 keep.append(i)
                 seen.add(a)
-        return table.take(keep) if len(keep) != len(ids) else table
+        table = table.take(keep) if len(keep) != len(ids) else table
+        return _with_fidelity(table, self.read_fidelity())
 
     def __len__(self) -> int:
         return self.read().num_rows
+
+
+def _with_fidelity(table: pa.Table, fidelity: pa.Table) -> pa.Table:
+    """``table`` with the FIDELITY_FIELDS columns, from ``fidelity`` rows of the same (job, attempt);
+    unchanged where nothing was ever measured (a history without measurements reads as before)."""
+    if not fidelity.num_rows:
+        return table
+    table = table.drop_columns([c for c, _, _ in FIDELITY_FIELDS if c in table.column_names])
+    index: dict[tuple[Any, Any], int] = {}
+    if fidelity.num_rows:
+        for i, key in enumerate(zip(fidelity.column("job_id").to_pylist(), fidelity.column("attempt").to_pylist())):
+            index[key] = i
+    at = [index.get(key) for key in zip(table.column("job_id").to_pylist(), table.column("attempt").to_pylist())] \
+        if index else [None] * table.num_rows
+    for column, part, dtype in FIDELITY_FIELDS:
+        values = fidelity.column(part).to_pylist() if index else []
+        table = table.append_column(pa.field(column, dtype), pa.array(
+            [None if i is None else values[i] for i in at], type=dtype))
+    return table
 
 
 def _unified_schema(parts: list[Path]) -> pa.Schema:
