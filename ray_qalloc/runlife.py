@@ -218,10 +218,6 @@ class RunLife:
         observe = getattr(self.predictor, "observe", None)
         if observe is not None:
             observe(r.backend, r.predicted_s, float(actual))
-        measured = result.get("measured_fidelity")   # where a QPU run's fidelity was measured (#13)
-        observe_fidelity = getattr(self.predictor, "observe_fidelity", None)
-        if observe_fidelity is not None and measured is not None and m.spec.kind == "qpu":
-            observe_fidelity(r.backend, r.predicted_s, float(measured))
         for hook in getattr(self, "learn_hooks", ()):   # the retraining loop's drift and shadow (#13)
             hook(r.view, m.spec, r.predicted_s, float(actual))
         remember = getattr(self.predictor, "remember", None)
