@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Iterable, Protocol, runtime_checkable
 
 from ray_qalloc.monitor.node import GpuStats
@@ -36,6 +34,8 @@ ENGINES: tuple[str, ...] = ("custatevec", "cutensornet", "aer_gpu")
 GPU_MEMORY_FRACTION = 0.9
 """Share of one GPU's total memory a run may plan on: the state (or the largest intermediate
 tensor) plus the library's workspace, with the CUDA context and the allocator's slack left out."""
+GPU_RESERVE_RATIO = 0.1
+"""The rest, kept free of plans when reading a GPU's free memory."""
 
 
 @runtime_checkable
@@ -172,18 +172,9 @@ def per_gpu_budget_bytes(devices: Iterable[GpuStats], fraction: float = GPU_MEMO
     return int(min(totals) * fraction) if totals else 0
 
 
-def free_gpu_bytes(devices: Iterable[GpuStats], reserve_ratio: float = 1.0 - GPU_MEMORY_FRACTION) -> int | None:
+def free_gpu_bytes(devices: Iterable[GpuStats], reserve_ratio: float = GPU_RESERVE_RATIO) -> int | None:
     """Memory a new one-GPU run may plan on now: the freest GPU's free memory less a reserve (other
     processes' allocations show up in NVML, not in Ray); None without a reading."""
     free = [d.memory_total_bytes - d.memory_used_bytes - int(d.memory_total_bytes * reserve_ratio)
             for d in devices]
     return max(max(free), 0) if free else None
-
-
-@lru_cache(maxsize=1)
-def cuda_visible_count() -> int | None:
-    """GPUs ``CUDA_VISIBLE_DEVICES`` allows this process (None: unset, all of them)."""
-    raw = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if raw is None:
-        return None
-    return len([p for p in raw.split(",") if p.strip()])
