@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import builtins
+import math
 import random
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -347,7 +349,7 @@ def test_features_use_measures_added_after_parsing() -> None:
 
 
 def test_feature_vector_order_and_schema() -> None:
-    assert FEATURE_SCHEMA_VERSION == 1
+    assert FEATURE_SCHEMA_VERSION == 2
     assert list(FEATURE_NAMES) == sorted(FEATURE_NAMES) and len(set(FEATURE_NAMES)) == len(FEATURE_NAMES)
     f = circuit_features(ghz_circuit(3), shots=8)
     assert set(f) == set(FEATURE_NAMES)
@@ -458,3 +460,70 @@ def test_qasm3_custom_gate_arguments_bind_by_position(names, values):
     for gate, v in zip(("rx", "rz", "ry", "rx", "rz"), values):
         getattr(want, gate)(v, 0)
     assert Operator(got).equiv(Operator(want))
+
+
+# --- entanglement features (schema 2) --------------------------------------------------------
+
+def _feats(qc: QuantumCircuit) -> dict[str, float]:
+    parsed = parse_circuit(qc, LIMITS)
+    return circuit_features(parsed.circuit, shots=1024, op_counts=parsed.expanded_ops)
+
+
+def test_a_product_state_reaches_no_entanglement() -> None:
+    """QFT of |0...0> and Deutsch-Jozsa's phase kickback stay product states (MPS runs them in
+    milliseconds), though every gate count and the interaction graph say otherwise."""
+    qft = QuantumCircuit(12)
+    for j in reversed(range(12)):
+        qft.h(j)
+        for k in range(j):
+            qft.cp(math.pi / 2 ** (j - k), k, j)
+    for j in range(6):
+        qft.swap(j, 11 - j)
+    qft.measure_all()
+    dj = QuantumCircuit(9)
+    dj.x(8)
+    dj.h(range(9))
+    for q in range(8):
+        dj.cx(q, 8)
+    dj.h(range(8))
+    dj.measure_all()
+    for qc in (qft, dj):
+        f = _feats(qc)
+        assert f["cut_max"] > 0
+        assert f["ent_gates"] == 0 and f["mps_chi_log2_max"] == 0 and f["lightcone_max"] == 1
+
+
+def test_bond_dimension_bound_follows_the_state() -> None:
+    ghz = QuantumCircuit(10)
+    ghz.h(0)
+    for q in range(9):
+        ghz.cx(q, q + 1)
+    f = _feats(ghz)
+    assert f["ent_gates"] == 9 and f["mps_chi_log2_max"] == 1 and f["lightcone_max"] == 10
+    rng = random.Random(3)
+    deep = QuantumCircuit(10)
+    for layer in range(12):
+        for q in range(10):
+            deep.ry(rng.random() + 0.1, q)
+        for q in range(layer % 2, 9, 2):
+            deep.cx(q, q + 1)
+    d = _feats(deep)
+    assert d["mps_chi_log2_max"] == 5            # capped by the 5 qubits on the smaller side
+    assert d["mps_gate_work_log2"] > f["mps_gate_work_log2"] + 10
+    assert d["mps_sample_work_log2"] > f["mps_sample_work_log2"]
+
+
+def test_fusion_estimate_and_multi_controlled_gates() -> None:
+    """Aer fuses gates on at most 5 qubits into one pass; a wider gate is a pass of its own."""
+    qc = QuantumCircuit(20)
+    for _ in range(10):
+        for q in range(5):
+            qc.rx(0.3, q)
+        qc.cx(0, 4)
+    assert _feats(qc)["fused_blocks"] == 1
+    qc.ccx(10, 11, 12)                            # 8 qubits with the block: a new one
+    qc.unitary(np.eye(64), list(range(6, 12)))    # 6 qubits: a pass of its own
+    qc.h(0)
+    f = _feats(qc)
+    assert f["fused_blocks"] == 4 and f["max_gate_qubits"] == 6 and f["mc_gate_qubits"] == 9
+    assert f["basis_cx_estimate"] == 10 + 6 + 8 * 5

@@ -185,6 +185,26 @@ def test_censored_rows_enter_training_and_failures_are_counted(measured):
     assert data.dropped["failed"] == 1
 
 
+def test_rows_of_an_older_feature_schema_are_left_out_with_a_fix(measured, tmp_path, caplog):
+    """A run whose features predate schema 2 lacks the entanglement features: training leaves it
+    out (mixing would teach the trees that "missing" means "cheap") and says how to fix it."""
+    from ray_qalloc.circuits import ENTANGLEMENT_FEATURES, FEATURE_SCHEMA_VERSION
+    from ray_qalloc.costmodel.model import current_feature_rows
+
+    old = {k: v for k, v in features_of(ghz(6)).items() if k not in ENTANGLEMENT_FEATURES}
+    history = RunHistory(tmp_path / "old")
+    history.append([record("aer_statevector", "statevector", "ghz", 6, old, wall_s=0.01),
+                    record("aer_statevector", "statevector", "ghz", 6, features_of(ghz(6)), wall_s=0.01,
+                           feature_schema_version=FEATURE_SCHEMA_VERSION - 1)], source="live")
+    table = pa.concat_tables([measured["table"], history.read()], promote_options="default")
+    assert current_feature_rows(history.read()).tolist() == [False, False]
+    with caplog.at_level("WARNING"):
+        data = runtime_data(table)
+    assert data.dropped["old_features"] == 2
+    assert data.n_rows == runtime_data(measured["table"]).n_rows
+    assert "To fix" in caplog.text and "refeaturize" in caplog.text
+
+
 def test_censored_rows_raise_predictions_above_what_fast_runs_suggest(measured, model):
     table = measured["table"]
     keep = pa.compute.invert(pa.compute.starts_with(table.column("outcome"), "censored"))
@@ -349,7 +369,7 @@ def test_registry_picks_newest_compatible_and_skips_incompatible(model, tmp_path
     (tmp_path / "99999999T999999999999Z-empty").mkdir()
     with caplog.at_level("WARNING"):
         assert latest_artifact(tmp_path) == newer
-    assert "feature_schema_version" in caplog.text
+    assert "feature_schema_version" in caplog.text and "To fix" in caplog.text
     predictor = load_predictor(tmp_path)
     assert isinstance(predictor, LearnedPredictor) and predictor.source == f"model:{newer.name}"
 
@@ -567,3 +587,33 @@ def test_allocator_picks_up_a_new_artifact_without_restart(tmp_path, model):
     assert f"model:{model.version}" in sources and sources <= {f"model:{model.version}", "memory:exact"}
     # online correction: the completed run moved that backend's correction away from 1
     assert alloc.predictor.correction(after["chosen"]) != 1.0
+
+
+def test_qpu_time_is_learned_where_history_has_it(tmp_path):
+    """QPU runs that recorded qpu_s beside the estimate made before them teach a correction:
+    here the device takes 3x what was estimated; without such rows the estimate stands."""
+    from ray_qalloc.backends.registry import make_backend as mk
+
+    qpu = mk("qpu_torino")
+    view = BackendView(qpu.spec(), True, qpu.calibration().summary())
+    rows = []
+    for n in (3, 4, 5, 6, 7, 8, 9, 10):
+        for shots in (256, 1024, 4096):
+            job = JobView("j", n, frozenset(), features_of(ghz(n), shots), shots)
+            est = HeuristicPrior().predict(job, [view])[0].runtime_s
+            rows.append({"id": next(_ids), "job_id": f"q{n}-{shots}", "backend": "qpu_torino", "shots": shots,
+                         "num_qubits": n, "features": job.features, "outcome": "completed", "wall_s": 9.0,
+                         "qpu_s": 3.0 * est, "predicted_s": est, "family": "ghz"})
+    sims = [record("aer_statevector", "statevector", "ghz", n, features_of(ghz(n)), wall_s=0.01) for n in (3, 4, 5)]
+    history = RunHistory(tmp_path / "h")
+    history.append(rows + sims, source="live")
+    model = fit_cost_model(history.read(), num_rounds=10)
+    assert model.qpu_time is not None
+    loaded = CostModel.load(save_artifact(tmp_path / "reg", model))
+    job = JobView("k", 5, frozenset(), features_of(ghz(5), 1024), 1024)
+    prior = HeuristicPrior().predict(job, [view])[0].runtime_s
+    est = LearnedPredictor(loaded, exploration_rate=0).predict(job, [view])[0]
+    assert est.runtime_s == pytest.approx(3.0 * prior, rel=0.15) and est.source.endswith(":qpu_time")
+    sims_only = RunHistory(tmp_path / "s")
+    sims_only.append(sims, source="live")
+    assert fit_cost_model(sims_only.read(), num_rounds=5).qpu_time is None

@@ -13,7 +13,7 @@ import pytest
 
 from ray_qalloc.costmodel.history import RunHistory
 from ray_qalloc.costmodel.measure import (DEFAULT_BACKENDS, SweepCase, Worker, cases_from_path,
-                                          default_sweep, measure, mqt_cases, random_cases)
+                                          default_sweep, measure, mqt_cases, random_cases, source_of_case_id)
 from ray_qalloc.placement.model import Estimate
 
 GHZ3 = ('OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[3];\ncreg c[3];\n'
@@ -181,10 +181,49 @@ def test_cases_from_jsonl_trace(tmp_path, history, worker):
 
 def test_default_sweep_is_sized_and_ids_are_unique():
     full, quick = default_sweep(), default_sweep(quick=True)
-    assert len({c.case_id for c in full}) == len(full) > 100
+    assert len({c.case_id for c in full}) == len(full) > 90
     assert 8 <= len(quick) <= 12 and max(c.size for c in quick) <= 8
     assert max(c.size for c in full if c.family == "grover") <= 12
-    assert {c.level for c in full} >= {"alg", "indep", "random"}
+    assert {c.level for c in full} >= {"alg", "random", "synthetic"}
+    # the crossover grid: brickwork of every depth at every width, quantum volume
+    assert {(c.size, c.source.layers) for c in full if c.family == "brickwork"} == {
+        (n, d) for n in (10, 14, 18, 22) for d in (2, 4, 8, 16)}
+    assert any(c.family == "quantumvolume" for c in full)
+    for c in full:   # every sweep case can be rebuilt from its id (refeaturize relies on it)
+        assert source_of_case_id(c.case_id) == c.source
+
+
+def test_short_runs_are_repeated_and_rows_record_load_and_schema(history, worker):
+    from ray_qalloc.circuits import FEATURE_SCHEMA_VERSION
+
+    _run(mqt_cases(["ghz"], [3]), ["aer_statevector"], history, worker, repeats=3, repeat_below_s=10.0)
+    row = _pairs(history)[("mqt:ghz:alg:3", "aer_statevector")]
+    assert row["repeats"] == 3 and row["load_avg"] is not None
+    assert row["feature_schema_version"] == FEATURE_SCHEMA_VERSION
+
+
+def test_refeaturize_rebuilds_sweep_rows_from_their_cases(tmp_path):
+    """Stored features of an older schema are computed again from the case id; rows that
+    cannot be rebuilt (a trace's job) are copied unchanged."""
+    from ray_qalloc.circuits import FEATURE_SCHEMA_VERSION
+    from ray_qalloc.config import Limits
+    from ray_qalloc.costmodel.measure import BrickworkSource, refeaturize
+    from ray_qalloc.jobs import make_spec, prepare_job
+
+    src = RunHistory(tmp_path / "old")
+    src.append([{"attempt_id": 1, "job_id": "brick:6:l2:s1", "case_id": "brick:6:l2:s1", "backend": "aer_mps",
+                 "outcome": "completed", "wall_s": 0.01, "shots": 64, "features": {"size": 1.0},
+                 "family": "brickwork"},
+                {"attempt_id": 2, "job_id": "trace:7", "case_id": "trace:7", "backend": "aer_mps",
+                 "outcome": "completed", "wall_s": 0.02, "shots": 64, "features": {"size": 2.0}}], source="sweep")
+    counts = refeaturize(src.directory, tmp_path / "new")
+    assert counts == {"rebuilt": 1, "unchanged": 1}
+    rows = {r["case_id"]: r for r in RunHistory(tmp_path / "new").read().to_pylist()}
+    want = prepare_job(make_spec(circuit=BrickworkSource(6, 2, 1).build(), shots=64), Limits()).features
+    assert rows["brick:6:l2:s1"]["f_mps_gate_work_log2"] == pytest.approx(want["mps_gate_work_log2"])
+    assert rows["brick:6:l2:s1"]["feature_schema_version"] == FEATURE_SCHEMA_VERSION
+    assert rows["brick:6:l2:s1"]["wall_s"] == 0.01 and rows["brick:6:l2:s1"]["source"] == "sweep"
+    assert rows["trace:7"]["f_size"] == 2.0 and rows["trace:7"]["feature_schema_version"] is None
 
 
 def test_emulated_qpu_records_modelled_qpu_time(history, worker):

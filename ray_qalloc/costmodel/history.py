@@ -45,6 +45,10 @@ _BASE_FIELDS: list[tuple[str, pa.DataType]] = [
     # sweep-only context (None for live runs)
     ("case_id", pa.string()), ("family", pa.string()), ("level", pa.string()),
     ("peak_memory_bytes", pa.float64()), ("cap_s", pa.float64()), ("method", pa.string()),
+    # measurement context: 1-min load average, runs of which the fastest was kept, and the
+    # circuit-feature schema the f_* columns were computed with (None: before it was recorded)
+    ("load_avg", pa.float64()), ("repeats", pa.int32()), ("feature_schema_version", pa.int32()),
+    ("cpu_s", pa.float64()),
 ]
 
 
@@ -82,7 +86,8 @@ def _row(rec: dict[str, Any], source: str) -> dict[str, Any]:
         "schema_version": HISTORY_SCHEMA_VERSION,
         "case_id": rec.get("case_id"), "family": rec.get("family"), "level": rec.get("level"),
         "peak_memory_bytes": rec.get("peak_memory_bytes"), "cap_s": rec.get("cap_s"),
-        "method": rec.get("method"),
+        "method": rec.get("method"), "load_avg": rec.get("load_avg"), "repeats": rec.get("repeats"),
+        "feature_schema_version": rec.get("feature_schema_version"), "cpu_s": rec.get("cpu_s"),
     }
     for key, value in features.items():
         out[f"f_{key}"] = None if value is None else float(value)

@@ -113,6 +113,55 @@ class RandomSource:
 
 
 @dataclass(frozen=True)
+class BrickworkSource:
+    """``layers`` of random single-qubit rotations, each followed by a brick of CX on
+    neighbouring pairs (alternating offsets), measured.
+
+    Why a synthetic family: its bond dimension is known (χ = 2^min(layers, n/2)), so a grid of
+    widths and depths puts runs on both sides of the MPS / statevector crossover, which no
+    MQT family does by itself. (Qiskit's ``random_circuit`` is kept out of training sweeps: it
+    is one of the families the accuracy benchmark holds out.)
+    """
+
+    num_qubits: int
+    layers: int
+    seed: int
+
+    def build(self) -> Any:
+        import numpy as np
+        from qiskit import QuantumCircuit
+
+        n, rng = self.num_qubits, np.random.default_rng(self.seed)
+        qc = QuantumCircuit(n, n)
+        for layer in range(self.layers):
+            for q in range(n):
+                qc.ry(float(rng.uniform(0, np.pi)), q)
+                qc.rz(float(rng.uniform(0, 2 * np.pi)), q)
+            for q in range(layer % 2, n - 1, 2):
+                qc.cx(q, q + 1)
+        qc.measure(range(n), range(n))
+        return qc
+
+
+@dataclass(frozen=True)
+class QuantumVolumeSource:
+    """Qiskit's quantum volume expanded to ``u``/``cx`` (as ``benchmarks.traces`` builds it):
+    volume-law entanglement, the case where MPS explodes and statevector is the answer."""
+
+    num_qubits: int
+    seed: int
+
+    def build(self) -> Any:
+        from qiskit import transpile
+        from qiskit.circuit.library import quantum_volume
+
+        qc = transpile(quantum_volume(self.num_qubits, seed=self.seed), basis_gates=["u", "cx"],
+                       optimization_level=0)
+        qc.measure_all()
+        return qc
+
+
+@dataclass(frozen=True)
 class SweepCase:
     """One circuit of a sweep; it is run once on every backend that can run it.
 
@@ -148,6 +197,42 @@ def random_cases(sizes: Sequence[int], depths: Sequence[int], seeds: Sequence[in
     return [SweepCase(f"random:{n}:d{d}:s{s}", "random", "random", int(n), shots,
                       RandomSource(int(n), int(d), int(s)), group=f"random:d{d}")
             for d in depths for s in seeds for n in sizes]
+
+
+def brickwork_cases(sizes: Sequence[int], layers: Sequence[int], seed: int = 1,
+                    shots: int = 1024) -> list[SweepCase]:
+    """Brickwork circuits; one monotone group per layer count."""
+    return [SweepCase(f"brick:{n}:l{d}:s{seed}", "brickwork", "synthetic", int(n), shots,
+                      BrickworkSource(int(n), int(d), int(seed)), group=f"brick:l{d}")
+            for d in layers for n in sizes]
+
+
+def quantum_volume_cases(sizes: Sequence[int], seed: int = 3, shots: int = 1024) -> list[SweepCase]:
+    return [SweepCase(f"qv:{n}:s{seed}", "quantumvolume", "synthetic", int(n), shots,
+                      QuantumVolumeSource(int(n), int(seed)), group="qv")
+            for n in sizes]
+
+
+def source_of_case_id(case_id: str) -> Any:
+    """The buildable source behind a sweep case id, or None (file, trace and live rows).
+
+    Why: a history row keeps the features computed when it was measured; when the feature
+    schema changes, sweep rows can be featurised again from their case (see
+    ``costmodel.model.refeaturize``) instead of being measured again.
+    """
+    parts = case_id.split(":")
+    try:
+        if parts[0] == "mqt" and len(parts) == 4:
+            return MQTSource(parts[1], parts[2], int(parts[3]))
+        if parts[0] == "random" and len(parts) == 4:
+            return RandomSource(int(parts[1]), int(parts[2][1:]), int(parts[3][1:]))
+        if parts[0] == "brick" and len(parts) == 4:
+            return BrickworkSource(int(parts[1]), int(parts[2][1:]), int(parts[3][1:]))
+        if parts[0] == "qv" and len(parts) == 3:
+            return QuantumVolumeSource(int(parts[1]), int(parts[2][1:]))
+    except ValueError:
+        return None
+    return None
 
 
 def cases_from_path(path: Path | str, shots: int = 1024) -> list[SweepCase]:
@@ -194,32 +279,45 @@ def _qasm_width(text: str) -> int:
         return 0
 
 
-# Default sweep: MQT Bench family -> sizes, chosen for 2 cores and time_cap_s=20.
-# Why these sizes: statevector is ~0.2 s at 20 qubits and ~4 s at 24 (x4-5 per 2 qubits), so
-# sizes reach 24 where the circuit is cheap per gate, giving 3+ decades of statevector time;
-# density matrix squares the state, so it reaches its cap near 12-14 qubits and monotone
-# censoring stops it there; MPS is fast on low-entanglement families (ghz, qft at ALG level,
-# wstate, dj, bv) and explodes on entangling ones (qaoa, randomcircuit, qpe*, vqe_*), which is
-# exactly the contrast the model must learn. Families whose transpile blows up (grover,
-# qwalk: NOTES saw grover 20+ use all 24 GiB) are kept small.
+# Default sweep: chosen to cover the widths and depths where the Aer methods cross over, in
+# about 15-30 minutes on 2 shared cores (time cap 10 s, short runs repeated, minimum kept).
+# Why these families and sizes:
+# * statevector time grows x4-5 per 2 qubits past ~20 and density matrix x16, so sizes step by
+#   4 up to 24 (statevector 24 ~ 1-4 s here); density matrix stops at its memory cap (~13).
+# * MPS follows the entanglement a circuit reaches: product-state-like (qft on |0>, dj, bv),
+#   bond dimension 2 (ghz, wstate), growing with depth (brickwork layers 2-16, the controlled
+#   crossover grid), volume law (quantum volume, qaoa, randomcircuit, vqe) -- both sides of the
+#   statevector line at every width.
+# * multi-controlled and composite gates (grover, adders, qpe*, ae) that Aer runs natively on a
+#   statevector but transpiles into long CX chains for MPS.
+# * qft, qpeexact, wstate and Qiskit's random circuits are in the sweep for the shipped model;
+#   the accuracy benchmark holds them out of training (``--holdout``) to score unseen families.
+# Families whose transpile blows up (grover, qwalk: NOTES saw grover 20+ use all 24 GiB) stay small.
 DEFAULT_FAMILY_SIZES: dict[str, tuple[int, ...]] = {
-    "ghz": (4, 8, 12, 16, 18, 20, 22, 24),
-    "graphstate": (4, 8, 12, 16, 18, 20, 22, 24),
-    "wstate": (4, 8, 12, 16, 18, 20, 22, 24),
-    "dj": (4, 8, 12, 16, 18, 20, 22, 24),
-    "bv": (4, 8, 12, 16, 18, 20, 22, 24),
-    "qft": (4, 8, 12, 16, 18, 20, 22, 24),
-    "qftentangled": (4, 8, 12, 16, 18, 20, 22),
-    "qaoa": (4, 8, 10, 12, 14, 16, 18, 20),
-    "qpeexact": (4, 8, 10, 12, 14, 16, 18, 20),
-    "ae": (4, 8, 10, 12, 14, 16, 18, 20),
-    "vqe_real_amp": (4, 8, 10, 12, 14, 16, 18, 20),
-    "randomcircuit": (4, 8, 10, 12, 14, 16, 18, 20),
-    "qnn": (4, 8, 10, 12, 14, 16),
+    "ghz": (8, 16, 20, 24),
+    "graphstate": (8, 16, 20, 24),
+    "dj": (8, 16, 20, 24),
+    "bv": (8, 16, 20, 24),
+    "qftentangled": (8, 12, 16, 20, 24),
+    "qaoa": (8, 12, 16, 20),
+    "ae": (8, 12, 16, 20),
+    "vqe_real_amp": (8, 12, 16, 20),
+    "vqe_su2": (8, 12, 16),
+    "randomcircuit": (8, 12, 16),
+    "qnn": (8, 12, 16),
     "grover": (4, 6, 8),
+    "qpeinexact": (8, 12, 16, 20),
+    "cdkm_ripple_carry_adder": (8, 12, 16, 20),
+    "draper_qft_adder": (8, 12, 16, 20),
+    "qft": (8, 12, 16, 20, 24),
+    "wstate": (8, 12, 16, 20, 24),
+    "qpeexact": (8, 12, 16, 20),
 }
-DEFAULT_LEVELS: tuple[str, ...] = ("alg", "indep")
-DEFAULT_RANDOM = {"sizes": (6, 10, 14, 16, 18, 20, 22), "depths": (10, 40), "seeds": (1, 2)}
+DEFAULT_LEVELS: tuple[str, ...] = ("alg",)
+DEFAULT_RANDOM = {"sizes": (8, 12, 16, 20), "depths": (10, 30), "seeds": (1,)}
+DEFAULT_BRICKWORK = {"sizes": (10, 14, 18, 22), "layers": (2, 4, 8, 16)}
+DEFAULT_QV = (8, 12, 16, 18)
+DEFAULT_TIME_CAP_S = 10.0
 
 # quick=True: tiny, every Aer method completes in well under a second per run.
 QUICK_FAMILY_SIZES: dict[str, tuple[int, ...]] = {"ghz": (3, 6), "graphstate": (4,), "qft": (4, 6), "qaoa": (4,),
@@ -230,17 +328,22 @@ QUICK_RANDOM = {"sizes": (4, 6), "depths": (6,), "seeds": (1,)}
 def default_sweep(quick: bool = False) -> list[SweepCase]:
     """The sweep ``qalloc measure`` runs by default (see DEFAULT_FAMILY_SIZES for why).
 
-    Full: 14 families x 2 levels + 28 random cases = 236 cases, 944 (case, backend) pairs on
-    the four Aer methods, of which ~630 pass the filters; measured here in ~10 minutes on 2
-    cores (cap 20 s). ``quick``: 8 MQT + 2 random cases at 3-6 qubits (ALG only), for tests
-    and CI (~2-5 s on 2 cores, most of it the worker's imports).
+    Full: 18 MQT families, 8 random, 16 brickwork and 4 quantum-volume cases = 95 cases; with
+    the four Aer methods ~300 (case, method) pairs pass the filters. ``quick``: 8 MQT + 2 random
+    cases at 3-6 qubits (ALG only), for tests and CI (~2-5 s on 2 cores, most of it the
+    worker's imports).
     """
-    table, levels, rnd = ((QUICK_FAMILY_SIZES, ("alg",), QUICK_RANDOM) if quick
-                          else (DEFAULT_FAMILY_SIZES, DEFAULT_LEVELS, DEFAULT_RANDOM))
-    cases: list[SweepCase] = []
-    for fam, sizes in table.items():
-        cases += mqt_cases([fam], sizes, levels)
-    cases += random_cases(rnd["sizes"], rnd["depths"], rnd["seeds"])
+    if quick:
+        cases: list[SweepCase] = []
+        for fam, sizes in QUICK_FAMILY_SIZES.items():
+            cases += mqt_cases([fam], sizes, ("alg",))
+        return cases + random_cases(QUICK_RANDOM["sizes"], QUICK_RANDOM["depths"], QUICK_RANDOM["seeds"])
+    cases = []
+    for fam, sizes in DEFAULT_FAMILY_SIZES.items():
+        cases += mqt_cases([fam], sizes, DEFAULT_LEVELS)
+    cases += random_cases(DEFAULT_RANDOM["sizes"], DEFAULT_RANDOM["depths"], DEFAULT_RANDOM["seeds"])
+    cases += brickwork_cases(DEFAULT_BRICKWORK["sizes"], DEFAULT_BRICKWORK["layers"])
+    cases += quantum_volume_cases(DEFAULT_QV)
     return cases
 
 
@@ -374,8 +477,10 @@ def _run_payload(backend: Any, payload: bytes, shots: int, seed: int) -> dict[st
     from ray_qalloc.circuits import decode_payload
 
     circuit = decode_payload(payload)
+    cpu0 = time.process_time()
     res = backend.run(circuit, shots, seed=seed)
-    return {"wall_s": res.wall_s, "transpile_s": res.transpile_s, "execute_s": res.execute_s,
+    cpu_s = time.process_time() - cpu0   # every thread of this process, Aer's included
+    return {"wall_s": res.wall_s, "cpu_s": cpu_s, "transpile_s": res.transpile_s, "execute_s": res.execute_s,
             "qpu_s": res.qpu_s, "method": res.method,
             "noise_model": (res.metadata or {}).get("noise_model")}
 
@@ -388,6 +493,7 @@ class CallResult:
     value: Any = None
     elapsed_s: float = 0.0
     peak_memory_bytes: float | None = None
+    cpu_s: float | None = None  # CPU seconds the worker spent on the request (sampled when killed)
 
 
 class Worker:
@@ -467,6 +573,7 @@ class Worker:
         """Send one request; wait at most ``timeout_s`` and kill the child on a cap breach."""
         self.start()
         baseline = self._rss()
+        cpu0 = self._cpu()
         peak_sampled = baseline
         t0 = time.perf_counter()
         self._conn.send(request)
@@ -475,8 +582,10 @@ class Worker:
             elapsed = time.perf_counter() - t0
             remaining = timeout_s - elapsed
             if remaining <= 0:
+                cpu = self._cpu()
                 self.kill()
-                return CallResult("timeout", None, elapsed, max(peak_sampled - baseline, 0))
+                used = None if cpu is None or cpu0 is None else cpu - cpu0
+                return CallResult("timeout", None, elapsed, max(peak_sampled - baseline, 0), used)
             try:
                 ready = self._conn.poll(min(period, remaining))
             except (EOFError, OSError):
@@ -503,6 +612,14 @@ class Worker:
         elapsed = time.perf_counter() - t0
         peak = max(peak_sampled, hwm or 0) - baseline
         return CallResult(status, value, elapsed, float(max(peak, 0)))
+
+    def _cpu(self) -> float | None:
+        """CPU seconds the worker has used so far (user + system, all its threads)."""
+        try:
+            t = self._ps.cpu_times()
+            return float(t.user + t.system)
+        except Exception:  # noqa: BLE001 - the child just died
+            return None
 
     def _rss(self) -> int:
         try:
@@ -539,6 +656,12 @@ class _Ids:
     def next(self) -> int:
         self._last = max(self._last + 1, time.time_ns())
         return self._last
+
+
+def _feature_schema() -> int:
+    from ray_qalloc.circuits import FEATURE_SCHEMA_VERSION
+
+    return FEATURE_SCHEMA_VERSION
 
 
 def case_seed(case_id: str) -> int:
@@ -588,6 +711,10 @@ def _group_of_id(case_id: str) -> tuple[str | None, int]:
             return ":".join(parts[:3]), int(parts[3])
         if parts[0] == "random" and len(parts) == 4:
             return f"random:{parts[2]}", int(parts[1])
+        if parts[0] == "brick" and len(parts) == 4:
+            return f"brick:{parts[2]}", int(parts[1])
+        if parts[0] == "qv" and len(parts) == 3:
+            return "qv", int(parts[1])
     except ValueError:
         pass
     return None, 0
@@ -645,7 +772,8 @@ class _Recorder:
             "shots": case.shots, "num_qubits": job.num_qubits if job is not None else (case.size or None),
             "features": dict(job.features) if job is not None else {},
             "case_id": case.case_id, "family": case.family, "level": case.level,
-            "cap_s": self.time_cap_s, "intent": "auto",
+            "cap_s": self.time_cap_s, "intent": "auto", "load_avg": load_average(),
+            "feature_schema_version": _feature_schema() if job is not None else None,
         }
         rec.update(values)
         self.pending.append(rec)
@@ -671,6 +799,21 @@ class _Caps:
     memory_cap_bytes: int
     predicted_factor: float | None
     prepare_timeout_s: float
+    repeats: int = 1
+    repeat_below_s: float = 0.0
+
+
+DEFAULT_REPEATS = 3
+DEFAULT_REPEAT_BELOW_S = 1.0
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, recorded with every run: on a shared machine a run measured
+    under load reads slow, and the row should say so."""
+    try:
+        return float(os.getloadavg()[0])
+    except (OSError, AttributeError):
+        return None
 
 
 def measure(cases: Sequence[SweepCase], backends: Sequence[str], history: RunHistory, *,
@@ -678,7 +821,8 @@ def measure(cases: Sequence[SweepCase], backends: Sequence[str], history: RunHis
             progress: bool = True, predictor: Any = None, source: str = "sweep",
             predicted_factor: float | None = DEFAULT_PREDICTED_FACTOR, threads: int = 1,
             prepare_timeout_s: float = DEFAULT_PREPARE_TIMEOUT_S, batch: int = DEFAULT_BATCH,
-            worker: Worker | None = None) -> MeasureReport:
+            worker: Worker | None = None, repeats: int = DEFAULT_REPEATS,
+            repeat_below_s: float = DEFAULT_REPEAT_BELOW_S) -> MeasureReport:
     """Run every (case, backend) pair once under the caps and append one row per pair.
 
     Cases run smallest first, so that monotone censoring can skip larger sizes of a group
@@ -690,13 +834,22 @@ def measure(cases: Sequence[SweepCase], backends: Sequence[str], history: RunHis
     bounds them). ``threads`` is the simulator threads per run (live default: 1). Pass
     ``worker`` to reuse one worker process across calls (tests, benchmarks); it keeps the
     ``threads`` it was built with.
+
+    Noise: a run that completed in under ``repeat_below_s`` is run again, up to ``repeats``
+    times in all, and the fastest is kept (``repeats`` column): on a shared machine other work
+    only ever adds time, so the minimum is the best estimate of the run's own cost. Long runs
+    are not repeated (their cost is not small). Every row records the 1-minute load average
+    when it ran (``load_avg``) and the CPU seconds the run itself used (``cpu_s``, least of the
+    repeats: all threads of the worker, Aer's included): on a loaded machine wall time measures
+    the load as much as the run (docs/notes.md), CPU time far less.
     """
     from ray_qalloc.costmodel.prior import HeuristicPrior
 
     t_start = time.perf_counter()
     predictor = predictor or HeuristicPrior()
     caps = _Caps(float(time_cap_s), int(memory_cap_bytes),
-                 None if predicted_factor is None else float(predicted_factor), float(prepare_timeout_s))
+                 None if predicted_factor is None else float(predicted_factor), float(prepare_timeout_s),
+                 max(int(repeats), 1), float(repeat_below_s))
     report = MeasureReport()
     past = history.read() if resume else None
     done = _existing_pairs(past) if past is not None else set()
@@ -788,15 +941,26 @@ def _run_pair(case: SweepCase, job: Any, name: str, worker: Worker, caps: _Caps,
     peak = res.peak_memory_bytes
     when = {"started_at": started, "finished_at": finished, "peak_memory_bytes": peak}
     if res.status == "ok":
-        v = res.value
+        v, runs = res.value, 1
+        cpu = v.get("cpu_s")
+        while runs < caps.repeats and v["wall_s"] < caps.repeat_below_s:
+            again = worker.call(("run", name, job.payload, case.shots, case_seed(case.case_id)), caps.time_cap_s)
+            if again.status != "ok":
+                break
+            runs += 1
+            if again.value.get("cpu_s") is not None:
+                cpu = again.value["cpu_s"] if cpu is None else min(cpu, again.value["cpu_s"])
+            if again.value["wall_s"] < v["wall_s"]:
+                v = again.value
         common = {**common, "method": v.get("method") or common["method"]}
         rec.add(case, name, "completed", wall_s=v["wall_s"], transpile_s=v["transpile_s"],
-                execute_s=v["execute_s"], qpu_s=v["qpu_s"], **when, **common)
+                execute_s=v["execute_s"], qpu_s=v["qpu_s"], repeats=runs, cpu_s=cpu, **when, **common)
         return
     if res.status in ("timeout", "memory") and key is not None:
         monotone[key] = min(monotone.get(key, case.size), case.size)
     if res.status == "timeout":
-        rec.add(case, name, "censored_time", wall_s=caps.time_cap_s,
+        # cpu_s: what the run had used when killed, a lower bound on its CPU time
+        rec.add(case, name, "censored_time", wall_s=caps.time_cap_s, cpu_s=res.cpu_s,
                 error=f"killed at the time cap {caps.time_cap_s:g} s", **when, **common)
     elif res.status == "memory" or (res.status == "error" and _looks_like_memory(res.value)):
         rec.add(case, name, "censored_memory", error=str(res.value), **when, **common)
@@ -842,5 +1006,77 @@ class _Progress:
 
 
 __all__ = ["SweepCase", "MQTSource", "RandomSource", "MeasureReport", "Worker", "CallResult",
+           "BrickworkSource", "QuantumVolumeSource", "brickwork_cases", "quantum_volume_cases",
+           "source_of_case_id", "load_average",
            "mqt_cases", "random_cases", "cases_from_path", "default_sweep", "measure", "case_seed",
            "DEFAULT_BACKENDS", "DEFAULT_FAMILY_SIZES", "OUTCOMES"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Featurising stored rows again
+# ---------------------------------------------------------------------------------------------
+
+def refeaturize(src: Path | str, dst: Path | str, *, progress: bool = False) -> dict[str, int]:
+    """Copy the history at ``src`` to ``dst`` with every sweep row's circuit features computed
+    again by this code, from the case its ``case_id`` names (``source_of_case_id``).
+
+    Why: features are stored with each row when it is measured; a new feature schema would
+    otherwise throw the measurements away. Rows whose circuit cannot be rebuilt (live jobs,
+    files, traces) are copied unchanged: training leaves them out while their schema is old
+    (``costmodel.model.current_feature_rows``). Returns counts of rows rebuilt and kept as they were.
+    """
+    from ray_qalloc.circuits import FEATURE_SCHEMA_VERSION
+    from ray_qalloc.config import Limits
+    from ray_qalloc.jobs import make_spec, prepare_job
+
+    table = RunHistory(src).read()
+    rows = table.to_pylist()
+    cache: dict[tuple[str, int], dict[str, float] | None] = {}
+    out: dict[str, list[dict[str, Any]]] = {}
+    counts = {"rebuilt": 0, "unchanged": 0}
+    for row in rows:
+        cid, shots = row.get("case_id"), int(row.get("shots") or 1024)
+        source = source_of_case_id(cid) if cid else None
+        feats: dict[str, float] | None = None
+        if source is not None:
+            key = (cid, shots)
+            if key not in cache:
+                try:
+                    job = prepare_job(make_spec(circuit=source.build(), shots=shots), Limits())
+                    cache[key] = dict(job.features)
+                except Exception as exc:  # noqa: BLE001 - the row keeps its old features
+                    log.warning("refeaturize: %s could not be rebuilt (%s)", cid, exc)
+                    cache[key] = None
+                if progress:
+                    print(f"refeaturize: {len(cache)} cases", end="\r", flush=True)
+            feats = cache[key]
+        rec = {k: v for k, v in row.items() if not k.startswith("f_")}
+        rec["features"] = feats if feats is not None else json.loads(row.get("features_json") or "{}")
+        if feats is not None:
+            rec["feature_schema_version"] = FEATURE_SCHEMA_VERSION
+            counts["rebuilt"] += 1
+        else:
+            counts["unchanged"] += 1
+        out.setdefault(str(row.get("source") or "sweep"), []).append(rec)
+    hist = RunHistory(dst)
+    for source_name, recs in out.items():
+        hist.append(recs, source=source_name)
+    return counts
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ray_qalloc.costmodel.measure refeaturize SRC DST``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m ray_qalloc.costmodel.measure")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ref = sub.add_parser("refeaturize", help="copy a run history with sweep rows' features computed again")
+    ref.add_argument("src")
+    ref.add_argument("dst")
+    args = ap.parse_args(argv)
+    print(json.dumps(refeaturize(args.src, args.dst, progress=True)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

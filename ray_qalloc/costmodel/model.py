@@ -16,10 +16,12 @@ Why it looks like this:
   exactly the fast runs, i.e. toward the catastrophic choices (MPS on entangling circuits).
   Uncensored rows are the interval [t, t], where AFT with a normal distribution is a
   least-squares fit in log space.
-* **QPU runtime stays analytic** (the prior's modelled QPU time: overhead + shots × (schedule
-  + repetition delay)). What placement needs for QPUs is the modelled ``qpu_s``, which is
-  already a formula of the calibration, not a measurement worth learning; emulation wall time
-  on this machine is meaningless for a real device.
+* **QPU runtime is the prior's modelled QPU time** (overhead + shots × (schedule + repetition
+  delay)), **corrected where history has it**: with 20+ QPU runs that recorded ``qpu_s`` (billed
+  on a real device, modelled from the transpiled schedule on an emulated one) beside the
+  estimate made before the run, a small booster learns log(qpu_s / estimate) (routing, real
+  overheads). Emulation wall time on this machine is meaningless for a real device and is
+  never learned.
 * **Fidelity** of QPUs is the calibration's estimated success probability (``prior.qpu_fidelity``),
   corrected by a learned log-ratio only when the history carries a measured ``fidelity`` column.
 * **Memory** is learned on ``log(peak_memory_bytes)`` where measured and never predicted below
@@ -46,7 +48,7 @@ import pyarrow as pa
 import xgboost as xgb
 
 from ray_qalloc.backends.base import BackendSpec
-from ray_qalloc.circuits import FEATURE_NAMES, FEATURE_SCHEMA_VERSION
+from ray_qalloc.circuits import ENTANGLEMENT_FEATURES, FEATURE_NAMES, FEATURE_SCHEMA_VERSION
 from ray_qalloc.costmodel.prior import HeuristicPrior, method_log_sd, qpu_fidelity
 from ray_qalloc.placement.model import BackendView, Estimate, JobView
 
@@ -57,8 +59,12 @@ MODEL_SCHEMA_VERSION = 1
 #: The anchor new fits use. Version 2 gave MPS a per-gate floor and the O(shots·n·χ²) cost of
 #: sampling: v1 charged shots·n·2e-7, 20× below measured, so trees learned a large positive
 #: residual on low-χ circuits and carried it onto deep ones (predicting 27 s for a 1.3 s run).
-ANCHOR_VERSION = 2
-ANCHOR_VERSIONS: tuple[int, ...] = (1, 2)
+#: Version 3 (feature schema 2) takes MPS's χ from the entanglement the circuit reaches
+#: (``mps_gate_work_log2``: Σ χ³ over the cuts each entangling gate crosses; ``mps_sample_work_log2``:
+#: Σ χ² over the cuts, per shot) instead of the count of gates crossing the worst cut, which
+#: called a QFT of |0…0⟩ (a product state, 30 ms) as costly as a random circuit.
+ANCHOR_VERSION = 3
+ANCHOR_VERSIONS: tuple[int, ...] = (1, 2, 3)
 
 METHODS: tuple[str, ...] = ("statevector", "matrix_product_state", "stabilizer", "density_matrix")
 _CAL_KEYS: tuple[str, ...] = ("t1_median_us", "t2_median_us", "readout_error_median",
@@ -75,6 +81,7 @@ _IDX = {name: i for i, name in enumerate(MODEL_FEATURES)}
 _LOG_CLIP = 3.0           # bound on online and fidelity corrections, in log space (×20)
 _MIN_MEMORY_ROWS = 20     # fewer measured peaks than this: analytic memory only
 _MIN_FIDELITY_ROWS = 20
+_MIN_QPU_ROWS = 20        # QPU runs with a recorded qpu_s and estimate before QPU time is learned
 _MIN_METHOD_ROWS = 5      # fewer uncensored rows of a method than this: no per-method residual
 _MIN_LOG_SD = 0.05        # no estimate of a run is more certain than timing noise
 
@@ -215,8 +222,29 @@ def feature_matrix(rows: pa.Table, specs: Mapping[str, BackendSpec] | None = Non
     return X
 
 
+def _anchor_v3(method: str, n: float, size: float, shots: float, par: float, fused: float,
+               gate_work_log2: float, sample_work_log2: float) -> float | None:
+    """Version 3 (feature schema 2); None where its features are missing (then v2 applies).
+
+    Statevector: a pass over the 2ⁿ amplitudes to set up and sample the state, plus one per
+    gate, or per fused block from Aer's fusion threshold (14 qubits) up: measured here, a
+    20-qubit GHZ (5 blocks) ran in 0.37 s and a 20-qubit QAOA (62 blocks) in 3.1 s, so gate
+    count alone (v2) was wrong by ×10 between them. MPS: χ from the entanglement reached."""
+    ne = min(n, 60.0)
+    if method == "statevector" and fused == fused:
+        passes = fused if n >= 14 else size * 0.12
+        return 1.5e-3 + 2.0 ** ne * (5e-8 + passes * 1e-8) / par + shots * 1e-7
+    if method == "density_matrix":
+        return 2e-3 + 4.0 ** ne * (5e-8 + size * 2.5e-9) / par + shots * 1e-7
+    if method == "matrix_product_state" and gate_work_log2 == gate_work_log2 and sample_work_log2 == sample_work_log2:
+        return (1.5e-3 + size * 2e-5 + 2.0 ** min(gate_work_log2, 60.0) * 5e-9
+                + shots * (n * 3e-6 + 2.0 ** min(sample_work_log2, 60.0) * 3.3e-9))
+    return None
+
+
 def anchor_seconds(method: str, n: float, size: float, shots: float, threads: float, cut: float,
-                   version: int = ANCHOR_VERSION) -> float:
+                   gate_work_log2: float = float("nan"), sample_work_log2: float = float("nan"),
+                   fused: float = float("nan"), version: int = ANCHOR_VERSION) -> float:
     """The analytic prior's runtime for one simulator row (nan inputs mean "unknown").
 
     A frozen copy of ``prior.simulator_runtime`` per anchor version: artifacts depend on it,
@@ -228,6 +256,10 @@ def anchor_seconds(method: str, n: float, size: float, shots: float, threads: fl
     shots = 1024.0 if shots != shots else shots
     par = max(1.0 if threads != threads else threads, 1.0) ** 0.8
     ne = min(n, 60.0)  # beyond any memory: keeps the numbers finite
+    if version >= 3:
+        v3 = _anchor_v3(method, n, size, shots, par, fused, gate_work_log2, sample_work_log2)
+        if v3 is not None:
+            return v3
     if method == "statevector":
         return 1.5e-3 + size * 2.0 ** ne * 1.2e-9 / par + shots * 1e-7
     if method == "density_matrix":
@@ -242,7 +274,8 @@ def anchor_seconds(method: str, n: float, size: float, shots: float, threads: fl
     return 1e-2 + size * 2.0 ** min(n, 30.0) * 2e-9
 
 
-_ANCHOR_COLS = [_IDX[c] for c in ("num_qubits", "size", "shots", "b_threads", "cut_max")]
+_ANCHOR_COLS = [_IDX[c] for c in ("num_qubits", "size", "shots", "b_threads", "cut_max",
+                                   "mps_gate_work_log2", "mps_sample_work_log2", "fused_blocks")]
 _METHOD_COLS = [(m, _IDX[f"b_method_{m}"]) for m in METHODS]
 
 
@@ -324,10 +357,40 @@ def _is_simulator_row(name: str, method: Any, specs: Mapping[str, BackendSpec] |
     return _row_spec(name, method if isinstance(method, str) else None, specs).kind == "simulator"
 
 
+def current_feature_rows(table: pa.Table) -> np.ndarray:
+    """Rows whose circuit features are of this code's schema.
+
+    A row is older when it says so (``feature_schema_version``) or lacks a feature added since
+    (live rows do not record the version; their features are whatever intake computed, so the
+    added columns tell). Mixing schemas would teach the trees that "missing" means "cheap".
+    """
+    n = table.num_rows
+    ok = np.ones(n, dtype=bool)
+    version = _column(table, "feature_schema_version")
+    ok &= np.isnan(version) | (version >= FEATURE_SCHEMA_VERSION)
+    for name in ENTANGLEMENT_FEATURES:
+        ok &= ~np.isnan(_column(table, f"f_{name}"))
+    return ok
+
+
+def training_families(table: pa.Table) -> list[str]:
+    """Families of the rows a model learns from (recorded in its meta.json)."""
+    return sorted({str(f) for f in _column(table, "family", object) if f})
+
+
 def runtime_data(table: pa.Table, specs: Mapping[str, BackendSpec] | None = None) -> RuntimeData:
-    """Select and shape the rows the runtime model learns from, counting every row left out."""
-    dropped = {"failed": 0, "qpu": 0, "no_features": 0, "no_time": 0}
+    """Select and shape the rows the runtime model learns from, counting every row left out.
+
+    The target is the run's own time: its CPU seconds (``cpu_s``) where the history has them
+    and the run used one thread, else its wall time. On a shared machine wall time carries the
+    load: the same runs measured twice a minute apart agreed within ±20 % in 12 % of cases by
+    wall time and in 100 % by CPU time (docs/notes.md). On an idle core the two are equal, which
+    is what placement predicts (queueing is added apart). A censored run's bound is the CPU it
+    had used when it was stopped, where recorded.
+    """
+    dropped = {"failed": 0, "qpu": 0, "no_features": 0, "no_time": 0, "old_features": 0}
     wall = _column(table, "wall_s")
+    cpu = _column(table, "cpu_s")
     cap = _column(table, "cap_s")
     outcomes = _column(table, "outcome", object)
     flags = _column(table, "censored", object)
@@ -336,6 +399,7 @@ def runtime_data(table: pa.Table, specs: Mapping[str, BackendSpec] | None = None
     have_feats = np.zeros(table.num_rows, dtype=bool)
     for name in ("num_qubits", "size"):
         have_feats |= ~np.isnan(_column(table, f"f_{name}"))
+    current = current_feature_rows(table)
     keep, lower, upper = [], [], []
     for i in range(table.num_rows):
         if not _is_simulator_row(str(names[i]), methods[i], specs):
@@ -344,18 +408,28 @@ def runtime_data(table: pa.Table, specs: Mapping[str, BackendSpec] | None = None
         if not have_feats[i]:
             dropped["no_features"] += 1
             continue
+        if not current[i]:
+            dropped["old_features"] += 1
+            continue
+        own = cpu[i] > 0 and _row_spec(str(names[i]), methods[i], specs).threads <= 1
         if _is_censored(outcomes[i], flags[i]):
-            bound = np.nanmax([wall[i], cap[i], 0.0])
+            bound = cpu[i] if own else np.nanmax([wall[i], cap[i], 0.0])
             if not bound > 0:
                 dropped["no_time"] += 1
                 continue
             keep.append(i), lower.append(bound), upper.append(np.inf)
         elif outcomes[i] in ("completed", None) and wall[i] > 0:
-            keep.append(i), lower.append(wall[i]), upper.append(wall[i])
+            t = cpu[i] if own else wall[i]
+            keep.append(i), lower.append(t), upper.append(t)
         elif outcomes[i] == "completed":
             dropped["no_time"] += 1
         else:
             dropped["failed"] += 1
+    if dropped["old_features"]:
+        log.warning("cost model: %d runs carry circuit features of an older schema than %d and are left "
+                    "out of training. To fix: featurise sweep rows again from their cases "
+                    "(python -m ray_qalloc.costmodel.measure refeaturize HISTORY NEW_HISTORY), or "
+                    "measure again.", dropped["old_features"], FEATURE_SCHEMA_VERSION)
     sub = table.take(pa.array(keep, type=pa.int64()))
     X = feature_matrix(sub, specs)
     return RuntimeData(X, np.array(lower, dtype=np.float64), np.array(upper, dtype=np.float64),
@@ -458,6 +532,29 @@ def fit_fidelity(table: pa.Table, specs: Mapping[str, BackendSpec] | None = None
     return xgb.train(params, d, num_boost_round=100)
 
 
+def fit_qpu_time(table: pa.Table, specs: Mapping[str, BackendSpec] | None = None,
+                 calibrations: Mapping[str, Mapping[str, float]] | None = None, *,
+                 nthread: int | None = None) -> xgb.Booster | None:
+    """log(QPU seconds / the estimate made before the run) on QPU rows that recorded both.
+
+    Why a ratio to the recorded estimate: QPU time is modelled from the calibration (overhead +
+    shots × (schedule + repetition delay)); what history can teach is where that estimate is
+    off (routing that lengthens the schedule, a device's real overhead), so the trees learn the
+    correction, not the formula. None with fewer than 20 such rows (the estimate stands)."""
+    qpu, pred = _column(table, "qpu_s"), _column(table, "predicted_s")
+    names, methods = _column(table, "backend", object), _column(table, "method", object)
+    idx = np.array([i for i in np.flatnonzero((qpu > 0) & (pred > 0))
+                    if not _is_simulator_row(str(names[i]), methods[i], specs)], dtype=np.int64)
+    if len(idx) < _MIN_QPU_ROWS:
+        return None
+    X = feature_matrix(table.take(pa.array(idx)), specs, calibrations)
+    target = np.clip(np.log(qpu[idx] / pred[idx]), -_LOG_CLIP, _LOG_CLIP)
+    d = xgb.DMatrix(X, label=target, feature_names=list(MODEL_FEATURES), missing=np.nan)
+    params = {"objective": "reg:squarederror", "max_depth": 4, "eta": 0.1, "seed": 0,
+              "nthread": nthread or auto_threads(len(idx))}
+    return xgb.train(params, d, num_boost_round=100)
+
+
 @dataclass(frozen=True)
 class _JobLike:
     """The three attributes the prior's formulas read, rebuilt from a model row."""
@@ -490,11 +587,12 @@ def fit_cost_model(table: pa.Table, config: Mapping[str, Any] | None = None, *, 
         "params": booster_params(config or {}, nthread=nthread or auto_threads(data.n_rows), seed=seed),
         "num_rounds": int(num_rounds), "anchor_version": ANCHOR_VERSION,
         "n_rows": data.n_rows, "n_censored": int(data.censored.sum()), "dropped": data.dropped,
-        "methods": methods, "data_hash": data.data_hash(),
+        "methods": methods, "data_hash": data.data_hash(), "families": training_families(table),
         "metrics": {**{f"train_{k}": v for k, v in train_metrics.items()}, **dict(metrics or {})},
     }
     return CostModel(runtime, fit_memory(table, specs, nthread=nthread),
-                     fit_fidelity(table, specs, calibrations, nthread=nthread), meta)
+                     fit_fidelity(table, specs, calibrations, nthread=nthread), meta,
+                     fit_qpu_time(table, specs, calibrations, nthread=nthread))
 
 
 def _margin(booster: xgb.Booster, X: np.ndarray, anchor: np.ndarray) -> np.ndarray:
@@ -514,19 +612,21 @@ def _base_score(booster: xgb.Booster) -> float:
 # The model object and its artifact
 # ---------------------------------------------------------------------------------------------
 
-_FILES = {"runtime": "runtime.ubj", "memory": "memory.ubj", "fidelity": "fidelity.ubj"}
+_FILES = {"runtime": "runtime.ubj", "memory": "memory.ubj", "fidelity": "fidelity.ubj", "qpu_time": "qpu_time.ubj"}
 
 
 class CostModel:
     """Runtime booster (+ optional memory and fidelity boosters) and what they were trained on."""
 
     def __init__(self, runtime: xgb.Booster, memory: xgb.Booster | None = None,
-                 fidelity: xgb.Booster | None = None, meta: Mapping[str, Any] | None = None) -> None:
+                 fidelity: xgb.Booster | None = None, meta: Mapping[str, Any] | None = None,
+                 qpu_time: xgb.Booster | None = None) -> None:
         self.runtime = runtime
         self.memory = memory
         self.fidelity = fidelity
+        self.qpu_time = qpu_time
         self.meta: dict[str, Any] = dict(meta or {})
-        for booster in (runtime, memory, fidelity):
+        for booster in (runtime, memory, fidelity, qpu_time):
             if booster is not None:
                 booster.set_param({"nthread": 1})  # one row batch: threads only add overhead
 
@@ -559,6 +659,13 @@ class CostModel:
         learned = np.exp(np.asarray(self.memory.inplace_predict(X, missing=np.nan), dtype=np.float64))
         return np.maximum(learned, analytic)
 
+    def qpu_time_log_ratio(self, X: np.ndarray) -> np.ndarray | None:
+        """log(measured / estimated QPU seconds) per QPU row; None without QPU history."""
+        if self.qpu_time is None:
+            return None
+        out = np.asarray(self.qpu_time.inplace_predict(X, missing=np.nan), dtype=np.float64)
+        return np.clip(out, -_LOG_CLIP, _LOG_CLIP)
+
     def fidelity_log_ratio(self, X: np.ndarray) -> np.ndarray | None:
         if self.fidelity is None:
             return None
@@ -573,7 +680,8 @@ class CostModel:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         checksums = {}
-        for key, booster in (("runtime", self.runtime), ("memory", self.memory), ("fidelity", self.fidelity)):
+        for key, booster in (("runtime", self.runtime), ("memory", self.memory), ("fidelity", self.fidelity),
+                             ("qpu_time", self.qpu_time)):
             if booster is not None:
                 path = d / _FILES[key]
                 booster.save_model(str(path))
@@ -614,7 +722,7 @@ class CostModel:
             raise IncompatibleArtifact(f"{d}: no runtime.ubj")
         if _base_score(boosters["runtime"]) != 1.0:  # the anchor is added outside XGBoost
             raise IncompatibleArtifact(f"{d}: runtime model has base_score != 1")
-        return cls(boosters["runtime"], boosters["memory"], boosters["fidelity"], meta)
+        return cls(boosters["runtime"], boosters["memory"], boosters["fidelity"], meta, boosters["qpu_time"])
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
@@ -636,7 +744,10 @@ def check_compatible(meta: Mapping[str, Any]) -> None:
             got = meta.get(key)
             shown = got if not isinstance(got, list) else f"{len(got)} features"
             raise IncompatibleArtifact(f"{key} is {shown!r}, this code needs "
-                                       f"{want if not isinstance(want, list) else f'{len(want)} features'!r}")
+                                       f"{want if not isinstance(want, list) else f'{len(want)} features'!r}. "
+                                       "To fix: train a new artifact with this version (qalloc train) on a "
+                                       "history featurised by it (python -m ray_qalloc.costmodel.measure "
+                                       "refeaturize, or qalloc measure).")
 
 
 def _sha256(path: Path) -> str:
@@ -791,11 +902,15 @@ class LearnedPredictor:
     def _predict_fallback(self, job: JobView, backends: list[BackendView]) -> dict[str, Estimate]:
         estimates = self.fallback.predict(job, backends)
         ratios = self._fidelity_ratios(job, backends)
+        qpu_ratios = self._qpu_time_ratios(job, backends)
         out = {}
         for i, est in enumerate(estimates):
             runtime = est.runtime_s * math.exp(self._bias.get(est.backend, 0.0))
             fidelity = est.fidelity
             source = est.source
+            if qpu_ratios is not None and backends[i].spec.kind == "qpu":
+                runtime *= math.exp(qpu_ratios[i])
+                source = f"{self.source}:qpu_time"
             if ratios is not None and backends[i].spec.kind == "qpu":
                 fidelity = min(max(fidelity * math.exp(ratios[i]), 0.0), 1.0)
                 source = f"{self.source}:fidelity"
@@ -803,6 +918,16 @@ class LearnedPredictor:
             out[est.backend] = Estimate(est.backend, runtime, fidelity, est.cost, est.memory_bytes, source,
                                         self.spread(est.backend, est.log_sd))
         return out
+
+    def _qpu_time_ratios(self, job: JobView, backends: list[BackendView]) -> list[float] | None:
+        if self.model.qpu_time is None or not any(b.spec.kind == "qpu" for b in backends):
+            return None
+        X = np.empty((len(backends), len(MODEL_FEATURES)), dtype=np.float32)
+        X[:, :N_CIRCUIT] = circuit_vector(job.features)
+        for i, b in enumerate(backends):
+            X[i, N_CIRCUIT:] = self._backend_vector(b)
+        ratios = self.model.qpu_time_log_ratio(X)
+        return None if ratios is None else ratios.tolist()
 
     def _fidelity_ratios(self, job: JobView, backends: list[BackendView]) -> list[float] | None:
         if self.model.fidelity is None or not any(b.spec.kind == "qpu" for b in backends):

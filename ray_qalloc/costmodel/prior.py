@@ -69,6 +69,14 @@ def simulator_runtime(method: str | None, job: JobView, threads: int = 1) -> flo
     size = max(_f(feats, "size", 1.0), 1.0)
     shots = job.shots
     par = max(threads, 1) ** 0.8
+    fused = feats.get("fused_blocks")
+    if method in ("statevector", "density_matrix") and fused is not None and fused == fused:
+        # a pass over the state to set up and sample it, plus one per gate, or per block of
+        # gates Aer fuses (≤ 5 qubits each) from 14 qubits up (measured: docs/notes.md)
+        if method == "statevector":
+            passes = float(fused) if n >= 14 else size * 0.12
+            return 1.5e-3 + 2.0 ** min(n, 60) * (5e-8 + passes * 1e-8) / par + shots * 1e-7
+        return 2e-3 + 4.0 ** min(n, 60) * (5e-8 + size * 2.5e-9) / par + shots * 1e-7
     if method == "statevector":
         return 1.5e-3 + size * (2.0 ** n) * 1.2e-9 / par + shots * 1e-7
     if method == "density_matrix":
@@ -76,6 +84,12 @@ def simulator_runtime(method: str | None, job: JobView, threads: int = 1) -> flo
     if method == "stabilizer":
         return 1e-3 + size * n * 4e-8 + shots * n * n * 2e-9
     if method == "matrix_product_state":
+        gate_work, sample_work = feats.get("mps_gate_work_log2"), feats.get("mps_sample_work_log2")
+        if gate_work is not None and sample_work is not None and gate_work == gate_work and sample_work == sample_work:
+            # χ from the entanglement the circuit reaches (circuits._Walk): Σ χ³ over the cuts each
+            # entangling gate crosses, Σ χ² over the cuts for every shot.
+            return (1.5e-3 + size * 2e-5 + 2.0 ** min(float(gate_work), 60.0) * 5e-9
+                    + shots * (n * 3e-6 + 2.0 ** min(float(sample_work), 60.0) * 3.3e-9))
         cut = _f(feats, "cut_max", float(n))
         chi_log2 = min(cut, n / 2.0, 14.0)
         # Gates: a floor per gate plus χ³ per bond update. Sampling: every shot walks the chain,
@@ -170,6 +184,13 @@ class HeuristicPrior:
                 fidelity = qpu_fidelity(job, b.calibration, b.qubits)
                 memory = 0.0
                 spread = QPU_LOG_SD
+            elif spec.family == "gpu":   # GPU pools (issue #15): costmodel/gpu_prior.py states its assumptions
+                from ray_qalloc.costmodel.gpu_prior import gpu_log_sd, gpu_runtime
+
+                runtime = gpu_runtime(spec.method, job, spec.threads)
+                fidelity = 1.0
+                memory = memory_needed(spec.method, job.num_qubits)
+                spread = gpu_log_sd(spec.method)
             else:
                 runtime = simulator_runtime(spec.method, job, spec.threads)
                 fidelity = 1.0
