@@ -848,7 +848,21 @@ class _Walk:
                 if measured[q]:
                     self.mid_measure = True
         k = len(qs)
-        self._fuse(qs, k)
+        # Aer's fusion, greedily: extend the current block while it spans <= 5 qubits
+        mask = 0
+        for q in qs:
+            mask |= 1 << q
+        if k > self.max_gate_qubits:
+            self.max_gate_qubits = k
+        if k > _FUSION_MAX_QUBITS:      # a pass of its own
+            self.fused_blocks += 2 if self.block else 1
+            self.block = 0
+        else:
+            merged = self.block | mask
+            if merged.bit_count() > _FUSION_MAX_QUBITS:
+                self.fused_blocks += 1
+                merged = mask
+            self.block = merged
         if k >= 2:
             self._entangling(qs)
             self._track(name, qs, k, params)
@@ -857,24 +871,6 @@ class _Walk:
             if v is not None:
                 m = _matrix(name, params)
                 self.state[qs[0]] = None if m is None else (m[0] * v[0] + m[1] * v[1], m[2] * v[0] + m[3] * v[1])
-
-    def _fuse(self, qs: tuple[int, ...], k: int) -> None:
-        mask = 0
-        for q in qs:
-            mask |= 1 << q
-        if k > self.max_gate_qubits:
-            self.max_gate_qubits = k
-        if k > _FUSION_MAX_QUBITS:      # a pass of its own
-            if self.block:
-                self.fused_blocks += 1
-            self.fused_blocks += 1
-            self.block = 0
-            return
-        merged = self.block | mask
-        if merged.bit_count() > _FUSION_MAX_QUBITS:
-            self.fused_blocks += 1
-            merged = mask
-        self.block = merged
 
     def _track(self, name: str, qs: tuple[int, ...], k: int, params: Any) -> None:
         """Entanglement bookkeeping of one multi-qubit gate (see the class docstring)."""
