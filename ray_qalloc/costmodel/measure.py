@@ -1065,15 +1065,28 @@ def refeaturize(src: Path | str, dst: Path | str, *, progress: bool = False) -> 
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ray_qalloc.costmodel.measure refeaturize SRC DST``."""
+    """``python -m ray_qalloc.costmodel.measure sweep HISTORY`` (the default sweep, as the shipped
+    model was trained on it) or ``... refeaturize SRC DST``."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m ray_qalloc.costmodel.measure")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    sw = sub.add_parser("sweep", help="measure the default sweep into a run history (resumable)")
+    sw.add_argument("history")
+    sw.add_argument("--time-cap", type=float, default=DEFAULT_TIME_CAP_S)
+    sw.add_argument("--quick", action="store_true")
     ref = sub.add_parser("refeaturize", help="copy a run history with sweep rows' features computed again")
     ref.add_argument("src")
     ref.add_argument("dst")
     args = ap.parse_args(argv)
+    if args.cmd == "sweep":
+        # predicted_factor=None: every pair is tried (the time cap bounds it), since the prior's
+        # own estimates are what the sweep corrects
+        report = measure(default_sweep(quick=args.quick), DEFAULT_BACKENDS, RunHistory(args.history),
+                         time_cap_s=args.time_cap, predicted_factor=None)
+        print(json.dumps({"attempted": report.attempted, "completed": report.completed, "censored": report.censored,
+                          "errors": report.errors, "wall_s": round(report.wall_s, 1), "by_outcome": report.by_outcome}))
+        return 0
     print(json.dumps(refeaturize(args.src, args.dst, progress=True)))
     return 0
 
