@@ -604,7 +604,7 @@ def test_qpu_time_is_learned_where_history_has_it(tmp_path):
             rows.append({"id": next(_ids), "job_id": f"q{n}-{shots}", "backend": "qpu_torino", "shots": shots,
                          "num_qubits": n, "features": job.features, "outcome": "completed", "wall_s": 9.0,
                          "qpu_s": 3.0 * est, "predicted_s": est, "family": "ghz"})
-    sims = [record("aer_statevector", "statevector", "ghz", n, features_of(ghz(n)), wall_s=0.01) for n in (3, 4, 5)]
+    sims = [record("aer_statevector", "statevector", "ghz", n, features_of(ghz(n)), wall_s=0.01 * n) for n in (3, 4, 5)]
     history = RunHistory(tmp_path / "h")
     history.append(rows + sims, source="live")
     model = fit_cost_model(history.read(), num_rounds=10)
