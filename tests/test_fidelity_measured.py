@@ -245,3 +245,18 @@ def test_measured_fidelity_is_recorded_and_moves_placement_off_a_noisier_than_ca
     assert out["exponent_after_restart"] == pytest.approx(out["exponent"])
     assert time.monotonic() - t0 < 240
     assert not math.isnan(measured)
+
+
+def test_the_correction_is_not_extrapolated_below_the_measured_range():
+    """Learned on high-fidelity circuits measured better than estimated, the exponent must not
+    lift a routed circuit's very low estimate (0.01 -> 0.3) past a device that deserves it."""
+    from ray_qalloc.costmodel.fidelity_correction import FidelityCorrections, FidelitySample
+
+    corr = FidelityCorrections()
+    for est, meas in ((0.90, 0.97), (0.85, 0.95), (0.88, 0.96)) * 4:
+        corr.add(FidelitySample("qpu_x", est, meas))
+    assert corr.exponent("qpu_x") < 0.6                      # measured well above the estimates
+    assert corr.apply("qpu_x", 0.88) > 0.93                  # inside the range: corrected
+    low = corr.apply("qpu_x", 0.01)
+    assert 0.01 <= low < 0.012                               # below it: the edge's ratio, not 0.01**s
+    assert corr.apply("qpu_y", 0.01) == 0.01                 # a device without samples: as estimated

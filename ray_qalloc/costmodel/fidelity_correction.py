@@ -166,7 +166,21 @@ class FidelityCorrections:
         return out
 
     def apply(self, backend: str, estimate: float, calibration_at: float | None = None) -> float:
-        return corrected_fidelity(estimate, self.exponent(backend, calibration_at))
+        """The corrected estimate. Below the lowest calibration estimate the device's samples
+        cover, the exponent is not extrapolated: the correction there is the ratio at the edge
+        of that range. Why: an exponent fitted on short, high-fidelity circuits (GHZ, measured a
+        little better than estimated) turned a routed circuit's 0.01 into 0.3 and sent it to a
+        chip that measures 0.01 on it."""
+        exponent = self.exponent(backend, calibration_at)
+        lowest = self.lowest_estimate(backend)
+        if lowest is not None and 0.0 < estimate < lowest:
+            return min(max(estimate * corrected_fidelity(lowest, exponent) / lowest, 0.0), 1.0)
+        return corrected_fidelity(estimate, exponent)
+
+    def lowest_estimate(self, backend: str) -> float | None:
+        """The lowest calibration estimate among the device's samples (None: no samples)."""
+        items = self._samples.get(backend)
+        return min((s.estimate for s in items if s.estimate > 0.0), default=None) if items else None
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         """Per device: samples kept and the exponent now (stats, explain)."""
