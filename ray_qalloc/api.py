@@ -43,7 +43,7 @@ from ray_qalloc.placement.model import BackendView, JobView
 from ray_qalloc.metrics import metrics
 from ray_qalloc.runopts import MAX_OBSERVABLES, MAX_SEED, MAX_TERMS, smallest_precision
 from ray_qalloc.tenants import Principal, Quota, TenantStore
-from ray_qalloc.wire import JsonFloat, JsonInt, _json_integer
+from ray_qalloc.wire import JsonFloat, JsonInt, json_integer_or_null
 
 log = logging.getLogger("ray_qalloc.api")
 
@@ -82,13 +82,9 @@ Observable = Annotated[
 """One observable: a Pauli sum as ``{label: coefficient}``. JSON numbers only (``"1"`` is refused)."""
 
 
-def _json_integer_or_null(value: Any) -> Any:
-    return None if value is None else _json_integer(value)
-
-
 # A JSON integer or null. Why not ``JsonInt | None``: pydantic then writes the bounds of the
 # integer branch into the document as `ge`/`le`, which no JSON Schema reader understands.
-Seed = Annotated[Annotated[int, Field(ge=0, le=MAX_SEED)] | None, BeforeValidator(_json_integer_or_null)]
+Seed = Annotated[Annotated[int, Field(ge=0, le=MAX_SEED)] | None, BeforeValidator(json_integer_or_null)]
 
 
 class JobIn(BaseModel):

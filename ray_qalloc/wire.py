@@ -24,6 +24,12 @@ def _json_integer(value: Any) -> Any:
     return value
 
 
+def json_integer_or_null(value: Any) -> Any:
+    """``_json_integer``, letting ``null`` through (for an optional integer whose bounds the
+    caller writes on the integer branch)."""
+    return None if value is None else _json_integer(value)
+
+
 JsonInt = Annotated[int, BeforeValidator(_json_integer)]
 """An ``integer`` as JSON Schema means it: ``5`` and ``5.0``; never ``"5"`` or ``true``."""
 
