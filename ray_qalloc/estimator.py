@@ -18,8 +18,8 @@ stay eligible; ``precision=0`` asks for exact values and keeps the job on simula
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 from qiskit.primitives import BaseEstimatorV2, DataBin, PrimitiveResult, PubResult
@@ -27,9 +27,8 @@ from qiskit.primitives.containers.estimator_pub import EstimatorPub, EstimatorPu
 
 from ray_qalloc.exceptions import BackendError, JobFailed
 from ray_qalloc.expectation import unmeasured
-from ray_qalloc.jobs import make_spec
-from ray_qalloc.primitive_job import (InvalidPub, PrimitiveClient, QAllocPrimitiveJob, _Handle, check_seed,
-                                      check_timeout, pub_error, submit_all)
+from ray_qalloc.primitive_base import PrimitiveOptions, QAllocPrimitive, make_options
+from ray_qalloc.primitive_job import InvalidPub, PrimitiveClient, QAllocPrimitiveJob, _Handle, pub_error, submit_all
 from ray_qalloc.runopts import PAULI_LETTERS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,25 +38,12 @@ DEFAULT_PRECISION = 0.015625    # 1/64: 4096 shots per basis on a QPU, as Backen
 
 
 @dataclass(frozen=True)
-class QAllocEstimatorOptions:
-    """Job options applied to every parameter set; ``None`` leaves the field to the client's default."""
+class QAllocEstimatorOptions(PrimitiveOptions):
+    """Job options applied to every parameter set, and the precision when neither the pub nor ``run`` says."""
 
     default_precision: float = DEFAULT_PRECISION
-    priority: str | None = None
-    intent: str | None = None
-    fidelity_min: float | None = None
-    deadline_s: float | None = None
-    backends: tuple[str, ...] | None = None
-    tenant: str | None = None
-    timeout_s: float | None = None
-    seed: int | None = None
 
-    def job_fields(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items()
-               if k not in ("default_precision", "timeout_s") and v is not None}
-        if "backends" in out:
-            out["backends"] = list(out["backends"])
-        return out
+    run_default: ClassVar[str] = "default_precision"
 
 
 @dataclass(frozen=True)
@@ -71,7 +57,7 @@ class _PubPlan:
     obs_index: np.ndarray                       # pub.shape -> flat observable index
 
 
-class QAllocEstimator(BaseEstimatorV2):
+class QAllocEstimator(QAllocPrimitive, BaseEstimatorV2):
     """An EstimatorV2 that submits its circuits to ray-qalloc.
 
     Args:
@@ -90,36 +76,18 @@ class QAllocEstimator(BaseEstimatorV2):
                  backends: Iterable[str] | None = None, tenant: str | None = None,
                  timeout_s: float | None = None) -> None:
         _check_precision(default_precision, "default_precision")
-        check_timeout(timeout_s)
-        if isinstance(backends, str):
-            backends = [backends]
-        self._options = QAllocEstimatorOptions(
-            default_precision=float(default_precision), priority=priority, intent=intent,
-            fidelity_min=fidelity_min, deadline_s=deadline_s,
-            backends=tuple(backends) if backends is not None else None, tenant=tenant, timeout_s=timeout_s,
-            seed=check_seed(seed))
-        make_spec(circuit="", **self._options.job_fields())   # bad options refused now
-        if client is None:
-            from ray_qalloc.session import connect
-
-            client = connect()
-        self._client = client
+        options = make_options(QAllocEstimatorOptions, priority=priority, intent=intent, fidelity_min=fidelity_min,
+                               deadline_s=deadline_s, backends=backends, tenant=tenant, timeout_s=timeout_s,
+                               seed=seed, default_precision=float(default_precision))
+        self._init_primitive(client, options)
 
     @property
     def options(self) -> QAllocEstimatorOptions:
-        return self._options
+        return self._options  # type: ignore[return-value]
 
     @property
     def default_precision(self) -> float:
-        return self._options.default_precision
-
-    @property
-    def seed(self) -> int | None:
-        return self._options.seed
-
-    @property
-    def client(self) -> PrimitiveClient:
-        return self._client
+        return self.options.default_precision
 
     def run(self, pubs: Iterable[EstimatorPubLike], *, precision: float | None = None) -> "QAllocEstimatorJob":
         """Validate every pub, submit one job per parameter set in one ``submit_many``, return the job.
@@ -127,7 +95,7 @@ class QAllocEstimator(BaseEstimatorV2):
         Bad pubs raise ``ValueError`` here (``InvalidPub``); backend failures and timeouts raise
         from ``job.result()``."""
         if precision is None:
-            precision = self._options.default_precision
+            precision = self.options.default_precision
         _check_precision(precision, "precision")
         plans = [_plan(i, pub, precision) for i, pub in enumerate(_as_list(pubs))]
         fields = self._options.job_fields()

@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 from qiskit.primitives import BaseSamplerV2, BitArray, DataBin, PrimitiveResult, SamplerPubResult
 from qiskit.primitives.containers.sampler_pub import SamplerPub, SamplerPubLike
 
 from ray_qalloc.exceptions import JobFailed
-from ray_qalloc.jobs import make_spec
-from ray_qalloc.primitive_job import (InvalidPub, PrimitiveClient, QAllocPrimitiveJob, _Handle, check_seed,
-                                      check_timeout, pub_error, submit_all)
+from ray_qalloc.primitive_base import PrimitiveOptions, QAllocPrimitive, make_options
+from ray_qalloc.primitive_job import InvalidPub, PrimitiveClient, QAllocPrimitiveJob, _Handle, pub_error, submit_all
 
 if TYPE_CHECKING:  # pragma: no cover
     from qiskit import QuantumCircuit
@@ -47,25 +46,12 @@ NO_REGISTERS_WARNING = ("One of your circuits has no output classical registers 
 
 
 @dataclass(frozen=True)
-class QAllocSamplerOptions:
-    """Job options applied to every circuit; ``None`` leaves the field to the client's default."""
+class QAllocSamplerOptions(PrimitiveOptions):
+    """Job options applied to every circuit, and the shots when neither the pub nor ``run`` says."""
 
     default_shots: int = 1024
-    priority: str | None = None
-    intent: str | None = None
-    fidelity_min: float | None = None
-    deadline_s: float | None = None
-    backends: tuple[str, ...] | None = None
-    tenant: str | None = None
-    timeout_s: float | None = None
-    seed: int | None = None
 
-    def job_fields(self) -> dict[str, Any]:
-        """The set options as submit keywords (unset ones left out, so any client accepts them)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("default_shots", "timeout_s") and v is not None}
-        if "backends" in out:
-            out["backends"] = list(out["backends"])
-        return out
+    run_default: ClassVar[str] = "default_shots"
 
 
 @dataclass(frozen=True)
@@ -81,7 +67,7 @@ class _PubPlan:
     measured: bool = True
 
 
-class QAllocSampler(BaseSamplerV2):
+class QAllocSampler(QAllocPrimitive, BaseSamplerV2):
     """A SamplerV2 that submits its circuits to ray-qalloc.
 
     Args:
@@ -101,38 +87,19 @@ class QAllocSampler(BaseSamplerV2):
                  backends: Iterable[str] | None = None, tenant: str | None = None,
                  timeout_s: float | None = None) -> None:
         _check_shots(default_shots, "default_shots")
-        check_timeout(timeout_s)
-        if isinstance(backends, str):  # a bare name would otherwise become a list of letters
-            backends = [backends]
-        self._options = QAllocSamplerOptions(
-            default_shots=int(default_shots), priority=priority, intent=intent, fidelity_min=fidelity_min,
-            deadline_s=deadline_s, backends=tuple(backends) if backends is not None else None,
-            tenant=tenant, timeout_s=timeout_s, seed=check_seed(seed))
-        # Refuse bad options now, not at the first run (same rules as intake).
-        make_spec(circuit="", shots=self._options.default_shots, **self._options.job_fields())
-        if client is None:
-            from ray_qalloc.session import connect
-
-            client = connect()
-        self._client = client
+        options = make_options(QAllocSamplerOptions, priority=priority, intent=intent, fidelity_min=fidelity_min,
+                               deadline_s=deadline_s, backends=backends, tenant=tenant, timeout_s=timeout_s,
+                               seed=seed, default_shots=int(default_shots))
+        self._init_primitive(client, options, shots=int(default_shots))
 
     @property
     def options(self) -> QAllocSamplerOptions:
-        return self._options
+        return self._options  # type: ignore[return-value]
 
     @property
     def default_shots(self) -> int:
         """Shots when neither the pub nor ``run`` says (as ``StatevectorSampler.default_shots``)."""
-        return self._options.default_shots
-
-    @property
-    def seed(self) -> int | None:
-        """The seed sent to simulator runs (as ``StatevectorSampler.seed``)."""
-        return self._options.seed
-
-    @property
-    def client(self) -> PrimitiveClient:
-        return self._client
+        return self.options.default_shots
 
     def run(self, pubs: Iterable[SamplerPubLike], *, shots: int | None = None) -> "QAllocSamplerJob":
         """Validate every pub, submit all bound circuits in one ``submit_many``, return the job.
@@ -141,7 +108,7 @@ class QAllocSampler(BaseSamplerV2):
         timeouts raise from ``job.result()``.
         """
         if shots is None:
-            shots = self._options.default_shots
+            shots = self.options.default_shots
         _check_shots(shots, "shots")
         plans = [_plan(i, pub, shots) for i, pub in enumerate(_as_list(pubs))]
         if any(not plan.pub.circuit.cregs for plan in plans):
