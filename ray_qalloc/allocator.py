@@ -1,18 +1,22 @@
-"""The Allocator actor: the facade clients call, start-up and recovery, background loops.
+"""The Allocator actor: the facade clients call, and its start-up.
 
-One named, detached actor per cluster, restarted by Ray forever. It holds three parts, one
-concern each:
+One named, detached actor per cluster, restarted by Ray forever. The class is a facade over
+parts of one concern each:
 
 * ``Fleet`` (``fleet.py``): the executors — a simulator pool per node, an actor per QPU — their
   health and circuit breakers;
 * ``Dispatcher`` (``dispatch.py``): the queue, runs and every job transition (commit first,
   then act), failover, hedging, stopping runs;
-* this class: the public API, start-up, recovery from the store, and the loops (dispatch,
-  health, hedging, history export, model hot-reload).
+* the background loops (``allocator_loops.py``: dispatch, health, hedging, history export,
+  operations, learning, model hot-reload), the operators' side (``allocator_ops.py``: live
+  config, maintenance, audit, dashboard, alerts) and the security side
+  (``allocator_threat.py``), mixed in because they share this actor's event loop and parts;
+* recovery (``recovery.py``): the queue is memory only and rebuilt from the JobStore on every
+  (re)start — QUEUED jobs are queued again; RUNNING jobs are re-attached to the executor that
+  runs them, or re-queued when it no longer knows them.
 
-Its queue is memory only and rebuilt from the JobStore on every (re)start: QUEUED jobs are
-queued again; RUNNING jobs are re-attached to the executor that runs them (which keeps its
-in-flight and recent runs), or re-queued when it no longer knows them.
+What stays here: building the parts, starting them in order, and the job API (submit, status,
+wait, explain, cancel) with the fleet's views (backends, pools, stats).
 """
 
 from __future__ import annotations
@@ -25,31 +29,29 @@ import time
 from typing import Any, Mapping
 
 import ray
-from pydantic import ValidationError
 
 from ray_qalloc.adminstate import AdminState
+from ray_qalloc.allocator_loops import AllocatorLoops
+from ray_qalloc.allocator_ops import OperatorOps
 from ray_qalloc.allocator_threat import ThreatOps
-from ray_qalloc.autoscale import Requester, waiting_for
+from ray_qalloc.autoscale import Requester
 from ray_qalloc.backends.base import BackendSpec
 from ray_qalloc.config import Settings
 from ray_qalloc.costmodel.history import RunHistory
 from ray_qalloc.costmodel.registry import ArtifactWatcher, latest_artifact, load_predictor
 from ray_qalloc.dispatch import Dispatcher, Queued, Running
-from ray_qalloc.exceptions import QAllocError
 from ray_qalloc.fleet import Fleet, Member
-from ray_qalloc.jobs import JobState, PreparedJob, compact
-from ray_qalloc.maintenance import MaintenanceDesk, MaintenanceWindow
+from ray_qalloc.jobs import JobState, PreparedJob
+from ray_qalloc.maintenance import MaintenanceDesk
 from ray_qalloc.placement import explain
 from ray_qalloc.placement.scheduler import Scheduler
+from ray_qalloc.recovery import recover
 from ray_qalloc.store import JobStore
 
 log = logging.getLogger("ray_qalloc.allocator")
 
-_RESTING_OUTCOMES = ("running", "completed", "superseded", "requeued", "unreachable", "lost", "preempted",
-                     "hedge_lost", "stopped")
 
-
-class Allocator(ThreatOps):
+class Allocator(AllocatorLoops, OperatorOps, ThreatOps):
     """See module docstring. Created by ``ray_qalloc.connect`` via ``allocator_options``."""
 
     def __init__(self, settings: Settings, members: Mapping[str, tuple[BackendSpec, Any]] | None = None,
@@ -197,7 +199,7 @@ class Allocator(ThreatOps):
             await self.live.load()
             self.threat.load()      # after the live config (its reservations add to it), before the queue
             t1 = time.monotonic()
-            await self._recover()
+            recover(self.d)
             if self.scaling is not None:
                 await self._seed_scaling()
             self.startup = {"backends_s": t1 - t0, "recover_s": time.monotonic() - t1,
@@ -208,11 +210,7 @@ class Allocator(ThreatOps):
             self._start_error = exc
             self._ready.set()
             return
-        loop = asyncio.get_running_loop()
-        self._tasks += [loop.create_task(self._scheduler()), loop.create_task(self._health_loop()),
-                        loop.create_task(self._history_loop()), loop.create_task(self._hedge_loop()),
-                        loop.create_task(self.calwatch.run()), loop.create_task(self._ops_loop()),
-                        loop.create_task(self._threat_loop()), loop.create_task(self._learning_loop())]
+        self._tasks += self._start_loops()
         self._ready.set()
         self._kick.set()
 
@@ -236,47 +234,6 @@ class Allocator(ThreatOps):
                 self.sched.node_cpus.setdefault(node, self.fleet.sched_cores(m))
             if m.spec.name not in self.sched.backends:
                 self.sched.add_backend(m.spec, node=node, healthy=m.healthy)
-
-    async def _recover(self) -> None:
-        """Rebuild the queue from the store; re-attach to runs that were in flight."""
-        reattach = []
-        for rec in self.store.active():
-            job = compact(rec.to_prepared())
-            attempts = self.store.attempts(rec.id)
-            blocked = frozenset(a["backend"] for a in attempts if a["outcome"] not in _RESTING_OUTCOMES)
-            view = self.d.view(job, blocked)
-            if rec.state == JobState.QUEUED:
-                self.d.enqueue(job, view, rec.created_at)
-            else:
-                reattach.append((job, view, rec, attempts))
-        for job, view, rec, attempts in reattach:
-            self._reattach(job, view, rec, attempts)
-
-    def _reattach(self, job: PreparedJob, view: Any, rec: Any, attempts: list[dict[str, Any]]) -> None:
-        """Re-attach to the job's newest running attempt (a hedge's other attempt is closed)."""
-        live = [a for a in attempts if a["outcome"] == "running"]
-        attempt = max(live, key=lambda a: a["n"]) if live else None
-        for a in live:
-            if a is not attempt:
-                self.store.close_attempt(job.id, a["n"], "superseded", "allocator restarted during a hedge")
-        m = self.fleet.members.get(attempt["backend"]) if attempt else None
-        actor = self.fleet.actor_of(m.spec.name) if m else None
-        if attempt is None or m is None or actor is None:
-            if attempt is not None:
-                self.store.end_attempt(job.id, attempt["n"], "requeued", "allocator restarted", then="requeue")
-            self.d.enqueue(job, view, rec.created_at)
-            return
-        p = self.d.plan_for(view)
-        predicted = attempt.get("predicted_s") or 1.0
-        r = Running(job, view, p, m.spec.name, attempt["n"], attempt["started_at"], predicted,
-                    created_at=rec.created_at)
-        self.sched.start(job.id, m.spec.name, attempt["started_at"], predicted, job.priority.value)
-        if attempt.get("provider_job_id"):
-            ref = actor.reattach.remote(job.id, r.attempt, attempt["provider_job_id"], job.shots,
-                                        payload=job.payload)   # an estimator job's observables
-        else:
-            ref = actor.attach.remote(job.id, r.attempt)
-        self.d.attach(r, ref)
 
     async def _wait_ready(self) -> None:
         await self._ready.wait()
@@ -420,77 +377,6 @@ class Allocator(ThreatOps):
                 "store": await self.d.db(self.store.counts_by_state), "uptime_s": time.time() - self.started_at,
                 "pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss}
 
-    async def drain_all(self, timeout_s: float = 60.0) -> dict[str, int]:
-        """Graceful shutdown, step one: start no new runs, wait up to ``timeout_s`` for the
-        running ones to finish. Queued (and newly submitted) jobs stay in the store; the next
-        allocator to start, or ``resume()``, runs them."""
-        await self._wait_ready()
-        self.d.draining = True
-        deadline = time.monotonic() + timeout_s
-        while self.d.running and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return {"running": len(self.d.running), "queued": len(self.d.queued)}
-
-    async def resume(self) -> None:
-        self.d.draining = False
-        self._kick.set()
-
-    # ---- live configuration (liveconfig.py) ----------------------------------------------------
-    async def config(self) -> dict[str, Any]:
-        """The settings in force, what was changed live, and which keys may change."""
-        await self._wait_ready()
-        return self.live.view()
-
-    async def set_config(self, changes: dict[str, Any], actor: str = "admin",
-                         unset: list[str] | None = None) -> dict[str, Any]:
-        """Change settings on the running allocator: validated whole, audited, durable, applied."""
-        await self._wait_ready()
-        out = await self.live.set(changes, actor=actor, unset=unset or ())
-        self._kick.set()
-        return out
-
-    # ---- maintenance (maintenance.py) ----------------------------------------------------------
-    async def cordon(self, name: str, reason: str = "", actor: str = "admin") -> dict[str, Any]:
-        """No new runs start on ``name`` (a candidate, a pool or a QPU); running ones finish."""
-        await self._wait_ready()
-        return await self.maint.cordon(name, actor=actor, reason=reason)
-
-    async def drain(self, timeout_s: float = 60.0, name: str | None = None, reason: str = "",
-                    actor: str = "admin") -> dict[str, Any]:
-        """With ``name``: cordon it and wait up to ``timeout_s`` for its runs to end (its queued
-        jobs go to their next-best backends). Without: the whole allocator (see ``drain_all``)."""
-        if name is None:
-            return await self.drain_all(timeout_s)
-        await self._wait_ready()
-        await self.maint.cordon(name, actor=actor, reason=reason, drain=True)
-        return await self.maint.wait_drained(name, timeout_s)
-
-    async def uncordon(self, name: str, actor: str = "admin") -> dict[str, Any]:
-        await self._wait_ready()
-        return await self.maint.uncordon(name, actor=actor)
-
-    async def maintenance_window(self, name: str, start: float, end: float, reason: str = "",
-                                 actor: str = "admin") -> dict[str, Any]:
-        await self._wait_ready()
-        try:
-            window = MaintenanceWindow(start=start, end=end, reason=reason)
-        except ValidationError as exc:   # the caller's mistake, said plainly (not an outage)
-            raise QAllocError(f"bad maintenance window: {exc.errors()[0]['msg']}",
-                              field="end", fix="give start < end, in Unix seconds.") from None
-        return await self.maint.add_window(name, window, actor=actor)
-
-    async def clear_maintenance_windows(self, name: str, actor: str = "admin") -> dict[str, Any]:
-        await self._wait_ready()
-        return await self.maint.clear_windows(name, actor=actor)
-
-    async def maintenance(self, name: str | None = None) -> dict[str, Any]:
-        await self._wait_ready()
-        return self.maint.status(name)
-
-    async def audit(self, key: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """Operators' changes, newest first: who, when, action, old → new."""
-        await self._wait_ready()
-        return await self.d.db(self.admin.audit, key=key, limit=limit)
 
     async def record_provider_job(self, job_id: str, attempt: int, provider_job_id: str) -> None:
         """Called by a QPU backend actor before it waits on a provider job (stored before it waits)."""
@@ -500,202 +386,6 @@ class Allocator(ThreatOps):
         await self._wait_ready()
         return await self.d.db(self._flush_history)
 
-    # ==== background loops ====================================================================
-    async def _scheduler(self) -> None:
-        while True:
-            await self._kick.wait()
-            self._kick.clear()
-            try:
-                await self.d.apply(self.d.decide(time.time()))
-            except Exception:  # never let the loop die; the next kick retries
-                log.exception("dispatch pass failed")
-
-    async def _health_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.health_interval_s)
-            try:
-                if self._injected is None:
-                    await self.fleet.tick()
-                    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-                    busy = {r.backend for r in self.d._all_runs()}
-                    self.d.members_removed(self.fleet.prune_dead_pools(alive, busy, time.time()))
-                else:
-                    await asyncio.gather(*(self.fleet.probe(h) for h in self.fleet.hosts.values()),
-                                         return_exceptions=True)
-                self.membership.sweep()
-                if self._injected is None and any(h.elastic for h in self.fleet.hosts.values()):
-                    self._elastic_tick(ray.cluster_resources())
-            except Exception:  # never let the health loop die
-                log.exception("health tick failed")
-            try:
-                await self.d.db(self.backend_log.flush)
-            except Exception:  # the change stream misses nothing: the rows stay noted until a flush works
-                log.exception("backend log flush failed")
-            self._poll_model()
-
-    def _health_changed(self, backend: str, up: bool, at: float) -> None:
-        host = self.fleet.hosts.get(backend)
-        provider = host.provider if host is not None else None
-        why = "" if up else (f"out of service at its provider: {provider.message}"
-                             if provider is not None and not provider.operational else "not answering")
-        self.backend_log.note(backend, "up" if up else "down", why, at)
-
-    async def _ops_loop(self) -> None:
-        """Gauges of the allocator's state, and one alert evaluation, every ``alerts.interval_s``."""
-        while True:
-            await asyncio.sleep(self.settings.alerts.interval_s)
-            try:
-                await self.ops_tick()
-            except Exception:  # never let the loop die; the next round decides again
-                log.exception("operations round failed")
-
-    async def ops_tick(self, now: float | None = None) -> dict[str, Any]:
-        """One round: refresh state gauges; evaluate the alert rules on a snapshot (commit, then
-        apply); returns what the evaluation sent."""
-        from ray_qalloc import opsview
-
-        from ray_qalloc import dashboard
-
-        now = time.time() if now is None else now
-        await self._expire_threat_actions(now)
-        if self.scaling is not None:
-            await self._scaling_tick(now)
-        opsview.record_gauges(self, now)
-        self.timeline.sample(now, dashboard.utilisation(self), dashboard.queue_by_class(self))
-        if self.alerts is None:
-            return {"events": 0}
-        obs = self.d.observer.observations(
-            queue_waits=opsview.queue_waits(self.d.queued.values(), now),
-            breakers={n: m.breaker for n, m in self.fleet.members.items()},
-            calibrated_at=opsview.calibrated_at(self.calwatch, self.fleet),
-            quotas=await self.d.db(opsview.quotas, self._tenants, self.d), node_memory=opsview.node_memory(self.fleet),
-            now=now)
-        decision = await self.d.db(self.alerts.evaluate, obs)
-        return {"events": len(decision.events), "errors": list(decision.errors)}
-
-    async def dashboard(self) -> dict[str, Any]:
-        """Everything one refresh of the operators' page shows (dashboard.py)."""
-        from ray_qalloc import dashboard
-
-        alerts = await self.alerts_view(20)
-        prefetch = getattr(self.calwatch, "prefetch", None)
-        if prefetch is not None:
-            await prefetch()
-        return dashboard.data(self, alerts)
-
-    async def alerts_view(self, limit: int = 100) -> dict[str, Any]:
-        """Firing alerts, the newest events and per-sink delivery state."""
-        await self._wait_ready()
-        if self.alerts is None:
-            return {"enabled": False, "firing": [], "recent": [], "sinks": {}}
-        from ray_qalloc.alerts.service import alert_dict
-
-        recent = await self.d.db(self.alerts.recent, limit)
-        counts = await self.d.db(self.alerts.delivery_counts)
-        return {"enabled": True, "firing": [alert_dict(a) for a in self.alerts.firing()],
-                "recent": [alert_dict(e) for e in recent], "sinks": counts}
-
-    def _calibration_changed(self, names: list[str]) -> None:
-        """New calibrations arrived: queued jobs are planned again against them (fidelity,
-        coherence budget, freshness), each keeping its place in line."""
-        log.info("calibration changed on %s: planning the queue again", ", ".join(names))
-        self.d.replan_queued()
-
-    async def calibration_status(self) -> list[dict[str, Any]]:
-        """Per QPU: calibration age, staleness, series in alarm, last fetch error."""
-        await self._wait_ready()
-        return self.calwatch.status()
-
-    async def refresh_calibration(self, name: str | None = None) -> list[dict[str, Any]]:
-        """Read calibrations now (one QPU or all), instead of waiting for the period."""
-        await self._wait_ready()
-        events = await self.calwatch.tick(names=None if name is None else [name])
-        return [{"device": e.device, "series": e.key.label, "kind": e.kind, "at": e.at, "factor": e.factor,
-                 "message": e.message} for e in events]
-
-    def _elastic_tick(self, cluster: dict[str, float]) -> None:
-        """Keep the autoscaling request in step with what queued jobs wait for; start and stop
-        elastic QPU backends."""
-        waiting = [waiting_for(q.plan) for q in self.d.queued.values()]
-        wanted = {b for w in waiting for b in w[:1]}
-        busy = {r.backend for r in self.d.running.values()}
-        self.fleet.elastic_tick(wanted, busy, cluster)
-        try:
-            self._autoscale.update(waiting, cluster)
-        except Exception as exc:  # no autoscaler here, or the GCS is busy: try next tick
-            log.debug("autoscaling request not sent: %s", exc)
-
-    async def _hedge_loop(self) -> None:
-        """Overrunning simulator runs: remember the overrun, start a backup where it pays."""
-        from ray_qalloc import overruns
-
-        interval = self.settings.hedge.interval_s
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await overruns.tick(self.d, self.settings, time.time())
-            except Exception:
-                log.exception("hedge tick failed")
-
-    def _poll_model(self) -> None:
-        """Pick up a newly published model artifact without a restart (new plans use it)."""
-        try:
-            fresh = self._watcher.poll()
-        except Exception:  # a half-written registry must not stop the allocator
-            log.exception("model registry poll failed")
-            return
-        if fresh is not None:
-            log.warning("cost model switched to %s", self._watcher.current)
-            from ray_qalloc import overruns
-
-            from ray_qalloc.costmodel import policy as learning_policy
-
-            self.d.predictor = learning_policy.wrap(fresh, self.d.predictor, learning=self.settings.learning,
-                                                    explore_factor=self.settings.placement.explore_factor,
-                                                    weights=self.settings.placement.table())
-            from ray_qalloc.liveconfig import _explore
-
-            _explore(self.d.predictor, self.settings.placement.explore_factor)
-
-    def _urgent_waiting(self) -> bool:
-        """Retraining runs at batch priority: not while emergency or high-priority jobs wait."""
-        return any(q.job.priority.value in ("emergency", "high") for q in self.d.queued.values())
-
-    async def _learning_loop(self) -> None:
-        """Save the bandit's state every ``learning.save_s``; step the retraining loop every
-        ``learning.retrain.check_s`` (both in the store thread: they touch the database)."""
-        from ray_qalloc.costmodel.policy import bandit_of
-
-        learning = self.settings.learning
-        last_check = time.time()
-        while True:
-            await asyncio.sleep(learning.save_s)
-            bandit = bandit_of(self.d.predictor)
-            try:
-                if bandit is not None:
-                    await self.d.db(self.bandit_store.save, bandit.snapshot())
-                if self.retrain is not None and (self.retrain.state != "idle"
-                                                 or time.time() - last_check >= learning.retrain.check_s):
-                    last_check = time.time()
-                    await self.d.db(self.retrain.tick)
-            except Exception:  # never let the loop die; the next round tries again
-                log.exception("learning round failed")
-
-    async def _history_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.history_flush_s)
-            try:
-                await self.d.db(self._flush_history)
-            except Exception:  # the store keeps the rows; the next flush retries
-                log.exception("history flush failed")
-
-    def _flush_history(self) -> int:
-        rows = self.store.unexported_runs()
-        if not rows:
-            return self.fidelity_meter.export(self.history)
-        self.history.append(rows)
-        self.store.mark_exported(r["id"] for r in rows)
-        return len(rows) + self.fidelity_meter.export(self.history)
 
 
 def _reconstructed() -> bool:
