@@ -10,6 +10,7 @@ skipped run for a passed one. Every test gets its own schema, dropped afterwards
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -188,9 +189,10 @@ def pg_admin_url() -> Iterator[str]:
             _PG.stop = None
 
 
-@pytest.fixture()
-def pg_url(pg_admin_url: str) -> Iterator[str]:
-    """A URL whose connections see only a fresh, empty schema (``search_path``), dropped after."""
+@contextlib.contextmanager
+def fresh_schema(pg_admin_url: str) -> Iterator[str]:
+    """A URL whose connections see only a fresh, empty schema (``search_path``), dropped after:
+    for a test that needs several (one per hypothesis example)."""
     schema = f"qt_{secrets.token_hex(6)}"
     admin = _PG.admin
     assert admin is not None
@@ -204,6 +206,13 @@ def pg_url(pg_admin_url: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.exec_driver_sql("SET lock_timeout = '10s'")
             conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture()
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    """A URL whose connections see only a fresh, empty schema, dropped after the test."""
+    with fresh_schema(pg_admin_url) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

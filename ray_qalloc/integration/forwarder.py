@@ -214,8 +214,7 @@ class Forwarder:
         seen = 0             # changes looked at this pass: a long backlog is worked off over several
         sources = tuple(_SOURCE_OF[r] for r in kinds if r in _SOURCE_OF)
         while seen < self.max_per_pass and not self._loop.stopping.is_set():
-            changes, _ = self.feed.read(cursor, tenant=None, admin=True, limit=self.retry.batch, now=t,
-                                        sources=sources)
+            changes, _ = self.feed.read(cursor, tenant=None, admin=True, limit=self.retry.batch, sources=sources)
             for change in changes:
                 seen += 1
                 rec = _RECORD_OF.get(change.kind)
@@ -307,20 +306,10 @@ def _record(change: Any) -> ChangeRecord:
 
 
 def count_after(engine: Engine, cursor: Cursor, records: set[str] | frozenset[str]) -> int:
-    """How many rows of the sources behind ``records`` (jobs, audit) are after ``cursor``."""
-    from ray_qalloc.changefeed import _tables
+    """How many changes of the sources behind ``records`` (jobs, audit) are after ``cursor``."""
+    from ray_qalloc.changefeed import count_after as changes_after
 
-    tables = _tables()
-    total = 0
-    with engine.connect() as conn:
-        for rec in sorted(records):
-            src = _SOURCE_OF.get(rec)
-            if src is None:
-                continue
-            t = tables[src]
-            total += int(conn.execute(sa.select(sa.func.count()).select_from(t).where(t.c.id > cursor.get(src)))
-                         .scalar_one())
-    return total
+    return changes_after(engine, cursor, sorted({_SOURCE_OF[r] for r in records if r in _SOURCE_OF}))
 
 
 def sink_status(engine: Engine, records: Mapping[str, set[str]]) -> list[dict[str, Any]]:
