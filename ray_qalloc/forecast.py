@@ -1,4 +1,4 @@
-"""Demand forecasting for predictive scaling: how many jobs arrive in the next horizon.
+"""Demand forecasting for predictive scaling: how many jobs arrive while a node asked for now serves.
 
 Why it exists: an elastic node takes a boot time to come up, so a pool that scales on its
 queue is always one boot late for a burst. If something observable leads the burst — a surge
@@ -12,8 +12,16 @@ Pure numpy, no Ray, no database (``predictive.history_from_store`` reads the tab
 
 The model, over time bins of ``bin_s`` seconds:
 
-* **target** at bin *t*: the jobs arriving in bins *t+1 … t+h*, ``h = ceil(horizon_s / bin_s)``
-  (what a node requested at the end of bin *t* would arrive in time for).
+* **target** at bin *t*: the jobs arriving in bins *t+L+1 … t+L+h*, ``L = round(lead_s / bin_s)``,
+  ``h = ceil(horizon_s / bin_s)`` — the window a node requested at the end of bin *t* serves:
+  it is up ``lead_s`` (its boot time) later and is sized for the ``horizon_s`` after that.
+  Why offset, not (t, t+h]: a request made at *t* changes nothing before *t+boot*; jobs arriving
+  before then are served by the nodes that are up or already booting (and by the queue's own,
+  reactive request), so a target that includes them sizes the node for demand it cannot serve,
+  and — the measured failure of the unshifted window — grows only as a burst enters (t, t+boot],
+  i.e. a boot too late for the burst's first part. By Little's law the cores busy over the
+  serving window are its arrivals × the mean job's core-seconds / the window: that is what
+  ``predictive.nodes_wanted`` turns the forecast into. ``lead_s = 0`` is the old target.
 * **features** known at the end of bin *t* (groups, kept or dropped as a whole):
   ``jobs`` — arrivals in ``lags`` consecutive blocks covering the last ``lookback_s`` (always in);
   ``events`` — the same blocks of event counts, one set per severity band;
@@ -23,7 +31,7 @@ The model, over time bins of ``bin_s`` seconds:
   penalty chosen from a small grid by the same cross-validation.
 * **time-ordered cross-validation**: rolling origin. The valid rows are cut into ``folds + 1``
   contiguous chunks; fold *k* trains on chunks *0 … k-1* and is scored on chunk *k*, with the
-  last *h* training rows dropped so that no training target overlaps a scored window. Nothing
+  last *L + h* training rows dropped so that no training target overlaps a scored window. Nothing
   is ever scored on data that came before its own training data.
 * **the selection rule** (what keeps a control history honest): start from ``jobs`` alone; a
   group is added only if the held-out error falls by at least ``margin`` (relative) *and* the
@@ -37,6 +45,8 @@ The model, over time bins of ``bin_s`` seconds:
 
 Refitting is cheap (the cross-validation works on per-fold Gram matrices: one pass over the
 rows per fold, then small solves per feature set and penalty), so callers refit every few minutes.
+One ``Forecaster`` forecasts one series; ``forecast_classes.ClassForecaster`` keeps one per pool
+and QPU class, each with its own selection (events may lead one class and not another).
 """
 
 from __future__ import annotations
@@ -73,26 +83,22 @@ def _block_sums(x: np.ndarray, width: int, blocks: int) -> np.ndarray:
     """``out[t, j]`` = sum of ``x`` over bins ``t-(j+1)·width+1 … t-j·width`` (0 before the start)."""
     n = x.shape[0]
     cs = np.concatenate([[0.0], np.cumsum(x, dtype=float)])
-    t = np.arange(n)
-    out = np.empty((n, blocks))
-    for j in range(blocks):
-        hi = t - j * width + 1
-        lo = t - (j + 1) * width + 1
-        out[:, j] = cs[np.clip(hi, 0, n)] - cs[np.clip(lo, 0, n)]
-    return out
+    t = np.arange(n)[:, None]
+    j = np.arange(blocks)[None, :]
+    return cs[np.clip(t - j * width + 1, 0, n)] - cs[np.clip(t - (j + 1) * width + 1, 0, n)]
 
 
-def _window_ahead(x: np.ndarray, h: int) -> np.ndarray:
-    """``y[t]`` = sum of ``x`` over bins ``t+1 … t+h`` (incomplete windows are counted as far as they go)."""
+def _window_ahead(x: np.ndarray, h: int, lead: int = 0) -> np.ndarray:
+    """``y[t]`` = sum of ``x`` over bins ``t+lead+1 … t+lead+h`` (incomplete windows are counted as far as they go)."""
     n = x.shape[0]
     cs = np.concatenate([[0.0], np.cumsum(x, dtype=float)])
     t = np.arange(n)
-    return cs[np.clip(t + h + 1, 0, n)] - cs[np.clip(t + 1, 0, n)]
+    return cs[np.clip(t + lead + h + 1, 0, n)] - cs[np.clip(t + lead + 1, 0, n)]
 
 
 @dataclass
 class Forecaster:
-    """Ridge forecaster of the jobs arriving in the next ``horizon_s`` (see the module docstring).
+    """Ridge forecaster of the jobs arriving in ``(t + lead_s, t + lead_s + horizon_s]`` (see the module docstring).
 
     ``jobs``: arrivals per bin (a count, or any additive measure of work). ``events``: event counts
     per bin, one column per severity band (or ``None``). ``t0``: Unix time of the start of bin 0
@@ -100,6 +106,7 @@ class Forecaster:
 
     bin_s: float = 10.0
     horizon_s: float = 90.0
+    lead_s: float = 0.0
     lookback_s: float = 360.0
     lags: int = 12
     margin: float = 0.05
@@ -112,14 +119,25 @@ class Forecaster:
     _cols: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.bin_s <= 0 or self.horizon_s <= 0 or self.lookback_s <= 0 or self.lags < 1 or self.folds < 2:
-            raise ValueError("bin_s, horizon_s, lookback_s must be > 0, lags ≥ 1, folds ≥ 2")
+        if (self.bin_s <= 0 or self.horizon_s <= 0 or self.lookback_s <= 0 or self.lead_s < 0 or self.lags < 1
+                or self.folds < 2):
+            raise ValueError("bin_s, horizon_s, lookback_s must be > 0, lead_s ≥ 0, lags ≥ 1, folds ≥ 2")
 
     # ---- shapes ---------------------------------------------------------------------------------
     @property
     def h(self) -> int:
         """Bins in the horizon."""
         return max(1, math.ceil(self.horizon_s / self.bin_s - 1e-9))
+
+    @property
+    def lead(self) -> int:
+        """Bins between the forecast's origin and its target window (a node's boot)."""
+        return max(0, int(round(self.lead_s / self.bin_s)))
+
+    @property
+    def ahead(self) -> int:
+        """Bins from the origin to the end of the target window."""
+        return self.lead + self.h
 
     @property
     def width(self) -> int:
@@ -132,7 +150,7 @@ class Forecaster:
 
     def min_bins(self) -> int:
         """The shortest history ``fit`` accepts: a lookback, a horizon and a few rows per fold."""
-        return self.lookback_bins + self.h + (self.folds + 1) * max(self.h, 8)
+        return self.lookback_bins + self.ahead + (self.folds + 1) * max(self.ahead, 8)
 
     # ---- features -------------------------------------------------------------------------------
     def _features(self, jobs: np.ndarray, events: np.ndarray | None, t0: float,
@@ -147,8 +165,8 @@ class Forecaster:
             groups["events"] = list(range(k, k + self.lags * events.shape[1]))
             k += self.lags * events.shape[1]
         n = jobs.shape[0]
-        # the phase of the middle of the target window: bins t+1 … t+h
-        mid = t0 + (np.arange(n) + 1 + self.h / 2.0) * self.bin_s
+        # the phase of the middle of the target window: bins t+L+1 … t+L+h
+        mid = t0 + (np.arange(n) + 1 + self.lead + self.h / 2.0) * self.bin_s
         for name in seasons:
             ang = 2 * math.pi * (mid % SEASONS[name]) / SEASONS[name]
             cols.append(np.column_stack([np.sin(ang), np.cos(ang), np.sin(2 * ang), np.cos(2 * ang)]))
@@ -181,8 +199,8 @@ class Forecaster:
             raise ValueError(f"history too short: {j.shape[0]} bins, need {self.min_bins()}")
         seasons = self.offered_seasons(j.shape[0])
         X, groups = self._features(j, e, t0, seasons)
-        y = _window_ahead(j, self.h)
-        rows = np.arange(self.lookback_bins - 1, j.shape[0] - self.h)   # full lookback and full horizon
+        y = _window_ahead(j, self.h, self.lead)
+        rows = np.arange(self.lookback_bins - 1, j.shape[0] - self.ahead)   # full lookback and full horizon
         X, y = X[rows], y[rows]
         mean = X.mean(axis=0)
         scale = X.std(axis=0)
@@ -237,7 +255,7 @@ class Forecaster:
         edges = np.linspace(0, n, self.folds + 2).astype(int)
         out = []
         for k in range(1, self.folds + 1):
-            train_end = edges[k] - self.h                   # no training target overlaps the test rows
+            train_end = edges[k] - self.ahead               # no training target overlaps the test rows
             if train_end < 2 or edges[k + 1] <= edges[k]:
                 continue
             Zt, yt = Z[:train_end], y[:train_end]
@@ -293,8 +311,8 @@ class Forecaster:
     def actual_series(self, jobs: Sequence[float] | np.ndarray) -> np.ndarray:
         """What each forecast of ``predict_series`` is scored against (``nan`` where the horizon runs past the end)."""
         j = np.asarray(jobs, dtype=float).reshape(-1)
-        y = _window_ahead(j, self.h)
-        y[max(0, len(j) - self.h):] = np.nan
+        y = _window_ahead(j, self.h, self.lead)
+        y[max(0, len(j) - self.ahead):] = np.nan
         return y
 
 

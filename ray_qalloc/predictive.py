@@ -2,17 +2,22 @@
 
 Why: the reactive path (``autoscale.Requester``) asks Ray's autoscaler for a node only once jobs
 queue, so every burst waits a node's boot time. When the history shows that something leads
-the jobs (security-event surges, the hour of the day), ``forecast.Forecaster`` predicts the jobs
-of the next ``horizon_s``; this module turns that forecast into a standing autoscaling request
-(``request_resources`` bundles of ``qalloc_pool_cpu``, one per node) and, optionally, a timed
-emergency ``reserve`` for the threat desk. When the forecaster finds no leading signal it keeps
-only the jobs' own recent history, and the request then follows the load it already sees.
+the jobs (security-event surges, the hour of the day), a forecaster per demand class
+(``forecast_classes``: the CPU pool, the GPU pool, each QPU architecture) predicts the jobs that
+arrive while a node asked for now would serve — ``(t + boot_s, t + boot_s + horizon_s]``, see
+``forecast`` for why the window is offset by the boot. This module turns each pool class's
+forecast into a standing autoscaling request (``request_resources`` bundles of that pool's shape,
+``qalloc_pool_cpu`` or ``qalloc_pool_gpu``, one per node: the pre-warm) and, for a class with a
+reservation target (a QPU class's device, or a pool), a timed emergency ``reserve`` for the
+threat desk while a surge is forecast. When a class's forecaster finds no leading signal it keeps
+only the jobs' own recent history, and its request then follows the load it already sees.
 
 Decisions (pure functions, unit tested without Ray):
 
-* ``nodes_wanted``: the nodes that would serve, at full use over the horizon, the forecast work
-  plus the work already queued or running: ``ceil((jobs·work_per_job_s + queued_work_s) /
-  (node_cores·horizon_s))``.
+* ``nodes_wanted``: the nodes that would serve, at full use over the serving window, the
+  forecast work plus the work already queued or running: ``ceil((jobs·work_per_job_s +
+  queued_work_s) / (node_cores·horizon_s))`` (Little's law: the forecast window's arrivals times
+  the work of one, spread over the window, is the cores busy in it).
 * ``request_size``: at most ``max_extra_nodes`` above the nodes the pool has now — a wrong
   forecast costs a bounded number of nodes.
 * A request is a *floor* on the cluster (``request_resources`` is not additive and never scales
@@ -24,9 +29,16 @@ Decisions (pure functions, unit tested without Ray):
 sends one too: both must go through one ``RequestMerger`` (per bundle shape the larger count
 wins), or each would erase the other's.
 
+* surge reservations: a class whose forecast exceeds its history's ``surge_quantile`` window,
+  *and* whose model kept a leading feature (events or a season), gets a timed ``reserve`` on its
+  target. A jobs-only model forecasts a surge only once it is under way — then the jobs are in
+  the queue already and holding slots ahead of them buys nothing — and on a history where events
+  do not lead, they are dropped, so nothing is held for them.
+
 Live wiring (the allocator's ops loop): ``PredictiveController.tick`` with the arrivals and
-events since the last tick; ``history_from_store`` seeds the controller from the job store and
-the security-event store at start.
+events since the last tick (per class, or one total that is all the CPU pool's);
+``history_from_store`` seeds the controller from the job store and the security-event store at
+start; ``predictive_live`` reads the per-class history, queue and capacity from an allocator.
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ray_qalloc.forecast import FitReport, Forecaster
+from ray_qalloc.forecast_classes import CPU_POOL, POOL_RESOURCES, ClassForecaster, is_pool_class
 
 log = logging.getLogger("ray_qalloc.predictive")
 
@@ -68,7 +81,10 @@ class PredictiveScalingSettings(BaseModel):
 
     enabled: bool = Field(False, description="Forecast demand and request pool nodes ahead of it.")
     bin_s: float = Field(10.0, gt=0, description="Width of a history bin (arrivals and events are counted per bin).")
-    horizon_s: float = Field(90.0, gt=0, description="How far ahead demand is forecast: about a node's boot time.")
+    horizon_s: float = Field(90.0, gt=0, description="The window a new node is sized for, after it is up: jobs "
+                             "arriving in (t + boot_s, t + boot_s + horizon_s] are forecast at t.")
+    boot_s: float = Field(90.0, ge=0, description="A pool node's boot time: a node asked for now serves from this "
+                          "far ahead, so the forecast window starts there (0: the next horizon_s).")
     lookback_s: float = Field(360.0, gt=0, description="History the features see (should cover event→job lags).")
     lags: int = Field(12, ge=1, le=64, description="Blocks the lookback is cut into, per series.")
     refit_s: float = Field(600.0, gt=0, description="Refit the forecaster every this many seconds of history.")
@@ -80,12 +96,14 @@ class PredictiveScalingSettings(BaseModel):
     max_extra_nodes: int = Field(4, ge=0, description="Most nodes requested above what the pool has now.")
     node_cores: float | None = Field(None, gt=0, description="Cores of one pool node; None: as measured on the "
                                      "pools the cluster has (the caller passes it).")
-    reserve_on_surge: bool = Field(False, description="On a surge of high-severity events (while events are a kept "
-                                   "feature), reserve cores for emergency jobs through the threat desk.")
-    reserve_slots: int = Field(1, ge=1, le=1024, description="Cores reserved on a surge.")
+    reserve_on_surge: bool = Field(False, description="When a class's forecast is a surge (and its model kept a "
+                                   "leading feature: events or a season), reserve slots of that class for "
+                                   "emergency jobs through the threat desk.")
+    reserve_slots: int = Field(1, ge=1, le=1024, description="Slots (cores of a pool) reserved on a surge.")
     reserve_for_s: float = Field(600.0, gt=0, description="How long a surge reservation lasts.")
-    surge_quantile: float = Field(0.999, gt=0, lt=1, description="A bin whose high-severity count exceeds this "
-                                  "quantile of the history's bins is a surge.")
+    surge_quantile: float = Field(0.95, gt=0, lt=1, description="A forecast above this quantile of the class's "
+                                  "history windows is a surge.")
+    min_class_jobs: float = Field(20.0, ge=0, description="A class with fewer jobs in the history gets no forecaster.")
 
     @model_validator(mode="after")
     def _shape(self) -> "PredictiveScalingSettings":
@@ -96,8 +114,12 @@ class PredictiveScalingSettings(BaseModel):
         return self
 
     def forecaster(self) -> Forecaster:
-        return Forecaster(bin_s=self.bin_s, horizon_s=self.horizon_s, lookback_s=self.lookback_s, lags=self.lags,
-                          margin=self.margin, folds=self.folds)
+        """One class's forecaster (unfitted)."""
+        return Forecaster(bin_s=self.bin_s, horizon_s=self.horizon_s, lead_s=self.boot_s, lookback_s=self.lookback_s,
+                          lags=self.lags, margin=self.margin, folds=self.folds)
+
+    def class_forecaster(self) -> ClassForecaster:
+        return ClassForecaster(self.forecaster, min_jobs=self.min_class_jobs)
 
 
 # ---- pure decisions --------------------------------------------------------------------------------
@@ -150,120 +172,191 @@ class RequestMerger:
 
 
 # ---- the controller --------------------------------------------------------------------------------
+PerClass = Mapping[str, float]
+
+
+@dataclass
+class ClassDecision:
+    """One class's part of a tick."""
+
+    forecast_jobs: float | None = None      # jobs expected in the class's serving window (None: no model)
+    wanted_nodes: int = 0                   # pool classes only
+    requested_nodes: int = 0
+    surge: bool = False
+    groups: tuple[str, ...] = ()
+
+
 @dataclass
 class Decision:
-    """What one tick decided (also what the allocator logs and shows)."""
+    """What one tick decided (also what the allocator logs and shows). The top-level figures are
+    totals over the classes; ``per_class`` has each class's."""
 
     at: float
-    forecast_jobs: float | None = None       # jobs expected in the next horizon (None: no model yet)
+    forecast_jobs: float | None = None       # jobs expected in the serving window, all classes (None: no model yet)
     forecast_work_s: float | None = None
     wanted_nodes: int = 0
     requested_nodes: int = 0
     bundles: list[Bundle] = field(default_factory=list)
-    reserve: dict[str, Any] | None = None    # a threat-desk action to take (``Allocator.threat_add``)
-    groups: tuple[str, ...] = ()
+    reserve: dict[str, Any] | None = None    # the first of ``reserves`` (kept for callers that take one)
+    reserves: list[dict[str, Any]] = field(default_factory=list)   # threat-desk actions (``Allocator.threat_add``)
+    groups: tuple[str, ...] = ()             # the CPU pool's kept features (or the first class's)
+    per_class: dict[str, ClassDecision] = field(default_factory=dict)
     why: str = ""
 
 
+def _per_class(x: float | PerClass | None, default_class: str = CPU_POOL) -> dict[str, float]:
+    """A per-class figure from a mapping, or from one number that is all the CPU pool's."""
+    if x is None:
+        return {}
+    if isinstance(x, Mapping):
+        return {str(k): float(v) for k, v in x.items()}
+    return {default_class: float(x)}
+
+
 class PredictiveController:
-    """Bins the arrivals and events it is told about, refits the forecaster every ``refit_s``,
-    and keeps a predictive autoscaling request (``request``) in step with the forecast.
+    """Bins the arrivals (per demand class) and events it is told about, refits one forecaster
+    per class every ``refit_s``, and keeps a predictive autoscaling request (``request``) in step
+    with the pool classes' forecasts, and surge reservations with every class's.
 
     ``request(bundles)``: where the request goes (``RequestMerger.part("predictive")`` live; a
     recorder in tests and in the benchmark). ``clock``: time of the refit bookkeeping.
-    ``work_per_job_s``: mean core-seconds of one job (``mean_job_seconds`` live).
-    ``reserve_target``: the pool (or backend) a surge reservation is for; None: no reservations.
+    ``work_per_job_s``: mean core-seconds of one job, one number or per class.
+    ``reserve_targets``: per class, the backend or pool a surge reservation is for
+    (``reserve_target``: the CPU pool's, the older single-target form); none: no reservations.
     """
 
     def __init__(self, settings: PredictiveScalingSettings, request: Callable[[list[Bundle]], None], *,
-                 clock: Callable[[], float] = time.time, node_cores: float | None = None,
-                 work_per_job_s: float = 1.0, reserve_target: str | None = None, resource: str = POOL_RESOURCE,
+                 clock: Callable[[], float] = time.time, node_cores: float | PerClass | None = None,
+                 work_per_job_s: float | PerClass = 1.0, reserve_target: str | None = None,
+                 reserve_targets: Mapping[str, str] | None = None, resource: str = POOL_RESOURCE,
                  refit: bool = True) -> None:
         self.settings = settings
         self._request = request
         self._clock = clock
-        self.node_cores = node_cores or settings.node_cores or 1.0
+        self.node_cores = _per_class(node_cores or settings.node_cores)
         self.work_per_job_s = work_per_job_s
-        self.reserve_target = reserve_target
-        self.resource = resource
+        self.reserve_targets: dict[str, str] = dict(reserve_targets or {})
+        if reserve_target:
+            self.reserve_targets.setdefault(CPU_POOL, reserve_target)
+        self.resources = dict(POOL_RESOURCES) | {CPU_POOL: resource}
         self.refit_enabled = refit                 # the benchmark freezes the model fitted on its training part
-        self.forecaster = settings.forecaster()
-        self._jobs: list[float] = []
+        self.forecasters = settings.class_forecaster()
+        self._jobs: dict[str, list[float]] = {}
+        self._n = 0                                # closed bins held
         self._events: list[np.ndarray] = []
         self._t0: float | None = None              # start of the first kept bin
         self._open_start: float | None = None
-        self._open_jobs = 0.0
+        self._open_jobs: dict[str, float] = {}
         self._open_events = np.zeros(len(BANDS))
         self._last_fit: float | None = None
-        self._surge_at: float | None = None        # high-severity count per bin above which a bin is a surge
-        self._reserved_until = -math.inf
+        self._reserved_until: dict[str, float] = {}
         self.current: list[Bundle] | None = None   # the last request sent (None: none yet)
         self.last: Decision | None = None
 
     # ---- history ----------------------------------------------------------------------------------
     @property
     def history_bins(self) -> int:
-        return len(self._jobs)
+        return self._n
 
-    def seed(self, job_counts: Sequence[float], event_counts: np.ndarray | None, t0: float) -> None:
-        """Start from a stored history (``history_from_store``): bins of ``settings.bin_s`` from ``t0``."""
-        jobs = [float(x) for x in job_counts]
-        ev = np.zeros((len(jobs), len(BANDS))) if event_counts is None else np.asarray(event_counts, dtype=float)
-        self._jobs, self._events = jobs, [row.copy() for row in ev.reshape(len(jobs), len(BANDS))]
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(sorted(self._jobs))
+
+    def work_of(self, cls: str) -> float:
+        w = self.work_per_job_s
+        if isinstance(w, Mapping):
+            return float(w.get(cls, np.mean(list(w.values())) if w else 1.0))
+        return float(w)
+
+    def seed(self, job_counts: Sequence[float] | np.ndarray | Mapping[str, Sequence[float] | np.ndarray],
+             event_counts: np.ndarray | None, t0: float) -> None:
+        """Start from a stored history: bins of ``settings.bin_s`` from ``t0``; ``job_counts`` per
+        class (``predictive_live.class_history_from_store``) or one series that is all the CPU
+        pool's (``history_from_store``)."""
+        series = job_counts if isinstance(job_counts, Mapping) else {CPU_POOL: job_counts}
+        jobs = {c: [float(x) for x in np.asarray(v, dtype=float).reshape(-1)] for c, v in series.items()}
+        n = max((len(v) for v in jobs.values()), default=0)
+        if any(len(v) != n for v in jobs.values()):
+            raise ValueError("every class's series must have the same bins")
+        ev = np.zeros((n, len(BANDS))) if event_counts is None else np.asarray(event_counts, dtype=float)
+        self._jobs, self._n = jobs, n
+        self._events = [row.copy() for row in ev.reshape(n, len(BANDS))]
         self._t0 = t0
-        self._open_start = t0 + len(jobs) * self.settings.bin_s
+        self._open_start = t0 + n * self.settings.bin_s
         self._trim()
 
     def _trim(self) -> None:
         keep = int(self.settings.history_s / self.settings.bin_s)
-        extra = len(self._jobs) - keep
+        extra = self._n - keep
         if extra > 0 and self._t0 is not None:
-            del self._jobs[:extra], self._events[:extra]
+            for v in self._jobs.values():
+                del v[:extra]
+            del self._events[:extra]
+            self._n -= extra
             self._t0 += extra * self.settings.bin_s
 
-    def _observe(self, now: float, job_arrivals: float, event_counts: Sequence[float] | Mapping[str, float]) -> None:
+    def _observe(self, now: float, arrivals: Mapping[str, float], event_counts: Sequence[float] | Mapping[str, float]
+                 ) -> None:
+        b = self.settings.bin_s
         if self._open_start is None:
-            self._open_start = self._t0 = now - (now % self.settings.bin_s)
+            self._open_start = self._t0 = now - (now % b)
         if isinstance(event_counts, Mapping):
-            ev = np.array([float(event_counts.get(b, 0.0)) for b in BANDS])
+            ev = np.array([float(event_counts.get(x, 0.0)) for x in BANDS])
         else:
             ev = np.zeros(len(BANDS))
             vals = np.asarray(event_counts, dtype=float).reshape(-1)[: len(BANDS)]
             ev[: len(vals)] = vals
-        self._open_jobs += float(job_arrivals)
+        for cls, k in arrivals.items():
+            self._open_jobs[cls] = self._open_jobs.get(cls, 0.0) + float(k)
+            if cls not in self._jobs:                       # a class seen for the first time: no jobs before
+                self._jobs[cls] = [0.0] * self._n
         self._open_events += ev
-        b = self.settings.bin_s
         closed = 0
         while now >= self._open_start + b:
-            self._jobs.append(self._open_jobs)
+            for cls, v in self._jobs.items():
+                v.append(self._open_jobs.get(cls, 0.0))
             self._events.append(self._open_events)
-            self._open_jobs, self._open_events = 0.0, np.zeros(len(BANDS))
+            self._n += 1
+            self._open_jobs, self._open_events = {}, np.zeros(len(BANDS))
             self._open_start += b
             closed += 1
             if closed > self.settings.history_s / b:   # a long gap: skip ahead, the history restarts
-                self._jobs, self._events = [], []
+                self._jobs = {c: [] for c in self._jobs}
+                self._events, self._n = [], 0
                 self._open_start = self._t0 = now - (now % b)
                 break
         if closed:
             self._trim()
 
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(self._jobs, dtype=float), np.vstack(self._events) if self._events else np.zeros((0, len(BANDS)))
+    def _arrays(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        ev = np.vstack(self._events) if self._events else np.zeros((0, len(BANDS)))
+        return {c: np.asarray(v, dtype=float) for c, v in self._jobs.items()}, ev
 
     # ---- fitting ---------------------------------------------------------------------------------
-    def fit(self) -> FitReport | None:
-        """Fit on the history held now (None while it is shorter than ``min_history_s``)."""
-        if self.history_bins * self.settings.bin_s < self.settings.min_history_s or self._t0 is None:
+    @property
+    def forecaster(self) -> Forecaster:
+        """The CPU pool's forecaster (or the first class's; an unfitted one when there is none)."""
+        m = self.forecasters.models
+        return m.get(CPU_POOL) or next(iter(m.values()), None) or self.settings.forecaster()
+
+    @property
+    def reports(self) -> dict[str, FitReport]:
+        return self.forecasters.reports
+
+    def fit(self) -> dict[str, FitReport] | None:
+        """Fit every class on the history held now (None while it is shorter than ``min_history_s``
+        or no class has enough jobs)."""
+        if self._n * self.settings.bin_s < self.settings.min_history_s or self._t0 is None:
             return None
-        if self.history_bins < self.forecaster.min_bins():
+        if self._n < self.settings.forecaster().min_bins():
             return None
         jobs, events = self._arrays()
-        report = self.forecaster.fit(jobs, events, self._t0)
-        self._surge_at = float(np.quantile(events[:, -1], self.settings.surge_quantile))
+        reports = self.forecasters.fit(jobs, events, self._t0, self.settings.surge_quantile)
         self._last_fit = self._clock()
-        log.info("demand forecaster fitted on %d bins: %s, held-out WAPE %.3f", len(jobs), "+".join(report.groups),
-                 report.cv_wape)
-        return report
+        for cls, r in reports.items():
+            log.info("demand forecaster %s fitted on %d bins: %s, held-out WAPE %.3f", cls, r.rows,
+                     "+".join(r.groups), r.cv_wape)
+        return reports or None
 
     def _maybe_refit(self) -> None:
         due = self._last_fit is None or (self.refit_enabled and self._clock() - self._last_fit >= self.settings.refit_s)
@@ -274,71 +367,94 @@ class PredictiveController:
                 log.debug("forecaster not fitted: %s", exc)
                 self._last_fit = self._clock()
 
-    def forecast(self) -> float | None:
-        """Jobs expected in the next horizon, from the closed bins (None: no model, or too little history)."""
-        f = self.forecaster
-        if not f.fitted or self._t0 is None or self.history_bins < f.lookback_bins:
-            return None
-        k = f.lookback_bins
-        jobs = np.asarray(self._jobs[-k:], dtype=float)
+    def forecast(self) -> dict[str, float]:
+        """Per fitted class, the jobs expected in its serving window, from the closed bins."""
+        if not self.forecasters.fitted or self._t0 is None:
+            return {}
+        k = max(f.lookback_bins for f in self.forecasters.models.values())
+        if self._n < k:
+            return {}
+        jobs = {c: np.asarray(v[-k:], dtype=float) for c, v in self._jobs.items()}
         events = np.vstack(self._events[-k:])
-        return f.predict(jobs, events, self._t0 + (self.history_bins - k) * self.settings.bin_s)
+        return self.forecasters.predict(jobs, events, self._t0 + (self._n - k) * self.settings.bin_s)
 
     # ---- one tick ----------------------------------------------------------------------------------
-    def tick(self, now: float, job_arrivals: float, event_counts: Sequence[float] | Mapping[str, float],
-             capacity_nodes: int, queued_work_s: float, *, node_cores: float | None = None) -> Decision:
+    def tick(self, now: float, job_arrivals: float | PerClass, event_counts: Sequence[float] | Mapping[str, float],
+             capacity_nodes: int | PerClass, queued_work_s: float | PerClass, *,
+             node_cores: float | PerClass | None = None) -> Decision:
         """Record what arrived since the last tick; decide the predictive request and send it if it changed.
 
-        ``event_counts``: per band (``BANDS`` order, or a mapping by band name). ``capacity_nodes``:
-        pool nodes up or booting now. ``queued_work_s``: core-seconds queued plus the rest of the
-        running work. Disabled: records nothing, sends nothing."""
+        ``job_arrivals``, ``capacity_nodes`` (pool nodes up or booting), ``queued_work_s``
+        (core-seconds queued plus the rest of the running work) and ``node_cores``: per class, or
+        one number that is all the CPU pool's. ``event_counts``: per band (``BANDS`` order, or a
+        mapping by band name). Disabled: records nothing, sends nothing."""
         if not self.settings.enabled:
             return Decision(at=now, why="disabled")
         if node_cores:
-            self.node_cores = node_cores
-        self._observe(now, job_arrivals, event_counts)
+            self.node_cores |= _per_class(node_cores)
+        self._observe(now, _per_class(job_arrivals), event_counts)
         self._maybe_refit()
         d = Decision(at=now)
         fc = self.forecast()
-        report = self.forecaster.report
-        if fc is None or report is None:
+        if not fc:
             d.why = "no model yet"
             self._send([])
-        else:
-            d.groups = report.groups
-            d.forecast_jobs = fc
-            d.forecast_work_s = fc * self.work_per_job_s
-            d.wanted_nodes = nodes_wanted(fc, self.work_per_job_s, queued_work_s, self.node_cores,
-                                          self.settings.horizon_s)
-            d.requested_nodes = request_size(d.wanted_nodes, capacity_nodes, self.settings.max_extra_nodes)
-            d.bundles = bundles_for(d.requested_nodes, self.resource)
-            d.why = f"forecast {fc:.1f} jobs in {self.settings.horizon_s:.0f} s ({'+'.join(report.groups)})"
-            self._send(d.bundles)
-            d.reserve = self._surge_reserve(now, report)
+            self.last = d
+            return d
+        capacity, queued = _per_class(capacity_nodes), _per_class(queued_work_s)
+        bundles: list[Bundle] = []
+        whys = []
+        for cls in sorted(fc):
+            report = self.forecasters.reports[cls]
+            cd = ClassDecision(forecast_jobs=fc[cls], groups=report.groups)
+            if is_pool_class(cls):
+                cd.wanted_nodes = nodes_wanted(fc[cls], self.work_of(cls), queued.get(cls, 0.0),
+                                               self.node_cores.get(cls, 1.0), self.settings.horizon_s)
+                cd.requested_nodes = request_size(cd.wanted_nodes, int(capacity.get(cls, 0)),
+                                                  self.settings.max_extra_nodes)
+                bundles += bundles_for(cd.requested_nodes, self.resources.get(cls, POOL_RESOURCE))
+            cd.surge = fc[cls] > self.forecasters.thresholds.get(cls, math.inf)
+            action = self._surge_reserve(now, cls, cd, report)
+            if action is not None:
+                d.reserves.append(action)
+            d.per_class[cls] = cd
+            whys.append(f"{cls} {fc[cls]:.1f} ({'+'.join(report.groups)})")
+        d.forecast_jobs = sum(fc.values())
+        d.forecast_work_s = sum(v * self.work_of(c) for c, v in fc.items())
+        d.wanted_nodes = sum(c.wanted_nodes for c in d.per_class.values())
+        d.requested_nodes = sum(c.requested_nodes for c in d.per_class.values())
+        d.bundles = bundles
+        d.reserve = d.reserves[0] if d.reserves else None
+        main = d.per_class.get(CPU_POOL) or next(iter(d.per_class.values()))
+        d.groups = main.groups
+        s = self.settings
+        d.why = f"jobs forecast in ({s.boot_s:.0f} s, {s.boot_s + s.horizon_s:.0f} s]: " + ", ".join(whys)
+        self._send(bundles)
         self.last = d
         return d
 
     def _send(self, bundles: list[Bundle]) -> None:
         if bundles != self.current and (bundles or self.current):
-            log.info("predictive autoscaling request: %s", f"{len(bundles)} x {self.resource}" if bundles else "cleared")
+            log.info("predictive autoscaling request: %s", ", ".join(
+                f"{n} x {k}" for k, n in sorted(Counter(next(iter(b)) for b in bundles).items())) or "cleared")
             self._request(bundles)
         self.current = bundles
 
-    def _surge_reserve(self, now: float, report: FitReport) -> dict[str, Any] | None:
-        """A timed ``reserve`` when the last closed bin's high-severity count is a surge — only
-        while events were kept as a feature (i.e. they have led jobs in this history)."""
+    def _surge_reserve(self, now: float, cls: str, cd: ClassDecision, report: FitReport) -> dict[str, Any] | None:
+        """A timed ``reserve`` on the class's target while a surge is forecast for it — only where
+        the class's model kept a leading feature (see the module docstring)."""
         s = self.settings
-        if not (s.reserve_on_surge and self.reserve_target and "events" in report.groups and self._events):
+        target = self.reserve_targets.get(cls)
+        if not (s.reserve_on_surge and target and cd.surge and len(report.groups) > 1):
             return None
-        if self._surge_at is None or now < self._reserved_until:
+        if now < self._reserved_until.get(cls, -math.inf):
             return None
-        high = float(self._events[-1][-1])
-        if high <= self._surge_at:
-            return None
-        self._reserved_until = now + s.reserve_for_s
-        return {"id": f"predictive:{self.reserve_target}:{int(now)}", "kind": "reserve", "target": self.reserve_target,
+        self._reserved_until[cls] = now + s.reserve_for_s
+        level = self.forecasters.thresholds[cls]
+        return {"id": f"predictive:{target}:{int(now)}", "kind": "reserve", "target": target,
                 "slots": s.reserve_slots, "for_s": s.reserve_for_s, "by": "predictive",
-                "reason": f"{high:.0f} high-severity events in {s.bin_s:.0f} s (surge above {self._surge_at:.0f})"}
+                "reason": f"{cls}: {cd.forecast_jobs:.0f} jobs forecast in {s.horizon_s:.0f} s from "
+                          f"{s.boot_s:.0f} s on (surge above {level:.0f}; {'+'.join(report.groups)})"}
 
     def clear(self) -> None:
         """Drop the predictive request (shutting down, or switched off)."""

@@ -1,5 +1,6 @@
 """The demand forecaster (ray_qalloc.forecast): a known lagged relation is recovered, events are
-dropped where they do not lead jobs, forecasts are never negative, seasonality is kept when real."""
+dropped where they do not lead jobs, forecasts are never negative, seasonality is kept when real,
+and the target window offset by a boot is what the forecast aims at."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ray_qalloc.forecast import DAY_S, Forecaster, wape
+from ray_qalloc.forecast import DAY_S, Forecaster, _block_sums, _window_ahead, wape
 
 
 def _history(rng: np.random.Generator, n: int, *, leading: bool, lag: int = 12) -> tuple[np.ndarray, np.ndarray]:
@@ -90,3 +93,62 @@ def test_wape_is_defined_with_zero_actuals_and_nan_without_jobs():
 def test_too_short_a_history_is_refused():
     with pytest.raises(ValueError):
         Forecaster().fit(np.ones(20))
+
+
+# ---- the target window and the lag blocks against plain loops ----------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(x=st.lists(st.integers(0, 20), min_size=1, max_size=40), h=st.integers(1, 6), lead=st.integers(0, 6))
+def test_window_ahead_is_the_sum_of_the_bins_after_the_lead(x, h, lead):
+    arr = np.asarray(x, dtype=float)
+    ref = [sum(x[t + lead + 1: t + lead + h + 1]) for t in range(len(x))]
+    assert _window_ahead(arr, h, lead).tolist() == ref
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=st.lists(st.integers(0, 20), min_size=1, max_size=40), width=st.integers(1, 5), blocks=st.integers(1, 5))
+def test_block_sums_are_the_sums_of_the_blocks_before(x, width, blocks):
+    out = _block_sums(np.asarray(x, dtype=float), width, blocks)
+    for t in range(len(x)):
+        for j in range(blocks):
+            lo, hi = max(t - (j + 1) * width + 1, 0), max(t - j * width + 1, 0)
+            assert out[t, j] == sum(x[lo:hi])
+
+
+def test_actual_series_with_a_lead_is_the_window_a_node_serves():
+    f = Forecaster(bin_s=10, horizon_s=30, lead_s=50)      # L = 5 bins, h = 3 bins
+    jobs = np.arange(20, dtype=float)
+    actual = f.actual_series(jobs)
+    assert actual[0] == 6 + 7 + 8                           # bins 6..8: after the 5 bins of the boot
+    assert np.isnan(actual[-8:]).all() and not np.isnan(actual[-9])
+
+
+def test_the_offset_window_sees_a_led_burst_a_boot_earlier():
+    """Events (6 bins) lead job bursts (12 bins) by 12 bins; a node takes 9 bins to boot. At the
+    end of an event burst the unshifted forecast (jobs in the next 9 bins) sees only the burst's
+    first 3 bins, the offset one (bins 10..18: what a node asked for then can serve) 9 of them,
+    and each forecast is close to its own truth."""
+    rng = np.random.default_rng(8)
+    n = 12_000
+    jobs = rng.poisson(0.5, n).astype(float)
+    events = np.column_stack([rng.poisson(8, n), rng.poisson(1, n), rng.poisson(0.2, n)]).astype(float)
+    starts = np.arange(100, n - 60, 170) + rng.integers(0, 40, len(np.arange(100, n - 60, 170)))
+    for e in starts:
+        size = rng.uniform(5, 25)
+        events[e:e + 6, 2] += rng.poisson(size / 3, 6)
+        jobs[e + 12:e + 24] += rng.poisson(size, 12)
+    shifted = Forecaster(bin_s=10, horizon_s=90, lead_s=90, lookback_s=360, lags=12)
+    plain = Forecaster(bin_s=10, horizon_s=90, lead_s=0, lookback_s=360, lags=12)
+    assert shifted.fit(jobs[:9000], events[:9000]).groups[:2] == ("jobs", "events")
+    plain.fit(jobs[:9000], events[:9000])
+    ps, pp = shifted.predict_series(jobs, events), plain.predict_series(jobs, events)
+    ends = np.array([e + 5 for e in starts if e > 9000])
+    truth_s = np.array([jobs[t + 10:t + 19].sum() for t in ends])
+    truth_p = np.array([jobs[t + 1:t + 10].sum() for t in ends])
+    assert len(ends) >= 10 and truth_s.mean() > 2 * truth_p.mean()
+    assert ps[ends].mean() > 2 * pp[ends].mean(), (ps[ends], pp[ends])
+    assert wape(ps[ends], truth_s) < 0.35 and wape(pp[ends], truth_p) < 0.5
+
+
+def test_a_negative_lead_is_refused():
+    with pytest.raises(ValueError):
+        Forecaster(lead_s=-1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ray_qalloc.forecast_classes import CPU_POOL
 from ray_qalloc.predictive import (POOL_RESOURCE, PredictiveController, PredictiveScalingSettings, RequestMerger,
                                    bundles_for, history_from_store, mean_job_seconds, merge_requests, nodes_wanted,
                                    request_size)
@@ -14,7 +15,7 @@ BIN = 10.0
 
 
 def _settings(**kw) -> PredictiveScalingSettings:
-    base = dict(enabled=True, bin_s=BIN, horizon_s=90.0, lookback_s=360.0, lags=12, min_history_s=3600.0,
+    base = dict(enabled=True, bin_s=BIN, horizon_s=90.0, boot_s=90.0, lookback_s=360.0, lags=12, min_history_s=3600.0,
                 history_s=86_400.0, max_extra_nodes=3, refit_s=600.0)
     base.update(kw)
     return PredictiveScalingSettings(**base)
@@ -80,8 +81,8 @@ def test_requests_ahead_of_a_predicted_burst_and_clears_after():
     c, clock = _controller(_settings(), rec)
     jobs, events = _leading_history(2400)
     c.seed(jobs, events, t0=0.0)
-    report = c.fit()
-    assert report is not None and "events" in report.groups
+    reports = c.fit()
+    assert reports is not None and "events" in reports[CPU_POOL].groups
     now = 2400 * BIN
     rng = np.random.default_rng(9)
     requested = []
@@ -137,17 +138,31 @@ def test_surge_reservation_only_when_events_lead():
     jobs, events = _leading_history(2400)
     c.seed(jobs, events, t0=0.0)
     c.fit()
-    now = 2400 * BIN + BIN
-    clock["t"] = now
-    c.tick(now, 0, [5, 1, 0], capacity_nodes=1, queued_work_s=0.0)
-    d = c.tick(now + BIN, 0, [5, 1, 40], capacity_nodes=1, queued_work_s=0.0)
-    d2 = c.tick(now + 2 * BIN, 0, [5, 1, 0], capacity_nodes=1, queued_work_s=0.0)
-    assert d.reserve is None or d2.reserve is None             # one reservation, not one per bin
-    action = d.reserve or d2.reserve
-    assert action is not None and action["kind"] == "reserve" and action["target"] == "cpu-elastic"
+    now = 2400 * BIN
+    got = []
+    for k in range(12):                                         # an event burst at k = 2..4, nothing else
+        now += BIN
+        clock["t"] = now
+        d = c.tick(now, 0, [5, 1, 8 if 2 <= k < 5 else 0], capacity_nodes=1, queued_work_s=0.0)
+        got += d.reserves
+    assert len(got) == 1                                        # one reservation, not one per bin
+    action = got[0]
+    assert action["kind"] == "reserve" and action["target"] == "cpu-elastic" and "pool:cpu" in action["reason"]
     from ray_qalloc.threatdesk import parse_action
 
     assert parse_action(action).slots == 2                      # the desk accepts it as it is
+    # the same history with the events moved away from the jobs: events dropped, nothing reserved
+    rng = np.random.default_rng(3)
+    shuffled = events[rng.permutation(len(events))]
+    c2, clock2 = _controller(_settings(reserve_on_surge=True), Recorder(), reserve_target="cpu-elastic")
+    c2.seed(jobs, shuffled, t0=0.0)
+    reports = c2.fit()
+    assert reports is not None and "events" not in reports[CPU_POOL].groups
+    now = 2400 * BIN
+    for k in range(12):
+        now += BIN
+        clock2["t"] = now
+        assert not c2.tick(now, 0, [5, 1, 8 if 2 <= k < 5 else 0], capacity_nodes=1, queued_work_s=0.0).reserves
 
 
 # ---- history from the stores ------------------------------------------------------------------------
@@ -201,9 +216,13 @@ def test_scaling_benchmark_runs_small():
     s = result["summary"]
     for key in ("p95_wait_ratio_predictive", "node_seconds_ratio_control", "forecast_mape"):
         assert key in s and isinstance(s[key], float)
-    assert set(result["traces"]) == {"predictive", "control"}
-    for tr in result["traces"].values():
-        assert tr["reactive"]["jobs"] == tr["predictive"]["jobs"] > 0
+    traces = result["runs"][0]["traces"]
+    assert set(traces) == {"predictive", "control"}
+    for tr in traces.values():
+        cpu = tr["classes"][CPU_POOL]
+        assert cpu["reactive"]["jobs"] == cpu["predictive"]["jobs"] > 0
+        assert {"pool:cpu", "pool:gpu", "qpu:trapped_ion"} <= set(tr["classes"])
+        assert "reservations" in tr["classes"]["qpu:trapped_ion"]
 
 
 def test_settings_validate():
