@@ -2,7 +2,7 @@
 
     python -m benchmarks.placement --trace FILE --mode simulate --json OUT
         [--mix light|heavy|mixed] [--model REGISTRY_DIR] [--truth DIR] [--time-cap 20] [--seed 0]
-        [--policies a,b,...]
+        [--policies a,b,...] [--per-job] [--qpu-measure all|quantum]
     python -m benchmarks.placement --trace FILE --mode live --json OUT [--speed 1] [--sim-json SIM_OUT]
 
 ``--mode simulate`` is a discrete-event simulation (``benchmarks.simulation``) of the pool
@@ -210,14 +210,69 @@ def qpu_truth(work: Workload, qpus: Sequence[str], profiles: Any) -> tuple[dict[
                           "noise_model": noise, "unmeasured": unmeasured}
 
 
-def qpu_circuits(work: Workload) -> list[tuple[str, int]]:
+def qpu_circuits(work: Workload, intents: Sequence[str] = ("quantum", "auto")) -> list[tuple[str, int]]:
     """Unique circuits of jobs that could go to a QPU (intent quantum or auto), smallest first."""
     seen: dict[str, int] = {}
     for j in work.jobs:
-        if j.view.intent in ("quantum", "auto"):
+        if j.view.intent in intents:
             c = work.cases[work.case_of[j.id]]
             seen[c.source] = c.size
     return sorted(seen.items(), key=lambda x: x[1])
+
+
+QPU_MEASURE_CHOICES = ("all", "quantum", "none")
+
+
+class LayeredProfiles:
+    """QPU profiles read from the measured cache first, then from the ESP-only cache.
+
+    Why two files: running a 10-qubit circuit on an emulated QPU with exact local noise takes
+    80-95 s on this loaded machine, five QPUs per circuit, so a trace of 50 small ``auto``
+    circuits needs hours before any policy is simulated. ``--qpu-measure quantum`` measures the
+    circuits of quantum-intent jobs (the fidelity goal is about them) and gives circuits only
+    ``auto`` jobs carry the device's schedule and ESP (labelled ``esp_transpiled``: not
+    measured). Those live in ``qpu-esp.jsonl`` so that a later full run still measures them."""
+
+    def __init__(self, measured: Any, esp: Any) -> None:
+        self.measured, self.esp = measured, esp
+
+    def get(self, qasm: str, backend: str) -> dict[str, Any] | None:
+        return self.measured.get(qasm, backend) or self.esp.get(qasm, backend)
+
+
+def esp_profiles(circuits: Sequence[tuple[str, int]], backends: Sequence[str], cache: Any, skip: Any,
+                 cap_s: float = 120.0, profile: Callable[[str, str], Any] | None = None) -> dict[str, int]:
+    """Schedule and ESP (no run) of every (circuit, QPU) pair in neither cache.
+
+    ``profile(backend, qasm)`` returns the profile dict or raises (tests inject it); by default
+    ``benchmarks.fidelity.qpu_profile`` without a run, in the capped measuring worker."""
+    todo = [(q, n, b) for q, n in circuits for b in backends if skip.get(q, b) is None and cache.get(q, b) is None]
+    stats = {"esp_only": 0, "esp_failed": 0, "esp_todo": len(todo)}
+    if not todo:
+        return stats
+    worker = None
+    if profile is None:
+        from ray_qalloc.costmodel.measure import Worker
+
+        worker = Worker(threads=1)
+
+        def profile(backend: str, qasm: str) -> Any:
+            res = worker.call(("call", "benchmarks.fidelity:qpu_profile", (backend, qasm, False, 0, 0)), cap_s)
+            if res.status != "ok":
+                raise RuntimeError(f"{res.status}: {res.value}")
+            return res.value
+    try:
+        for qasm, n, b in todo:
+            try:
+                cache.add(qasm, profile(b, qasm))
+                stats["esp_only"] += 1
+            except Exception as exc:  # noqa: BLE001 - a pair that fails has no profile, as measure_profiles
+                cache.add(qasm, {"backend": b, "num_qubits": n, "error": str(exc)[:500]})
+                stats["esp_failed"] += 1
+    finally:
+        if worker is not None:
+            worker.close()
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,8 +281,15 @@ def qpu_circuits(work: Workload) -> list[tuple[str, int]]:
 
 def run(trace: Path, *, model: Path | None, truth_dir: Path, time_cap_s: float, seed: int,
         policies: Sequence[str], console: Any, mix: str | None = None, samples: int = 2,
-        measure_fn: Callable[..., Any] | None = None, profile_fn: Callable[..., Any] | None = None) -> dict[str, Any]:
-    """Measure (or reuse) truth, simulate every policy, and assemble the JSON."""
+        measure_fn: Callable[..., Any] | None = None, profile_fn: Callable[..., Any] | None = None,
+        per_job: bool = False, qpu_measure: str = "all",
+        esp_fn: Callable[[str, str], Any] | None = None) -> dict[str, Any]:
+    """Measure (or reuse) truth, simulate every policy, and assemble the JSON.
+
+    ``per_job``: each policy's row also lists every job (backend, start, completion), and the
+    JSON holds each job's true runtimes (``truth``): what it takes to say *why* a policy lost.
+    ``qpu_measure``: ``all`` (QPU fidelity measured for quantum and auto circuits), ``quantum``
+    (quantum-intent circuits only) or ``none`` (cached measurements only); see ``LayeredProfiles``."""
     from benchmarks import fidelity as fid_mod
     from benchmarks import live_learning as learning, truth as truth_mod
     from benchmarks.traces import read_trace
@@ -247,10 +309,16 @@ def run(trace: Path, *, model: Path | None, truth_dir: Path, time_cap_s: float, 
                   f"truth on {', '.join(s.name for s in sim_specs)} (cap {time_cap_s:g} s) and "
                   f"{', '.join(v.name for v in qpus)}; cache {truth_dir}")
 
-    profiles = fid_mod.QpuProfiles(truth_dir / "qpu.jsonl")
-    circuits = qpu_circuits(work)
+    measured = fid_mod.QpuProfiles(truth_dir / "qpu.jsonl")
+    circuits = qpu_circuits(work, {"all": ("quantum", "auto"), "quantum": ("quantum",)}.get(qpu_measure, ()))
     t_q = time.perf_counter()
-    q_stats = (profile_fn or fid_mod.measure_profiles)(circuits, [v.name for v in qpus], profiles)
+    q_stats = (profile_fn or fid_mod.measure_profiles)(circuits, [v.name for v in qpus], measured) if circuits else {}
+    profiles: Any = measured
+    if qpu_measure != "all":
+        esp = fid_mod.QpuProfiles(truth_dir / "qpu-esp.jsonl")
+        q_stats = {**(q_stats or {}), **esp_profiles(qpu_circuits(work), [v.name for v in qpus], esp, measured,
+                                                     profile=esp_fn)}
+        profiles = LayeredProfiles(measured, esp)
     q_wall = time.perf_counter() - t_q
     # simulators are measured only on circuits some job may run there: a circuit that only
     # quantum-intent jobs carry has no simulator in any policy's plan
@@ -298,9 +366,12 @@ def run(trace: Path, *, model: Path | None, truth_dir: Path, time_cap_s: float, 
             views = f_views if name in FREE_POOL_POLICIES else q_views
             planner = PipelinePlanner(views, plain, learn=False, settings=settings)
         pool = [v.spec for v in views]
+        record: list[dict[str, Any]] | None = [] if per_job else None
         results[name] = simulate(work.jobs, truth, planner, pool, name, fidelity=fidelity, penalty_s=penalty,
                                  seed=seed, node_cpus={POOL: float(POOL_CORES)}, hedger=hedger, prober=prober,
-                                 hedge_check_s=hedge_check, config=config, unmeasured=unmeasured)
+                                 hedge_check_s=hedge_check, config=config, unmeasured=unmeasured, record=record)
+        if record is not None:
+            results[name]["per_job"] = record
         results[name]["pool"] = "candidates" if views is q_views else "automatic (free)"
         results[name]["sim_wall_s"] = time.perf_counter() - t
         if name == "qalloc":
@@ -348,8 +419,12 @@ def run(trace: Path, *, model: Path | None, truth_dir: Path, time_cap_s: float, 
         },
         "measure": {"runtime": t_report.to_dict(), "samples_per_pair": samples,
                     "truth_log": truth_mod.measure_log(truth_dir),
-                    "qpu": {**(q_stats or {}), "wall_s": round(q_wall, 2), "circuits": len(circuits)}},
+                    "qpu": {**(q_stats or {}), "wall_s": round(q_wall, 2), "circuits": len(circuits),
+                            "qpu_measure": qpu_measure}},
         "lower_bound": bound, "wall_s": time.perf_counter() - t0,
+        **({"truth": {j.id: {"case": j.case_id, "qubits": j.view.num_qubits, "family": fam,
+                              "runtime_s": truth.get(j.id, {})}
+                      for j, fam in zip(work.jobs, work.families)}} if per_job else {}),
         "policies": results, "ratios": r, "goals": goals(r, mix),
     }
 
@@ -509,6 +584,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--speed", type=float, default=1.0, help="live mode: replay this many times faster")
     ap.add_argument("--sim-json", type=Path, help="live mode: the simulated JSON of the same trace (for the gap)")
+    ap.add_argument("--qpu-measure", choices=QPU_MEASURE_CHOICES, default="all",
+                    help="run circuits on the emulated QPUs to measure fidelity: for quantum and auto jobs (all), "
+                         "quantum-intent jobs only, or none (the others get the schedule and ESP, labelled; "
+                         "measured profiles already cached are used)")
+    ap.add_argument("--per-job", action="store_true",
+                    help="simulate: every policy's jobs (backend, start, completion) and each job's truth in the JSON")
     args = ap.parse_args(argv)
     policies = [p for p in args.policies.split(",") if p]
     unknown = [p for p in policies if p not in POLICIES]
@@ -520,7 +601,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         result = live(args.trace, console=console, speed=args.speed, truth_dir=args.truth, sim_json=args.sim_json)
     else:
         result = run(args.trace, model=args.model, truth_dir=args.truth, time_cap_s=args.time_cap,
-                     seed=args.seed, policies=policies, console=console, mix=args.mix, samples=args.samples)
+                     seed=args.seed, policies=policies, console=console, mix=args.mix, samples=args.samples,
+                     per_job=args.per_job, qpu_measure=args.qpu_measure)
     print_report(result, console)
     write_json(args.json, result, console)
 

@@ -439,3 +439,46 @@ def test_measure_truth_takes_every_sample_and_two_threads_only_for_wide_circuits
     truth, _ = read_truth(tmp_path, set(cases), specs, 2.0)
     assert truth["wide"]["cpu-local/statevector@2"] < truth["wide"]["cpu-local/statevector"]
     assert (tmp_path / "measure-log.jsonl").exists()
+
+
+def test_qpu_measure_none_profiles_without_running_and_per_job_names_every_choice(tmp_path):
+    """``--qpu-measure none``: no circuit is run on an emulated QPU (its profile comes from the
+    schedule and ESP, labelled not measured, in a cache of its own); ``--per-job`` lists where
+    every policy sent every job and each job's true runtimes, which is what explains a loss."""
+    from rich.console import Console
+
+    trace = tmp_path / "trace.jsonl"
+    write_trace(trace)
+
+    def no_runs(*_a, **_k):
+        raise AssertionError("no QPU run may be measured with qpu_measure='none'")
+
+    asked = []
+
+    def esp(backend, qasm):
+        asked.append(backend)
+        return {"backend": backend, "num_qubits": 3, "duration_s": 2e-6, "rep_delay_s": 250e-6, "overhead_s": 2.0,
+                "esp": 0.7, "fidelity": 0.7, "fidelity_source": "esp_transpiled", "ideal": None, "noise_model": None}
+
+    result = run(trace, model=None, truth_dir=tmp_path / "truth", time_cap_s=2.0, seed=0,
+                 policies=("qalloc", "aer_automatic"), console=Console(quiet=True), measure_fn=fake_measure,
+                 profile_fn=no_runs, qpu_measure="none", esp_fn=esp, per_job=True)
+    assert asked and (tmp_path / "truth" / "qpu-esp.jsonl").exists()
+    assert not (tmp_path / "truth" / "qpu.jsonl").exists()
+    fid = result["measure"]["qpu"]
+    assert fid["qpu_measure"] == "none" and fid["esp_only"] == len(asked)
+    # every job's circuit is carried by a quantum or auto job here: 5 jobs x 5 QPUs, none measured
+    assert result["modelling"]["fidelity_truth"]["job_qpu_pairs_by_fidelity_source"] == {"esp_transpiled": 25}
+    for name in ("qalloc", "aer_automatic"):
+        rows = result["policies"][name]["per_job"]
+        assert sorted(r["id"] for r in rows) == ["a", "a#1", "b", "c", "d"]
+        assert all(r["backend"] and r["completion_s"] >= r["arrival_s"] for r in rows)
+    # the job's truth: every simulator candidate it could run on, and the QPUs' modelled time
+    t = result["truth"]["d"]["runtime_s"]
+    assert "cpu-local/statevector" in t and "cpu-local/automatic" in t
+    assert "qpu_fez" in result["truth"]["c"]["runtime_s"]
+    # a second run asks for nothing again (both caches are reused)
+    asked.clear()
+    run(trace, model=None, truth_dir=tmp_path / "truth", time_cap_s=2.0, seed=0, policies=("qalloc",),
+        console=Console(quiet=True), measure_fn=fake_measure, profile_fn=no_runs, qpu_measure="none", esp_fn=esp)
+    assert asked == []
