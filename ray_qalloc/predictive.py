@@ -252,6 +252,7 @@ class PredictiveController:
         self._reserved_until: dict[str, float] = {}
         self.current: list[Bundle] | None = None   # the last request sent (None: none yet)
         self.last: Decision | None = None
+        self.seeded_by_class = False               # predictive_live re-seeds a one-series seed per class
 
     # ---- history ----------------------------------------------------------------------------------
     @property
