@@ -2,7 +2,7 @@
 
     python -m benchmarks.placement --trace FILE --mode simulate --json OUT
         [--mix light|heavy|mixed] [--model REGISTRY_DIR] [--truth DIR] [--time-cap 20] [--seed 0]
-        [--policies a,b,...] [--per-job] [--qpu-measure all|quantum]
+        [--policies a,b,...] [--per-job] [--qpu-measure all|quantum|none] [--truth-clock wall|cpu]
     python -m benchmarks.placement --trace FILE --mode live --json OUT [--speed 1] [--sim-json SIM_OUT]
 
 ``--mode simulate`` is a discrete-event simulation (``benchmarks.simulation``) of the pool
@@ -282,14 +282,15 @@ def esp_profiles(circuits: Sequence[tuple[str, int]], backends: Sequence[str], c
 def run(trace: Path, *, model: Path | None, truth_dir: Path, time_cap_s: float, seed: int,
         policies: Sequence[str], console: Any, mix: str | None = None, samples: int = 2,
         measure_fn: Callable[..., Any] | None = None, profile_fn: Callable[..., Any] | None = None,
-        per_job: bool = False, qpu_measure: str = "all",
+        per_job: bool = False, qpu_measure: str = "all", truth_clock: str = "wall",
         esp_fn: Callable[[str, str], Any] | None = None) -> dict[str, Any]:
     """Measure (or reuse) truth, simulate every policy, and assemble the JSON.
 
     ``per_job``: each policy's row also lists every job (backend, start, completion), and the
     JSON holds each job's true runtimes (``truth``): what it takes to say *why* a policy lost.
     ``qpu_measure``: ``all`` (QPU fidelity measured for quantum and auto circuits), ``quantum``
-    (quantum-intent circuits only) or ``none`` (cached measurements only); see ``LayeredProfiles``."""
+    (quantum-intent circuits only) or ``none`` (cached measurements only); see ``LayeredProfiles``.
+    ``truth_clock``: ``wall`` (measured wall time) or ``cpu`` (CPU time; ``truth.read_truth``)."""
     from benchmarks import fidelity as fid_mod
     from benchmarks import live_learning as learning, truth as truth_mod
     from benchmarks.traces import read_trace
@@ -326,7 +327,7 @@ def run(trace: Path, *, model: Path | None, truth_dir: Path, time_cap_s: float, 
     sim_cases = {cid: c for cid, c in work.cases.items() if cid in simulable}
     t_report = truth_mod.measure_truth(sim_cases, sim_specs, truth_dir, time_cap_s=time_cap_s,
                                        measure_fn=measure_fn, progress=console.is_terminal, samples=samples)
-    by_case, outcomes = truth_mod.read_truth(truth_dir, set(work.cases), sim_specs, time_cap_s)
+    by_case, outcomes = truth_mod.read_truth(truth_dir, set(work.cases), sim_specs, time_cap_s, clock=truth_clock)
     q_runtime, q_fid, fid_info = qpu_truth(work, [v.name for v in qpus], profiles)
     truth = {j.id: {**by_case.get(work.case_of[j.id], {}), **q_runtime.get(j.id, {})} for j in work.jobs}
     fidelity = q_fid
@@ -397,8 +398,11 @@ def run(trace: Path, *, model: Path | None, truth_dir: Path, time_cap_s: float, 
         "pool_memory_bytes": POOL_MEMORY_BYTES, "candidates": [v.name for v in q_views],
         "free_pool": [v.name for v in f_views], "learning": learning_info,
         "modelling": {
-            "runtime_truth": "measured wall_s (transpile + run) of each method at each thread count, capped worker; "
-                             f"the smallest of {samples} samples per pair, taken in separate passes",
+            "runtime_truth": (("measured wall_s" if truth_clock == "wall" else
+                               "measured CPU seconds (k threads: max(cpu_k/k, cpu_1 x wall_k/wall_1))")
+                              + " (transpile + run) of each method at each thread count, capped worker; "
+                              f"the smallest of {samples} samples per pair, taken in separate passes"),
+            "truth_clock": truth_clock,
             "automatic_truth": "automatic and the 1-thread candidate of the method it chose share the smaller of "
                                "their measurements",
             "censored_runtime": f"a run censored at the time cap took at least the cap; charged {CENSORED_FACTOR:g}x "
@@ -588,6 +592,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="run circuits on the emulated QPUs to measure fidelity: for quantum and auto jobs (all), "
                          "quantum-intent jobs only, or none (the others get the schedule and ESP, labelled; "
                          "measured profiles already cached are used)")
+    ap.add_argument("--truth-clock", choices=("wall", "cpu"), default="wall",
+                    help="simulators' truth: measured wall time, or the CPU time the run used (what an unshared "
+                         "core takes; a loaded machine's wall time measures its load)")
     ap.add_argument("--per-job", action="store_true",
                     help="simulate: every policy's jobs (backend, start, completion) and each job's truth in the JSON")
     args = ap.parse_args(argv)
@@ -602,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         result = run(args.trace, model=args.model, truth_dir=args.truth, time_cap_s=args.time_cap,
                      seed=args.seed, policies=policies, console=console, mix=args.mix, samples=args.samples,
-                     per_job=args.per_job, qpu_measure=args.qpu_measure)
+                     per_job=args.per_job, qpu_measure=args.qpu_measure, truth_clock=args.truth_clock)
     print_report(result, console)
     write_json(args.json, result, console)
 

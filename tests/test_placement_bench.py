@@ -276,6 +276,38 @@ def test_truth_reads_censored_runs_as_three_caps_two_threads_below_threshold_and
     assert outcomes["wide"]["cpu-local/automatic"] == "completed (paired with cpu-local/statevector)"
 
 
+def test_cpu_clock_truth_is_cpu_seconds_and_two_threads_no_better_than_their_wall_speedup(tmp_path):
+    """On a loaded machine wall time measures the load: ``clock="cpu"`` charges a one-thread run
+    the CPU it used; a two-thread run max(cpu_2 / 2, cpu_1 x wall_2 / wall_1); a row without
+    CPU time falls back to its wall time; a censored run stays 3x the cap."""
+    from benchmarks.truth import automatic_spec, pool_specs, read_truth
+
+    specs = pool_specs("cpu-local", 2, 4 * 2**30) + [automatic_spec("cpu-local", 2, 4 * 2**30)]
+    rows1 = [{"job_id": c, "case_id": c, "backend": b, "outcome": o, "wall_s": w, "cpu_s": cpu, "cap_s": 2.0,
+              "attempt_id": i}
+             for i, (c, b, o, w, cpu) in enumerate([
+                 ("wide", "aer_statevector", "completed", 4.0, 0.4),      # loaded: 10x its CPU
+                 ("wide", "aer_automatic", "completed", 3.0, 0.5),
+                 ("wide", "aer_mps", "censored_time", 2.0, 0.3),
+                 ("wide", "aer_density_matrix", "completed", 1.0, None),  # no CPU recorded: wall
+                 ("flat", "aer_statevector", "completed", 1.0, 0.2)])]
+    rows1[1]["method"] = "statevector"
+    RunHistory(tmp_path / "threads1").append(rows1, source="test")
+    RunHistory(tmp_path / "threads2").append(
+        [{"job_id": "wide", "case_id": "wide", "backend": "aer_statevector", "outcome": "completed", "wall_s": 2.5,
+          "cpu_s": 0.3, "cap_s": 2.0, "attempt_id": 20},       # wall speedup 1.6: 0.4 x 2.5/4 = 0.25 > 0.3/2
+         {"job_id": "flat", "case_id": "flat", "backend": "aer_statevector", "outcome": "completed", "wall_s": 1.0,
+          "cpu_s": 0.5, "cap_s": 2.0, "attempt_id": 21}], source="test")   # cpu/2 = 0.25 > 0.2 x 1.0
+    truth, _ = read_truth(tmp_path, {"wide", "flat"}, specs, 2.0, clock="cpu")
+    assert truth["wide"]["cpu-local/statevector"] == truth["wide"]["cpu-local/automatic"] == pytest.approx(0.4)
+    assert truth["wide"]["cpu-local/statevector@2"] == pytest.approx(0.25)
+    assert truth["wide"]["cpu-local/mps"] == 6.0
+    assert truth["wide"]["cpu-local/density_matrix"] == 1.0
+    assert truth["flat"]["cpu-local/statevector@2"] == pytest.approx(0.25)
+    wall, _ = read_truth(tmp_path, {"wide", "flat"}, specs, 2.0)
+    assert wall["wide"]["cpu-local/statevector"] == 3.0 and wall["wide"]["cpu-local/statevector@2"] == 2.5
+
+
 GHZ = 'OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[3];\ncreg c[3];\nh q[0];\ncx q[0],q[1];\ncx q[1],q[2];\nmeasure q -> c;\n'
 QFT = ('OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[3];\ncreg c[3];\nh q[0];\ncp(pi/2) q[1],q[0];\nh q[1];\n'
        'cp(pi/4) q[2],q[0];\ncp(pi/2) q[2],q[1];\nh q[2];\nmeasure q -> c;\n')
