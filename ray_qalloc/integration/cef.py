@@ -139,9 +139,10 @@ def split_cef(text: str) -> CefRecord:
             dup = next(k for k in keys if k in seen or seen.add(k))  # type: ignore[func-returns-value]
             raise invalid(FMT, f"extension.{dup}", "the key occurs twice",
                           "send each extension key once.")
-        for key, value in ext.items():
-            if "\\" in value:
-                ext[key] = _unescape_ext(value, key)
+        if "\\" in ext_text:
+            for key, value in ext.items():
+                if "\\" in value:
+                    ext[key] = _unescape_ext(value, key)
     return CefRecord(version, *fields, ext)
 
 

@@ -39,6 +39,7 @@ from ray_qalloc.exceptions import ConfigError, InvalidEvent
 from ray_qalloc.integration.detect import parse_line
 from ray_qalloc.integration.events import SecurityEvent, utc_now
 from ray_qalloc.integration.eventstore import EventStore, count_events
+from ray_qalloc.integration.gcpause import paused_gc
 from ray_qalloc.metrics import metrics
 
 log = logging.getLogger("ray_qalloc.integration.listener")
@@ -326,7 +327,12 @@ class SyslogListener:
                 return
 
     def _write(self, batch: list[tuple[bytes, str]]) -> None:
-        """Parse and commit one batch (in the writer thread)."""
+        """Parse and commit one batch (in the writer thread), the cyclic garbage collector paused
+        (``gcpause``: the batch's objects all survive until the commit)."""
+        with paused_gc():
+            self._write_batch(batch)
+
+    def _write_batch(self, batch: list[tuple[bytes, str]]) -> None:
         tenant = self.settings.tenant
         now = utc_now()
         events: list[SecurityEvent] = []

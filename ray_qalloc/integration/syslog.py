@@ -21,7 +21,7 @@ import datetime as dt
 from ray_qalloc.integration.cef import event_from_cef, split_cef
 from ray_qalloc.integration.events import (SEVERITY_NAMES, Observable, Product, SecurityEvent,
                                            event_id, severity_from_syslog, utc_now)
-from ray_qalloc.integration.fields import host_observable
+from ray_qalloc.integration.fields import host_observable, observable
 from ray_qalloc.integration.leef import event_from_leef, split_leef
 from ray_qalloc.integration.syslog_header import split_syslog
 
@@ -44,9 +44,9 @@ def parse_syslog(text: str, *, tenant: str = "default",
     if host:
         observables.append(host_observable(host, "syslog.hostname"))
     if info.app_name:
-        observables.append(Observable.of("process", info.app_name, "syslog.app_name"))
+        observables.append(observable("process", info.app_name, "syslog.app_name"))
     if info.procid and info.procid.isascii() and info.procid.isdigit():
-        observables.append(Observable.of("pid", info.procid, "syslog.procid"))
+        observables.append(observable("pid", info.procid, "syslog.procid"))
     sid = severity_from_syslog(info.severity)  # type: ignore[arg-type]  # PRI is required here
     return SecurityEvent.fast(
         id=event_id(text), tenant=tenant, time=info.timestamp or now, received_at=now,
