@@ -389,18 +389,22 @@ class _Sim:
                 self._backup(act.job_id, act.backend, now, live)
         self._rearm(now)
 
-    def _probe(self, now: float) -> None:
+    def _probe(self, now: float) -> int:
         """As live: with a job waiting, probes give their cores back (nothing learned from a cut-short
-        probe); with none, the prober may race started runs on idle cores."""
+        probe) and the number given back is returned — the caller decides again at once, as the
+        allocator's ``stop_probes`` kicks a dispatch pass (else a job that arrived while a probe
+        held its core would wait for the next event: seconds, in a trace of bursts); with none
+        waiting, the prober may race started runs on idle cores."""
         if self.prober is None:
-            return
+            return 0
         if self.sched.entries:
+            stopped = len(self.probe_runs)
             for run_id in list(self.probe_runs):
                 self._stop(run_id, now, requeue_if_last=False, learn=False)
-            return
+            return stopped
         runs = [r for r in self.running.values() if not r.backup and r.job_id not in self.backed_up]
         if not runs:
-            return
+            return 0
         live = self.sched.live(now)
         views = [RunView(r.run_id, self.by_id[r.job_id].view, r.backend, r.started, r.predicted, now - r.started,
                          self.plans[r.job_id], r.backup, False) for r in runs]
@@ -408,6 +412,7 @@ class _Sim:
             if act.kind == "backup":
                 self._backup(act.job_id, act.backend, now, live, probe=True)
                 live = self.sched.live(now)
+        return 0
 
     def _rearm(self, now: float) -> None:
         """Next check: in ``hedge_check_s`` while a run overruns, else at the next predicted end."""
@@ -451,7 +456,8 @@ class _Sim:
                 elif kind == 2 and now >= self.next_tick - 1e-12:
                     self._hedge(now)
             self._decide(now)
-            self._probe(now)
+            while self._probe(now):
+                self._decide(now)
             if not self.running and not any(k != 2 for _, k, _, _, _ in self.events) and self.sched.entries:
                 self._drain(now)
 

@@ -187,6 +187,24 @@ def test_hedge_hook_starts_a_backup_and_the_first_result_wins():
     assert seen[0] == pytest.approx(0.6)   # first check past the predicted end (0.1 s), then every 0.5 s
 
 
+def test_a_job_that_finds_its_core_held_by_a_probe_starts_at_once():
+    """As live (``stop_probes`` kicks a dispatch pass): a probe racing on the idle core gives it
+    back when a job waits, and that job starts then, not at the next event (here: 9 s later)."""
+    jobs = [SimJob("a", 0.0, view("a")), SimJob("b", 1.0, view("b"))]
+    truth = {"a": {SV: 10.0, MPS: 50.0}, "b": {SV: 1.0, MPS: 1.0}}
+    plans = {"a": plan_of("a", {SV: 10.0, MPS: 20.0}), "b": plan_of("b", {SV: 1.0, MPS: 1.0})}
+
+    def prober(now, runs, live):
+        return [HedgeAction("backup", r.job.id, MPS) for r in runs if r.backend == SV and live[MPS].can_start]
+
+    rec: list[dict] = []
+    m = simulate(jobs, truth, plans, CANDIDATES, "qalloc", record=rec, node_cpus=CORES, prober=prober)
+    by_id = {r["id"]: r for r in rec}
+    assert m["probes"] == 1
+    assert by_id["b"]["start_s"] == pytest.approx(1.0) and by_id["b"]["completion_s"] == pytest.approx(2.0)
+    assert by_id["a"]["backend"] == SV and by_id["a"]["completion_s"] == pytest.approx(10.0)
+
+
 class _Toy:
     """A predictor that is wrong the heavy way: MPS predicted fast, really past any cap."""
 
