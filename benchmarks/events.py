@@ -23,7 +23,10 @@ loss = 1 − stored / sent.
     python -m benchmarks.events --json OUT [--records 40000] [--batch 2000] [--concurrency 2] [--workers 1]
 
 JSON ``summary.events_per_s`` = {"cef", "leef", "syslog", "ocsf", "stix"} (goal ≥ 10,000/s for
-cef and syslog), ``syslog_listener_tcp_per_s``, ``syslog_listener_udp_per_s``,
+cef and syslog); ``summary.server_cpu_us_per_event``, the same formats plus ``listener_tcp`` /
+``listener_udp``: CPU of the API (listener) process per stored event, the figure that does not
+move with the machine's other load (``summary.load_avg_1m`` says what that load was);
+``syslog_listener_tcp_per_s``, ``syslog_listener_udp_per_s``,
 ``syslog_listener_udp_loss``; ``event_to_action_ms_p50`` (a real allocator acting on a rule) and
 ``sink_outage_lost`` / ``sink_outage_duplicated`` (a receiver down for ``--outage-s``), measured
 by ``benchmarks/events_actions.py``.
@@ -333,6 +336,12 @@ def _cpu(pid: int) -> float:
     return total
 
 
+def _per_event(cpu_s: float, events: int) -> float | None:
+    """Server CPU µs per stored event: the figure that does not move with the machine's other load
+    (events/s does: client and server share the cores with whatever else runs)."""
+    return cpu_s / events * 1e6 if events else None
+
+
 def _count(store: Any) -> int:
     return store.count(TENANT)
 
@@ -392,6 +401,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from ray_qalloc.integration.eventstore import EventStore
     from ray_qalloc.tenants import TenantStore
 
+    load_before = os.getloadavg()
     data_dir = tempfile.mkdtemp(prefix="qalloc-events-bench-")
     ctx = mp.get_context("spawn")
     port = _free_port()
@@ -418,7 +428,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             cpu0 = sum(_cpu(a.pid) for a in apis)
             res = asyncio.run(_post_all(url, headers, fmt, batches, args.concurrency))
             res["server_cpu_s"] = sum(_cpu(a.pid) for a in apis) - cpu0
-            res["server_cpu_us_per_event"] = res["server_cpu_s"] / res["stored"] * 1e6 if res["stored"] else None
+            res["server_cpu_us_per_event"] = _per_event(res["server_cpu_s"], res["stored"])
             results[fmt] = res
             console.print(f"  {fmt:>6}: {res['stored']:>7} stored in {res['seconds']:6.2f} s = "
                           f"{res['events_per_s']:8.0f}/s ({res['rejected']} rejected, errors {res['errors'] or 0})")
@@ -437,10 +447,15 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         tcp_msgs = [gen_syslog(rng, 10_000_000 + i).encode() for i in range(args.listener_records)]
         udp_msgs = [gen_syslog(rng, 20_000_000 + i).encode() for i in range(args.udp_records)]
         _listener_tcp(tcp_port, store, [gen_syslog(rng, 30_000_000 + i).encode() for i in range(500)])   # warm-up
+        cpu0 = _cpu(lp.pid)
         results["listener_tcp"] = _listener_tcp(tcp_port, store, tcp_msgs)
+        cpu1 = _cpu(lp.pid)
+        results["listener_tcp"]["server_cpu_us_per_event"] = _per_event(cpu1 - cpu0, results["listener_tcp"]["stored"])
         console.print(f"  listener tcp: {results['listener_tcp']['stored']} stored, "
                       f"{results['listener_tcp']['events_per_s']:.0f}/s")
         results["listener_udp"] = _listener_udp(udp_port, store, udp_msgs, args.udp_rate)
+        results["listener_udp"]["server_cpu_us_per_event"] = _per_event(_cpu(lp.pid) - cpu1,
+                                                                        results["listener_udp"]["stored"])
         console.print(f"  listener udp: {results['listener_udp']['stored']}/{len(udp_msgs)} stored, "
                       f"{results['listener_udp']['events_per_s']:.0f}/s, loss {results['listener_udp']['loss']:.2%}")
         store.close()
@@ -452,6 +467,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 p.terminate()
                 p.join(10)
         shutil.rmtree(data_dir, ignore_errors=True)
+    load_after = os.getloadavg()
     from benchmarks.events_actions import event_to_action, sink_outage
 
     folder = Path(tempfile.mkdtemp(prefix="qalloc-events-act-"))
@@ -465,6 +481,11 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     eps = {fmt: results[fmt]["events_per_s"] if fmt in results else None for fmt in CONTENT_TYPES}
     summary = {
         "events_per_s": eps,
+        "server_cpu_us_per_event": {**{fmt: results[fmt]["server_cpu_us_per_event"] if fmt in results else None
+                                       for fmt in CONTENT_TYPES},
+                                    "listener_tcp": results["listener_tcp"]["server_cpu_us_per_event"],
+                                    "listener_udp": results["listener_udp"]["server_cpu_us_per_event"]},
+        "load_avg_1m": {"before": load_before[0], "after_ingest": load_after[0]},
         "syslog_listener_tcp_per_s": results["listener_tcp"]["events_per_s"],
         "syslog_listener_udp_per_s": results["listener_udp"]["events_per_s"],
         "syslog_listener_udp_loss": results["listener_udp"]["loss"],
@@ -515,7 +536,8 @@ def print_table(result: dict[str, Any], console: Console) -> None:
         x = r[name]
         loss = f" at {s['syslog_listener_udp_offered_per_s']:,.0f}/s offered (loss {x['loss']:.1%})" if "loss" in x else ""
         t.add_row(f"syslog {name.split('_')[1].upper()}{loss}", str(x["sent"]), str(x["stored"]), "",
-                  f"{x['seconds']:.2f}", f"{x['events_per_s']:.0f}", "", "", "")
+                  f"{x['seconds']:.2f}", f"{x['events_per_s']:.0f}", "",
+                  f"{x['server_cpu_us_per_event']:.0f}" if x.get("server_cpu_us_per_event") else "-", "")
     console.print(t)
     a, o = r["event_to_action"], r["sink_outage"]
     console.print(f"event → action: p50 {a['p50_ms']:.0f} ms, p95 {a['p95_ms']:.0f} ms over {a['acted']}/{a['events']} "

@@ -226,3 +226,32 @@ def test_overlapping_batches_in_threads_resume_only_after_the_last(gc_on):
         t.join(10)
     assert seen == {"after the first left": False}
     assert gc.isenabled()
+
+
+# ---- RFC 5424 time stamps: the strict form read directly ------------------------------------------------
+rfc3339 = st.builds(
+    lambda d, frac, zone: d.replace(microsecond=0).isoformat() + frac + zone,
+    st.datetimes(dt.datetime(1, 1, 1), dt.datetime(9999, 12, 30)),
+    st.just("") | st.from_regex(r"\.[0-9]{1,6}", fullmatch=True),
+    st.just("Z") | st.from_regex(r"[+-](0[0-9]|1[0-9]|2[0-3]):[0-5][0-9]", fullmatch=True))
+impossible = st.from_regex(r"[0-9]{4}-(0[0-9]|1[0-9])-[0-3][0-9]T[0-2][0-9]:[0-6][0-9]:[0-6][0-9](\.[0-9]{1,6})?"
+                           r"(Z|[+-][0-9]{2}:[0-9]{2})", fullmatch=True)
+
+
+@FAST
+@given(ts=rfc3339 | impossible | st.sampled_from(["٢٠٢٤-05-01T12:00:00Z", "2024-05-01T12:00:00.٥Z"]))
+def test_rfc3339_fast_path_matches_parse_iso(ts):
+    from ray_qalloc.integration import syslog_header, times
+
+    assert syslog_header._RFC3339.fullmatch(ts)
+    try:
+        ref = times.parse_iso(ts)
+    except (ValueError, OverflowError) as exc:
+        ref = ("error", type(exc), str(exc))
+    try:
+        got = times.parse_rfc3339(ts)
+    except (ValueError, OverflowError) as exc:
+        got = ("error", type(exc), str(exc))
+    assert got == ref
+    if not isinstance(got, tuple):
+        assert got.tzinfo is times.UTC and ref.tzinfo is times.UTC

@@ -78,7 +78,7 @@ def _rfc5424(text: str, v: re.Match[str], pri: int) -> tuple[SyslogInfo, str]:
             raise invalid(FMT, "timestamp", f"{clip(ts)} is not an RFC 3339 time stamp",
                           "send e.g. 2024-05-01T12:00:00.000Z, or '-'.")
         try:
-            when = times.parse_iso(ts)
+            when = times.parse_rfc3339(ts)   # _RFC3339 matched: the strict form it reads
         except ValueError as exc:
             raise invalid(FMT, "timestamp", str(exc), "send a valid RFC 3339 time stamp, or '-'.") from None
     pos = v.end()

@@ -105,6 +105,14 @@ def parse_iso(text: str) -> dt.datetime:
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
+def parse_rfc3339(text: str) -> dt.datetime:
+    """An RFC 3339 time stamp that already matched a strict pattern (``T``, at most 6 fraction
+    digits, ``Z`` or ``±hh:mm``; the syslog header's) → UTC. What ``parse_iso`` gives for such
+    text, without its checks and rewrites (separators, lower-case ``z``, long fractions), which
+    that text never needs: a syslog line's time costs half as much."""
+    return dt.datetime.fromisoformat(text).astimezone(UTC)
+
+
 def _trim_fraction(text: str) -> str:
     """Python reads at most 6 fraction digits; RFC 3339 allows more: drop the extra ones."""
     head, _, tail = text.partition(".")
