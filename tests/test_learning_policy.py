@@ -144,3 +144,58 @@ def test_bandit_policy_switches_the_models_own_correction_off():
     stack = wrap(base, learning=LearningSettings(policy="bandit"))
     assert base.alpha == 0.0 and base.exploration_rate == 0.0
     assert "alpha" not in vars(stack) and "alpha" not in vars(stack.base)
+
+
+def test_a_backend_that_slows_down_moves_remembered_circuits_too():
+    """Run memory answers most jobs of a workload that repeats circuits; after a change its
+    answers are stale. The change detector sees the same circuits run slower, rebases the
+    remembered runtimes by the shift, and placement leaves the slowed backend within a few runs."""
+    stack = wrap(Fixed({"A": 1.0, "B": 2.0}), learning=LearningSettings(policy="bandit"))
+    bandit = bandit_of(stack)
+    keys = [f"c{k}" for k in range(5)]
+
+    def one(i: int, slow: float) -> str:
+        j = job(i, circuit_key=keys[i % len(keys)])
+        p = plan(j, VIEWS, stack)
+        pick = select(j, p, FREE).backend
+        actual = (1.0 * slow) if pick == "A" else 2.0
+        stack.observe(pick, p.estimates[pick].runtime_s, actual)
+        stack.remember(j, VIEWS[0 if pick == "A" else 1].spec, actual, predicted_s=p.estimates[pick].runtime_s)
+        return pick
+
+    early = [one(i, 1.0) for i in range(60)]
+    assert early[-20:].count("A") >= 18 and bandit.changes == 0
+    late = [one(i, 8.0) for i in range(60, 100)]
+    assert bandit.changes >= 1
+    assert bandit.shift("rt", "A") == pytest.approx(math.log(8.0), abs=0.2)
+    assert late[5:].count("B") >= 30                  # it left A within a few runs and stayed away
+
+
+def test_a_model_wrong_by_circuit_is_no_change():
+    """Model residuals vary by circuit far more than a drift: they must not fire the detector."""
+    bandit = ResidualBandit(BanditConfig(seed=4))
+    pred = BanditPredictor(Fixed({"A": 1.0, "B": 50.0}), bandit)
+    factors = [0.05, 20.0, 1.0, 3.0, 0.3, 8.0, 0.1]
+    for i in range(300):
+        j = job(i, num_qubits=6 + 2 * (i % 6))
+        est = {e.backend: e for e in pred.predict(j, VIEWS)}
+        pred.observe("A", est["A"].runtime_s, factors[i % len(factors)] * (1.0 + 0.5 * (i % 3)))
+    assert bandit.changes == 0 and bandit.shift("rt", "A") == 0.0
+
+
+def test_shifts_survive_a_restart_and_old_snapshots_load(tmp_path):
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
+    bandit = ResidualBandit()
+    bandit.shifts[("rt", "A")] = 1.2
+    bandit.learn("rt", "A", bucket_of(job(0)), 0.7)
+    BanditStore(engine).save(bandit.snapshot())
+    again = ResidualBandit()
+    again.restore(BanditStore(engine).load())
+    assert again.shift("rt", "A") == pytest.approx(1.2)
+    assert again.posterior("rt", "A", bucket_of(job(0)), 0.5).mean == pytest.approx(
+        bandit.posterior("rt", "A", bucket_of(job(0)), 0.5).mean)
+    # a version-1 snapshot (one cell per bucket holding the whole residual) becomes level + offset
+    old = ResidualBandit()
+    old.restore({"version": 1, "step": 10, "cells": [["rt", "A", "*", 10.0, 0.5, 1.0, 10],
+                                                      ["rt", "A", "w<=14:entangling", 10.0, 0.9, 1.0, 10]]})
+    assert old.cells[("rt", "A", "w<=14:entangling")].mean == pytest.approx(0.4)
