@@ -74,6 +74,7 @@ RUNTIME = "rt"
 FIDELITY = "fid"
 ANY_BUCKET = "*"             # a backend's level cell
 MEMORY = "memory"            # the context of run memory's exact answers
+NEIGHBOUR = "neighbour"      # ... of its answers lent by a similar circuit (already corrected)
 _MEMORY_EXACT = ("memory:exact",)
 _MEMORY_BOUNDS = ("memory:censored", "memory:bounded")
 _CLIP = 3.0                  # residuals beyond ×20 are clipped (as the model's online correction)
@@ -235,6 +236,10 @@ class ResidualBandit:
         if bucket == MEMORY:
             mean, var, _, n = self._part(self.cells.get((kind, backend, MEMORY)), _MEMORY_SD ** 2)
             return Posterior(mean, math.sqrt(var), n)
+        if bucket == NEIGHBOUR:
+            s0 = max(prior_sd, _MIN_SD)
+            mean, var, _, n = self._part(self.cells.get((kind, backend, NEIGHBOUR)), s0 * s0)
+            return Posterior(mean, math.sqrt(var), n)
         s0 = max(prior_sd, _MIN_SD)
         lmean, lvar, ls2, ln = self._part(self.cells.get((kind, backend, ANY_BUCKET)), s0 * s0)
         if bucket == ANY_BUCKET:
@@ -269,6 +274,9 @@ class ResidualBandit:
             mean, _, s2, _ = self._part(cell, _MEMORY_SD ** 2)
             cell.add(x, self.step, c.offset_keep)
             self._detect(kind, backend, x - mean, max(math.sqrt(s2), _MEMORY_SD))
+            return
+        if bucket == NEIGHBOUR:
+            self.cells.setdefault((kind, backend, NEIGHBOUR), Cell()).add(x, self.step, c.level_keep)
             return
         level = self.cells.setdefault((kind, backend, ANY_BUCKET), Cell())
         lmean, _, ls2, _ = self._part(level, 0.25)
@@ -359,6 +367,17 @@ class ResidualBandit:
                 "changes": self.changes, "shifts": {f"{k}:{b}": round(v, 3) for (k, b), v in self.shifts.items()}}
 
 
+def _context(source: str, bucket: str) -> str:
+    """Which residual an estimate's runtime carries: run memory's own measurement of this
+    circuit (``MEMORY``), a neighbour's measured ratio already applied to the model
+    (``NEIGHBOUR``: the model's residual must not be added twice), or the model's (``bucket``)."""
+    if source in _MEMORY_EXACT:
+        return MEMORY
+    if source.startswith("memory:neighbour"):
+        return NEIGHBOUR
+    return bucket
+
+
 @dataclass(frozen=True)
 class _Shown:
     context: str             # what the runtime residual is learned under (bucket, or MEMORY)
@@ -441,8 +460,7 @@ class BanditPredictor:
         bandit.jobs += 1
         bucket = bucket_of(job)
         explore = job.priority != "emergency" and job.deadline_s is None
-        context = {e.backend: MEMORY if e.source in _MEMORY_EXACT else bucket
-                   for e in estimates if e.source not in _MEMORY_BOUNDS}
+        context = {e.backend: _context(e.source, bucket) for e in estimates if e.source not in _MEMORY_BOUNDS}
         if not context:
             return list(estimates)
         ref = {e.backend: self._reference(job, e) for e in estimates if e.backend in context}
