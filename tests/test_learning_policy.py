@@ -199,3 +199,33 @@ def test_shifts_survive_a_restart_and_old_snapshots_load(tmp_path):
     old.restore({"version": 1, "step": 10, "cells": [["rt", "A", "*", 10.0, 0.5, 1.0, 10],
                                                       ["rt", "A", "w<=14:entangling", 10.0, 0.9, 1.0, 10]]})
     assert old.cells[("rt", "A", "w<=14:entangling")].mean == pytest.approx(0.4)
+
+
+class Sourced(Fixed):
+    """A predictor whose estimates for one backend come from run memory's neighbour transfer."""
+
+    def __init__(self, runtimes: dict[str, float], sources: dict[str, str]) -> None:
+        super().__init__(runtimes)
+        self.sources = sources
+
+    def predict(self, job, backends):
+        return [Estimate(b.name, self.runtimes[b.name], 1.0, 0.0, 0.0, self.sources.get(b.name, "model:test"),
+                         self.log_sd) for b in backends]
+
+
+def test_a_neighbours_answer_is_not_corrected_twice():
+    """A neighbour's measured ratio already corrects the model: the model's residual the bandit
+    learned (A 5x slower than the model says) must not be applied on top of it."""
+    inner = Sourced({"A": 1.0, "B": 10.0}, {})
+    bandit = ResidualBandit(BanditConfig(seed=6))
+    pred = BanditPredictor(inner, bandit)
+    for i in range(80):                                   # model-estimated runs of A: 5x slow
+        est = {e.backend: e for e in pred.predict(job(i, priority="emergency"), VIEWS)}
+        pred.observe("A", est["A"].runtime_s, 5.0)
+    inner.sources = {"A": "memory:neighbour"}             # now a neighbour lends its ratio: 5 s
+    inner.runtimes = {"A": 5.0, "B": 10.0}
+    shown = {e.backend: e.runtime_s for e in pred.predict(job(100, priority="emergency"), VIEWS)}
+    assert shown["A"] == pytest.approx(5.0, rel=0.05)     # not 25
+    model = {e.backend: e.runtime_s for e in BanditPredictor(Sourced({"A": 1.0, "B": 10.0}, {}), bandit)
+             .predict(job(101, priority="emergency"), VIEWS)}
+    assert model["A"] == pytest.approx(5.0, rel=0.15)     # the model's own estimate is still corrected
