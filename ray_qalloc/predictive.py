@@ -24,16 +24,16 @@ Decisions (pure functions, unit tested without Ray):
   below its bundles), so the controller asks for the whole wanted size, not a difference; when
   the forecast falls the request falls with it (``[]``: cleared) and idle nodes go back through
   the existing elastic path (``fleet._elastic_pools_tick``, then Ray's idle timeout).
+* surge reservations: a class whose forecast exceeds its history's ``surge_quantile`` window,
+  *and* whose model kept a feature beyond its own jobs (events or a season), gets a timed
+  ``reserve`` on its target. A jobs-only model forecasts a surge only once it is under way — then
+  the jobs are in the queue already and holding slots ahead of them buys nothing — and events
+  are kept only where they lowered the held-out error (where they do not lead jobs, they are
+  dropped, or kept only for what else they carry, such as the daily cycle).
 
 ``request_resources`` replaces the cluster's whole request, and the reactive ``Requester``
 sends one too: both must go through one ``RequestMerger`` (per bundle shape the larger count
 wins), or each would erase the other's.
-
-* surge reservations: a class whose forecast exceeds its history's ``surge_quantile`` window,
-  *and* whose model kept a leading feature (events or a season), gets a timed ``reserve`` on its
-  target. A jobs-only model forecasts a surge only once it is under way — then the jobs are in
-  the queue already and holding slots ahead of them buys nothing — and on a history where events
-  do not lead, they are dropped, so nothing is held for them.
 
 Live wiring (the allocator's ops loop): ``PredictiveController.tick`` with the arrivals and
 events since the last tick (per class, or one total that is all the CPU pool's);
