@@ -255,3 +255,15 @@ def test_rfc3339_fast_path_matches_parse_iso(ts):
     assert got == ref
     if not isinstance(got, tuple):
         assert got.tzinfo is times.UTC and ref.tzinfo is times.UTC
+
+
+def test_a_leef_record_without_sev_dumps_without_warnings():
+    import warnings
+
+    from ray_qalloc.integration.events import SeverityId
+
+    e = leef.parse_leef("LEEF:1.0|Acme|FW|1|deny|src=10.0.0.2\tdst=10.0.0.3", received_at=NOW)
+    assert e.severity_id is SeverityId.UNKNOWN
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        e.model_dump()

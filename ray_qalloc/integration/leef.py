@@ -28,7 +28,7 @@ import re
 
 from ray_qalloc.integration import times
 from ray_qalloc.integration.errors import clip, invalid
-from ray_qalloc.integration.events import (SEVERITY_NAMES, Product, SecurityEvent,
+from ray_qalloc.integration.events import (SEVERITY_NAMES, Product, SecurityEvent, SeverityId,
                                            SyslogInfo, event_id, severity_from_leef, utc_now)
 from ray_qalloc.integration.fields import host_observable, observables_from
 from ray_qalloc.integration.syslog_header import split_syslog
@@ -118,10 +118,10 @@ def split_leef(text: str) -> tuple[str, tuple[str, ...], dict[str, str]]:
     return m.group(1), header, attrs
 
 
-def _severity(attrs: dict[str, str]) -> int:
+def _severity(attrs: dict[str, str]) -> SeverityId:
     sev = attrs.get("sev")
     if sev is None or sev == "":
-        return 0
+        return SeverityId.UNKNOWN   # the enum, as validation makes it (a bare 0 warned on model_dump)
     if not (sev.isascii() and sev.isdigit() and len(sev) <= 2 and int(sev) <= 10):
         raise invalid(FMT, "attributes.sev", f"{clip(sev)} is not 0-10",
                       "send sev as a whole number from 1 to 10.")
