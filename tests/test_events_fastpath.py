@@ -267,3 +267,16 @@ def test_a_leef_record_without_sev_dumps_without_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         e.model_dump()
+
+
+@FAST
+@given(names=st.lists(st.tuples(st.none() | st.text(max_size=300), st.none() | st.text(max_size=8),
+                                st.none() | st.sampled_from(["1", "2.0"])), min_size=1, max_size=6))
+def test_shared_products_equal_fresh_ones(names):
+    from ray_qalloc.integration import events
+    from ray_qalloc.integration.events import Product
+
+    for vendor, name, version in names * 2:   # cold, then shared
+        got = Product.of(vendor, name, version)
+        assert got == Product(vendor_name=vendor, name=name, version=version)
+        assert len(events._PRODUCTS) <= events._PRODUCTS_MAX

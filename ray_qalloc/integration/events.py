@@ -158,8 +158,22 @@ class Product(BaseModel):
 
     @classmethod
     def of(cls, vendor_name: str | None, name: str | None, version: str | None) -> Product:
-        """Build without validation (the caller passes strings or None)."""
-        return construct(cls, {"vendor_name": vendor_name, "name": name, "version": version})
+        """Build without validation (the caller passes strings or None). Shared while it repeats
+        (a stream comes from a handful of products, and the instance is frozen): at most
+        ``_PRODUCTS_MAX`` kept, emptied when full, short names only."""
+        key = (vendor_name, name, version)
+        product = _PRODUCTS.get(key)
+        if product is None:
+            product = construct(cls, {"vendor_name": vendor_name, "name": name, "version": version})
+            if sum(len(x) for x in key if x is not None) <= 256:
+                if len(_PRODUCTS) >= _PRODUCTS_MAX:
+                    _PRODUCTS.clear()
+                _PRODUCTS[key] = product
+        return product
+
+
+_PRODUCTS: dict[tuple[str | None, str | None, str | None], Product] = {}
+_PRODUCTS_MAX = 1_024
 
 
 class SyslogInfo(BaseModel):
