@@ -91,7 +91,13 @@ def observables_from(ext: dict[str, str], keys: dict[str, str], fmt: str,
             continue
         cache_key = (kind, key, value)
         obs = shared.get(cache_key)
-        out.append(obs if obs is not None else _share(cache_key, _checked(kind, value, key, fmt, prefix)))
+        if obs is None:
+            obs = _checked(kind, value, key, fmt, prefix)
+            if len(value) <= _SHARED_LEN:
+                if len(shared) >= _SHARED_MAX:
+                    shared.clear()
+                shared[cache_key] = obs
+        out.append(obs)
     return out
 
 
