@@ -229,3 +229,14 @@ def test_a_neighbours_answer_is_not_corrected_twice():
     model = {e.backend: e.runtime_s for e in BanditPredictor(Sourced({"A": 1.0, "B": 10.0}, {}), bandit)
              .predict(job(101, priority="emergency"), VIEWS)}
     assert model["A"] == pytest.approx(5.0, rel=0.15)     # the model's own estimate is still corrected
+
+
+def test_cells_table_reports_posteriors_per_part():
+    from ray_qalloc.costmodel.bandit import cells_table
+
+    bandit = ResidualBandit()
+    for _ in range(30):
+        bandit.learn("rt", "A", bucket_of(job(0)), math.log(3.0))
+    rows = {r["part"]: r for r in cells_table(bandit)}
+    assert set(rows) == {"level", "offset"}
+    assert rows["offset"]["factor"] == pytest.approx(3.0, rel=0.1)   # level + offset: what placement applies

@@ -611,16 +611,21 @@ class BanditStore:
 
 
 def cells_table(bandit: ResidualBandit, kinds: Iterable[str] = (RUNTIME, FIDELITY)) -> list[dict[str, Any]]:
-    """What the bandit believes, per cell (for ``qalloc model bandit`` and the benchmark's JSON)."""
+    """What the bandit believes, per cell (for ``qalloc model bandit`` and the benchmark's JSON):
+    ``mean_log_residual``/``factor`` are the posterior (a bucket's: its backend's level plus its
+    offset), ``part`` says which (level, offset, memory, neighbour)."""
+    parts = {ANY_BUCKET: "level", MEMORY: "memory", NEIGHBOUR: "neighbour"}
     out = []
     for (k, b, u), c in sorted(bandit.cells.items()):
         if k not in kinds:
             continue
-        n, mean, m2 = c.at(bandit.step, bandit.config.discount)
-        out.append({"kind": k, "backend": b, "bucket": u, "n": round(n, 2), "mean_log_residual": round(mean, 4),
-                    "factor": round(math.exp(mean), 4), "sd": round(math.sqrt(m2 / n), 4) if n > 1 else None})
+        post = bandit.posterior(k, b, u, 0.5)
+        out.append({"kind": k, "backend": b, "bucket": u, "part": parts.get(u, "offset"), "n": round(c.n, 2),
+                    "mean_log_residual": round(post.mean, 4), "factor": round(math.exp(post.mean), 4),
+                    "sd": round(math.sqrt(c.m2 / c.n), 4) if c.n > 1 else None,
+                    "shift": round(bandit.shift(k, b), 4)})
     return out
 
 
 __all__ = ["BanditConfig", "BanditPredictor", "BanditStore", "Cell", "Posterior", "ResidualBandit", "bucket_of",
-           "cells_table", "RUNTIME", "FIDELITY"]
+           "cells_table", "RUNTIME", "FIDELITY", "MEMORY", "NEIGHBOUR"]
