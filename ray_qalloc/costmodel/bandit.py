@@ -31,6 +31,9 @@ Why a bandit on top of the model, and why this one:
     the runtimes this bandit saw of each circuit are worth ``exp(median − shift then +
     shift now)``, so stale memories are moved at once. Model residuals do not feed it: they
     vary by circuit more than any drift;
+  - run memory's neighbour answers (a similar circuit's measured ratio applied to the model)
+    are a context of their own too: the model's residual is already in them, and adding the
+    level on top made them 10-30× pessimistic;
   - idle evidence still decays (``discount`` per observation anywhere) in the variance only,
     so an arm left alone is retried.
 
