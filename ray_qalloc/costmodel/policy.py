@@ -5,8 +5,9 @@ Two policies, one switch (``Settings.learning.policy``):
 * ``correction`` (today's): the model's per-backend EWMA bias of log residuals plus a small
   fixed exploration rate (``LearnedPredictor.observe`` / ``_explore``), under run memory;
 * ``bandit``: the same model and run memory, with the model's own correction and exploration
-  switched off and ``costmodel.bandit`` on top (Thompson draws per (backend, feature bucket),
-  discounted, budgeted). Both would otherwise correct the same residual twice.
+  switched off and ``costmodel.bandit`` on top (Thompson draws on a backend level plus a pooled
+  per-bucket offset, budgeted; change detection on remembered circuits moves run memory's
+  answers after a backend drifts). Both would otherwise correct the same residual twice.
 
 ``wrap`` is the one place that builds the stack, at start-up and on every model swap: run
 memory and the bandit's state carry over a swap; on a fresh start the bandit is restored from
@@ -54,7 +55,9 @@ class LearningSettings(BaseModel):
     policy: Literal["correction", "bandit"] = Field(
         "correction", description="'correction': the model's per-backend running bias and a fixed exploration "
         "rate; 'bandit': Thompson sampling on the model's residuals per (backend, feature bucket).")
-    discount: float = Field(0.99, gt=0, le=1, description="Bandit: evidence kept per observation (drift).")
+    discount: float = Field(0.99, gt=0, le=1, description="Bandit: confidence an idle arm keeps per observation "
+                            "elsewhere (its belief stays; an arm left alone is retried). Drift itself is followed "
+                            "by each backend's level and by change detection on remembered circuits.")
     budget_per_job: float = Field(0.05, ge=0, description="Bandit: expected extra log-objective exploration may "
                                   "cost per planned job (0.05 ≈ 5 % runtime).")
     budget_burst: float = Field(2.0, ge=0, description="Bandit: exploration budget available up front.")
