@@ -112,30 +112,17 @@ class ThreatOps:
 
     # ==== predictive scaling (predictive.py) ====================================================
     async def _seed_scaling(self) -> None:
-        """The forecaster learns from the stored history of jobs and security events."""
-        from ray_qalloc.predictive import history_from_store, mean_job_seconds
+        """The forecasters learn from the stored history of jobs (per demand class) and security events."""
+        from ray_qalloc.predictive_live import seed_by_class
 
-        s, now = self.settings.scaling, time.time()
-        jobs, events = await self.d.db(history_from_store, self.store.engine, now - s.history_s, s.bin_s, until=now)
-        self.scaling.seed(jobs, events, now - s.history_s)
-        self.scaling.work_per_job_s = await self.d.db(mean_job_seconds, self.store.engine, now - s.history_s) or 1.0
-        self._scaling_since = now
+        await seed_by_class(self, time.time())
 
     async def _scaling_tick(self, now: float) -> None:
-        """One forecast and decision: nodes asked for ahead of predicted demand (and, where set, a
-        timed emergency reservation on a surge of severe events)."""
-        from ray_qalloc.predictive import history_from_store
+        """One forecast and decision per demand class: nodes asked for ahead of predicted demand
+        in each pool's shape, and timed reservations on a QPU class ahead of its surge."""
+        from ray_qalloc.predictive_live import scaling_tick
 
-        since, self._scaling_since = self._scaling_since, now
-        _, events = await self.d.db(history_from_store, self.store.engine, since, max(now - since, 1e-3), until=now)
-        arrived, self._arrived = self._arrived, 0
-        pools = [h for h in self.fleet.hosts.values() if h.kind == "pool" and h.actor is not None]
-        queued_s = sum(min((e.runtime_s for e in q.plan.estimates.values()), default=0.0)
-                       for q in self.d.queued.values())
-        decision = await self.d.db(self.scaling.tick, now, arrived, events.sum(axis=0), len(pools), queued_s,
-                                   node_cores=max((h.cores for h in pools), default=None))
-        if decision.reserve:
-            await self.threat_add(decision.reserve, actor="predictive")
+        await scaling_tick(self, now)
 
     async def _expire_threat_actions(self, now: float) -> None:
         gone = self.threat.due(now)

@@ -6,6 +6,7 @@ seeds per class, requests the bursting pool's shape and takes a reservation thro
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -179,3 +180,35 @@ def test_a_tick_seeds_per_class_and_scales_the_class_events_lead(tmp_path):
     shapes = [next(iter(b)) for b in sent[-1]]
     assert shapes.count("qalloc_pool_cpu") == d.per_class[CPU_POOL].requested_nodes
     assert [a["target"] for a in alloc.added] == ["qpu_ion_aria"]
+
+
+def test_the_real_allocator_runs_the_per_class_hook(tmp_path):
+    """The hook on a real Allocator (its store, store thread, fleet, queue and threat desk; fake
+    backends): seeding and a tick after jobs ran count the jobs for the class they ran on, and
+    the tick's request goes to the controller's sender."""
+    from ray_qalloc.backends.pools import pool_candidate_specs
+    from tests.test_allocator_unit import FakeBackend, make
+
+    sent: list = []
+    specs = pool_candidate_specs("cpu-live", cores=4, memory_bytes=8 << 30, methods=["statevector"])[:1]
+
+    async def main() -> Any:
+        alloc = make(tmp_path, [FakeBackend(specs[0].name)], specs=specs, hedge={"enabled": False})
+        await alloc.ready()
+        settings = PredictiveScalingSettings(enabled=True, bin_s=BIN, horizon_s=90.0, boot_s=90.0,
+                                             min_history_s=3600.0, history_s=3600.0)
+        alloc.scaling = PredictiveController(settings, lambda b: sent.append([dict(x) for x in b]))
+        alloc.settings = alloc.settings.model_copy(update={"scaling": settings})
+        await alloc._seed_scaling()
+        ids = [(await alloc.submit(prepared(shots=10)))["id"] for _ in range(5)]
+        for job_id in ids:
+            assert (await alloc.wait(job_id, timeout=10))["state"] == "completed"
+        await alloc._scaling_tick(time.time())
+        return alloc
+
+    alloc = asyncio.run(asyncio.wait_for(main(), 60))
+    ctrl = alloc.scaling
+    assert ctrl.seeded_by_class and ctrl.last is not None
+    held = sum(ctrl._jobs.get(CPU_POOL, [])) + ctrl._open_jobs.get(CPU_POOL, 0.0)
+    assert held == 5, (ctrl._jobs, ctrl._open_jobs)   # the five jobs, counted for the pool they ran on
+    assert alloc._arrived == 0                     # the tick counts arrivals from the store, per class
