@@ -442,38 +442,3 @@ def test_a_removed_backend_leaves_no_trace_and_its_queued_jobs_can_be_planned_ag
     assert started(s.decide(0.0)) == [("j", "b")]
     with pytest.raises(ValueError, match="still has runs"):
         s.remove_backend("b")
-
-
-def test_a_two_thread_run_takes_both_cores_only_while_nobody_else_waits_for_them():
-    """Alone, a job takes the two-thread candidate (0.6 s beats 1.0 s); with another job queued
-    for the same cores, that candidate is weighed at its core-seconds (2 x 0.6 = 1.2 s > 1.0 s),
-    so both start at once on one core each instead of one after the other."""
-    def pool_sched() -> Scheduler:
-        s = Scheduler(SchedulerConfig(check_invariants=True), node_cpus={"p": 2})
-        s.add_backend(BackendSpec("p/sv", "simulator", "aer", 30, slots=2, method="statevector", threads=1,
-                                  pool="p"), "p")
-        s.add_backend(BackendSpec("p/sv@2", "simulator", "aer", 30, slots=1, method="statevector", threads=2,
-                                  pool="p"), "p")
-        return s
-
-    runtimes = {"p/sv": 1.0, "p/sv@2": 0.6}
-    alone = pool_sched()
-    a = job("a")
-    alone.enqueue(a, plan_for(a, runtimes), 0.0)
-    assert started(alone.decide(0.0)) == [("a", "p/sv@2")]
-
-    busy = pool_sched()
-    for jid in ("a", "b"):
-        j = job(jid)
-        busy.enqueue(j, plan_for(j, runtimes), 0.0)
-    assert busy.backends["p/sv@2"].queued_jobs == 2          # both prefer the fastest candidate
-    assert sorted(started(busy.decide(0.0))) == [("a", "p/sv"), ("b", "p/sv")]
-    assert busy.backends["p/sv@2"].queued_jobs == 0
-
-
-def test_backlog_factor_counts_the_cores_others_could_use():
-    from ray_qalloc.placement.load import backlog_factor
-
-    assert backlog_factor(1, 5) == 1.0 and backlog_factor(2, 0) == 1.0
-    assert backlog_factor(2, 1) == backlog_factor(2, 7) == 2.0
-    assert backlog_factor(8, 3) == 4.0          # three waiting jobs can use three of the seven extra cores

@@ -23,7 +23,6 @@ from hypothesis import strategies as st
 
 from ray_qalloc.backends.base import BackendSpec
 from ray_qalloc.placement.model import Estimate, JobView, LiveState, Plan
-from ray_qalloc.placement.load import backlog_factor
 from ray_qalloc.placement.pipeline import select, static_objective
 from ray_qalloc.placement.scheduler import Run, Scheduler, SchedulerConfig
 from ray_qalloc.priority import CLASSES, RANK
@@ -85,17 +84,6 @@ def mine_sorted(runs: list[Run]) -> list[Run]:
     return sorted(runs, key=lambda r: (r.ends, r.started))
 
 
-class RLive(dict):
-    """The reference's live states, with the multi-thread backlog the scheduler's views weigh."""
-
-    def __init__(self, states: dict[str, LiveState], ref: "Reference") -> None:
-        super().__init__(states)
-        self.ref = ref
-
-    def backlog(self, name: str, job_id: str) -> float:
-        return self.ref.backlog(name, job_id)
-
-
 @dataclass
 class RJob:
     job: JobView
@@ -123,18 +111,8 @@ class Reference:
 
     def live(self, now: float, emergency: bool, ahead: dict[str, float] | None = None,
              drop: frozenset[str] = frozenset()) -> dict[str, LiveState]:
-        return RLive({b: load(self.top, self.runs, self.healthy, b, now, emergency, ahead or {})
-                      for b in self.top.specs if b not in drop}, self)
-
-    def backlog(self, name: str, job_id: str) -> float:
-        """From scratch: the other queued jobs whose fastest predicted backend is on ``name``'s node."""
-        spec = self.top.specs[name]
-        if spec.threads <= 1 or spec.kind == "qpu":
-            return 1.0
-        node = self.top.node[name]
-        others = sum(1 for jid, j in self.queue.items() if jid != job_id and j.plan.estimates
-                     and self.top.node[min(j.plan.estimates.values(), key=lambda e: e.runtime_s).backend] == node)
-        return backlog_factor(spec.threads, others)
+        return {b: load(self.top, self.runs, self.healthy, b, now, emergency, ahead or {})
+                for b in self.top.specs if b not in drop}
 
     def room(self, j: RJob, now: float) -> bool:
         """A backend of its plan has a free slot and cores (reserved ones included)."""

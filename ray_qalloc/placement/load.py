@@ -21,8 +21,7 @@ from ray_qalloc.priority import CLASSES
 if TYPE_CHECKING:  # pragma: no cover
     from ray_qalloc.placement.scheduler import Entry, Scheduler
 
-__all__ = ["BackendSlotState", "Load", "LiveView", "Run", "backend_load", "backlog_factor", "emergency_threads",
-           "first_core_run"]
+__all__ = ["BackendSlotState", "Load", "LiveView", "Run", "backend_load", "emergency_threads", "first_core_run"]
 
 _EMERGENCY = CLASSES[0]
 
@@ -50,7 +49,6 @@ class BackendSlotState:
     healthy: bool = True
     runs: dict[str, Run] = field(default_factory=dict)
     queued_work_s: float = 0.0        # predicted runtime of queued jobs that prefer this backend
-    queued_jobs: int = 0              # how many queued jobs prefer it (their fastest predicted backend)
     congested: bool = False
     # cached load, refreshed when a run starts or ends on its node (not per decision)
     free_at: float = 0.0              # when a slot (and a core) is predicted to free
@@ -115,22 +113,6 @@ def backend_load(spec: BackendSpec, healthy: bool, runs: Iterable[Run], reserved
     return at, started, can, at_e, started_e, can_e
 
 
-def backlog_factor(threads: int, others_waiting: int) -> float:
-    """What a ``threads``-thread run's runtime is weighed at while ``others_waiting`` other jobs
-    queue for the cores of its node: ``1 + min(others, threads - 1)``.
-
-    Why: the selector minimises the job's own completion, but a run that takes k cores while
-    others wait takes k-1 cores from them for its whole runtime; what the queue loses is the
-    run's core-seconds, k x its runtime, up to as many extra cores as there are jobs to use
-    them. With nobody waiting the extra cores were idle and the factor is 1. So a two-thread
-    run wins under a backlog only if it is at least twice as fast, i.e. never loses throughput
-    (measured: ``docs/notes.md``, the light and hand-written traces, where two-thread runs held
-    both cores in bursts while one-thread jobs queued behind them)."""
-    if threads <= 1 or others_waiting <= 0:
-        return 1.0
-    return 1.0 + min(others_waiting, threads - 1)
-
-
 def _end_order(r: Run) -> tuple[float, float]:
     return (r.ends, r.started)
 
@@ -174,20 +156,6 @@ class LiveView(Mapping[str, LiveState]):
         self.sched, self.now, self.emergency = sched, now, emergency
         self.ahead = ahead if ahead is not None else {}   # shared: a pass adds to it as jobs wait
         self.held = held if held is not None else {}      # work of jobs held waiting (``Holds.work``)
-
-    def backlog(self, key: str, job_id: str) -> float:
-        """``backlog_factor`` of backend ``key`` for job ``job_id``: the other queued jobs that
-        prefer a backend of its node (the job itself not counted). 1 for a one-thread backend."""
-        b = self.sched.backends.get(key)
-        if b is None or b.spec.threads <= 1 or b.spec.kind == "qpu":
-            return 1.0
-        backends = self.sched.backends
-        node = b.node
-        others = sum(backends[n].queued_jobs for n in self.sched._nodes.get(node, ()))
-        pref = self.sched._preferred.get(job_id)
-        if pref is not None and pref[0] in backends and backends[pref[0]].node == node:
-            others -= 1
-        return backlog_factor(b.spec.threads, others)
 
     def extra(self, key: str) -> float:
         """Work of waiting jobs counted ahead on ``key`` (not yet spread over its slots)."""
@@ -237,8 +205,6 @@ class LiveView(Mapping[str, LiveState]):
             b = backends.get(name)
             if b is None or (excluded and name in excluded):
                 continue
-            if b.spec.threads > 1:
-                run *= self.backlog(name, job.id)
             wait, can = wait_of(name, b)
             completion = wait + run
             objective = log(completion if completion > 1e-6 else 1e-6) + base

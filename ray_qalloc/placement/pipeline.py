@@ -181,24 +181,19 @@ def select(job: JobView, p: Plan, live: Mapping[str, LiveState], *, detailed: bo
     """Pick the backend with the lowest objective given current queue waits.
 
     Objective: ``log(wait + expected runtime) - fidelity·log(fidelity) + money·cost`` with the
-    risk-adjusted runtime of ``expected_runtime``; where ``live`` offers ``backlog(name, job_id)``
-    (the scheduler's ``LiveView``), a multi-thread candidate's runtime is weighed times it
-    (``placement.load.backlog_factor``). The hot path of dispatch: one add and one
+    risk-adjusted runtime of ``expected_runtime``. The hot path of dispatch: one add and one
     log per feasible backend over numbers precomputed once per plan (``objective_rows``).
     ``detailed`` keeps every backend's scores (for explain), not only the chosen one's.
     """
     rows = objective_rows(p, job.priority, job.intent)
     log = math.log
     get = live.get
-    backlog = getattr(live, "backlog", None)   # a LiveView's: multi-thread runs while others queue
     best_obj, best_name, best_state, best_run = math.inf, None, None, 0.0
     scores: dict[str, dict[str, float]] = {}
     for name, run, base in rows:
         state = get(name)
         if state is None:  # backend gone from the pool, or excluded
             continue
-        if backlog is not None:
-            run *= backlog(name, job.id)
         completion = state.wait_s + run
         objective = log(completion if completion > 1e-6 else 1e-6) + base
         if detailed:

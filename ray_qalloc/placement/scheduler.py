@@ -437,13 +437,11 @@ class Scheduler:
             self._preferred[entry.job.id] = (best.backend, best.runtime_s)
             if best.backend in self.backends:
                 self.backends[best.backend].queued_work_s += best.runtime_s
-                self.backends[best.backend].queued_jobs += 1
         else:
             pref = self._preferred.pop(entry.job.id, None)
             if pref is not None and pref[0] in self.backends:
                 b = self.backends[pref[0]]
                 b.queued_work_s = max(b.queued_work_s - pref[1], 0.0)
-                b.queued_jobs = max(b.queued_jobs - 1, 0)
 
     def __len__(self) -> int:
         return len(self.entries)
