@@ -74,8 +74,6 @@ class Allocator(AllocatorLoops, OperatorOps, ThreatOps):
         self.sched = Scheduler(settings.scheduler_config(), node_cpus=dict(node_cpus or {}))
         self._kick = asyncio.Event()
         self._ready = asyncio.Event()
-        from ray_qalloc import overruns
-
         from ray_qalloc.costmodel import policy as learning_policy
         from ray_qalloc.costmodel.bandit import BanditStore
 

@@ -188,8 +188,6 @@ class AllocatorLoops:
             return
         if fresh is not None:
             log.warning("cost model switched to %s", self._watcher.current)
-            from ray_qalloc import overruns
-
             from ray_qalloc.costmodel import policy as learning_policy
 
             self.d.predictor = learning_policy.wrap(fresh, self.d.predictor, learning=self.settings.learning,

@@ -31,7 +31,7 @@ from ray_qalloc.jobs import JobState, PreparedJob, compact
 from ray_qalloc.observer import Observer
 from ray_qalloc.placement import JobView, Plan, explain, plan
 from ray_qalloc.placement.filters import make_filters
-from ray_qalloc.placement.scheduler import Decision, Entry, PassResult, Run, Scheduler
+from ray_qalloc.placement.scheduler import Decision, Entry, PassResult, Scheduler
 from ray_qalloc.store import JobStore
 from ray_qalloc.backups import Backups
 from ray_qalloc.inflight import Queued, Running, circuit_key
