@@ -23,6 +23,8 @@ again" as the allocator's ``circuit_key`` (hash of the payload and shots).
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, Mapping, Sequence
 
 from benchmarks.simulation import HedgeAction, Hedger, PipelinePlanner, RunView, SimJob
@@ -97,12 +99,13 @@ def live_hedger(planner: LearningPlanner, settings: Any = None) -> tuple[Hedger 
                             "min_overrun_s": h.min_overrun_s, "interval_s": h.interval_s}
     try:
         from ray_qalloc.overruns import hedge_policy
-        from ray_qalloc.placement.hedging import RunningInfo, decide_hedges
+        from ray_qalloc.placement.hedging import RunningInfo, decide_hedges, decide_restarts
     except ImportError as exc:
         info["hedging"] = f"not available ({exc})"
         return None, info
     policy = hedge_policy(settings)
     noted: set[str] = set()
+    restarted: set[str] = set()      # jobs restarted once already (never twice, as live)
 
     def hedger(now: float, runs: Sequence[RunView], live: Mapping[str, LiveState]) -> list[HedgeAction]:
         over = [r for r in runs if not r.backup and not r.has_backup
@@ -122,10 +125,21 @@ def live_hedger(planner: LearningPlanner, settings: Any = None) -> tuple[Hedger 
                                      spec.kind if spec is not None else "simulator", r.has_backup))
         kinds = {name: s.kind for name, s in planner.specs.items()}
         plans = {r.job.id: r.plan for r in over}
-        return [HedgeAction("backup", x.job_id, x.backend)
+        acts = [HedgeAction("backup", x.job_id, x.backend)
                 for x in decide_hedges(infos, plans, live, now, policy, kinds=kinds)]
+        if not h.restart:
+            return acts
+        hedged = {a.job_id for a in acts}
+        left = [dataclasses.replace(i, restarted=i.job_id in restarted) for i in infos
+                if i.job_id not in hedged and not i.has_backup]
+        run_of = {r.job.id: r.run_id for r in over}
+        for x in decide_restarts(left, plans, now, policy, kinds):
+            restarted.add(x.job_id)
+            acts.append(HedgeAction("restart", x.job_id, x.backend, run_of[x.job_id]))
+        return acts
 
-    info["hedging"] = "ray_qalloc.placement.hedging.decide_hedges with ray_qalloc.overruns.hedge_policy(Settings())"
+    info["hedging"] = ("ray_qalloc.placement.hedging.decide_hedges, then decide_restarts (hedge.restart="
+                       f"{h.restart}), with ray_qalloc.overruns.hedge_policy(Settings())")
     return hedger, info
 
 

@@ -141,7 +141,7 @@ def print_report(result: Mapping[str, Any], console: Any) -> None:
                     f"{result.get('mix')}, predictor {result.get('predictor', 'allocator')})")
     t.add_column("policy")
     cols = ("mean_jct_s", "p95_jct_s", "makespan_s", "deadline_miss_rate", "emergency_p99_wait_s",
-            "mean_fidelity_quantum", "mean_fidelity", "total_cost", "completed", "unplaceable", "preemptions", "hedges")
+            "mean_fidelity_quantum", "mean_fidelity", "total_cost", "completed", "unplaceable", "preemptions", "hedges", "restarts")
     for c in cols:
         t.add_column(c, justify="right")
     rows = dict(result["policies"])

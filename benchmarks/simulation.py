@@ -177,7 +177,8 @@ class RunView:
 
 @dataclass(frozen=True)
 class HedgeAction:
-    """``backup``: start ``job_id`` also on ``backend``; ``stop``: stop run ``run_id``."""
+    """``backup``: start ``job_id`` also on ``backend``; ``stop``: stop run ``run_id``;
+    ``restart``: stop run ``run_id`` and queue its job again without that run's backend."""
 
     kind: str
     job_id: str = ""
@@ -269,6 +270,7 @@ class _Sim:
         self.preemptions = 0
         self.lost_work = 0.0
         self.hedges = 0
+        self.restarts = 0
         self.hedge_wasted = 0.0
         self.backed_up: set[str] = set()
         self.gen = 0
@@ -305,6 +307,30 @@ class _Sim:
         o.runs += 1
         self._push(now + rt, 0, run_id, self.gen)
         self._want_tick(now + max(predicted, 0.0))
+
+    def _restart(self, run_id: str, now: float) -> None:
+        """As live (``RunLife.restart``): stop an overrunning run that has no twin and queue its job
+        again, keeping its place, planned afresh (run memory now holds the overrun) without the
+        backend that overran."""
+        run = self.running.get(run_id)
+        if run is None or self.job_runs.get(run.job_id) != {run_id}:
+            return
+        jid, job = run.job_id, self.by_id[run.job_id]
+        self.restarts += 1
+        self._stop(run_id, now, requeue_if_last=False)
+        self.hedge_wasted -= now - run.started       # not a lost race: the job's own work, lost
+        self.lost_work += now - run.started
+        p = self.planner.plan(job, now)
+        if p is None:
+            self.unplaceable.add(jid)
+            return
+        p = Plan(jid, {b: e for b, e in p.estimates.items() if b in self.specs and b != run.backend},
+                 dict(p.filtered))
+        if not p.estimates:
+            self.unplaceable.add(jid)
+            return
+        self.plans[jid] = p
+        self.sched.enqueue(self.views[jid], p, job.arrival_s, self.seqs[jid])
 
     def _stop(self, run_id: str, now: float, *, requeue_if_last: bool, learn: bool = True) -> None:
         run = self.running.pop(run_id, None)
@@ -385,6 +411,8 @@ class _Sim:
         for act in self.hedger(now, views, live) or ():
             if act.kind == "stop":
                 self._stop(act.run_id, now, requeue_if_last=True)
+            elif act.kind == "restart":
+                self._restart(act.run_id, now)
             elif act.kind == "backup":
                 self._backup(act.job_id, act.backend, now, live)
         self._rearm(now)
@@ -499,7 +527,7 @@ def simulate(jobs: Sequence[SimJob], truth: Mapping[str, Mapping[str, float]], p
     m = metrics(policy_name, jobs, sim.outcome, sim.unplaceable, fidelity or {}, sim.plans, sim.specs, record,
                 unmeasured)
     m.update(total_cost=sim.cost, flagged=len(sim.flagged), preemptions=sim.preemptions, lost_work_s=sim.lost_work,
-             passes=sim.passes, hedges=sim.hedges, probes=sim.probes, hedge_wasted_s=sim.hedge_wasted,
+             passes=sim.passes, hedges=sim.hedges, restarts=sim.restarts, probes=sim.probes, hedge_wasted_s=sim.hedge_wasted,
              observations=getattr(planner, "observations", None))
     return m
 

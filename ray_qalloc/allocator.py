@@ -370,7 +370,7 @@ class Allocator(AllocatorLoops, OperatorOps, ThreatOps):
 
         await self._wait_ready()
         return {"queued": len(self.d.queued), "running": len(self.d.running), "flagged": len(self.d.flags),
-                "draining": self.d.draining, "startup": self.startup, "hedges": self.d.hedges,
+                "draining": self.d.draining, "startup": self.startup, "hedges": self.d.hedges, "restarts": self.d.restarts,
                 "commit_failures": self.d.commit_failures, "overruns_noted": self.d.overruns_noted, "probes": self.d.probes,
                 "store": await self.d.db(self.store.counts_by_state), "uptime_s": time.time() - self.started_at,
                 "pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss}

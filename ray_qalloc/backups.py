@@ -39,6 +39,8 @@ class Backups:
     launch: Callable[..., Running]
     _is_live: Callable[[Running], bool]
     _forget: Callable[[Running], None]
+    restarted: set[str]
+    restart: Callable[[Running, str], bool]
 
     async def stop_probes(self) -> int:
         """A job waits: every probe gives its core back (nothing is learned from a cut-short probe)."""
@@ -57,10 +59,12 @@ class Backups:
 
     # ==== hedging ===============================================================================
     async def hedge_tick(self, now: float, decide: Callable[..., list[Any]] | None, note_overrun: Callable[..., None] | None,
-                   k: float, min_elapsed_s: float = 0.0) -> int:
+                   k: float, min_elapsed_s: float = 0.0,
+                   restart: Callable[[list[Running], float], list[tuple[str, str]]] | None = None) -> int:
         """Runs past ``k``× their prediction (and ``min_elapsed_s``): remember the overrun at once
-        (so the next job of that circuit goes elsewhere), and start one backup where ``decide``
-        says it pays."""
+        (so the next job of that circuit goes elsewhere), start one backup where ``decide``
+        says it pays, and stop and place again, where ``restart`` says it pays, a run that got
+        none. Returns the backups started and runs restarted."""
         started = 0
         overrunning = [r for r in self.running.values() if r.backup is None and not r.backup_pending
                        and now - r.started_at > max(k * r.predicted_s, min_elapsed_s)]
@@ -78,6 +82,13 @@ class Backups:
                 continue
             if await self.start_backup(r, backend):
                 started += 1
+        if restart is not None:
+            left = [r for r in overrunning if self.running.get(r.job.id) is r and r.backup is None
+                    and not r.backup_pending and r.job.id not in self.restarted]
+            for job_id, why in restart(left, now) if left else ():
+                r = self.running.get(job_id)
+                if r is not None and self.restart(r, why):
+                    started += 1
         return started
 
     async def start_backup(self, r: Running, backend: str, *, probe: bool = False) -> bool:

@@ -199,6 +199,9 @@ class HedgeSettings(BaseModel):
     probe_idle: bool = Field(True, description="With nothing queued, race a started simulator run against a "
                              "method never measured on its circuit, on an idle core (stopped as soon as a "
                              "job waits): how a method the model wrongly believes slow gets measured.")
+    restart: bool = Field(True, description="An overrunning simulator run that got no backup (no core was "
+                          "free) is stopped and placed again without that backend, once per job, when another "
+                          "method on its pool is expected to need at most half its remaining time.")
 
 
 class ClassWeights(BaseModel):

@@ -63,6 +63,9 @@ class Dispatcher(RunLife, Backups):
         # memory instead of two store reads (the store has the same data, committed first).
         self.finished: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._preempting: dict[str, str] = {}   # job -> backend whose run is being stopped for an emergency
+        self._restarting: dict[str, str] = {}   # job -> why its overrunning run is being stopped to place it again
+        self.restarted: set[str] = set()         # live jobs restarted once already (never twice)
+        self.restarts = 0
         self._stopping: set[tuple[str, int]] = set()   # (job, attempt) stopped on purpose
         self._by_circuit: dict[str, set[str]] = {}   # circuit key -> its queued jobs
         # Every store call runs on one thread of its own, in the order made: a slow database

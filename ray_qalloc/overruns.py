@@ -7,7 +7,10 @@ Two defences, one tick (``tick``, every ``settings.hedge.interval_s``):
    same circuit — or of a close neighbour — is planned with that knowledge;
 2. **hedging** — ``placement.hedging.decide_hedges`` may start one backup run on another
    method or pool that is free now and predicted to finish sooner; the first result wins and
-   the dispatcher stops the other run.
+   the dispatcher stops the other run;
+3. **restart** — a run that got no backup (no core free) is stopped and placed again without
+   the backend that overran, once per job, when ``placement.hedging.decide_restarts`` finds
+   another method on its pool expected to need at most half its remaining time.
 
 The benchmark's simulation calls the same pure functions (``decide_hedges``, ``RunMemory``), so
 what it measures is what runs live. The hard run timeout stays as the last line of defence.
@@ -40,7 +43,7 @@ def hedge_policy(settings: Settings) -> Any:
 
 async def tick(d: Any, settings: Settings, now: float) -> int:
     """One check of the dispatcher's running jobs; returns the backups started."""
-    from ray_qalloc.placement.hedging import RunningInfo, decide_hedges
+    from ray_qalloc.placement.hedging import RunningInfo, decide_hedges, decide_restarts
     from ray_qalloc.placement.scheduler import LiveView
 
     h = settings.hedge
@@ -68,7 +71,22 @@ async def tick(d: Any, settings: Settings, now: float) -> int:
         kinds = {name: m.spec.kind for name, m in d.fleet.members.items()}
         return [(x.job_id, x.backend) for x in decide_hedges(infos, plans, live, at, policy, kinds)]
 
-    return await d.hedge_tick(now, decide if h.enabled else None, note, h.overrun_factor, h.min_overrun_s)
+    def restart(runs: list[Any], at: float) -> list[tuple[str, str]]:
+        infos = []
+        for r in runs:
+            m = d.fleet.members.get(r.backend)
+            if m is None:
+                continue
+            est = r.plan.estimates.get(r.backend)
+            infos.append(RunningInfo(r.job.id, r.backend, r.started_at, r.predicted_s,
+                                     est.log_sd if est is not None else 0.0, m.spec.kind, False,
+                                     restarted=r.job.id in d.restarted))
+        kinds = {name: m.spec.kind for name, m in d.fleet.members.items()}
+        plans = {r.job.id: _without_blocked(r) for r in runs}
+        return [(x.job_id, x.reason) for x in decide_restarts(infos, plans, at, policy, kinds)]
+
+    return await d.hedge_tick(now, decide if h.enabled else None, note, h.overrun_factor, h.min_overrun_s,
+                              restart if h.enabled and h.restart else None)
 
 
 async def probe(d: Any, settings: Settings, now: float) -> int:

@@ -51,6 +51,9 @@ class RunLife:
     waiters: dict[str, list[asyncio.Future[None]]]
     finished: collections.OrderedDict[str, dict[str, Any]]
     _preempting: dict[str, str]
+    _restarting: dict[str, str]
+    restarted: set[str]
+    restarts: int
     _stopping: set[tuple[str, int]]
     db: Callable[..., Any]
     enqueue: Callable[..., None]
@@ -128,6 +131,11 @@ class RunLife:
                 self._forget(r)
                 await self.requeue_preempted(r)
                 return
+            if r.job.id in self._restarting and r.primary is None:
+                reason = self._restarting.pop(r.job.id)
+                self._forget(r)
+                await self.requeue_restarted(r, reason)
+                return
             self._forget(r)
             return
         if outcome == "stopped":   # stopped, but not by us (a pool restarting): place it again
@@ -177,6 +185,7 @@ class RunLife:
         self.running.pop(r.job.id, None)
         self.fleet.run_succeeded(r.backend)
         self._preempting.pop(r.job.id, None)
+        self._restarting.pop(r.job.id, None)
         self._stopping.discard((r.job.id, r.attempt))
         result = dict(result)
         result["queue_s"] = r.started_at - (r.created_at or r.started_at)
@@ -254,6 +263,10 @@ class RunLife:
         if self._preempting.pop(r.job.id, None) is not None and outcome in ("actor_died", "error"):
             await self.requeue_preempted(r)
             return
+        reason = self._restarting.pop(r.job.id, None)
+        if reason is not None and outcome in ("actor_died", "error"):
+            await self.requeue_restarted(r, reason)
+            return
         log.warning("job %s attempt %d on %s: %s (%s)", r.job.id, r.attempt, r.backend, outcome, error)
         self._count_failure(r.backend, outcome)
         self.observer.on_attempt_failed(r.backend, outcome)
@@ -289,6 +302,20 @@ class RunLife:
         self.enqueue(r.job, r.view, r.created_at, r.plan)
         self.kick()
 
+    async def requeue_restarted(self, r: Running, reason: str) -> None:
+        """Back to the queue (same place in line) without the backend that overran, planned again
+        with what run memory now knows of the circuit (``restart``)."""
+        if not await self.db(self.store.end_attempt, r.job.id, r.attempt, "restarted", reason, then="requeue"):
+            return
+        view = replace(r.view, blocked=r.view.blocked | {r.backend})
+        p = self.plan_for(view)
+        if hopeless(p):
+            await self.give_up(r.job.id, f"restarted after overrunning on {r.backend}, and no other backend can "
+                                         "run it", p, job=r.job, created_at=r.created_at)
+            return
+        self.enqueue(r.job, view, r.created_at, p)
+        self.kick()
+
     async def give_up(self, job_id: str, error: str, p: Plan, *, job: PreparedJob | None = None,
                       created_at: float | None = None) -> None:
         await self.db(self.store.save_explanation, job_id, self.annotated(explain(p, None)))
@@ -302,6 +329,7 @@ class RunLife:
         """The job ended: wake its waiters; forget what only live jobs need."""
         self.choices.pop(job_id, None)
         self.flags.pop(job_id, None)
+        self.restarted.discard(job_id)
         for fut in self.waiters.pop(job_id, []):
             if not fut.done():
                 fut.set_result(None)
@@ -356,6 +384,33 @@ class RunLife:
             self._preempting.pop(r.job.id, None)
             self._forget(r)
             asyncio.ensure_future(self.requeue_preempted(r))
+
+
+    def restart(self, r: Running, reason: str) -> bool:
+        """Stop an overrunning run that could get no backup and place its job again without that
+        backend (``placement.hedging.decide_restarts``); once per job. Only the run is stopped."""
+        if (self.running.get(r.job.id) is not r or r.backup is not None or r.backup_pending
+                or r.job.id in self._preempting or r.job.id in self._restarting or r.job.id in self.restarted):
+            return False
+        log.warning("job %s: %s", r.job.id, reason)
+        self.restarted.add(r.job.id)
+        self.restarts += 1
+        self._restarting[r.job.id] = reason
+        m = self.fleet.members.get(r.backend)
+        actor = self.fleet.actor_of(r.backend)
+        if m is not None and m.spec.pool is not None and actor is not None:
+            self._stopping.add((r.job.id, r.attempt))
+            try:
+                actor.stop.remote(r.job.id, r.attempt)
+                return True
+            except Exception:
+                self._stopping.discard((r.job.id, r.attempt))
+        if r.task is not None:   # no pool to stop it in (injected fakes): end the watch, place it again
+            r.task.cancel()
+        self._restarting.pop(r.job.id, None)
+        self._forget(r)
+        asyncio.ensure_future(self.requeue_restarted(r, reason))
+        return True
 
 
 def _classify(exc: BaseException) -> tuple[str, str]:

@@ -151,3 +151,42 @@ def test_probes_race_only_unmeasured_other_methods_on_free_cores():
     assert decide_probes([run], {"j": p()}, busy, 0.0, kinds) == []           # no free core
     assert decide_probes([RunningInfo("j", "cpu-a/statevector", 0.0, 1.0, has_backup=True)], {"j": p()},
                          free, 0.0, kinds) == []                              # one backup per job
+
+
+# ---- restarts: no core for a backup ----------------------------------------------------------------
+# (case, runs, plans, now, expected [(job, alternative)]); a run predicted 1 s, threshold 3 s
+RESTART_CASES = [
+    ("within its prediction: nothing", [run()], {"j": plan_of("j", mps=1.0, sv=0.5)}, 2.0, []),
+    ("overran, another method on its pool needs <= half the remaining time: restart",
+     [run()], {"j": plan_of("j", mps=1.0, sv=2.0)}, 4.0, [("j", SV)]),
+    ("the fastest such alternative", [run()], {"j": plan_of("j", mps=1.0, sv=1.5, sv2=1.0)}, 4.0, [("j", SV2)]),
+    ("the alternative needs more than half the remaining time: keep the run",
+     [run()], {"j": plan_of("j", mps=1.0, sv=2.5)}, 4.0, []),
+    ("only the same method on other threads: it would repeat the overrun",
+     [run(backend=SV)], {"j": plan_of("j", sv=1.0, sv2=0.1)}, 4.0, []),
+    ("only another pool: a stop frees nothing there", [run()], {"j": plan_of("j", mps=1.0, sv_b=0.1)}, 4.0, []),
+    ("never a QPU run, nor onto a QPU", [run(backend=QPU, kind="qpu")], {"j": plan_of("j", qpu=1.0, sv=0.1)},
+     10.0, []),
+    ("not onto a QPU", [run()], {"j": plan_of("j", mps=1.0, qpu=0.1)}, 4.0, []),
+    ("a job with a backup, or restarted once already: never", [run(has_backup=True), run("k", restarted=True)],
+     {"j": plan_of("j", mps=1.0, sv=0.1), "k": plan_of("k", mps=1.0, sv=0.1)}, 4.0, []),
+    ("one restart per pool, the worst overrun first",
+     [run("j", predicted=1.0), run("k", predicted=0.5, backend=STAB)],
+     {"j": plan_of("j", mps=1.0, sv=0.1), "k": plan_of("k", stab=0.5, sv=0.1)}, 4.0, [("k", SV)]),
+]
+
+
+@pytest.mark.parametrize("case, runs, plans, now, expected", RESTART_CASES, ids=[c[0] for c in RESTART_CASES])
+def test_decide_restarts(case, runs, plans, now, expected):
+    from ray_qalloc.placement.hedging import RESTART_GAIN, decide_restarts
+
+    got = decide_restarts(runs, plans, now, HedgePolicy(k=3.0, min_elapsed_s=0.0))
+    assert [(r.job_id, r.alternative) for r in got] == expected
+    for r in got:
+        assert r.alternative_s <= RESTART_GAIN * r.remaining_s and r.backend != r.alternative
+
+
+def test_a_job_that_got_a_backup_this_tick_is_not_restarted():
+    from ray_qalloc.placement.hedging import decide_restarts
+
+    assert decide_restarts([run()], {"j": plan_of("j", mps=1.0, sv=0.1)}, 4.0, hedged=["j"]) == []

@@ -1,7 +1,8 @@
 """Hedging and stopping, live: a real PoolActor on the session's Ray runs a volume-law circuit
 that the cost model wrongly believes is fast on MPS. The run overruns, a backup starts on
 statevector, the first result wins and the MPS run is stopped (its core comes back); the next
-job of the same circuit goes to statevector at once (run memory)."""
+job of the same circuit goes to statevector at once (run memory). With no core free for a
+backup, the overrunning run itself is stopped and the job placed again without MPS."""
 
 from __future__ import annotations
 
@@ -93,6 +94,45 @@ def test_an_overrunning_run_is_hedged_and_the_loser_is_stopped(qa, tmp_path):
     assert rec2["result"]["backend"] == f"{pool}/statevector"
     assert [h["outcome"] for h in rec2["attempt_history"]] == ["completed"]
     assert ex2["backends"][f"{pool}/mps"]["source"].startswith("memory")
+
+
+def test_an_overrunning_run_with_no_free_core_is_stopped_and_placed_again(qa, tmp_path):
+    """The same wrong prediction on a pool with ONE core: no backup can start beside the MPS run,
+    which would hold the core until the hard timeout. It is stopped (its core comes back) and the
+    job placed again without MPS, keeping its place; it completes on statevector."""
+    node = ray.get_runtime_context().get_node_id()
+    pool = "cpu-restart"
+    actor = RemotePoolActor.options(**pool_actor_options(pool, node, "restart-test", use_resource=False)).remote(
+        pool, node, ("statevector",))
+    specs = [s for s in pool_candidate_specs(pool, cores=1, memory_bytes=4 << 30,
+                                             methods=["matrix_product_state", "statevector"]) if s.threads == 1]
+    settings = load_settings(data_dir=tmp_path, health_interval_s=0.5, history_flush_s=60.0,
+                             hedge={"overrun_factor": 3.0, "min_overrun_s": 0.5, "interval_s": 0.1,
+                                    "probe_idle": False})
+    job = prepare_job(make_spec(circuit=volume_law(18), shots=100), Limits())
+
+    async def main() -> tuple[Any, ...]:
+        alloc = Allocator(settings, members={s.name: (s, actor) for s in specs}, node_cpus={pool: 1.0},
+                          predictor=MpsOptimist())
+        # a one-core node: the pool's ping reports this machine's cores, which would give the
+        # scheduler a second core for a backup
+        alloc.d.pool_measured = lambda *args, **kwargs: None  # type: ignore[method-assign]
+        await alloc.ready()
+        t0 = time.monotonic()
+        first = await alloc.submit(job)
+        rec = await alloc.wait(first["id"], timeout=120)
+        took = time.monotonic() - t0
+        await asyncio.sleep(1.0)
+        return rec, took, await _aref(actor.running.remote()), await alloc.stats()
+
+    rec, took, running_after, stats = asyncio.run(main())
+    ray.kill(actor)
+    history = [(h["backend"], h["outcome"]) for h in rec["attempt_history"]]
+    assert rec["state"] == "completed"
+    assert history == [(f"{pool}/mps", "restarted"), (f"{pool}/statevector", "completed")], history
+    assert took < 30.0                     # MPS alone runs for minutes on this circuit
+    assert running_after == []             # the MPS run was stopped, not left to burn the core
+    assert stats["restarts"] == 1 and stats["hedges"] == 0
 
 
 class MpsPessimist(MpsOptimist):

@@ -239,6 +239,40 @@ def test_qalloc_learns_a_wrong_mps_prediction_after_the_first_overrun():
     assert plain["mean_jct_s"] > 10 * m["mean_jct_s"]
 
 
+def test_with_no_core_for_a_backup_an_overrunning_run_is_restarted_keeping_its_place():
+    """As live (``RunLife.restart``): one core, two jobs of a circuit the model believes fast on
+    MPS (truth: 60 s; statevector 1 s). No backup can start beside the first MPS run, so it is
+    stopped and the job queued again without MPS, ahead of the later job; both end on statevector
+    in seconds, where without restarts the first would hold the core for its whole MPS run."""
+    from benchmarks.live_learning import LearningPlanner, live_hedger
+    from ray_qalloc.costmodel.memory import MemoryPredictor, RunMemory
+    from ray_qalloc.placement.model import BackendView
+
+    pool = CANDIDATES[:2]
+    views = [BackendView(s) for s in pool]
+    jobs = [SimJob("q0", 0.0, view("q0", key="qv-20"), "qv-20"), SimJob("q1", 0.2, view("q1", key="qv-20b"), "qv-20b")]
+    truth = {"q0": {MPS: 60.0, SV: 1.0}, "q1": {MPS: 60.0, SV: 1.0}}
+
+    def run(restart: bool) -> tuple[dict, dict]:
+        from ray_qalloc.config import load_settings
+
+        settings = load_settings(hedge={"restart": restart, "probe_idle": False})
+        planner = LearningPlanner(views, MemoryPredictor(_Toy(), RunMemory()), {s.name: s for s in pool},
+                                  settings=settings)
+        hedger, info = live_hedger(planner, settings)
+        rec: list[dict] = []
+        m = simulate(jobs, truth, planner, pool, "qalloc", record=rec, node_cpus={"p": 1.0}, hedger=hedger,
+                     hedge_check_s=info["interval_s"])
+        return m, {r["id"]: r for r in rec}
+
+    m, by = run(True)
+    assert m["restarts"] >= 1 and m["hedges"] == 0
+    assert by["q0"]["backend"] == SV and by["q0"]["completion_s"] < 5.0
+    assert by["q1"]["completion_s"] < 10.0 and by["q0"]["completion_s"] < by["q1"]["completion_s"]
+    slow, _ = run(False)
+    assert slow["restarts"] == 0 and slow["mean_jct_s"] > 5 * m["mean_jct_s"]
+
+
 def test_ratios_and_goals_depend_on_the_mix():
     jobs, truth, plans, fid = small_trace()
     res = run_all(jobs, truth, plans, fid)

@@ -21,6 +21,14 @@ Bounds: at most one backup per job (ever: ``has_backup``), only on capacity that
 (``LiveState.can_start``, and at most one backup per pool per decision, since candidates of
 one pool share its cores), never for QPU runs and never onto a QPU (a QPU job costs money,
 is not idempotent, and its result is noisy where the simulator's is exact).
+
+When no capacity is free, a backup cannot start, and the overrunning run would hold its cores
+until the hard timeout — every job behind it waiting too (two MPS runs of a volume-law circuit,
+predicted 0.46 s, held both cores of a node past 20 s). ``decide_restarts`` is the second
+defence: a run that overruns with no backup is stopped and placed again, blocked from the
+backend that overran, when another method on the same pool (whose cores the stop frees) is
+expected to finish in at most ``RESTART_GAIN`` of what the run is expected still to need. What
+it ran is thrown away, so it happens at most once per job, never to a QPU run.
 """
 
 from __future__ import annotations
@@ -40,6 +48,10 @@ OVERRUN_QUANTILE_Z = 1.2816
 #: so its expected remaining time is taken as ``e`` (the same rule as the run memory's
 #: ``CENSORED_FACTOR``). The prediction no longer helps: it has already been passed k-fold.
 REMAINING_PER_ELAPSED = 1.0
+#: A restart throws away what the run did and its remaining time is itself a median guess
+#: (``REMAINING_PER_ELAPSED``): it pays only if the alternative is expected to need at most
+#: half of that — the same margin as a median guess being off by 2x.
+RESTART_GAIN = 0.5
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,7 @@ class RunningInfo:
     log_sd: float = 0.0     # the estimate's spread (Estimate.log_sd)
     kind: str = "simulator"   # "simulator" | "qpu"
     has_backup: bool = False  # a backup was started for this job (or this run is one)
+    restarted: bool = False   # the job was stopped and placed again once already
 
     def elapsed(self, now: float) -> float:
         return max(now - self.started, 0.0)
@@ -180,6 +193,68 @@ def _backup(run: RunningInfo, p: Plan, live: Mapping[str, LiveState], now: float
     reason = (f"{run.backend} has run {elapsed:.3g} s, predicted {run.predicted_s:.3g} s: expected "
               f"{remaining:.3g} s more; {name} is free and predicted to finish in {finish:.3g} s")
     return Hedge(run.job_id, name, reason, finish, remaining)
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Stop ``job_id``'s run on ``backend`` and place the job again without that backend."""
+
+    job_id: str
+    backend: str
+    reason: str
+    alternative: str            # what the restarted job is expected to run on
+    alternative_s: float        # its risk-adjusted runtime there
+    remaining_s: float          # the stopped run's expected remaining time
+
+
+def decide_restarts(runs: Iterable[RunningInfo], plans: Mapping[str, Plan], now: float,
+                    policy: HedgePolicy | None = None, kinds: Mapping[str, str] | None = None,
+                    hedged: Iterable[str] = ()) -> list[Restart]:
+    """Overrunning runs to stop and place again (module docstring), worst overrun first.
+
+    A run qualifies when it is past its threshold, is a simulator run, has no backup (its
+    job never had one), was not restarted before and got no backup in this tick (``hedged``).
+    The alternative is the candidate of its plan on the same pool with another method (the
+    method that overran is what the evidence condemns; a thread count of it would repeat it),
+    a simulator, whose risk-adjusted runtime is at most ``RESTART_GAIN`` × the run's expected
+    remaining time; the fastest such. One restart per pool per call: a second stop would free
+    cores the first restart's job is already expected to use."""
+    policy = policy or HedgePolicy()
+    skip = set(hedged)
+    due: list[tuple[float, str, RunningInfo]] = []
+    for run in runs:
+        if run.has_backup or run.restarted or run.kind == "qpu" or run.job_id in skip:
+            continue
+        limit = policy.threshold(run)
+        elapsed = run.elapsed(now)
+        if elapsed > limit:
+            due.append((-(elapsed / limit) if limit > 0 else -math.inf, run.job_id, run))
+    due.sort(key=lambda item: (item[0], item[1]))
+    taken: set[str] = set()
+    out: list[Restart] = []
+    for _, _, run in due:
+        pool, method = _pool_of(run.backend), method_of_name(run.backend)
+        p = plans.get(run.job_id)
+        if p is None or pool in taken:
+            continue
+        remaining = remaining_estimate(run, now)
+        best: tuple[float, str] | None = None
+        for name, est in p.estimates.items():
+            if (name == run.backend or _pool_of(name) != pool or method_of_name(name) == method
+                    or not _is_simulator(name, kinds)):
+                continue
+            runtime = expected_runtime(est.runtime_s, est.log_sd)
+            if runtime <= RESTART_GAIN * remaining and (best is None or (runtime, name) < best):
+                best = (runtime, name)
+        if best is None:
+            continue
+        runtime, name = best
+        out.append(Restart(run.job_id, run.backend,
+                           f"{run.backend} has run {run.elapsed(now):.3g} s, predicted {run.predicted_s:.3g} s, and no "
+                           f"core was free for a backup: stopped and placed again ({name} predicted {runtime:.3g} s)",
+                           name, runtime, remaining))
+        taken.add(pool)
+    return out
 
 
 def _pool_of(name: str) -> str:
