@@ -16,6 +16,14 @@ NON_UNITARY: frozenset[str] = frozenset({"measure", "reset"})
 NOT_GATES: frozenset[str] = DIRECTIVES | NON_UNITARY
 IDENTITY = "id"
 
+# Not operations: markers intake adds to a job's operation names for what it asks of a backend
+# beyond its gates — expectation values (an estimator job) and a measurement before the end.
+# Every CPU simulator and QPU runner serves both; a backend that cannot lists them in
+# ``BackendSpec.refuses`` (the GPU engines), and the operations filter keeps such jobs off it.
+EXPECTATION = "expectation"
+MID_MEASURE = "mid_circuit_measure"
+JOB_MARKERS: frozenset[str] = frozenset({EXPECTATION, MID_MEASURE})
+
 # Control-flow operations that carry blocks of their own ...
 CONTROL_FLOW_BLOCKS: frozenset[str] = frozenset({"if_else", "for_loop", "while_loop", "switch_case"})
 # ... the jumps inside loops ...

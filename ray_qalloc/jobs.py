@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ray_qalloc import runopts
+from ray_qalloc import gates, runopts
 from ray_qalloc.config import Limits
 from ray_qalloc.exceptions import InvalidJobSpec, LimitExceeded
 from ray_qalloc.priority import rank as _class_rank
@@ -244,6 +244,10 @@ def prepare_job(spec: JobSpec, limits: Limits, *, job_id: str | None = None) -> 
     if circuit is not parsed.circuit:
         ops["measure"] = ops.get("measure", 0) + circuit.num_qubits
     feats = circuits.circuit_features(circuit, shots=shots, op_counts=ops)
+    if options.observables is not None:      # what the job asks of a backend beyond its gates
+        ops[gates.EXPECTATION] = 1
+    if feats.get("mid_circuit_measure"):
+        ops[gates.MID_MEASURE] = 1
     payload = runopts.wrap_payload(circuits.encode_payload(spec.circuit, parsed), options)
     return PreparedJob(
         id=job_id or new_job_id(), tenant=spec.tenant, priority=spec.priority, intent=intent,

@@ -126,6 +126,49 @@ def test_memory_filter_uses_the_reported_gpu_memory():
     assert f.check(_job(29), BackendView(spec, memory_free_bytes=free)).ok
 
 
+def test_estimator_reset_and_mid_circuit_jobs_stay_off_the_gpu_pool_and_run_on_cpu(tmp_path):
+    """What the GPU runners cannot run (expectation values, resets, a measurement before the end)
+    is filtered out of the GPU pool at placement — it used to be placed there and fail over —
+    while CPU candidates and QPUs still take it. The markers come from intake."""
+    from qiskit import QuantumCircuit
+
+    from ray_qalloc.backends.pools import pool_candidate_specs as cpu_specs
+    from ray_qalloc.config import Limits
+    from ray_qalloc.gates import EXPECTATION, MID_MEASURE
+    from ray_qalloc.jobs import make_spec, prepare_job
+    from ray_qalloc.placement.filters import OperationsFilter
+
+    gpu = {s.name: s for s in _gpu_specs(StaticProbe.present(1, 80.0))}
+    cpu = {s.name: s for s in cpu_specs("cpu-abcd1234", cores=2, memory_bytes=8 * GiB, methods=["statevector"])}
+    bell = QuantumCircuit(2)
+    bell.h(0)
+    bell.cx(0, 1)
+    mid = bell.copy()
+    mid.measure_all()
+    mid.h(0)
+    mid.measure_all(add_bits=True)
+    reset = bell.copy()
+    reset.reset(0)
+    reset.measure_all()
+    plain = bell.copy()
+    plain.measure_all()
+    jobs = {"estimator": make_spec(circuit=bell, observables=[{"ZZ": 1.0}]), "mid": make_spec(circuit=mid),
+            "reset": make_spec(circuit=reset), "plain": make_spec(circuit=plain)}
+    prepared = {k: prepare_job(v, Limits()) for k, v in jobs.items()}
+    assert EXPECTATION in prepared["estimator"].ops and MID_MEASURE in prepared["mid"].ops
+    assert not (prepared["plain"].ops & {EXPECTATION, MID_MEASURE})
+    f = OperationsFilter()
+    for kind, job in prepared.items():
+        view = JobView(job.id, job.num_qubits, job.ops, job.features, job.shots)
+        on_gpu = {name: f.check(view, BackendView(spec)) for name, spec in gpu.items()}
+        on_cpu = {name: f.check(view, BackendView(spec)) for name, spec in cpu.items()}
+        assert all(st.ok for st in on_cpu.values()), (kind, on_cpu)
+        if kind == "plain":
+            assert all(st.ok for st in on_gpu.values()), on_gpu
+        else:
+            assert all(st.code == "unresolvable" and "cannot run" in st.reasons[0] for st in on_gpu.values()), on_gpu
+
+
 class _Listener:
     def __init__(self):
         self.health, self.measured = [], []

@@ -52,6 +52,7 @@ class BackendSpec:
     price: Price = field(default_factory=Price)
     description: str = ""
     pool: str | None = None          # the simulator pool this (method, threads) variant runs in
+    refuses: tuple[str, ...] = ()    # operations and job markers (gates.JOB_MARKERS) it cannot run
 
     @property
     def resource_name(self) -> str:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ray_qalloc.backends.base import BackendSpec, Calibration, Price, RunResult
 from ray_qalloc.backends.pools import candidate_name
 from ray_qalloc.exceptions import BackendError
+from ray_qalloc.gates import EXPECTATION, MID_MEASURE
 
 if TYPE_CHECKING:  # pragma: no cover
     from qiskit import QuantumCircuit
@@ -44,6 +45,10 @@ GPU_PRICE = Price(per_second=0.001)   # a GPU-second costs ~10x a core-second (c
 TN_MAX_QUBITS = 1000                  # a width cap only; whether a network contracts is the prior's call
 TN_SAMPLE_GROUP = 4                   # qubits per conditional marginal in our own sampler (2^4 outcomes)
 STATEVECTOR_ENGINES = ("aer_gpu", "custatevec")
+# What the GPU runners cannot run, whichever engine the node has: cuStateVec and cuTensorNet apply
+# gates to a network (no resets, no measurement before the end), and no engine computes
+# expectation values yet — the operations filter keeps such jobs on CPU pools and QPUs.
+GPU_REFUSES = ("reset", MID_MEASURE, EXPECTATION)
 
 
 @lru_cache(maxsize=1)
@@ -77,7 +82,7 @@ def gpu_candidate_spec(pool: str, method: str, gpus: int, *, gpus_in_pool: float
     return BackendSpec(
         name=candidate_name(pool, method, held), kind="simulator", family="gpu", num_qubits=width,
         slots=pool_gpus, method=method, basis_gates=tuple(sorted(gpu_operations())), memory_bytes=budget,
-        threads=held, noisy=False, price=price or GPU_PRICE, pool=pool,
+        threads=held, noisy=False, price=price or GPU_PRICE, pool=pool, refuses=GPU_REFUSES,
         description=f"GPU {what} on pool {pool}.")
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Protocol
 
-from ray_qalloc.gates import CLIFFORD_GATES, CONTROL_FLOW_BLOCKS, IDENTITY, LOOP_CONTROL, NOT_GATES
+from ray_qalloc.gates import CLIFFORD_GATES, CONTROL_FLOW_BLOCKS, IDENTITY, JOB_MARKERS, LOOP_CONTROL, NOT_GATES
 from ray_qalloc.placement.model import OK, BackendView, Estimate, JobView, Status
 
-# Operations every backend accepts: transpilation maps standard gates to any basis.
-_DIRECTIVES = NOT_GATES | {IDENTITY}
+# Operations every backend accepts (transpilation maps standard gates to any basis), and the
+# job markers (what a backend refuses of them is ``spec.refuses``).
+_DIRECTIVES = NOT_GATES | {IDENTITY} | JOB_MARKERS
 _CONTROL_FLOW = CONTROL_FLOW_BLOCKS | LOOP_CONTROL
 CLIFFORD_OPS = CLIFFORD_GATES | _DIRECTIVES
 
@@ -76,6 +77,10 @@ class OperationsFilter:
 
     def check(self, job: JobView, backend: BackendView) -> Status:
         spec = backend.spec
+        if spec.refuses:
+            refused = sorted(job.ops.intersection(spec.refuses))
+            if refused:
+                return Status("unresolvable", self.name, (f"cannot run {', '.join(refused)}",))
         ops = job.ops - _DIRECTIVES
         if spec.clifford_only:
             bad = sorted(ops - CLIFFORD_OPS)
