@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -204,8 +205,16 @@ def check_precision(precision: Any) -> float | None:
 
 def shots_for_precision(precision: float) -> int:
     """Shots per measurement basis so that each Pauli term's standard error is at most ``precision``
-    (as Qiskit's BackendEstimatorV2 and IBM Runtime do: ⌈1/precision²⌉)."""
-    return int(math.ceil(1.0 / precision**2))
+    (as Qiskit's BackendEstimatorV2 and IBM Runtime do: ⌈1/precision²⌉).
+
+    Any finite precision > 0 gets an answer: one shot from precision 1 up (``precision**2``
+    overflows past ~1e154), and ``sys.maxsize`` — more than any shot limit, so intake refuses it
+    with the smallest precision it takes — where ⌈1/precision²⌉ is not a finite number."""
+    if precision >= 1.0:
+        return 1
+    inverse = 1.0 / precision
+    shots = inverse * inverse          # float multiplication gives inf, where ** raises OverflowError
+    return int(math.ceil(shots)) if shots < sys.maxsize else sys.maxsize
 
 
 def smallest_precision(max_shots: int) -> float:

@@ -8,10 +8,13 @@ an ideal simulator run through the same code path, against its own reported stan
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from qiskit import QuantumCircuit
 from qiskit.circuit import Parameter, ParameterVector
 from qiskit.primitives import PrimitiveResult, PubResult, StatevectorEstimator
@@ -347,3 +350,36 @@ def test_the_precision_a_refusal_suggests_is_taken():
             prepare_job(make_spec(circuit=qasm, shots=100, observables=[{"ZZ": 1.0}], precision=1e-4), limits)
         suggested = float(re.search(r"at least ([0-9.eE+-]+)\.", err.value.fix).group(1))
         prepare_job(make_spec(circuit=qasm, shots=100, observables=[{"ZZ": 1.0}], precision=suggested), limits)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(min_value=5e-324, max_value=1.7976931348623157e308, allow_nan=False, allow_infinity=False),
+       st.floats(min_value=5e-324, max_value=1.7976931348623157e308, allow_nan=False, allow_infinity=False))
+def test_shots_for_any_finite_precision_are_a_positive_int_that_falls_as_precision_grows(a, b):
+    """A fuzzer sent precision 1e308 (``precision**2`` overflowed: a 500); 1e-200 squares to 0.
+    Every finite precision > 0 gets a shot count, never more for a looser precision, and
+    exactly ⌈1/precision²⌉ (by exact rational arithmetic) where that is an ordinary number."""
+    from fractions import Fraction
+
+    from ray_qalloc.runopts import shots_for_precision
+
+    lo, hi = sorted((a, b))
+    s_lo, s_hi = shots_for_precision(lo), shots_for_precision(hi)
+    assert isinstance(s_lo, int) and s_hi >= 1 and s_lo >= s_hi
+    if 1e-6 <= lo < 1.0:
+        exact = Fraction(1) / (Fraction(lo) ** 2)
+        assert abs(s_lo - math.ceil(exact)) <= 1      # the float path may round one ulp either way
+
+
+def test_an_estimator_job_with_an_extreme_precision_is_taken_or_refused_never_a_crash():
+    from ray_qalloc.config import Limits
+    from ray_qalloc.exceptions import LimitExceeded
+    from ray_qalloc.jobs import make_spec, prepare_job
+
+    bell = "OPENQASM 2.0;\ninclude \"qelib1.inc\";\nqreg q[2];\ncreg c[2];\nh q[0];\ncx q[0],q[1];\nmeasure q -> c;\n"
+    job = prepare_job(make_spec(circuit=bell, observables=[{"ZZ": 1.0}], precision=1.086606711163977e308), Limits())
+    assert job.shots == 1
+    for tiny in (1e-160, 1e-200, 5e-324):
+        with pytest.raises(LimitExceeded) as e:
+            prepare_job(make_spec(circuit=bell, observables=[{"ZZ": 1.0}], precision=tiny), Limits())
+        assert e.value.field == "precision"
