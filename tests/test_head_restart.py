@@ -95,10 +95,10 @@ def test_the_crash_hit_work_in_flight(record):
 def test_every_accepted_job_completes_exactly_once(record):
     s = summary(record)
     rec = record["jobs"]["reconcile"]
-    # a floor that makes the test mean something, not a throughput goal: one submission a
-    # second for 15 s, the loop blocked while the head is down; 7-12 arrive depending on how
-    # fast the API answers on the machine (the head-outage benchmark reports the rate)
-    assert s["accepted"] >= 5, record["jobs"]
+    # what makes the test mean something is jobs accepted on both sides of the outage, not how
+    # many: one submission a second for 15 s, the loop blocked while the head is down; 7-12
+    # arrive on a quiet machine, 3 at load ~20 (the head-outage benchmark reports the rate)
+    assert s["accepted"] > record["kill"]["accepted_before"] >= 1, (record["kill"], record["jobs"])
     assert s["lost"] == 0 and rec["failed"] == 0 and rec["not_finished"] == 0 and rec["missing"] == 0, rec
     assert s["duplicated_results"] == 0, rec
     assert record["jobs"]["refused"] == [], record["jobs"]["refused"]
