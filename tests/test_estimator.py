@@ -164,15 +164,16 @@ def test_vqe_with_scipy_minimize_runs_through_the_allocator(estimator: QAllocEst
 
 
 def test_emulated_qpu_gives_shot_based_values(client: RecordingClient) -> None:
-    estimator = QAllocEstimator(client, intent="quantum", backends=["qpu_torino"], timeout_s=240)
-    pub = (ansatz(), OBS, [0.4, 1.3], 0.05)
+    estimator = QAllocEstimator(client, intent="quantum", backends=["qpu_torino"], timeout_s=240, seed=11)
+    pub = (ansatz(), OBS, [0.4, 1.3], 0.025)   # shot noise sd ~0.025: the 0.2 bound below is not a coin toss
     ours = estimator.run([pub]).result()[0]
     ref = reference([pub])[0]
     assert ours.metadata["backends"] == ["qpu_torino"] and ours.metadata["exact"] == [False]
     # ZZ, XX and YZ commute qubit-wise with none of the others; XI joins XX; IY needs its own
-    assert ours.metadata["shots"] == [4 * 400]
-    assert np.all(ours.data.stds > 0) and np.all(ours.data.stds < 0.1)
-    # device noise on a 2-qubit circuit: close, not exact
+    assert ours.metadata["shots"] == [4 * 1600]
+    assert np.all(ours.data.stds > 0) and np.all(ours.data.stds < 0.05)
+    # device noise on a 2-qubit circuit: close, not exact (at precision 0.05 shot noise alone
+    # once took a value 0.205 from the exact one)
     np.testing.assert_allclose(ours.data.evs, ref.data.evs, atol=0.2)
 
 

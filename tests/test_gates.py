@@ -19,9 +19,12 @@ _CLIFFORD_16 = {"h", "s", "sdg", "x", "y", "z", "cx", "cz", "cy", "swap", "id", 
 
 
 def test_filters_keep_their_sets():
-    assert filters._DIRECTIVES == {"measure", "barrier", "reset", "delay", "id"}
+    # the job markers (what a job asks beyond its gates) pass the Clifford and control-flow checks;
+    # a backend refuses them by ``BackendSpec.refuses``
+    assert gates.JOB_MARKERS == {"expectation", "mid_circuit_measure"}
+    assert filters._DIRECTIVES == {"measure", "barrier", "reset", "delay", "id"} | gates.JOB_MARKERS
     assert filters._CONTROL_FLOW == {"if_else", "for_loop", "while_loop", "switch_case", "break_loop", "continue_loop"}
-    assert filters.CLIFFORD_OPS == _CLIFFORD_16 | {"measure", "barrier", "reset", "delay"}
+    assert filters.CLIFFORD_OPS == _CLIFFORD_16 | {"measure", "barrier", "reset", "delay"} | gates.JOB_MARKERS
 
 
 def test_aer_keeps_its_sets():
