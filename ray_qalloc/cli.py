@@ -393,9 +393,12 @@ def demo(jobs: int = typer.Option(0, help="Run only the first N demo jobs (0: al
 def _short_reason(res: Any, n_scored: int, n_filtered: int) -> str:
     outcomes = [a.get("outcome") for a in (res.failover_history or [])]
     raced = outcomes.count("hedge_lost")
-    failed = len(outcomes) - 1 - raced
+    moved = outcomes.count("restarted") + outcomes.count("preempted")   # stopped on purpose, not failed
+    failed = len(outcomes) - 1 - raced - moved - outcomes.count("probe_stopped")
     if failed > 0:
         return f"failover after {failed} failed attempt(s)"
+    if outcomes.count("restarted"):
+        return "restarted: overran its prediction with no core free for a backup"
     if raced:   # a backup beside the first choice finished first (an idle-core probe or a hedge)
         return f"won a race against {res.attempts - 1} other method(s)"
     return f"best of {n_scored} candidates ({n_filtered} filtered out)"

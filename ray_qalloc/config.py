@@ -202,6 +202,9 @@ class HedgeSettings(BaseModel):
     restart: bool = Field(True, description="An overrunning simulator run that got no backup (no core was "
                           "free) is stopped and placed again without that backend, once per job, when another "
                           "method on its pool is expected to need at most half its remaining time.")
+    restart_min_s: float = Field(5.0, ge=0, description="A run is never restarted before it has run this long: "
+                                 "a restart throws away what ran, and in its first seconds a run may be waiting "
+                                 "for its worker to start.")
 
 
 class ClassWeights(BaseModel):

@@ -38,7 +38,7 @@ def hedge_policy(settings: Settings) -> Any:
     from ray_qalloc.placement.hedging import HedgePolicy
 
     h = settings.hedge
-    return HedgePolicy(k=h.overrun_factor, min_elapsed_s=h.min_overrun_s)
+    return HedgePolicy(k=h.overrun_factor, min_elapsed_s=h.min_overrun_s, restart_min_s=h.restart_min_s)
 
 
 async def tick(d: Any, settings: Settings, now: float) -> int:

@@ -180,7 +180,7 @@ RESTART_CASES = [
 def test_decide_restarts(case, runs, plans, now, expected):
     from ray_qalloc.placement.hedging import RESTART_GAIN, decide_restarts
 
-    got = decide_restarts(runs, plans, now, HedgePolicy(k=3.0, min_elapsed_s=0.0))
+    got = decide_restarts(runs, plans, now, HedgePolicy(k=3.0, min_elapsed_s=0.0, restart_min_s=0.0))
     assert [(r.job_id, r.alternative) for r in got] == expected
     for r in got:
         assert r.alternative_s <= RESTART_GAIN * r.remaining_s and r.backend != r.alternative
@@ -190,3 +190,15 @@ def test_a_job_that_got_a_backup_this_tick_is_not_restarted():
     from ray_qalloc.placement.hedging import decide_restarts
 
     assert decide_restarts([run()], {"j": plan_of("j", mps=1.0, sv=0.1)}, 4.0, hedged=["j"]) == []
+
+
+def test_no_restart_in_a_runs_first_seconds_whatever_its_prediction():
+    """A 6-qubit run predicted 4 ms was restarted at 0.5 s in the demo: its worker was starting."""
+    from ray_qalloc.placement.hedging import decide_restarts
+
+    tiny = [run(predicted=0.004)]
+    plans = {"j": plan_of("j", mps=0.004, sv=0.05)}
+    policy = HedgePolicy(k=3.0, min_elapsed_s=0.5, restart_min_s=5.0)
+    assert decide_restarts(tiny, plans, 0.6, policy) == []
+    assert decide_restarts(tiny, plans, 4.9, policy) == []
+    assert [r.alternative for r in decide_restarts(tiny, plans, 5.1, policy)] == [SV]
