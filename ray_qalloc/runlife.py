@@ -362,6 +362,22 @@ class RunLife:
                 self.sched.finish(run.sched_id)
         self._done(job_id)
 
+    def _stop_in_pool(self, r: Running) -> bool:
+        """Ask the run's pool to stop it on purpose (``_ended`` then sees it in ``_stopping``);
+        False where there is no pool to ask (a QPU, a gone pool, injected fakes)."""
+        m = self.fleet.members.get(r.backend)
+        actor = self.fleet.actor_of(r.backend)
+        if m is None or m.spec.pool is None or actor is None:
+            return False
+        key = (r.job.id, r.attempt)
+        self._stopping.add(key)
+        try:
+            actor.stop.remote(r.job.id, r.attempt)
+            return True
+        except Exception:   # the pool went away: the caller ends the watch itself
+            self._stopping.discard(key)
+            return False
+
     def preempt(self, run: Run, for_job: str) -> None:
         """Stop a batch simulator run for an emergency job; the batch job goes back to the queue
         keeping its place (nothing is lost). Only the run is stopped, not its pool."""
@@ -370,15 +386,8 @@ class RunLife:
             return
         log.warning("preempting batch job %s on %s for emergency job %s", run.job_id, run.backend, for_job)
         self._preempting[run.job_id] = run.backend
-        m = self.fleet.members.get(r.backend)
-        if m is not None and m.spec.pool is not None and self.fleet.actor_of(r.backend) is not None:
-            self._stopping.add((r.job.id, r.attempt))
-            actor = self.fleet.actor_of(r.backend)
-            try:
-                actor.stop.remote(r.job.id, r.attempt)
-                return
-            except Exception:
-                pass
+        if self._stop_in_pool(r):
+            return
         if r.task is not None:   # injected fakes: end the watch; the job is requeued
             r.task.cancel()
             self._preempting.pop(r.job.id, None)
@@ -396,15 +405,8 @@ class RunLife:
         self.restarted.add(r.job.id)
         self.restarts += 1
         self._restarting[r.job.id] = reason
-        m = self.fleet.members.get(r.backend)
-        actor = self.fleet.actor_of(r.backend)
-        if m is not None and m.spec.pool is not None and actor is not None:
-            self._stopping.add((r.job.id, r.attempt))
-            try:
-                actor.stop.remote(r.job.id, r.attempt)
-                return True
-            except Exception:
-                self._stopping.discard((r.job.id, r.attempt))
+        if self._stop_in_pool(r):
+            return True
         if r.task is not None:   # no pool to stop it in (injected fakes): end the watch, place it again
             r.task.cancel()
         self._restarting.pop(r.job.id, None)
