@@ -143,7 +143,7 @@ class Allocator(AllocatorLoops, OperatorOps, ThreatOps):
             self.scaling = PredictiveController(settings.scaling, merger.part("predictive"))
         else:
             self._autoscale = Requester(slots={}, resource_of=self.fleet.resource_of)
-        self._arrived, self._scaling_since = 0, time.time()
+        self._scaling_since = time.time()
         # A restarted allocator serves at once with the executors that answer; one still warming
         # up (restarted with it, or busy) is picked up by the health loop a moment later.
         if self._injected is None and _reconstructed():
@@ -249,12 +249,10 @@ class Allocator(AllocatorLoops, OperatorOps, ThreatOps):
     async def submit(self, job: PreparedJob) -> dict[str, Any]:
         """Store, then queue. Raises NoFeasibleBackend (nothing stored) if no backend could ever run it."""
         await self._wait_ready()
-        self._arrived += 1
         return await self.d.submit(job)
 
     async def submit_many(self, jobs: list[PreparedJob]) -> list[dict[str, Any]]:
         await self._wait_ready()
-        self._arrived += len(jobs)
         answers = await self.d.submit_many(jobs)
         if len(jobs) >= 1000:
             gc.freeze()   # queued jobs are acyclic and long-lived: keep them out of future passes

@@ -28,7 +28,6 @@ class ThreatOps:
     fleet: Any
     scaling: Any
     rule_engine: Any
-    _arrived: int
     _scaling_since: float
 
     _wait_ready: Any          # Allocator's: waits until the allocator serves

@@ -161,7 +161,6 @@ async def scaling_tick(alloc: Any, now: float) -> Decision:
     if not getattr(ctrl, "seeded_by_class", False):
         await seed_by_class(alloc, now)
     since, alloc._scaling_since = alloc._scaling_since, now
-    alloc._arrived = 0                                   # counted from the store, per class
     span = max(now - since, 1e-3)
     jobs, events = await alloc.d.db(class_history_from_store, alloc.store.engine, since, span, until=now,
                                     unplaced=_unplaced(alloc))

@@ -116,7 +116,7 @@ class _Alloc:
             return fn(*a, **kw)
 
         self.d = SimpleNamespace(db=db, queued={})
-        self._arrived, self._scaling_since = 0, 0.0
+        self._scaling_since = 0.0
 
     async def threat_add(self, raw: dict[str, Any], actor: str = "admin") -> dict[str, Any]:
         self.added.append(raw)
@@ -211,4 +211,3 @@ def test_the_real_allocator_runs_the_per_class_hook(tmp_path):
     assert ctrl.seeded_by_class and ctrl.last is not None
     held = sum(ctrl._jobs.get(CPU_POOL, [])) + ctrl._open_jobs.get(CPU_POOL, 0.0)
     assert held == 5, (ctrl._jobs, ctrl._open_jobs)   # the five jobs, counted for the pool they ran on
-    assert alloc._arrived == 0                     # the tick counts arrivals from the store, per class
