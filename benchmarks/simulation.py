@@ -315,24 +315,13 @@ class _Sim:
         run = self.running.get(run_id)
         if run is None or self.job_runs.get(run.job_id) != {run_id}:
             return
-        jid, job = run.job_id, self.by_id[run.job_id]
         self.restarts += 1
-        self._stop(run_id, now, requeue_if_last=False)
-        self.hedge_wasted -= now - run.started       # not a lost race: the job's own work, lost
-        self.lost_work += now - run.started
-        p = self.planner.plan(job, now)
-        if p is None:
-            self.unplaceable.add(jid)
-            return
-        p = Plan(jid, {b: e for b, e in p.estimates.items() if b in self.specs and b != run.backend},
-                 dict(p.filtered))
-        if not p.estimates:
-            self.unplaceable.add(jid)
-            return
-        self.plans[jid] = p
-        self.sched.enqueue(self.views[jid], p, job.arrival_s, self.seqs[jid])
+        self._stop(run_id, now, requeue_if_last=True, replan_without=run.backend)
 
-    def _stop(self, run_id: str, now: float, *, requeue_if_last: bool, learn: bool = True) -> None:
+    def _stop(self, run_id: str, now: float, *, requeue_if_last: bool, learn: bool = True,
+              replan_without: str | None = None) -> None:
+        """End a run early; the last run of an unfinished job is queued again (keeping its place)
+        with its plan, or — ``replan_without`` — planned afresh without that backend."""
         run = self.running.pop(run_id, None)
         if run is None:
             return
@@ -348,6 +337,14 @@ class _Sim:
             self.lost_work += elapsed
             jid = run.job_id
             job = self.by_id[jid]
+            if replan_without is not None:
+                p = self.planner.plan(job, now)
+                estimates = {} if p is None else {b: e for b, e in p.estimates.items()
+                                                  if b in self.specs and b != replan_without}
+                if not estimates:
+                    self.unplaceable.add(jid)
+                    return
+                self.plans[jid] = Plan(jid, estimates, dict(p.filtered))
             self.sched.enqueue(self.views[jid], self.plans[jid], job.arrival_s, self.seqs[jid])
         else:
             self.hedge_wasted += elapsed
