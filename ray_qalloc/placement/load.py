@@ -21,9 +21,11 @@ from ray_qalloc.priority import CLASSES
 if TYPE_CHECKING:  # pragma: no cover
     from ray_qalloc.placement.scheduler import Entry, Scheduler
 
-__all__ = ["BackendSlotState", "Load", "LiveView", "Run", "backend_load", "emergency_threads", "first_core_run"]
+__all__ = ["BackendSlotState", "Load", "LiveView", "Run", "backend_load", "backend_load_full", "emergency_threads",
+           "first_core_run"]
 
 _EMERGENCY = CLASSES[0]
+_SIZED = (list, tuple, type({}.values()))   # what a refresh passes: len() without a copy
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,19 @@ def backend_load(spec: BackendSpec, healthy: bool, runs: Iterable[Run], reserved
     leave too few for it whatever ends; ``core_first``: the thread-holding run on the node
     predicted to end first (the wait for a core is taken as the wait for that run). The one
     formula, so that the cache, ``validate_state`` and every view agree. A slot that never
-    frees for other jobs (all reserved) is infinitely far: they must not wait for it."""
+    frees for other jobs (all reserved) is infinitely far: they must not wait for it.
+
+    A free slot with nothing reserved and cores enough (most backends on every refresh) needs
+    neither the runs' order nor their classes, so it is answered without them;
+    ``backend_load_full`` is the same formula without that shortcut (the tests' oracle)."""
+    if not reserved and not short and not short_emergency and isinstance(runs, _SIZED) and spec.slots > len(runs):
+        return 0.0, 0.0, healthy, 0.0, 0.0, healthy
+    return backend_load_full(spec, healthy, runs, reserved, short, short_emergency, core_first, never)
+
+
+def backend_load_full(spec: BackendSpec, healthy: bool, runs: Iterable[Run], reserved: int,
+                      short: bool, short_emergency: bool, core_first: Run | None, never: bool = False) -> Load:
+    """``backend_load`` without its free-slot shortcut: the reference the tests compare it to."""
     runs = runs if isinstance(runs, (list, tuple)) else list(runs)
     free = spec.slots - len(runs)
     emergency = sum(1 for r in runs if r.priority == _EMERGENCY) if reserved else 0
@@ -123,9 +137,16 @@ def emergency_threads(backends: Iterable[BackendSlotState]) -> float:
 
 
 def first_core_run(backends: Iterable[BackendSlotState]) -> Run | None:
-    """The thread-holding run predicted to end first (ties: the one started first)."""
-    return min((r for b in backends if b.spec.threads > 0 for r in b.runs.values()),
-               key=_end_order, default=None)
+    """The thread-holding run predicted to end first (ties: the one started first, then the
+    first met: what ``min`` by ``_end_order`` returns). A plain loop: it runs on every start and
+    finish of a simulator run, and the key function cost more than the comparisons."""
+    best: Run | None = None
+    for b in backends:
+        if b.spec.threads > 0:
+            for r in b.runs.values():
+                if best is None or r.ends < best.ends or (r.ends == best.ends and r.started < best.started):
+                    best = r
+    return best
 
 
 class _Without(Mapping[str, LiveState]):
@@ -196,26 +217,61 @@ class LiveView(Mapping[str, LiveState]):
         compare the two. ``seen`` collects (backend, wait, can start) as weighed, from which
         ``Decision.explained`` rebuilds every backend's scores only when someone asks.
         ``all_backends``: ignore the pass's exclusions (congestion, maintenance)."""
+        return self.weigh_free(entry, seen, all_backends=all_backends)[0]
+
+    def weigh_free(self, entry: Entry, seen: list[tuple[str, float, bool]] | None = None, *,
+                   all_backends: bool = False) -> tuple[Choice, float, float, float]:
+        """``weigh``, plus what a job that chooses to wait needs next (``Scheduler._latest_end``),
+        read on the same walk instead of a second one over its plan: the lowest objective among
+        the backends that can start it now (inf: none), and the chosen backend's risk-adjusted
+        runtime and fidelity-and-money part of the objective. ``wait_of`` is inlined: this loop
+        is most of a pass."""
         job, p = entry.job, entry.plan
         backends = self.sched.backends
         excluded = None if all_backends else entry.excluded
-        wait_of, log = self.wait_of, math.log
-        best_obj, best_name, best_wait, best_can, best_run = math.inf, None, 0.0, False, 0.0
+        log = math.log
+        now, emergency = self.now, self.emergency
+        ahead, held = self.ahead, self.held
+        extras = bool(ahead or held)
+        best_obj, best_name, best_wait, best_can, best_run, best_base = math.inf, None, 0.0, False, 0.0, 0.0
+        best_free = math.inf
         for name, run, base in objective_rows(p, job.priority, job.intent):
             b = backends.get(name)
             if b is None or (excluded and name in excluded):
                 continue
-            wait, can = wait_of(name, b)
+            # wait_of(name, b), inline
+            if not b.healthy:
+                wait, can = math.inf, False
+            else:
+                if emergency:
+                    can = b.can_start_emergency
+                    wait = 0.0 if can else b.free_at_emergency - now
+                    if wait < 0.0:
+                        wait = max(REMAINING_PER_ELAPSED * (now - b.free_run_started_emergency), 0.0)
+                else:
+                    can = b.can_start
+                    wait = 0.0 if can else b.free_at - now
+                    if wait < 0.0:
+                        wait = max(REMAINING_PER_ELAPSED * (now - b.free_run_started), 0.0)
+                if extras:
+                    extra = ahead.get(name, 0.0) + held.get(name, 0.0)
+                    if extra:
+                        wait += extra / max(b.spec.slots, 1)
+                if b.external_wait_s:
+                    wait += b.external_wait_s
             completion = wait + run
             objective = log(completion if completion > 1e-6 else 1e-6) + base
             if seen is not None:
                 seen.append((name, wait, can))
+            if can and objective < best_free and completion == completion:
+                best_free = objective
             if objective < best_obj or (objective == best_obj and best_name is not None and name < best_name):
-                best_obj, best_name, best_wait, best_can, best_run = objective, name, wait, can, run
+                best_obj, best_name, best_wait, best_can, best_run, best_base = objective, name, wait, can, run, base
         if best_name is None:
-            return Choice(None, False, {})
-        return Choice(best_name, best_can,
-                      {best_name: score_row(best_wait, best_can, p.estimates[best_name], best_run, best_obj)})
+            return Choice(None, False, {}), best_free, 0.0, 0.0
+        return (Choice(best_name, best_can,
+                       {best_name: score_row(best_wait, best_can, p.estimates[best_name], best_run, best_obj)}),
+                best_free, best_run, best_base)
 
     def __getitem__(self, key: str) -> LiveState:
         state = self.get(key)

@@ -160,6 +160,7 @@ class PassResult:
     preempt: list[tuple[Run, Entry]] = field(default_factory=list)   # (batch run to stop, emergency job)
 
 
+_NONE: frozenset[str] = frozenset()
 _Item = tuple[tuple[int, float, float, int], int, str]   # (entry key, entry version, job id)
 _MUTATORS = ("add_backend", "set_health", "set_external_wait", "set_class_floor", "set_reserved", "set_windows", "set_node", "enqueue", "remove", "start", "finish", "decide", "requeue")
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -479,54 +480,82 @@ class Scheduler:
 
         With ``changed`` (a run started or ended there) only that backend and those whose
         core budget is or was short are recomputed: the others' state did not move. A pool
-        with reserved cores is recomputed whole (its hold moves with its emergency runs)."""
+        with reserved cores is recomputed whole (its hold moves with its emergency runs).
+        A backend with a free slot and none reserved (every pool variant) is computed inline,
+        as ``backend_load`` would (the invariant check compares it with that formula): it runs
+        twice per dispatch, for every backend of the node."""
+        backends = self.backends
         names = self._nodes.get(node, ())
         cores = self.node_cpus.get(node, 1.0)
         busy = self._node_busy.get(node, 0.0)
         reserved = self.config.reserved
-        pool_hold = reserved.get(node, 0)
+        node_hold = reserved.get(node, 0) if reserved else 0
+        pool_hold = node_hold
         if pool_hold:
-            pool_hold = max(pool_hold - emergency_threads(self.backends[n] for n in names), 0)
-        partial = changed is not None and not reserved.get(node)
+            pool_hold = max(pool_hold - emergency_threads(backends[n] for n in names), 0)
+        partial = changed is not None and not node_hold
         before = busy_before or 0.0
+        free_cores, free_before = cores - busy, cores - before
+        groups = self._holds.groups
+        startable = self._startable
+        inf = math.inf
         first: Run | None = None
         first_known = False
         moved = False     # a slot freed here: jobs that declined its node may decide otherwise
         for name in names:
-            b = self.backends[name]
-            threads = b.spec.threads
+            b = backends[name]
+            spec = b.spec
+            threads = spec.threads
             if (partial and name != changed
-                    and (threads <= 0 or (cores - busy >= threads and cores - before >= threads))):
+                    and (threads <= 0 or (free_cores >= threads and free_before >= threads))):
                 continue
-            short_e = threads > 0 and cores - busy < threads
-            short = threads > 0 and cores - busy - pool_hold < threads
+            short_e = threads > 0 and free_cores < threads
+            short = threads > 0 and free_cores - pool_hold < threads
             if short and not first_known:
-                first, first_known = first_core_run(self.backends[n] for n in names), True
-            was = (b.can_start, b.free_at, b.can_start_emergency, b.free_at_emergency)
-            (b.free_at, b.free_run_started, b.can_start,
-             b.free_at_emergency, b.free_run_started_emergency, b.can_start_emergency) = backend_load(
-                b.spec, b.healthy, b.runs.values(), reserved.get(name, 0), short, short_e, first,
-                never=threads > 0 and cores - reserved.get(node, 0) < threads)
-            grew = ((not b.can_start and (was[0] or b.free_at > was[1]))
-                    or (not b.can_start_emergency and (was[2] or b.free_at_emergency > was[3])))
-            if grew and name in self._holds.groups:
-                # its waiters chose it at a shorter wait: those past their threshold decide again
-                self._unhold(self._holds.outgrown(name, b.free_at if not b.can_start else math.inf,
-                                                  b.free_at_emergency if not b.can_start_emergency else math.inf))
-            freed = (b.can_start and not was[0]) or (b.can_start_emergency and not was[2])
-            if freed and name in self._holds.groups:
-                # its waiters are in its index, read by this pass in their places: their work
-                # must not count ahead of jobs before them in line
-                self._unhold(self._holds.release(name))
-            moved = moved or freed
-            if b.can_start_emergency:
-                self._startable.add(name)
+                first, first_known = first_core_run(backends[n] for n in names), True
+            was_can, was_at, was_can_e, was_at_e = b.can_start, b.free_at, b.can_start_emergency, b.free_at_emergency
+            never = threads > 0 and cores - node_hold < threads
+            hold = reserved.get(name, 0) if reserved else 0
+            if not hold and spec.slots > len(b.runs):
+                # backend_load with a free slot and nothing reserved: only the node's cores count
+                at = inf if never and short else 0.0
+                started = at_e = started_e = 0.0
+                if first is not None:
+                    if short and first.ends > at:
+                        at, started = first.ends, first.started
+                    if short_e and first.ends > at_e:
+                        at_e, started_e = first.ends, first.started
+                can_e = b.healthy and not short_e
+                can = can_e and not short
+                b.free_at, b.free_run_started, b.can_start = at, started, can
+                b.free_at_emergency, b.free_run_started_emergency, b.can_start_emergency = at_e, started_e, can_e
             else:
-                self._startable.discard(name)
+                (b.free_at, b.free_run_started, b.can_start,
+                 b.free_at_emergency, b.free_run_started_emergency, b.can_start_emergency) = backend_load(
+                    spec, b.healthy, b.runs.values(), hold, short, short_e, first, never=never)
+                can, can_e = b.can_start, b.can_start_emergency
+            if name in groups:
+                if ((not can and (was_can or b.free_at > was_at))
+                        or (not can_e and (was_can_e or b.free_at_emergency > was_at_e))):
+                    # its waiters chose it at a shorter wait: those past their threshold decide again
+                    self._unhold(self._holds.outgrown(name, b.free_at if not can else inf,
+                                                      b.free_at_emergency if not can_e else inf))
+                if ((can and not was_can) or (can_e and not was_can_e)) and name in groups:
+                    # its waiters are in its index, read by this pass in their places: their work
+                    # must not count ahead of jobs before them in line
+                    self._unhold(self._holds.release(name))
+            if (can and not was_can) or (can_e and not was_can_e):
+                moved = True
+            if can_e:
+                startable.add(name)
+            else:
+                startable.discard(name)
         if moved or not partial:
+            declined = self._declined
             for name in names:
-                self._declined.pop(name, None)
-                if not partial and name in self._holds.groups:
+                if declined:
+                    declined.pop(name, None)
+                if not partial and name in groups:
                     self._unhold(self._holds.release(name))
 
     def _unhold(self, items: list[tuple[str, _Item]]) -> None:
@@ -634,15 +663,17 @@ class Scheduler:
         """Best current item of a backend's index. Stale items are dropped; items of jobs that
         chose to wait in this pass are parked and pushed back after it."""
         heap = self._index[backend]
+        entries = self.entries
+        heappop = heapq.heappop
         while heap:
-            key, version, job_id = heap[0]
-            entry = self.entries.get(job_id)
-            if entry is None or entry.version != version:
-                heapq.heappop(heap)
-            elif job_id in skip:
-                parked.append((backend, heapq.heappop(heap)))
+            item = heap[0]
+            entry = entries.get(item[2])
+            if entry is None or entry.version != item[1]:
+                heappop(heap)
+            elif item[2] in skip:
+                parked.append((backend, heappop(heap)))
             else:
-                return heap[0]
+                return item
         return None
 
     def decide(self, now: float) -> PassResult:
@@ -672,15 +703,22 @@ class Scheduler:
         examined: set[str] = set()
         live_n, live_e = LiveView(self, now, False, ahead, holds.work), LiveView(self, now, True, ahead, holds.work)
         fast = type(self.policy).choose is QallocPolicy.choose   # qalloc's own selector: weigh inline
-        while heads and misses < self.config.lookahead:
-            item, backend = heapq.heappop(heads)
+        config = self.config
+        lookahead, explain = config.lookahead, config.explain
+        entries, startable, windows = self.entries, self._startable, self.windows
+        advance = self._advance
+        heappop = heapq.heappop
+        while heads and misses < lookahead:
+            if not startable:
+                break       # the pass filled every free slot: no head left can start (nor change state)
+            item, backend = heappop(heads)
             job_id = item[2]
-            entry = self.entries.get(job_id)
+            entry = entries.get(job_id)
             if entry is None or entry.version != item[1] or job_id in skip:
                 # taken or skipped since this head was read: re-read the backend's head
-                self._advance(backend, walk, heads, skip, parked)
+                advance(backend, walk, heads, skip, parked)
                 continue
-            if backend not in self._startable and not any(b in self._startable for b in entry.plan.estimates):
+            if backend not in startable and not any(b in startable for b in entry.plan.estimates):
                 continue    # its backends filled up earlier in this pass: nothing to start it on
             if backend:
                 examined.add(backend)
@@ -692,10 +730,17 @@ class Scheduler:
                 kept = held[2] if kept is None else kept + held[2]
             emergency = entry.cls == _EMERGENCY
             live = live_e if emergency else live_n
-            entry.excluded = (self._exclusions(entry, congested, now) if congested or self.windows
-                              else frozenset())
-            seen: list[tuple[str, float, bool]] | None = [] if fast and self.config.explain else None
-            choice = live.weigh(entry, seen) if fast else self.policy.choose(entry, live, now)
+            entry.excluded = (self._exclusions(entry, congested, now) if congested or windows
+                              else _NONE)
+            seen: list[tuple[str, float, bool]] | None = [] if fast and explain else None
+            # qalloc's own selector weighs inline and reads, on the same walk, the best free
+            # option a waiting job's threshold needs (``_waits``); other policies are asked
+            free: tuple[float, float, float] | None = None
+            if fast:
+                choice, *rest = live.weigh_free(entry, seen)
+                free = tuple(rest)  # type: ignore[assignment]
+            else:
+                choice = self.policy.choose(entry, live, now)
             if choice.backend is None:
                 if not any(b in self.backends for b in entry.plan.estimates):
                     out.unplaceable.append(entry)
@@ -710,15 +755,15 @@ class Scheduler:
                 if seen is not None:
                     out.dispatch.append(Decision(entry, choice, {}, tuple(seen)))
                 else:
-                    scores = select(entry.job, entry.plan, live, detailed=True).scores if self.config.explain else {}
+                    scores = select(entry.job, entry.plan, live, detailed=True).scores if explain else {}
                     out.dispatch.append(Decision(entry, choice, scores))
                 self.start(job_id, choice.backend, now, entry.plan.estimates[choice.backend].runtime_s)
             else:
                 # it prefers to wait (for a busy backend, or a slot reserved for emergencies)
                 skip.add(job_id)
                 misses += 1
-                self._waits(entry, choice, live, now, ahead, kept or [])
-            self._advance(backend, walk, heads, skip, parked)
+                self._waits(entry, choice, live, now, ahead, kept or [], free)
+            advance(backend, walk, heads, skip, parked)
         self._end_pass(now, parked, carried, examined)
         if self.config.preemption:
             self._preempt.run(now, out)
@@ -771,9 +816,11 @@ class Scheduler:
                 heapq.heappush(heads, (nxt, backend))
 
     def _waits(self, entry: Entry, choice: Choice, live: LiveView, now: float, ahead: dict[str, float],
-               kept: list[tuple[str, _Item]]) -> None:
+               kept: list[tuple[str, _Item]], free: tuple[float, float, float] | None = None) -> None:
         """A job chose to wait: its work counts ahead on the backend it waits for — held (with
-        the items ``kept`` off free indexes) while that memo is on, else for this pass only."""
+        the items ``kept`` off free indexes) while that memo is on, else for this pass only.
+        ``free``: (best free objective, chosen backend's runtime and base) as ``weigh_free`` read
+        them while weighing this job, so its threshold needs no second walk of its plan."""
         job_id = entry.job.id
         emergency = live.emergency
         if emergency:
@@ -782,8 +829,9 @@ class Scheduler:
         if choice.backend in entry.plan.estimates:
             run_s = entry.plan.estimates[choice.backend].runtime_s
             if self.config.decline_ttl_s > 0.0:
-                holds.hold(job_id, choice.backend, run_s, self._latest_end(entry, choice.backend, live, now),
-                           emergency, now + self._decline_ttl())
+                latest = (self._latest_end(entry, choice.backend, live, now) if free is None
+                          else self._latest_end_from(*free, choice.backend, live, now))
+                holds.hold(job_id, choice.backend, run_s, latest, emergency, now + self._decline_ttl())
             else:
                 ahead[choice.backend] = ahead.get(choice.backend, 0.0) + run_s
         if kept:
@@ -813,6 +861,16 @@ class Scheduler:
         # log(wait + run_y) + base_y <= best_free  <=>  wait <= exp(best_free - base_y) - run_y;
         # the wait it saw includes the work ahead of it in this pass
         y = backends[waits_for]
+        ahead_y = live.extra(waits_for) / max(y.spec.slots, 1) + y.external_wait_s
+        return now + math.exp(min(best_free - base_y, 700.0)) - run_y - ahead_y
+
+    def _latest_end_from(self, best_free: float, run_y: float, base_y: float, waits_for: str, live: LiveView,
+                         now: float) -> float:
+        """``_latest_end`` given the best free objective and ``waits_for``'s risk-adjusted runtime
+        and base part, as the weighing read them (the same formula: the tests compare the two)."""
+        if best_free == math.inf:
+            return math.inf
+        y = self.backends[waits_for]
         ahead_y = live.extra(waits_for) / max(y.spec.slots, 1) + y.external_wait_s
         return now + math.exp(min(best_free - base_y, 700.0)) - run_y - ahead_y
 
