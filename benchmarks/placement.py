@@ -52,7 +52,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from benchmarks._common import make_console, write_json
 from benchmarks.baselines import FREE_POOL_POLICIES, POLICIES
-from benchmarks.report import detect_mix, families_seen, goals, print_report, ratios, trained_families
+from benchmarks.report import (detect_mix, families_seen, goals, print_report, ratios, strip_paired,
+                               trained_families)
 from benchmarks.simulation import (METRICS, HindsightPlanner, PipelinePlanner, SimJob, lower_bound, metrics,
                                    percentile, simulate)
 from benchmarks.truth import CENSORED_FACTOR, POOL, POOL_CORES, POOL_MEMORY_BYTES
@@ -95,7 +96,7 @@ def intake(records: Sequence[Mapping[str, Any]]) -> Workload:
 
     limits = Limits()
     w = Workload()
-    parsed: dict[str, Any] = {}       # case id -> PreparedJob or the error text
+    parsed: dict[tuple[str, bool], Any] = {}   # (case id, quantum) -> PreparedJob or the error text
     seen: dict[str, int] = {}
     for rec in records:
         jid = str(rec.get("id"))
@@ -116,14 +117,16 @@ def intake(records: Sequence[Mapping[str, Any]]) -> Workload:
             w.rejected.append({"id": jid, "error": str(exc)})
             continue
         cid = case_id_of(qasm, spec.shots)
-        if cid not in parsed:
+        key = (cid, spec.intent.value == "quantum")    # intake takes a quantum job's output profile
+        if key not in parsed:
             try:
-                parsed[cid] = prepare_job(make_spec(circuit=qasm, shots=spec.shots), limits, job_id=cid)
+                parsed[key] = prepare_job(make_spec(circuit=qasm, shots=spec.shots, intent=spec.intent.value),
+                                          limits, job_id=cid)
             except QAllocError as exc:
-                parsed[cid] = str(exc)
+                parsed[key] = str(exc)
             except Exception as exc:  # noqa: BLE001 - any parser failure is a refused job, not a crash
-                parsed[cid] = f"{type(exc).__name__}: {exc}"
-        prepared = parsed[cid]
+                parsed[key] = f"{type(exc).__name__}: {exc}"
+        prepared = parsed[key]
         if isinstance(prepared, str):
             w.rejected.append({"id": jid, "error": prepared})
             continue
@@ -388,6 +391,8 @@ def run(trace: Path, *, model: Path | None, truth_dir: Path, time_cap_s: float, 
         mix_from = "--mix"
     trained, trained_from = trained_families(model)
     r = ratios(results, bound)
+    strip_paired(results)
+    strip_paired({"lower_bound": bound})
     n_out = sum(1 for row in outcomes.values() for o in row.values() if o.startswith("censored"))
     return {
         "benchmark": "placement", "mode": "simulate", "trace": str(trace), "mix": mix, "mix_from": mix_from,
@@ -408,8 +413,9 @@ def run(trace: Path, *, model: Path | None, truth_dir: Path, time_cap_s: float, 
             "censored_runtime": f"a run censored at the time cap took at least the cap; charged {CENSORED_FACTOR:g}x "
                                 f"the cap; {n_out} censored (case, candidate) pairs",
             "unmeasured_runtime_s": penalty,
-            "threads2_below_threshold": f"circuits under {truth_mod.PARALLEL_MIN_QUBITS} qubits: the 2-thread truth "
-                                        "is the 1-thread measurement (Aer does not parallelise them)",
+            "threads2_below_threshold": f"states of at most {truth_mod.AER_PARALLEL_THRESHOLD} qubits (a density matrix "
+                                        "counts double): placement offers no 2-thread candidate; a 2-thread truth "
+                                        "read for one is the 1-thread measurement (Aer does not parallelise them)",
             "qpu_runtime": "modelled QPU busy time of the emulated device for the job's shots",
             "qpu_fidelity": "Hellinger fidelity of FakeQPUBackend noisy counts vs the ideal distribution for "
                             f"circuits <= {fid_mod.QPU_RUN_MAX_QUBITS} qubits ({fid_mod.FIDELITY_SHOTS} shots, "
@@ -537,6 +543,7 @@ def live(trace: Path, *, console: Any, speed: float = 1.0, timeout_s: float = 90
     finally:
         qa.shutdown()
     row = metrics("qalloc", work.jobs, outcome, failed, fidelity, {}, specs, None, unmeasured)
+    strip_paired({"qalloc": row})
     mix, mix_from = detect_mix(records, [work.cases[work.case_of[j.id]].size for j in work.jobs],
                                [work.non_clifford[work.case_of[j.id]] for j in work.jobs])
     row["total_cost"] = cost

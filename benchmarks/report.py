@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from benchmarks.baselines import BASELINES
+from benchmarks.simulation import PAIRED
 
 GOAL_JCT: dict[str, tuple[tuple[str, str, float], ...]] = {
     "heavy": (("qalloc_over_aer_automatic_mean_jct", "<=", 0.5), ("qalloc_over_least_loaded_mean_jct", "<=", 0.5)),
@@ -32,43 +33,72 @@ GOAL_ALL: tuple[tuple[str, str, float], ...] = (
     ("qalloc_minus_best_baseline_deadline_miss_rate", "<=", 0.0),
 )
 WHAT: dict[str, str] = {
-    "qalloc_over_aer_automatic_mean_jct": "qalloc mean JCT / aer_automatic (same cores)",
-    "qalloc_over_least_loaded_mean_jct": "qalloc mean JCT / least_loaded",
-    "qalloc_over_fcfs_mean_jct": "qalloc mean JCT / fcfs",
+    "qalloc_over_aer_automatic_mean_jct": "qalloc mean JCT / aer_automatic (same cores; jobs both completed)",
+    "qalloc_over_least_loaded_mean_jct": "qalloc mean JCT / least_loaded (jobs both completed)",
+    "qalloc_over_fcfs_mean_jct": "qalloc mean JCT / fcfs (jobs both completed)",
     "qalloc_over_lower_bound_mean_jct": "qalloc mean JCT / lower bound (fastest true run, no queue)",
     "qalloc_over_hindsight_mean_jct": "qalloc mean JCT / hindsight (selector fed truth)",
-    "qalloc_over_best_fidelity_mean_fidelity_quantum": "qalloc measured fidelity (quantum intent) / best_fidelity's",
+    "qalloc_over_best_fidelity_mean_fidelity_quantum": "qalloc measured fidelity (quantum intent) / best_fidelity's "
+                                                       "(jobs both completed)",
     "qalloc_minus_best_baseline_deadline_miss_rate": "qalloc deadline miss rate - best baseline's",
 }
 
 
 def ratios(policies: Mapping[str, Mapping[str, Any]], lower: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """qalloc's figures over each baseline's, **paired**: a mean JCT or quantum fidelity ratio is
+    taken over the jobs both policies completed.
+
+    Why paired: policies do not complete the same jobs (a fidelity floor one policy's estimate
+    says a device cannot meet, a job no candidate of the free pool can take), and a mean over
+    different jobs rewards refusing the slow ones. The unpaired means stay in each policy's
+    row; ``paired_jobs`` says how many jobs each ratio is over."""
+    def src(p: str) -> Mapping[str, Any]:
+        return (lower if p == "lower_bound" else policies.get(p)) or {}
+
     def get(p: str, k: str) -> float | None:
-        src = lower if p == "lower_bound" else policies.get(p)
-        v = (src or {}).get(k)
+        v = src(p).get(k)
         return None if v is None else float(v)
 
     def div(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None or b == 0 else a / b
 
-    q = get("qalloc", "mean_jct_s")
+    paired_n: dict[str, int] = {}
+
+    def paired(p: str, what: str, key: str) -> float | None:
+        mine, theirs = src("qalloc").get(PAIRED, {}).get(what), src(p).get(PAIRED, {}).get(what)
+        if mine is None or theirs is None:        # no per-job figures: the policies' own means
+            return div(get("qalloc", key), get(p, key))
+        common = [j for j in mine if j in theirs]
+        paired_n[f"{p}:{what}"] = len(common)
+        if not common:
+            return None
+        return div(sum(mine[j] for j in common), sum(theirs[j] for j in common))
+
     misses = {b: get(b, "deadline_miss_rate") for b in BASELINES if b in policies}
     known = {b: m for b, m in misses.items() if m is not None}
     best_b = min(known, key=known.__getitem__) if known else None
     miss_q = get("qalloc", "deadline_miss_rate")
     return {
-        "qalloc_over_aer_automatic_mean_jct": div(q, get("aer_automatic", "mean_jct_s")),
-        "qalloc_over_least_loaded_mean_jct": div(q, get("least_loaded", "mean_jct_s")),
-        "qalloc_over_fcfs_mean_jct": div(q, get("fcfs", "mean_jct_s")),
-        "qalloc_over_lower_bound_mean_jct": div(q, get("lower_bound", "mean_jct_s")),
-        "qalloc_over_hindsight_mean_jct": div(q, get("hindsight", "mean_jct_s")),
-        "qalloc_over_best_fidelity_mean_fidelity_quantum": div(get("qalloc", "mean_fidelity_quantum"),
-                                                               get("best_fidelity", "mean_fidelity_quantum")),
+        "qalloc_over_aer_automatic_mean_jct": paired("aer_automatic", "jct", "mean_jct_s"),
+        "qalloc_over_least_loaded_mean_jct": paired("least_loaded", "jct", "mean_jct_s"),
+        "qalloc_over_fcfs_mean_jct": paired("fcfs", "jct", "mean_jct_s"),
+        "qalloc_over_lower_bound_mean_jct": paired("lower_bound", "jct", "mean_jct_s"),
+        "qalloc_over_hindsight_mean_jct": paired("hindsight", "jct", "mean_jct_s"),
+        "qalloc_over_best_fidelity_mean_fidelity_quantum": paired("best_fidelity", "fidelity_quantum",
+                                                                  "mean_fidelity_quantum"),
         "qalloc_minus_best_baseline_deadline_miss_rate": (None if miss_q is None or best_b is None
                                                            else miss_q - known[best_b]),
         "best_baseline_deadline_miss_rate": known.get(best_b) if best_b else None,
         "best_baseline_for_deadlines": best_b,
+        "paired_jobs": paired_n,
     }
+
+
+def strip_paired(policies: dict[str, Any]) -> None:
+    """Drop the per-job figures ``ratios`` needed (they are not part of the JSON)."""
+    for row in policies.values():
+        if isinstance(row, dict):
+            row.pop(PAIRED, None)
 
 
 def goals(r: Mapping[str, Any], mix: str | None) -> list[dict[str, Any]]:
@@ -173,6 +203,11 @@ def print_report(result: Mapping[str, Any], console: Any) -> None:
         if key in WHAT and key not in shown:
             g.add_row(WHAT[key], _fmt(v), "-", "-")
     console.print(g)
+    pairs = (result.get("ratios") or {}).get("paired_jobs") or {}
+    if pairs:
+        console.print("ratios over the jobs both policies completed: " + ", ".join(
+            f"{k.split(':')[0]} {n}" + (" (quantum)" if k.endswith("fidelity_quantum") else "")
+            for k, n in sorted(pairs.items())) + f" of {result.get('jobs')} jobs")
 
 
-__all__ = ["ratios", "goals", "detect_mix", "trained_families", "families_seen", "print_report", "GOAL_JCT", "GOAL_ALL"]
+__all__ = ["ratios", "strip_paired", "goals", "detect_mix", "trained_families", "families_seen", "print_report", "GOAL_JCT", "GOAL_ALL"]

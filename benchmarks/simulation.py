@@ -43,6 +43,9 @@ DEFAULT_PENALTY_S = 60.0
 DEFAULT_HEDGE_CHECK_S = 0.5
 LOCAL_NODE = "local"
 
+#: Key of the per-job figures a policy's metrics carry for paired ratios (``report.ratios``);
+#: taken out before the JSON is written.
+PAIRED = "_paired"
 METRICS: tuple[str, ...] = ("mean_jct_s", "p95_jct_s", "makespan_s", "deadline_miss_rate", "emergency_p99_wait_s",
                             "mean_fidelity_quantum", "total_cost")
 
@@ -536,6 +539,8 @@ def metrics(policy_name: str, jobs: Sequence[SimJob], outcome: Mapping[str, _Out
     """Per-policy figures from each job's outcome (shared by simulate and live mode)."""
     unmeasured = unmeasured or set()
     jct, ewait, fid_q, fid_all = [], [], [], []
+    jct_of: dict[str, float] = {}
+    fid_q_of: dict[str, float] = {}
     by_intent: dict[str, list[float]] = {}
     deadline_jobs = misses = estimated = 0
     completions = []
@@ -550,6 +555,7 @@ def metrics(policy_name: str, jobs: Sequence[SimJob], outcome: Mapping[str, _Out
             continue
         completions.append(o.completion)
         jct.append(o.completion - j.arrival_s)
+        jct_of[j.id] = o.completion - j.arrival_s
         by_intent.setdefault(j.view.intent, []).append(o.completion - j.arrival_s)
         if j.view.priority == "emergency":
             ewait.append(o.start - j.arrival_s)
@@ -566,6 +572,7 @@ def metrics(policy_name: str, jobs: Sequence[SimJob], outcome: Mapping[str, _Out
         fid_all.append(f)
         if j.view.intent == "quantum":
             fid_q.append(f)
+            fid_q_of[j.id] = f
         if record is not None:
             record.append({"id": j.id, "arrival_s": j.arrival_s, "start_s": o.start, "completion_s": o.completion,
                            "backend": b, "runs": o.runs, "priority": j.view.priority, "intent": j.view.intent,
@@ -585,6 +592,7 @@ def metrics(policy_name: str, jobs: Sequence[SimJob], outcome: Mapping[str, _Out
         "deadline_jobs": deadline_jobs, "deadline_misses": misses,
         "emergency_jobs": sum(1 for j in jobs if j.view.priority == "emergency"),
         "quantum_jobs_completed": len(fid_q), "fidelity_unmeasured_runs": estimated,
+        PAIRED: {"jct": jct_of, "fidelity_quantum": fid_q_of},
     }
 
 
@@ -599,6 +607,7 @@ def lower_bound(jobs: Sequence[SimJob], truth: Mapping[str, Mapping[str, float]]
     need (runtime x threads of the cheapest simulator candidate) over ``cores`` x the arrival
     span: how busy the trace keeps the cores even if every job ran on its best method."""
     best, work = [], 0.0
+    best_of: dict[str, float] = {}
     misses = deadline_jobs = 0
     ends = []
     for j in jobs:
@@ -613,6 +622,7 @@ def lower_bound(jobs: Sequence[SimJob], truth: Mapping[str, Mapping[str, float]]
 
         fastest = min(t(b) for b in names)
         best.append(fastest)
+        best_of[j.id] = fastest
         ends.append(j.arrival_s + fastest)
         sims = [t(b) * max(specs[b].threads, 1) for b in names if specs[b].kind == "simulator"]
         if sims and j.view.intent != "quantum":
@@ -627,8 +637,9 @@ def lower_bound(jobs: Sequence[SimJob], truth: Mapping[str, Mapping[str, float]]
             "deadline_miss_rate": misses / deadline_jobs if deadline_jobs else 0.0, "emergency_p99_wait_s": 0.0,
             "mean_fidelity_quantum": None, "total_cost": None, "completed": len(best), "n_jobs": len(jobs),
             "core_work_s": work, "arrival_span_s": span,
-            "core_utilisation": work / (cores * span) if span > 0 else None}
+            "core_utilisation": work / (cores * span) if span > 0 else None,
+            PAIRED: {"jct": best_of, "fidelity_quantum": {}}}
 
 
 __all__ = ["SimJob", "Planner", "FixedPlans", "PipelinePlanner", "HindsightPlanner", "RunView", "HedgeAction",
-           "Hedger", "simulate", "metrics", "lower_bound", "percentile", "node_of", "METRICS"]
+           "Hedger", "simulate", "metrics", "lower_bound", "percentile", "node_of", "METRICS", "PAIRED"]

@@ -8,9 +8,10 @@ Why per candidate: placement chooses (pool, Aer method, threads) per job
   (``ray_qalloc.costmodel.measure``) on each Aer method with one thread, and on ``automatic``
   with one thread (what the ``aer_automatic`` baseline runs);
 * ``statevector`` and ``density_matrix`` — the methods Aer parallelises — are measured again
-  with ``threads=2`` (a worker built with two threads) for circuits of at least
-  ``PARALLEL_MIN_QUBITS`` qubits (Aer's ``statevector_parallel_threshold``: below it Aer runs
-  one thread whatever it holds), so the 2-thread truth of a narrower circuit **is** its
+  with ``threads=2`` (a worker built with two threads) where Aer uses the threads
+  (``placement.filters.aer_parallelises``: a state wider than its
+  ``statevector_parallel_threshold``, 14 qubits; a density matrix counts double). Narrower,
+  placement offers no many-thread candidate, and a 2-thread truth read for one **is** its
   1-thread truth (``modelling.threads2_below_threshold`` says so in the JSON);
 * ``automatic`` and the 1-thread candidate of the method it chose (Aer reports it) share one
   truth, the smaller of their two measurements (two samples of one simulation), so measuring
@@ -44,9 +45,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ray_qalloc.backends.base import BackendSpec
+from ray_qalloc.placement.filters import AER_PARALLEL_THRESHOLD, aer_parallelises
 
 CENSORED_FACTOR = 3.0
-PARALLEL_MIN_QUBITS = 14
 DEFAULT_SAMPLES = 2        # measurements per pair, minutes apart; the truth is the smallest
 MAX_SAMPLES = 8
 POOL = "cpu-local"
@@ -57,6 +58,7 @@ AUTOMATIC = "automatic"
 _MEASURE_NAME = {"statevector": "aer_statevector", "matrix_product_state": "aer_mps",
                  "stabilizer": "aer_stabilizer", "density_matrix": "aer_density_matrix",
                  "automatic": "aer_automatic"}
+_MEASURED_METHOD = {v: k for k, v in _MEASURE_NAME.items()}
 
 
 def pool_specs(pool: str = POOL, cores: int = POOL_CORES, memory_bytes: int = POOL_MEMORY_BYTES) -> list[BackendSpec]:
@@ -137,11 +139,14 @@ def measure_truth(cases: Mapping[str, Any], specs: Sequence[BackendSpec], direct
     try:
         for k, i, case in ((k, i, c) for k in range(samples) for i, c in enumerate(ordered)):
             for threads in sorted(by_threads):
-                if threads > 1 and case.size < PARALLEL_MIN_QUBITS:
-                    continue
+                names = sorted(by_threads[threads])
+                if threads > 1:
+                    names = [n for n in names if aer_parallelises(_MEASURED_METHOD.get(n), case.size)]
+                    if not names:
+                        continue
                 tot = totals[(k, threads)]
                 load, t0 = load_average(), time.time()
-                rep = measure_fn([case], sorted(by_threads[threads]), hists[(k, threads)], time_cap_s=time_cap_s,
+                rep = measure_fn([case], names, hists[(k, threads)], time_cap_s=time_cap_s,
                                  memory_cap_bytes=memory_cap_bytes, predicted_factor=None, threads=threads,
                                  source="placement-truth", progress=False, worker=workers.get(threads))
                 tot["cases"] += 1
@@ -315,7 +320,7 @@ def _pair_automatic(cid: str, auto: BackendSpec, specs: Sequence[BackendSpec],
         outcomes[cid][auto.name] = f"completed (paired with {same.name})"
 
 
-__all__ = ["CENSORED_FACTOR", "CLOCKS", "PARALLEL_MIN_QUBITS", "DEFAULT_SAMPLES", "POOL", "POOL_CORES", "POOL_MEMORY_BYTES",
+__all__ = ["CENSORED_FACTOR", "CLOCKS", "DEFAULT_SAMPLES", "POOL", "POOL_CORES", "POOL_MEMORY_BYTES",
            "pool_specs", "history_dir", "measure_log",
            "automatic_spec", "measured_as", "measure_truth", "read_truth", "runtime_of", "load_average",
            "TruthReport"]

@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from ray_qalloc.costmodel.fidelity import EXACT_MAX_QUBITS, Measurement, measure_payload
+from ray_qalloc.costmodel.fidelity import EXACT_MAX_QUBITS, Measurement, esp_equivalent, measure_payload
 from ray_qalloc.costmodel.fidelity_correction import FidelitySample, corrections_of
 
 log = logging.getLogger("ray_qalloc.fidelity")
@@ -55,6 +55,7 @@ fidelity_table = sa.Table(
     sa.Column("device_esp", sa.Float),                           # the device's own ESP, if it reports one
     sa.Column("calibration_at", sa.Float),
     sa.Column("outcomes", sa.Float),                             # effective ideal outcomes
+    sa.Column("esp_equivalent", sa.Float),                       # the success probability it implies
     sa.Column("shots", sa.Integer),
     sa.Column("num_qubits", sa.Integer),
     sa.Column("measure_s", sa.Float),
@@ -92,9 +93,9 @@ class FidelityMeter:
     def __init__(self, engine: Engine, db: Callable[..., Any], predictor: Callable[[], Any], *,
                  max_in_flight: int = MAX_IN_FLIGHT, max_pending: int = MAX_PENDING,
                  offload: str = "auto") -> None:
-        from ray_qalloc.store import create_tables
+        from ray_qalloc.store import add_missing_columns, create_tables
 
-        create_tables(engine, metadata)
+        create_tables(engine, metadata, migrate=lambda conn: add_missing_columns(conn, metadata))
         self.engine = engine
         self.db = db                       # runs a function on the store thread (Dispatcher.db)
         self.predictor = predictor         # the allocator's current predictor stack
@@ -160,7 +161,9 @@ class FidelityMeter:
             if m.fidelity is None:
                 self.stats[f"skipped:{(m.reason or 'unknown').split(':')[0]}"] += 1
                 return
+            profile = tuple(m.profile) if m.profile else None
             row.update(fidelity=m.fidelity, method=m.method, outcomes=m.outcomes, measure_s=m.seconds,
+                       esp_equivalent=esp_equivalent(m.fidelity, profile) if profile else None,
                        measured_at=time.time(), exported=False)
             if not await self.db(self.record, row):
                 return
@@ -254,7 +257,12 @@ class FidelityMeter:
 
 
 def _sample(row: Mapping[str, Any]) -> FidelitySample:
-    return FidelitySample(row["backend"], float(row["calibration_estimate"]), float(row["fidelity"]),
+    """The correction learns in success-probability space: a measurement's ESP equivalent (what
+    the device's noise was, with the circuit's output shape taken out), the raw Hellinger
+    fidelity for rows recorded before it was kept."""
+    measured = row.get("esp_equivalent")
+    measured = row["fidelity"] if measured is None else measured
+    return FidelitySample(row["backend"], float(row["calibration_estimate"]), float(measured),
                           float(row.get("measured_at") or 0.0), row.get("calibration_at"))
 
 

@@ -8,6 +8,7 @@ Intake runs once, in the caller's process, before anything is stored: a job that
 from __future__ import annotations
 
 import enum
+import logging
 import re
 import uuid
 from array import array
@@ -21,6 +22,8 @@ from ray_qalloc import gates, runopts
 from ray_qalloc.config import Limits
 from ray_qalloc.exceptions import InvalidJobSpec, LimitExceeded
 from ray_qalloc.priority import rank as _class_rank
+
+log = logging.getLogger("ray_qalloc.intake")
 
 
 class Priority(str, enum.Enum):
@@ -244,6 +247,8 @@ def prepare_job(spec: JobSpec, limits: Limits, *, job_id: str | None = None) -> 
     if circuit is not parsed.circuit:
         ops["measure"] = ops.get("measure", 0) + circuit.num_qubits
     feats = circuits.circuit_features(circuit, shots=shots, op_counts=ops)
+    if intent == Intent.QUANTUM and options.observables is None:
+        feats.update(_output_profile(circuit))
     if options.observables is not None:      # what the job asks of a backend beyond its gates
         ops[gates.EXPECTATION] = 1
     if feats.get("mid_circuit_measure"):
@@ -257,6 +262,24 @@ def prepare_job(spec: JobSpec, limits: Limits, *, job_id: str | None = None) -> 
         num_clbits=circuit.num_clbits, ops=frozenset(ops),
         features=feats, backends=spec.backends,
     )
+
+
+def _output_profile(circuit: Any) -> dict[str, float]:
+    """What a device's noise will do to this circuit's measured fidelity (``costmodel.fidelity``:
+    the depolarizing map of its ideal output), for a quantum-intent sampler job small enough
+    to compute its ideal output exactly. Why at intake: placement ranks QPUs by the fidelity a
+    measurement will show, and for a spread output (a random circuit) that differs between
+    devices far less than their error-free probabilities do. It costs milliseconds here, once,
+    for a job that will hold a QPU for seconds."""
+    from ray_qalloc.costmodel.fidelity import PROFILE_MAX_GATES, PROFILE_MAX_QUBITS, circuit_profile
+
+    if circuit.num_qubits > PROFILE_MAX_QUBITS or circuit.size() > PROFILE_MAX_GATES:
+        return {}
+    try:
+        return circuit_profile(circuit)
+    except Exception:  # noqa: BLE001 - an unusual circuit keeps the calibration's estimate
+        log.debug("no output profile for a %d-qubit circuit", circuit.num_qubits, exc_info=True)
+        return {}
 
 
 def _run_options(spec: JobSpec, circuit: Any, limits: Limits) -> tuple[runopts.RunOptions, int, Intent]:

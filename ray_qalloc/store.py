@@ -273,9 +273,15 @@ def create_tables(engine: Engine, *metadatas: sa.MetaData,
 
 def _add_missing_columns(conn: sa.Connection) -> None:
     """Additive migration: a store written by an older version gets the new nullable columns."""
+    add_missing_columns(conn, metadata)
+
+
+def add_missing_columns(conn: sa.Connection, md: sa.MetaData) -> None:
+    """``md``'s tables get the nullable columns an older version did not create (pass as
+    ``create_tables(..., migrate=lambda c: add_missing_columns(c, md))``)."""
     inspector = sa.inspect(conn)
     quote = conn.dialect.identifier_preparer.quote
-    for table in metadata.sorted_tables:
+    for table in md.sorted_tables:
         have = {c["name"] for c in inspector.get_columns(table.name)}
         for col in table.columns:
             if col.name not in have and col.nullable:

@@ -12,7 +12,8 @@ from ray_qalloc.backends.base import BackendSpec
 from ray_qalloc.costmodel.prior import HeuristicPrior, qpu_fidelity, simulator_runtime
 from ray_qalloc.placement import BackendView, JobView, LiveState, explain, plan, select
 from ray_qalloc.placement.filters import (AllowListFilter, BlockedFilter, CalibrationFreshnessFilter, HealthFilter,
-                                          IntentFilter, MemoryFilter, OperationsFilter, QubitsFilter, TenantFilter)
+                                          IntentFilter, MemoryFilter, OperationsFilter, QubitsFilter, TenantFilter,
+                                          ThreadsFilter)
 from ray_qalloc.placement.model import Estimate, Plan
 
 SV = BackendSpec("aer_statevector", "simulator", "aer", 30, method="statevector", memory_bytes=2**30)
@@ -59,6 +60,26 @@ def test_filter_table(flt, j, spec, healthy, code):
     assert status.code == code
     if code != "ok":
         assert status.reasons and status.plugin == flt.name
+
+
+def _pool_spec(method: str, threads: int) -> BackendSpec:
+    from ray_qalloc.backends.pools import candidate_spec
+
+    return candidate_spec("cpu-test", method, threads, cores=4, memory_bytes=2**34)
+
+
+@pytest.mark.parametrize("method, threads, qubits, code", [
+    # Aer parallelises a state wider than 14 qubits (qubitvector.hpp: num_qubits_ > omp_threshold_)
+    ("statevector", 2, 14, "unresolvable"),
+    ("statevector", 2, 15, "ok"),
+    ("statevector", 1, 3, "ok"),
+    # a density matrix of n qubits is a vector of 2n
+    ("density_matrix", 2, 7, "unresolvable"),
+    ("density_matrix", 2, 8, "ok"),
+])
+def test_many_threads_only_where_aer_uses_them(method, threads, qubits, code):
+    status = ThreadsFilter().check(job(num_qubits=qubits), BackendView(_pool_spec(method, threads)))
+    assert status.code == code
 
 
 PERMS = TenantFilter({"soc": ["aer_statevector", "kind:qpu"]})

@@ -567,3 +567,25 @@ def test_qpu_measure_none_profiles_without_running_and_per_job_names_every_choic
     run(trace, model=None, truth_dir=tmp_path / "truth", time_cap_s=2.0, seed=0, policies=("qalloc",),
         console=Console(quiet=True), measure_fn=fake_measure, profile_fn=no_runs, qpu_measure="none", esp_fn=esp)
     assert asked == []
+
+
+def test_ratios_pair_the_jobs_both_policies_completed():
+    """A policy that refuses a slow job must not look faster for it (nor one that runs a job the
+    other refused look slower): a ratio is over the jobs both completed."""
+    from benchmarks.report import ratios, strip_paired
+    from benchmarks.simulation import PAIRED
+
+    def row(jct: dict[str, float], fid: dict[str, float]) -> dict:
+        return {"mean_jct_s": sum(jct.values()) / len(jct), "deadline_miss_rate": 0.0,
+                "mean_fidelity_quantum": sum(fid.values()) / len(fid) if fid else None,
+                PAIRED: {"jct": jct, "fidelity_quantum": fid}}
+
+    pol = {"qalloc": row({"a": 1.0, "b": 10.0, "q": 2.0}, {"q": 0.9, "r": 0.5}),
+           "aer_automatic": row({"a": 2.0, "q": 2.0}, {"q": 0.8}),
+           "best_fidelity": row({"a": 2.0, "q": 4.0, "r": 8.0}, {"q": 0.95, "r": 0.6})}
+    r = ratios(pol)
+    assert r["qalloc_over_aer_automatic_mean_jct"] == 3.0 / 4.0       # a and q; b only qalloc ran
+    assert r["qalloc_over_best_fidelity_mean_fidelity_quantum"] == (0.9 + 0.5) / (0.95 + 0.6)
+    assert r["paired_jobs"]["aer_automatic:jct"] == 2
+    strip_paired(pol)
+    assert all(PAIRED not in v for v in pol.values())

@@ -27,7 +27,11 @@ rebuilds the corrections from them (``FidelityCorrections.load``).
 
 ``FidelityCorrected`` wraps a predictor (the model, under run memory and the bandit — one
 line in ``overruns.wrap_predictor``) and replaces each QPU estimate's fidelity by
-``F_cal ** s``. Applying it costs a dictionary lookup and a ``pow`` per QPU backend.
+``F_cal ** s``, then — for a job whose output profile intake took — by the Hellinger fidelity
+a measurement will show at that success probability (``costmodel.fidelity.observed_fidelity``).
+The exponent lives in success-probability space: a measurement is mapped back there
+(``esp_equivalent``) before it is fitted. Applying it costs a dictionary lookup, a ``pow`` and
+an interpolation per QPU backend.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
 
+from ray_qalloc.costmodel.fidelity import observed_fidelity, profile_of
 from ray_qalloc.placement.model import BackendView, Estimate, JobView
 
 #: Pseudo-samples at "no correction" (s = 1): how much evidence it takes to move the estimate.
@@ -210,7 +215,8 @@ class FidelityCorrected:
     def predict(self, job: JobView, backends: Sequence[BackendView]) -> list[Estimate]:
         estimates = self.base.predict(job, backends)
         corr = self.fidelity_corrections
-        if not corr._samples:
+        profile = profile_of(job.features) if job.features else None
+        if not corr._samples and profile is None:
             return estimates
         import time
 
@@ -219,10 +225,13 @@ class FidelityCorrected:
         out = []
         for est in estimates:
             view = views.get(est.backend)
-            if view is None or view.spec.kind != "qpu" or est.backend not in corr:
+            if view is None or view.spec.kind != "qpu":
                 out.append(est)
                 continue
-            fid = corr.apply(est.backend, est.fidelity, calibration_stamp(view, now))
+            fid = est.fidelity
+            if est.backend in corr:
+                fid = corr.apply(est.backend, fid, calibration_stamp(view, now))
+            fid = observed_fidelity(fid, profile)
             out.append(est if fid == est.fidelity else replace(est, fidelity=fid))
         return out
 
