@@ -35,8 +35,9 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ray_qalloc.costmodel.fidelity import (MIN_SHOTS_PER_OUTCOME, bits, effective_outcomes, exact_distribution,
-                                           hellinger)
+from ray_qalloc.costmodel.fidelity import (MIN_SHOTS_PER_OUTCOME, PROFILE_FEATURES, bits, effective_outcomes,
+                                           esp_equivalent, exact_distribution, hellinger, observed_fidelity,
+                                           profile_of)
 
 FIDELITY_SHOTS = 8192
 IDEAL_SHOTS = 100_000
@@ -212,10 +213,17 @@ def calibration_estimates(circuits: list[tuple[str, str, int]], qpus: Iterable[s
     out = {}
     for name, qasm, _ in circuits:
         job = prepare_job(make_spec(circuit=qasm, shots=shots, intent="quantum"), Limits())
-        jv = JobView(job.id, job.num_qubits, job.ops, job.features, job.shots, intent="quantum")
+        # the calibration's success probability: the profile intake took stays out of it
+        feats = {k: v for k, v in job.features.items() if k not in PROFILE_FEATURES}
+        jv = JobView(job.id, job.num_qubits, job.ops, feats, job.shots, intent="quantum")
         for q, view in views.items():
             out[(name, q)] = float(predictor.predict(jv, [view])[0].fidelity)
+        out[(name, PROFILE_KEY)] = profile_of(job.features)      # type: ignore[assignment]
     return out
+
+
+#: ``calibration_estimates``' key of a circuit's output profile (``costmodel.fidelity``).
+PROFILE_KEY = "profile"
 
 
 def fidelity_accuracy(profiles: QpuProfiles, circuits: list[tuple[str, str, int]], qpus: Iterable[str],
@@ -236,6 +244,7 @@ def fidelity_accuracy(profiles: QpuProfiles, circuits: list[tuple[str, str, int]
     random.Random(seed).shuffle(order)
     per: dict[str, Any] = {}
     errs_cal: list[float] = []
+    errs_map: list[float] = []
     errs_cor: list[float] = []
     for q in qpus:
         runs = []
@@ -244,23 +253,32 @@ def fidelity_accuracy(profiles: QpuProfiles, circuits: list[tuple[str, str, int]
             if (p is None or p.get("fidelity") is None or p.get("ideal") != "exact"
                     or p["shots"] / max(p.get("outcomes") or float("inf"), 1e-9) < MIN_SHOTS_PER_OUTCOME):
                 continue
-            runs.append((name, est[(name, q)], float(p["fidelity"]), float(p["esp"])))
+            runs.append((name, est[(name, q)], float(p["fidelity"]), float(p["esp"]), est.get((name, PROFILE_KEY))))
         cut = int(len(runs) * train_share)
         corr = FidelityCorrections()
-        for name, e, f, _ in runs[:cut]:
-            corr.add(FidelitySample(q, e, f, calibration_at=0.0))
+        for name, e, f, _, prof in runs[:cut]:        # learned as the allocator learns: in ESP space
+            corr.add(FidelitySample(q, e, esp_equivalent(f, prof), calibration_at=0.0))
         test = runs[cut:]
-        cal_e = [abs(e - f) for _, e, f, _ in test]
-        cor_e = [abs(corr.apply(q, e, 0.0) - f) for _, e, f, _ in test]
-        esp_e = [abs(d - f) for _, _, f, d in test]
+
+        def placed(e: float, prof: Any) -> float:
+            """What placement shows: the device's exponent, then the circuit's depolarizing map."""
+            return observed_fidelity(corr.apply(q, e, 0.0), prof)
+
+        cal_e = [abs(e - f) for _, e, f, _, _ in test]
+        map_e = [abs(observed_fidelity(e, prof) - f) for _, e, f, _, prof in test]
+        cor_e = [abs(placed(e, prof) - f) for _, e, f, _, prof in test]
+        esp_e = [abs(d - f) for _, _, f, d, _ in test]
         per[q] = {"n_train": cut, "n_test": len(test), "exponent": corr.exponent(q, 0.0),
-                  "mae_calibration": _mean(cal_e), "mae_corrected": _mean(cor_e), "mae_device_esp": _mean(esp_e),
-                  "test": [{"circuit": n, "calibration": e, "corrected": corr.apply(q, e, 0.0), "measured": f,
-                            "device_esp": d} for n, e, f, d in test]}
+                  "mae_calibration": _mean(cal_e), "mae_mapped": _mean(map_e), "mae_corrected": _mean(cor_e),
+                  "mae_device_esp": _mean(esp_e),
+                  "test": [{"circuit": n, "calibration": e, "mapped": observed_fidelity(e, prof),
+                            "corrected": placed(e, prof), "measured": f, "device_esp": d}
+                           for n, e, f, d, prof in test]}
         errs_cal += cal_e
+        errs_map += map_e
         errs_cor += cor_e
     return {"fidelity_mae": _mean(errs_cor), "fidelity_mae_calibration": _mean(errs_cal),
-            "n_test": len(errs_cor), "devices": per}
+            "fidelity_mae_mapped": _mean(errs_map), "n_test": len(errs_cor), "devices": per}
 
 
 def _mean(values: list[float]) -> float | None:

@@ -142,3 +142,26 @@ def test_the_meter_learns_in_success_probability_space() -> None:
            "measured_at": 1.0, "calibration_at": None}
     assert _sample(row).measured == 0.48
     assert _sample({**row, "esp_equivalent": None}).measured == 0.93       # rows recorded before
+
+
+def test_the_fidelity_benchmark_scores_what_placement_shows() -> None:
+    """``benchmarks.fidelity.fidelity_accuracy``: a device noisier than calibrated (log F 1.5× the
+    estimate, seen through each circuit's depolarizing map) is learned in ESP space and scored
+    against what was 'measured'; the map alone already beats the raw ESP on spread outputs."""
+    import benchmarks.fidelity as bench
+    from ray_qalloc.costmodel.prior import HeuristicPrior
+
+    circuits = [(f"rand-{k}", qasm2.dumps(_random_circuit(5, 3 + k, k)), 5) for k in range(6)]
+    circuits += [(f"ghz-{n}", qasm2.dumps(_ghz(n)), n) for n in (3, 4, 5, 6)]
+    est = bench.calibration_estimates(circuits, ["qpu_fez"], HeuristicPrior())
+
+    class Profiles:
+        def get(self, qasm: str, q: str) -> dict:
+            name = next(n for n, src, _ in circuits if src == qasm)
+            truth = observed_fidelity(est[(name, q)] ** 1.5, est[(name, bench.PROFILE_KEY)])
+            return {"fidelity": truth, "ideal": "exact", "shots": 8192, "outcomes": 1.0, "esp": est[(name, q)]}
+
+    out = bench.fidelity_accuracy(Profiles(), circuits, ["qpu_fez"], HeuristicPrior())   # type: ignore[arg-type]
+    assert out["n_test"] == 5
+    assert out["fidelity_mae"] < out["fidelity_mae_mapped"] < out["fidelity_mae_calibration"]
+    assert out["devices"]["qpu_fez"]["exponent"] > 1.0
