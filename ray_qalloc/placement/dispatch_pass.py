@@ -161,12 +161,23 @@ class DispatchPass:
         declined = self._declined
         heads: list[tuple[Item, str]] = []
         walk: set[str] = set()
+        index, entries, heappop = self._index, self.entries, heapq.heappop
         for b in self._startable:
-            if self._index[b] and declined.get(b, -math.inf) <= now:
+            heap = index[b]
+            if heap and (not declined or declined.get(b, -math.inf) <= now):
                 walk.add(b)
-                item = self._head(b, skip, parked)
-                if item is not None:
-                    heads.append((item, b))
+                # ``_head`` inline: nobody has chosen to wait yet in this pass (``skip`` is
+                # empty), so reading a head only drops stale items
+                while heap:
+                    item = heap[0]
+                    entry = entries.get(item[2])
+                    if entry is None or entry.version != item[1]:
+                        heappop(heap)
+                    elif item[2] in skip:
+                        parked.append((b, heappop(heap)))
+                    else:
+                        heads.append((item, b))
+                        break
         heads.extend((item, "") for item in self._fresh)
         self._fresh.clear()
         heapq.heapify(heads)
