@@ -85,13 +85,14 @@ def build(n_backends: int, queued: int, seed: int) -> tuple[Scheduler, random.Ra
 
 
 def time_dispatch(n_backends: int, queued: int, samples: int, seed: int = 0,
-                  warmup: int = 3000) -> tuple[list[float], list[float]]:
-    """Per pass: µs from a slot freeing to the decision, and µs per job the pass weighed.
+                  warmup: int = 3000) -> tuple[list[float], list[float], list[int]]:
+    """Per pass: µs from a slot freeing to the decision, µs per job the pass weighed, and the
+    jobs it weighed (a pass's cost is mostly that count: it says which lever a change moved).
 
     The first ``warmup`` passes (3 simulated seconds) are not timed: right after the build
     every backend is free at once, a state the live allocator never sits in."""
     s, rng, specs = build(n_backends, queued, seed)
-    per_pass, per_job = [], []
+    per_pass, per_job, weighed = [], [], []
     now = 1.0
     i = 10**7
     for k in range(warmup + samples):
@@ -108,8 +109,9 @@ def time_dispatch(n_backends: int, queued: int, samples: int, seed: int = 0,
         if k >= warmup:
             per_pass.append(dt)
             per_job.append(dt / max(s.examined - examined, 1))
+            weighed.append(s.examined - examined)
         now += 1e-3
-    return per_pass, per_job
+    return per_pass, per_job, weighed
 
 
 def time_enqueue(samples: int, predictor: Any) -> list[float]:
@@ -144,8 +146,8 @@ def pct(values: list[float], q: float) -> float:
 def run(queued: int, backends: int, samples: int) -> dict[str, Any]:
     from ray_qalloc.costmodel.registry import load_predictor
 
-    d16, j16 = time_dispatch(backends, queued, samples)
-    d1000, j1000 = time_dispatch(1000, queued, max(samples // 2, 500), seed=1)
+    d16, j16, w16 = time_dispatch(backends, queued, samples)
+    d1000, j1000, _ = time_dispatch(1000, queued, max(samples // 2, 500), seed=1)
     prior = time_enqueue(samples, HeuristicPrior())
     model = load_predictor(None)
     learned = time_enqueue(samples, model) if getattr(model, "source", "prior") != "prior" else None
@@ -154,6 +156,7 @@ def run(queued: int, backends: int, samples: int) -> dict[str, Any]:
         "p50_us_1000_backends": statistics.median(d1000), "p99_us_1000_backends": pct(d1000, 99),
         "per_job_p50_us": statistics.median(j16), "per_job_p99_us": pct(j16, 99),
         "per_job_p50_us_1000_backends": statistics.median(j1000),
+        "jobs_weighed_mean": statistics.fmean(w16), "jobs_weighed_p99": pct([float(w) for w in w16], 99),
         "enqueue_p50_us": statistics.median(prior), "enqueue_p99_us": pct(prior, 99),
         "enqueue_model_p50_us": statistics.median(learned) if learned else None,
         "enqueue_model_p99_us": pct(learned, 99) if learned else None,

@@ -168,3 +168,30 @@ def test_fast_pass_decides_as_the_policy_path(top: Topology, knobs: dict[str, An
                 for s in both:
                     s.requeue(s.runs[victim], job, Plan(plan.job_id, dict(plan.estimates)), arrival)
     assert outcome(fast, now + 1.0) == outcome(slow, now + 1.0)
+
+
+@SETTINGS
+@given(ops=st.lists(st.tuples(st.sampled_from(["add", "remove", "move", "start", "finish", "cores"]),
+                              st.integers(0, 5), st.sampled_from(["n0", "n1", "n2"])), max_size=40))
+def test_node_rows_follow_backends_joining_leaving_and_moving(ops: list[tuple[str, int, str]]) -> None:
+    """The per-node rows a refresh reads (``_node_rows``) are never stale: after any sequence of
+    pool changes each cached row set equals a fresh ``_rows_of`` (and invariants hold)."""
+    s = Scheduler(SchedulerConfig(check_invariants=True), node_cpus={"n0": 2.0, "n1": 4.0})
+    k = 0
+    for op, i, node in ops:
+        name = f"b{i}"
+        if op == "add":
+            s.add_backend(BackendSpec(name, "simulator", "aer", 20, slots=2, threads=1 + i % 2), node=node)
+        elif op == "remove" and name in s.backends and not s.backends[name].runs:
+            s.remove_backend(name)
+        elif op == "move" and name in s.backends:
+            s.set_node(name, node)
+        elif op == "start" and name in s.backends:
+            s.start(f"r{k}", name, float(k), 1.0 + i)
+            k += 1
+        elif op == "finish" and s.runs:
+            s.finish(sorted(s.runs)[i % len(s.runs)])
+        elif op == "cores":
+            s.node_cpus[node] = float(1 + i)
+        for n, rows in s._node_rows.items():
+            assert rows == s._rows_of(n), n

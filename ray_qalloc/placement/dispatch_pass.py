@@ -102,8 +102,8 @@ class DispatchPass:
             # option a waiting job's threshold needs (``_waits``); other policies are asked
             free: tuple[float, float, float] | None = None
             if fast:
-                choice, *rest = live.weigh_free(entry, seen)
-                free = tuple(rest)  # type: ignore[assignment]
+                choice, best_free, run_y, base_y = live.weigh_free(entry, seen)
+                free = (best_free, run_y, base_y)
             else:
                 choice = self.policy.choose(entry, live, now)
             if choice.backend is None:

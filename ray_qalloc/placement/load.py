@@ -246,13 +246,17 @@ class LiveView(Mapping[str, LiveState]):
                 if emergency:
                     can = b.can_start_emergency
                     wait = 0.0 if can else b.free_at_emergency - now
-                    if wait < 0.0:
-                        wait = max(REMAINING_PER_ELAPSED * (now - b.free_run_started_emergency), 0.0)
+                    if wait < 0.0:   # max(x, 0.0) without the call
+                        wait = REMAINING_PER_ELAPSED * (now - b.free_run_started_emergency)
+                        if wait < 0.0:
+                            wait = 0.0
                 else:
                     can = b.can_start
                     wait = 0.0 if can else b.free_at - now
-                    if wait < 0.0:
-                        wait = max(REMAINING_PER_ELAPSED * (now - b.free_run_started), 0.0)
+                    if wait < 0.0:   # max(x, 0.0) without the call
+                        wait = REMAINING_PER_ELAPSED * (now - b.free_run_started)
+                        if wait < 0.0:
+                            wait = 0.0
                 if extras:
                     extra = ahead.get(name, 0.0) + held.get(name, 0.0)
                     if extra:

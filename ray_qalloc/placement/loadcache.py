@@ -12,7 +12,7 @@ import dataclasses
 import math
 from typing import Any, Callable, Mapping
 
-from ray_qalloc.placement.load import LiveView, Run, backend_load, emergency_threads, first_core_run
+from ray_qalloc.placement.load import BackendSlotState, LiveView, Run, backend_load, emergency_threads
 from ray_qalloc.placement.model import LiveState
 
 
@@ -33,6 +33,17 @@ class _Cores(dict[str, float]):
     def update(self, *args: Any, **kwargs: Any) -> None:
         for node, cpus in dict(*args, **kwargs).items():
             self[node] = cpus
+
+
+def _first_core_run(rows: tuple[tuple[str, BackendSlotState, int, int], ...]) -> Run | None:
+    """``first_core_run`` over a node's cached rows (the same loop and tie-break)."""
+    best: Run | None = None
+    for _, b, threads, _ in rows:
+        if threads > 0:
+            for r in b.runs.values():
+                if best is None or r.ends < best.ends or (r.ends == best.ends and r.started < best.started):
+                    best = r
+    return best
 
 
 class LoadCache:
@@ -68,6 +79,9 @@ class LoadCache:
         twice per dispatch, for every backend of the node."""
         backends = self.backends
         names = self._nodes.get(node, ())
+        rows = self._node_rows.get(node)
+        if rows is None:
+            rows = self._node_rows[node] = self._rows_of(node)
         cores = self.node_cpus.get(node, 1.0)
         busy = self._node_busy.get(node, 0.0)
         reserved = self.config.reserved
@@ -84,21 +98,18 @@ class LoadCache:
         first: Run | None = None
         first_known = False
         moved = False     # a slot freed here: jobs that declined its node may decide otherwise
-        for name in names:
-            b = backends[name]
-            spec = b.spec
-            threads = spec.threads
+        for name, b, threads, slots in rows:
             if (partial and name != changed
                     and (threads <= 0 or (free_cores >= threads and free_before >= threads))):
                 continue
             short_e = threads > 0 and free_cores < threads
             short = threads > 0 and free_cores - pool_hold < threads
             if short and not first_known:
-                first, first_known = first_core_run(backends[n] for n in names), True
+                first, first_known = _first_core_run(rows), True
             was_can, was_at, was_can_e, was_at_e = b.can_start, b.free_at, b.can_start_emergency, b.free_at_emergency
             never = threads > 0 and cores - node_hold < threads
             hold = reserved.get(name, 0) if reserved else 0
-            if not hold and spec.slots > len(b.runs):
+            if not hold and slots > len(b.runs):
                 # backend_load with a free slot and nothing reserved: only the node's cores count
                 at = inf if never and short else 0.0
                 started = at_e = started_e = 0.0
@@ -114,7 +125,7 @@ class LoadCache:
             else:
                 (b.free_at, b.free_run_started, b.can_start,
                  b.free_at_emergency, b.free_run_started_emergency, b.can_start_emergency) = backend_load(
-                    spec, b.healthy, b.runs.values(), hold, short, short_e, first, never=never)
+                    b.spec, b.healthy, b.runs.values(), hold, short, short_e, first, never=never)
                 can, can_e = b.can_start, b.can_start_emergency
             if name in groups:
                 if ((not can and (was_can or b.free_at > was_at))
@@ -139,6 +150,14 @@ class LoadCache:
                     declined.pop(name, None)
                 if not partial and name in groups:
                     self._unhold(self._holds.release(name))
+
+    def _rows_of(self, node: str) -> tuple[tuple[str, BackendSlotState, int, int], ...]:
+        """(name, state, threads, slots) of a node's backends, in ``_nodes`` order: what a
+        refresh reads of each, cached per node (``_node_rows``) and dropped whenever a backend
+        joins, leaves or moves (``Scheduler.add_backend``, ``remove_backend``, ``set_node``)."""
+        backends = self.backends
+        return tuple((n, backends[n], backends[n].spec.threads, backends[n].spec.slots)
+                     for n in self._nodes.get(node, ()))
 
     def live(self, now: float, *, emergency: bool = False) -> dict[str, LiveState]:
         """Predicted wait and can-start per backend, as seen by a job of that class."""

@@ -112,6 +112,7 @@ class Scheduler(JobQueue, LoadCache, DispatchPass, TimeRules):
         self.runs: dict[str, Run] = {}
         self._index: dict[str, list[_Item]] = {}
         self._nodes: dict[str, list[str]] = {}          # node -> backends on it
+        self._node_rows: dict[str, tuple[Any, ...]] = {}   # node -> what a refresh reads (LoadCache._rows_of)
         self._node_busy: dict[str, float] = {}          # node -> threads in use
         self._startable: set[str] = set()               # backends an emergency job could start on now
         self._seq = itertools.count()
@@ -159,6 +160,7 @@ class Scheduler(JobQueue, LoadCache, DispatchPass, TimeRules):
         self.backends[spec.name] = BackendSlotState(spec, node, healthy)
         self._index.setdefault(spec.name, [])
         self._nodes.setdefault(node, []).append(spec.name)
+        self._node_rows.pop(node, None)
         self.node_cpus.setdefault(node, 1.0)
         self._refresh_node(node)
 
@@ -173,6 +175,7 @@ class Scheduler(JobQueue, LoadCache, DispatchPass, TimeRules):
         del self.backends[name]
         self._index.pop(name, None)
         self._nodes[b.node].remove(name)
+        self._node_rows.pop(b.node, None)
         if not self._nodes[b.node]:
             del self._nodes[b.node]
         self._startable.discard(name)
@@ -207,6 +210,8 @@ class Scheduler(JobQueue, LoadCache, DispatchPass, TimeRules):
         if b.node == node:
             return
         self._nodes[b.node].remove(backend)
+        self._node_rows.pop(b.node, None)
+        self._node_rows.pop(node, None)
         self._node_busy[b.node] = self._node_busy.get(b.node, 0.0) - len(b.runs) * b.spec.threads
         old, b.node = b.node, node
         self._nodes.setdefault(node, []).append(backend)
