@@ -90,9 +90,10 @@ class DispatchPass:
             self.examined += 1
             # items of this job held off free indexes: held again if it declines again
             kept = carried.pop(job_id, None)
-            held = holds.drop(job_id)
-            if held is not None:      # weighed again: its own work no longer counts ahead of it
-                kept = held[2] if kept is None else kept + held[2]
+            if job_id in holds.holding:     # weighed again: its own work no longer counts ahead of it
+                held = holds.drop(job_id)
+                if held is not None:
+                    kept = held[2] if kept is None else kept + held[2]
             emergency = entry.cls == _EMERGENCY
             live = live_e if emergency else live_n
             entry.excluded = (self._exclusions(entry, congested, now) if congested or windows
