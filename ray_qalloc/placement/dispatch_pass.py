@@ -167,8 +167,7 @@ class DispatchPass:
             heap = index[b]
             if heap and (not declined or declined.get(b, -math.inf) <= now):
                 walk.add(b)
-                # ``_head`` inline: nobody has chosen to wait yet in this pass (``skip`` is
-                # empty), so reading a head only drops stale items
+                # ``_head`` inline: one read per free backend at the start of every pass
                 while heap:
                     item = heap[0]
                     entry = entries.get(item[2])

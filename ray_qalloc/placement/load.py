@@ -190,7 +190,8 @@ class LiveView(Mapping[str, LiveState]):
 
     def wait_of(self, key: str, b: BackendSlotState) -> tuple[float, bool]:
         """(predicted wait, can start now) of backend ``key`` for a job of this view's class:
-        the one formula every decision reads."""
+        the one formula every decision reads. ``weigh_free`` inlines it (the pass's hot loop);
+        ``tests/test_scheduler_fastpath.py`` holds the two to the same decisions."""
         if not b.healthy:
             return math.inf, False
         if self.emergency:
