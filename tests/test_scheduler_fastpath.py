@@ -4,7 +4,8 @@ Each shortcut of the dispatch hot path keeps the slow path it replaced, and thes
 it as the oracle:
 
 * ``backend_load``'s free-slot answer against ``backend_load_full`` (the whole formula);
-* ``first_core_run``'s loop against ``min`` by ``(ends, started)``;
+* ``first_core_run``'s loop (and the refresh's copy over cached rows) against ``min`` by
+  ``(ends, started)``;
 * the pass with qalloc's own selector (``LiveView.weigh_free`` inline, a waiting job's
   threshold read on the same walk, the node refresh's inline free-variant case) against the
   same pass through the ``Policy`` interface (``select`` over the view, ``_latest_end``
@@ -28,6 +29,7 @@ from hypothesis import strategies as st
 from ray_qalloc.backends.base import BackendSpec
 from ray_qalloc.placement.load import BackendSlotState, LiveView, Run, _Without, backend_load, backend_load_full
 from ray_qalloc.placement.load import first_core_run
+from ray_qalloc.placement.loadcache import _first_core_run
 from ray_qalloc.placement.model import JobView, LiveState, Plan
 from ray_qalloc.placement.pipeline import Choice, select
 from ray_qalloc.placement.scheduler import Entry, QallocPolicy, Scheduler, SchedulerConfig
@@ -70,6 +72,8 @@ def test_first_core_run_is_the_min_by_end_then_start(per_backend: list[tuple[int
     want = min((r for b in backends if b.spec.threads > 0 for r in b.runs.values()),
                key=lambda r: (r.ends, r.started), default=None)
     assert first_core_run(backends) is want
+    rows = tuple((b.spec.name, b, b.spec.threads, b.spec.slots) for b in backends)
+    assert _first_core_run(rows) is want        # the refresh's copy, over a node's cached rows
 
 
 class SlowQalloc(QallocPolicy):
