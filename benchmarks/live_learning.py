@@ -62,6 +62,7 @@ class LearningPlanner(PipelinePlanner):
         super().__init__(views, predictor, learn=True, settings=settings)
         self.specs = specs
         self.remembered = 0
+        self.fidelity_samples = 0
 
     def observe(self, backend: str, predicted_s: float, actual_s: float, job: SimJob) -> None:
         self.observations += 1
@@ -73,6 +74,27 @@ class LearningPlanner(PipelinePlanner):
         if remember is not None and spec is not None and spec.kind == "simulator":
             remember(job.view, spec, actual_s, censored=False, predicted_s=predicted_s)
             self.remembered += 1
+
+    def observe_fidelity(self, backend: str, measured: float, job: SimJob) -> None:
+        """As the live fidelity meter: a run of a circuit whose exact ideal output is known and
+        whose shots can show its fidelity (``costmodel.fidelity``: ≤ 12 qubits, ≥ 32 shots per
+        effective outcome) teaches the device's correction, in success-probability space."""
+        from ray_qalloc.costmodel.fidelity import (EXACT_MAX_QUBITS, IDEAL_OUTCOMES_FEATURE, MIN_SHOTS_PER_OUTCOME,
+                                                   esp_equivalent, profile_of)
+        from ray_qalloc.costmodel.fidelity_correction import FidelitySample, corrections_of
+
+        corr = corrections_of(self.predictor)
+        view = next((v for v in self.views if v.name == backend), None)
+        outcomes = job.view.features.get(IDEAL_OUTCOMES_FEATURE)
+        if (corr is None or view is None or job.view.num_qubits > EXACT_MAX_QUBITS or not outcomes
+                or job.view.shots / float(outcomes) < MIN_SHOTS_PER_OUTCOME):
+            return
+        calibration = getattr(self.predictor, "calibration_fidelity", None)
+        estimate = (float(calibration(job.view, view)) if calibration is not None
+                    else float(self.predictor.predict(job.view, [view])[0].fidelity))
+        if estimate > 0:
+            corr.add(FidelitySample(backend, estimate, esp_equivalent(measured, profile_of(job.view.features))))
+            self.fidelity_samples += 1
 
     def stopped(self, backend: str, predicted_s: float, elapsed_s: float, job: SimJob) -> None:
         """As live (``Dispatcher._remember_bound``): a run that lost its race took at least this

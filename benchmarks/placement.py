@@ -380,6 +380,7 @@ def run(trace: Path, *, model: Path | None, truth_dir: Path, time_cap_s: float, 
         results[name]["sim_wall_s"] = time.perf_counter() - t
         if name == "qalloc":
             results[name]["remembered"] = getattr(planner, "remembered", None)
+            results[name]["fidelity_samples"] = getattr(planner, "fidelity_samples", None)
             results[name]["explorations"] = getattr(getattr(planner.predictor, "base", planner.predictor),
                                                     "explorations", None)
 

@@ -6,7 +6,9 @@ runs. What happens, and why it mirrors the live allocator:
 * **Planning at arrival.** Each job is planned when it arrives, through a ``Planner`` (the
   pipeline's filters and the predictor, as the allocator does at enqueue), so that what the
   predictor learned from earlier completions shapes later plans.
-* **Learning on completion.** A completed run calls ``planner.observe(backend, predicted_s,
+* **Learning on completion.** A completed QPU run whose fidelity was measured calls
+  ``planner.observe_fidelity(backend, measured, job)`` where the planner has it (live: the
+  fidelity meter). A completed run calls ``planner.observe(backend, predicted_s,
   actual_s, job)``; a run stopped before its end (preempted, or the loser of a hedge) calls
   ``planner.stopped(backend, predicted_s, elapsed_s, job)`` — a censored lower bound on its
   runtime. Baselines get a planner that learns nothing (what a user gets for free).
@@ -247,8 +249,11 @@ class _Sim:
     def __init__(self, jobs: Sequence[SimJob], truth: Mapping[str, Mapping[str, float]], planner: Planner,
                  pool: Sequence[BackendSpec], policy: Any, *, node_cpus: Mapping[str, float] | float,
                  penalty_s: float, config: SchedulerConfig | None, hedger: Hedger | None,
-                 hedge_check_s: float, prober: Hedger | None = None) -> None:
+                 hedge_check_s: float, prober: Hedger | None = None,
+                 fidelity: Mapping[str, Mapping[str, float]] | None = None,
+                 unmeasured: set[tuple[str, str]] | None = None) -> None:
         self.jobs, self.truth, self.planner, self.penalty_s = jobs, truth, planner, penalty_s
+        self.fidelity, self.unmeasured = fidelity or {}, unmeasured or set()
         self.policy, self.hedger, self.hedge_check_s = policy, hedger, hedge_check_s
         self.prober = prober
         self.probes = 0
@@ -362,10 +367,21 @@ class _Sim:
         if run.backup:
             o.start = run.started
         self.planner.observe(run.backend, run.predicted, run.runtime, job)
+        self._measured(run.backend, job)
         for other in list(self.job_runs.get(run.job_id, ())):
             if other != run.run_id:
                 self._stop(other, now, requeue_if_last=False)
         self.job_runs.pop(run.job_id, None)
+
+    def _measured(self, backend: str, job: SimJob) -> None:
+        """A QPU run's measured fidelity goes to a planner that learns it (live: the fidelity
+        meter); an estimate standing in for one (``unmeasured``) is not a measurement."""
+        note = getattr(self.planner, "observe_fidelity", None)
+        spec = self.specs.get(backend)
+        f = self.fidelity.get(job.id, {}).get(backend)
+        if note is None or spec is None or spec.kind != "qpu" or f is None or (job.id, backend) in self.unmeasured:
+            return
+        note(backend, float(f), job)
 
     def _arrive(self, jid: str, now: float) -> None:
         job = self.by_id[jid]
@@ -522,7 +538,7 @@ def simulate(jobs: Sequence[SimJob], truth: Mapping[str, Mapping[str, float]], p
         planner = FixedPlans(planner)
     policy = policy or make_policy(policy_name, seed)
     sim = _Sim(jobs, truth, planner, pool_specs, policy, node_cpus=node_cpus, penalty_s=penalty_s, config=config,
-               hedger=hedger, hedge_check_s=hedge_check_s, prober=prober)
+               hedger=hedger, hedge_check_s=hedge_check_s, prober=prober, fidelity=fidelity, unmeasured=unmeasured)
     sim.run()
     m = metrics(policy_name, jobs, sim.outcome, sim.unplaceable, fidelity or {}, sim.plans, sim.specs, record,
                 unmeasured)

@@ -165,3 +165,49 @@ def test_the_fidelity_benchmark_scores_what_placement_shows() -> None:
     assert out["n_test"] == 5
     assert out["fidelity_mae"] < out["fidelity_mae_mapped"] < out["fidelity_mae_calibration"]
     assert out["devices"]["qpu_fez"]["exponent"] > 1.0
+
+
+def _qpu_views(*names: str) -> list:
+    from ray_qalloc.backends.registry import make_backend
+    from ray_qalloc.placement.model import BackendView, QubitProfile
+
+    out = []
+    for name in names:
+        qpu = make_backend(name)
+        cal = qpu.calibration()
+        out.append(BackendView(qpu.spec(), True, cal.summary(), 0.0, QubitProfile.of(cal)))
+    return out
+
+
+@pytest.mark.parametrize("measured", [True, False])
+def test_the_simulation_learns_measured_fidelity_as_the_live_meter_does(measured: bool) -> None:
+    """Device A measures far below its calibration on a GHZ-5 stream (B as calibrated): qalloc's
+    simulated allocator learns it from the measured runs and moves the later jobs to B. An
+    estimate standing in for a measurement (``unmeasured``) teaches nothing."""
+    from benchmarks.live_learning import LearningPlanner
+    from benchmarks.simulation import SimJob, simulate
+    from ray_qalloc.config import Limits
+    from ray_qalloc.costmodel.prior import HeuristicPrior
+    from ray_qalloc.jobs import make_spec, prepare_job
+    from ray_qalloc.overruns import wrap_predictor
+    from ray_qalloc.placement.model import JobView
+
+    views = _qpu_views("qpu_fez", "qpu_torino")
+    pj = prepare_job(make_spec(circuit=qasm2.dumps(_ghz(5)), shots=1024, intent="quantum"), Limits())
+    jobs = [SimJob(f"g{i}", 10.0 * i, JobView(f"g{i}", pj.num_qubits, pj.ops, pj.features, pj.shots,
+                                              intent="quantum"), "ghz5") for i in range(8)]
+    planner = LearningPlanner(views, wrap_predictor(HeuristicPrior()), {v.name: v.spec for v in views})
+    first = {e.backend: e.fidelity for e in planner.plan(jobs[0], 0.0).estimates.values()}
+    worse, better = sorted(first, key=first.get, reverse=True)      # the calibration's favourite first
+    fidelity = {j.id: {worse: 0.2 * first[worse], better: first[better]} for j in jobs}
+    truth = {j.id: {worse: 2.0, better: 2.0} for j in jobs}
+    unmeasured = set() if measured else {(j.id, b) for j in jobs for b in (worse, better)}
+    rec: list[dict] = []
+    simulate(jobs, truth, planner, [v.spec for v in views], "qalloc", record=rec, fidelity=fidelity,
+             unmeasured=unmeasured, node_cpus=2.0)
+    picks = [r["backend"] for r in sorted(rec, key=lambda r: r["arrival_s"])]
+    assert picks[0] == worse
+    if measured:
+        assert planner.fidelity_samples >= 1 and picks[-1] == better
+    else:
+        assert planner.fidelity_samples == 0 and set(picks) == {worse}

@@ -64,6 +64,9 @@ METHOD_EXACT = "hellinger_exact"
 PROFILE_POINTS = 9
 #: Feature names of the profile (``JobView.features``).
 PROFILE_FEATURES: tuple[str, ...] = tuple(f"depolarized_f{k}" for k in range(PROFILE_POINTS))
+#: Feature: the ideal output's effective number of outcomes (1/Σp²), taken with the profile: it
+#: says whether a run's shots can show its fidelity (``MIN_SHOTS_PER_OUTCOME``).
+IDEAL_OUTCOMES_FEATURE = "ideal_outcomes"
 #: Intake takes the profile of quantum-intent circuits up to this width and size (a
 #: 10-qubit, 128-gate circuit: 8-20 ms of ``Statevector`` here; a QPU run takes seconds).
 PROFILE_MAX_QUBITS = 10
@@ -220,7 +223,8 @@ def circuit_profile(circuit: "QuantumCircuit", *, max_qubits: int = PROFILE_MAX_
     ideal, _ = exact_distribution(circuit, max_qubits=max_qubits, max_gates=max_gates)
     if ideal is None:
         return {}
-    return dict(zip(PROFILE_FEATURES, output_profile(ideal, circuit.num_clbits)))
+    return {**dict(zip(PROFILE_FEATURES, output_profile(ideal, circuit.num_clbits))),
+            IDEAL_OUTCOMES_FEATURE: effective_outcomes(ideal)}
 
 
 def measure_counts(circuit: "QuantumCircuit", counts: Mapping[str, int | float], shots: int | None = None, *,
@@ -263,6 +267,6 @@ def measure_payload(payload: bytes, counts: Mapping[str, int | float], shots: in
 
 
 __all__ = ["EXACT_MAX_QUBITS", "EXACT_MAX_GATES", "MIN_SHOTS_PER_OUTCOME", "METHOD_EXACT", "PROFILE_POINTS",
-           "PROFILE_FEATURES", "PROFILE_MAX_QUBITS", "PROFILE_MAX_GATES", "Measurement", "bits", "exact_distribution",
+           "PROFILE_FEATURES", "IDEAL_OUTCOMES_FEATURE", "PROFILE_MAX_QUBITS", "PROFILE_MAX_GATES", "Measurement", "bits", "exact_distribution",
            "effective_outcomes", "hellinger", "output_profile", "profile_of", "observed_fidelity", "esp_equivalent",
            "circuit_profile", "measure_counts", "measure_payload"]
