@@ -41,6 +41,9 @@ WHAT: dict[str, str] = {
     "qalloc_over_best_fidelity_mean_fidelity_quantum": "qalloc measured fidelity (quantum intent) / best_fidelity's "
                                                        "(jobs both completed)",
     "qalloc_minus_best_baseline_deadline_miss_rate": "qalloc deadline miss rate - best baseline's",
+    "qalloc_over_aer_automatic_mean_jct_simulator_eligible": "qalloc mean JCT / aer_automatic, auto and classical "
+                                                             "jobs only",
+    "qalloc_over_aer_automatic_mean_fidelity_quantum": "qalloc measured fidelity (quantum intent) / aer_automatic's",
 }
 
 
@@ -67,7 +70,7 @@ def ratios(policies: Mapping[str, Mapping[str, Any]], lower: Mapping[str, Any] |
     def paired(p: str, what: str, key: str) -> float | None:
         mine, theirs = src("qalloc").get(PAIRED, {}).get(what), src(p).get(PAIRED, {}).get(what)
         if mine is None or theirs is None:        # no per-job figures: the policies' own means
-            return div(get("qalloc", key), get(p, key))
+            return div(get("qalloc", key), get(p, key)) if what in ("jct", "fidelity_quantum") else None
         common = [j for j in mine if j in theirs]
         paired_n[f"{p}:{what}"] = len(common)
         if not common:
@@ -85,6 +88,10 @@ def ratios(policies: Mapping[str, Mapping[str, Any]], lower: Mapping[str, Any] |
         "qalloc_over_lower_bound_mean_jct": paired("lower_bound", "jct", "mean_jct_s"),
         "qalloc_over_hindsight_mean_jct": paired("hindsight", "jct", "mean_jct_s"),
         "qalloc_over_best_fidelity_mean_fidelity_quantum": paired("best_fidelity", "fidelity_quantum",
+                                                                  "mean_fidelity_quantum"),
+        "qalloc_over_aer_automatic_mean_jct_simulator_eligible": paired("aer_automatic", "jct_simulator_eligible",
+                                                                        "mean_jct_s"),
+        "qalloc_over_aer_automatic_mean_fidelity_quantum": paired("aer_automatic", "fidelity_quantum",
                                                                   "mean_fidelity_quantum"),
         "qalloc_minus_best_baseline_deadline_miss_rate": (None if miss_q is None or best_b is None
                                                            else miss_q - known[best_b]),
@@ -205,9 +212,8 @@ def print_report(result: Mapping[str, Any], console: Any) -> None:
     console.print(g)
     pairs = (result.get("ratios") or {}).get("paired_jobs") or {}
     if pairs:
-        console.print("ratios over the jobs both policies completed: " + ", ".join(
-            f"{k.split(':')[0]} {n}" + (" (quantum)" if k.endswith("fidelity_quantum") else "")
-            for k, n in sorted(pairs.items())) + f" of {result.get('jobs')} jobs")
+        console.print("ratios over the jobs both policies completed (policy, figure: jobs): " + ", ".join(
+            f"{k.replace(':', ' ')}: {n}" for k, n in sorted(pairs.items())) + f"; of {result.get('jobs')} jobs")
 
 
 __all__ = ["ratios", "strip_paired", "goals", "detect_mix", "trained_families", "families_seen", "print_report", "GOAL_JCT", "GOAL_ALL"]

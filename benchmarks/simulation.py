@@ -608,7 +608,8 @@ def metrics(policy_name: str, jobs: Sequence[SimJob], outcome: Mapping[str, _Out
         "deadline_jobs": deadline_jobs, "deadline_misses": misses,
         "emergency_jobs": sum(1 for j in jobs if j.view.priority == "emergency"),
         "quantum_jobs_completed": len(fid_q), "fidelity_unmeasured_runs": estimated,
-        PAIRED: {"jct": jct_of, "fidelity_quantum": fid_q_of},
+        PAIRED: {"jct": jct_of, "fidelity_quantum": fid_q_of,
+                 "jct_simulator_eligible": {k: v for k, v in jct_of.items() if k not in fid_q_of}},
     }
 
 
