@@ -32,7 +32,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_qalloc.backends.gpu_probe import GpuProbe, default_probe, free_gpu_bytes, per_gpu_budget_bytes, visible
-from ray_qalloc.backends.pool_actor import PoolActor
+from ray_qalloc.backends.pool_actor import PoolActor, run_gate
 from ray_qalloc.backends.pools import GPU_METHODS, POOL_RESOURCE_GPU
 
 _SIMS: dict[tuple[str, int, int], Any] = {}
@@ -62,18 +62,22 @@ def _backend(method: str, gpus: int, memory_bytes: int, name: str, engines: froz
 
 
 def run_gpu_variant(method: str, gpus: int, memory_bytes: int, payload: bytes, shots: int,
-                    seed: int | None, name: str, engines: frozenset[str]) -> dict[str, Any]:
-    """One GPU simulation in a task's worker process (the body of the Ray task)."""
+                    seed: int | None, name: str, engines: frozenset[str], gate: str | None = None) -> dict[str, Any]:
+    """One GPU simulation in a task's worker process (the body of the Ray task). ``gate``: the
+    run's gate, as for a CPU run (``pool_actor.run_gate``): a stop kills this worker only while
+    this run holds it."""
     from ray_qalloc.circuits import decode_payload
     from ray_qalloc.runopts import split_payload
 
     received = time.time()
-    inner, options = split_payload(payload)
-    if options.seed is not None:
-        seed = options.seed
-    backend = _backend(method, gpus, memory_bytes, name, engines)
-    circuit = decode_payload(inner)
-    res = backend.estimate(circuit, options, seed=seed) if options.estimator else backend.run(circuit, shots, seed=seed)
+    with run_gate(gate):
+        inner, options = split_payload(payload)
+        if options.seed is not None:
+            seed = options.seed
+        backend = _backend(method, gpus, memory_bytes, name, engines)
+        circuit = decode_payload(inner)
+        res = (backend.estimate(circuit, options, seed=seed) if options.estimator
+               else backend.run(circuit, shots, seed=seed))
     res.backend = name
     out = res.to_dict()
     meta = out.setdefault("metadata", {})
@@ -106,6 +110,7 @@ class GpuPoolActor(PoolActor):
         self._stopped: set[tuple[str, int]] = set()
         self._done: collections.OrderedDict[tuple[str, int], dict[str, Any]] = collections.OrderedDict()
         self._started_at = time.time()
+        self._init_gates()                                     # stops go through run gates, as on CPU
         self._sampler = NodeSampler(gpus=self._probe.devices)   # the same source as the budget
         self._warm: list[ray.ObjectRef] = []   # a GPU worker warms on its first run (CUDA context)
 
@@ -135,7 +140,7 @@ class GpuPoolActor(PoolActor):
             gpus = max(int(threads), 1)
             ref = self._task(_gpu_run_task, gpus, f"qalloc-gpu-run {job_id}#{attempt}").remote(
                 method, gpus, self._per_run(gpus), payload, shots, seed, name or f"{self._pool}/{method}",
-                self._engines)
+                self._engines, self._new_gate(key))
             self._runs[key] = ref
         return await self._wait(key, ref)
 

@@ -16,16 +16,48 @@ idempotent).
 
 Each task is pinned to the pool's node (hard node affinity): memory is measured there, and
 that is where placement believed the run would go.
+
+Why a stop never uses ``ray.cancel(force=True)`` (measured with Ray 2.60, docs/notes.md): a
+force-cancel makes the worker *start* exiting; a run that finishes in that window (a lost hedge
+or a probe of a small circuit is often stopped as it finishes) still returns its result, the
+pool actor — the owner — then reuses the leased worker for the next queued run of the same
+scheduling class, and that innocent run dies with the worker (``WorkerCrashedError``). So every
+run passes a **run gate** (``RunGate``): a per-run file on the node, locked with ``flock``, that
+the task marks ``started`` before it simulates and ``done`` before it returns. A stop takes the
+same lock and decides on what it reads:
+
+* not started (queued in the owner, queued in a worker, or not past its gate yet): marked
+  ``stopped`` and cancelled with ``force=False`` — Ray drops it from its queue, or interrupts it
+  before the gate, or the task sees ``stopped`` at its gate and returns at once; nothing is
+  killed;
+* started: its own worker is sent SIGKILL *while the stop holds the lock*, so the run cannot
+  reach ``done`` and return a result in between: the worker dies with its run and never serves
+  another (its lease ends in an error, so neither the owner nor the raylet hands it out again),
+  and the core is free at once;
+* done: left alone; its result is on its way.
+
+Why not give each run a scheduling class of its own instead (so the owner never queues a run
+behind another's worker): Ray derives the class from the function, the resource shape, the
+scheduling strategy and the runtime_env, and interns every class for the life of the process; a
+class per run means a unique function or resource shape per run (an unbounded table, a function
+export per run) or a runtime_env per run (a worker pool per run). And it would only narrow the
+race: the lease of a worker that is exiting goes back to the raylet, which may grant it again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import logging
 import os
+import shutil
+import signal
+import tempfile
 import time
-from typing import Any
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -62,21 +94,25 @@ def _backend(method: str, threads: int, memory_bytes: int) -> Any:
 
 
 def run_variant(method: str, threads: int, memory_bytes: int, payload: bytes, shots: int,
-                seed: int | None, name: str) -> dict[str, Any]:
+                seed: int | None, name: str, gate: str | None = None) -> dict[str, Any]:
     """One simulation in a task's worker process (the body of the Ray task).
 
     A job's own run options (``ray_qalloc.runopts``) come first: its seed replaces the
-    allocator's, and an estimator job gets exact expectation values instead of counts."""
+    allocator's, and an estimator job gets exact expectation values instead of counts. ``gate``
+    is the run's ``RunGate`` path: the run says there when it starts and ends, so a stop kills
+    this worker only while this run holds it (module docstring)."""
     from ray_qalloc.circuits import decode_payload
     from ray_qalloc.runopts import split_payload
 
     received = time.time()
-    inner, options = split_payload(payload)
-    if options.seed is not None:
-        seed = options.seed
-    backend = _backend(method, threads, memory_bytes)
-    circuit = decode_payload(inner)
-    res = backend.estimate(circuit, options, seed=seed) if options.estimator else backend.run(circuit, shots, seed=seed)
+    with run_gate(gate):
+        inner, options = split_payload(payload)
+        if options.seed is not None:
+            seed = options.seed
+        backend = _backend(method, threads, memory_bytes)
+        circuit = decode_payload(inner)
+        res = (backend.estimate(circuit, options, seed=seed) if options.estimator
+               else backend.run(circuit, shots, seed=seed))
     res.backend = name
     out = res.to_dict()
     meta = out.setdefault("metadata", {})
@@ -84,6 +120,119 @@ def run_variant(method: str, threads: int, memory_bytes: int, payload: bytes, sh
                 node_id=ray.get_runtime_context().get_node_id(), threads=threads,
                 resources=dict(ray.get_runtime_context().get_assigned_resources()))
     return out
+
+
+# ---- the run gate: stop a run without touching another run's worker -----------------------------
+_GATE_PREFIX = "qalloc-gates-"
+_STATE_BYTES = 64
+_STARTED, _DONE, _STOPPED, _KILLED = b"started", b"done", b"stopped", b"killed"
+_SELF: tuple[int, float] | None = None   # this process's (pid, start time), read once per worker
+
+
+def _self_identity() -> tuple[int, float]:
+    """(pid, process start time): the start time tells a stop that the pid still names this
+    process and not a later one that reused the number."""
+    global _SELF
+    if _SELF is None or _SELF[0] != os.getpid():
+        import psutil
+
+        _SELF = (os.getpid(), psutil.Process().create_time())
+    return _SELF
+
+
+@contextmanager
+def _locked(path: str) -> Iterator[int]:
+    """The run's state file, open and exclusively locked. Every holder keeps the lock for one
+    read and one write (microseconds), so a blocking ``flock`` costs the pool actor's loop nothing
+    worth awaiting; the kernel drops the lock with the descriptor, also when its holder dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _read_state(fd: int) -> list[bytes]:
+    return os.pread(fd, _STATE_BYTES, 0).split()
+
+
+def _write_state(fd: int, *words: bytes) -> None:
+    os.pwrite(fd, b" ".join(words).ljust(_STATE_BYTES), 0)
+
+
+@contextmanager
+def run_gate(path: str | None) -> Iterator[None]:
+    """Task side of the gate: ``started`` (with this worker's pid) before the simulation,
+    ``done`` after it — also when it raised, so a stop never kills a worker that is only
+    reporting an error. A run stopped before it got here returns at once (``RunStopped``)."""
+    if not path:
+        yield
+        return
+    pid, born = _self_identity()
+    with _locked(path) as fd:
+        state = _read_state(fd)
+        if state and state[0] in (_STOPPED, _KILLED):
+            raise RunStopped("this run was stopped before it started.",
+                             fix="nothing to do: it was stopped on purpose.")
+        _write_state(fd, _STARTED, str(pid).encode(), repr(born).encode())
+    try:
+        yield
+    finally:
+        with _locked(path) as fd:
+            _write_state(fd, _DONE)
+
+
+def stop_gated(path: str) -> str:
+    """Stop side of the gate: what the run was doing, and what was done about it, in one locked
+    step. ``"not_started"``: marked stopped (the caller cancels the task without force);
+    ``"killed"``: its worker got SIGKILL while the run was still inside the gate, so it cannot
+    have returned a result, nor can its worker have been handed another run; ``"done"``: it
+    finished, nothing to do; ``"stopped"``: an earlier stop already did it; ``"gone"``: its
+    process had died by itself (the task fails on its own)."""
+    import psutil
+
+    with _locked(path) as fd:
+        state = _read_state(fd)
+        if not state:
+            _write_state(fd, _STOPPED)
+            return "not_started"
+        head = state[0]
+        if head == _DONE:
+            return "done"
+        if head in (_STOPPED, _KILLED):
+            return "stopped"
+        try:
+            pid, born = int(state[1]), float(state[2])
+        except (IndexError, ValueError):   # not written by run_gate: leave it alone
+            return "gone"
+        try:
+            if abs(psutil.Process(pid).create_time() - born) > 1e-3:
+                return "gone"
+            os.kill(pid, signal.SIGKILL)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            return "gone"
+        _write_state(fd, _KILLED)
+        return "killed"
+
+
+def gate_root() -> Path:
+    """Where this pool actor keeps its runs' state files: node-local memory (``/dev/shm``) where
+    there is some, else the temp dir. Directories left by pool actors that died are removed."""
+    base = Path("/dev/shm")
+    if not (base.is_dir() and os.access(base, os.W_OK)):
+        base = Path(tempfile.gettempdir())
+    for old in base.glob(f"{_GATE_PREFIX}*"):
+        try:
+            owner = int(old.name[len(_GATE_PREFIX):].split("-", 1)[0])
+            os.kill(owner, 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError:           # EPERM: alive, someone else's
+            continue
+    return Path(tempfile.mkdtemp(prefix=f"{_GATE_PREFIX}{os.getpid()}-", dir=base))
 
 
 def warm(methods: tuple[str, ...], memory_bytes: int) -> int:
@@ -118,6 +267,7 @@ class PoolActor:
         self._stopped: set[tuple[str, int]] = set()
         self._done: collections.OrderedDict[tuple[str, int], dict[str, Any]] = collections.OrderedDict()
         self._started_at = time.time()
+        self._init_gates()
         from ray_qalloc.monitor.node import NodeSampler
 
         self._sampler = NodeSampler()   # what the node really has free: other work on it counts
@@ -125,6 +275,26 @@ class PoolActor:
         if warm_methods:   # one warm-up task per core: each starts (and keeps) a warm worker
             self._warm = [self._task(_warm_task, 1, "qalloc-warm-up").remote(tuple(warm_methods), self._per_run(1))
                           for _ in range(max(int(self._cores), 1))]
+
+    def _init_gates(self) -> None:
+        """Each run's gate file (``RunGate``), by (job, attempt); a fresh name per submission."""
+        self._gate_dir = gate_root()
+        self._gates: dict[tuple[str, int], str] = {}
+        self._gate_seq = 0
+
+    def _new_gate(self, key: tuple[str, int]) -> str:
+        self._gate_seq += 1
+        path = f"{self._gate_dir}/{self._gate_seq}"
+        self._gates[key] = path
+        return path
+
+    def _drop_gate(self, key: tuple[str, int]) -> None:
+        path = self._gates.pop(key, None)
+        if path is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def _task(self, fn: Any, threads: int, name: str) -> Any:
         return fn.options(num_cpus=threads, name=name,
@@ -170,7 +340,8 @@ class PoolActor:
         if ref is None:
             threads = max(int(threads), 1)
             ref = self._task(_run_task, threads, f"qalloc-run {job_id}#{attempt}").remote(
-                method, threads, self._per_run(threads), payload, shots, seed, name or f"{self._pool}/{method}")
+                method, threads, self._per_run(threads), payload, shots, seed, name or f"{self._pool}/{method}",
+                self._new_gate(key))
             self._runs[key] = ref
         return await self._wait(key, ref)
 
@@ -191,6 +362,7 @@ class PoolActor:
         finally:
             if self._runs.get(key) is ref:
                 self._runs.pop(key, None)
+                self._drop_gate(key)
         self._done[key] = out
         while len(self._done) > _DONE_KEEP:
             self._done.popitem(last=False)
@@ -207,18 +379,41 @@ class PoolActor:
         return None if ref is None else await self._wait(key, ref)
 
     async def stop(self, job_id: str, attempt: int) -> bool:
-        """Stop a run now: its worker is killed and its cores are free at once. False when the
-        run is not (or no longer) running here."""
+        """Stop a run now, for every reason there is (cancel, a lost hedge, a probe giving its core
+        back, preemption, restart), through its gate (module docstring): a run that has not
+        started is cancelled without force, which kills nothing; a started run's own worker is
+        killed, which frees its cores at once and cannot take another run's worker with it.
+        False when the run is not (or no longer) running here, or had already finished."""
         key = (job_id, attempt)
         ref = self._runs.get(key)
         if ref is None:
             return False
+        gate = self._gates.get(key)
+        outcome = stop_gated(gate) if gate is not None else "not_started"
+        if outcome == "done":
+            return False
         self._stopped.add(key)
-        ray.cancel(ref, force=True)
+        if outcome == "not_started":
+            # queued in the owner or in a worker: dropped from the queue; running but not past
+            # its gate yet: interrupted there, or it reads "stopped" at the gate and returns
+            ray.cancel(ref, force=False)
         return True
 
     async def running(self) -> list[tuple[str, int]]:
         return list(self._runs)
+
+    async def run_state(self, job_id: str, attempt: int) -> str | None:
+        """Where a run stands at its gate: ``queued`` (not started), ``started``, ``done``,
+        ``stopped`` or ``killed``; None when this actor does not hold the run."""
+        gate = self._gates.get((job_id, attempt))
+        if gate is None:
+            return None
+        try:
+            with _locked(gate) as fd:
+                state = _read_state(fd)
+        except OSError:
+            return None
+        return state[0].decode() if state else "queued"
 
 
 async def _await(ref: ray.ObjectRef) -> Any:
