@@ -65,7 +65,10 @@ class DispatchPass:
         misses = 0
         heads, walk = self._heads(now, skip, parked)
         carried, self._carry = self._carry, {}
-        examined: set[str] = set()
+        # insertion-ordered (a dict, not a set): ``_end_pass`` draws each declined backend's
+        # jittered timeout in this order, and a set's order follows the process's string-hash
+        # seed, so the same inputs would decide differently in another process
+        examined: dict[str, None] = {}
         live_n, live_e = LiveView(self, now, False, ahead, holds.work), LiveView(self, now, True, ahead, holds.work)
         fast = type(self.policy).choose is QallocPolicy.choose   # qalloc's own selector: weigh inline
         config = self.config
@@ -86,7 +89,7 @@ class DispatchPass:
             if backend not in startable and not any(b in startable for b in entry.plan.estimates):
                 continue    # its backends filled up earlier in this pass: nothing to start it on
             if backend:
-                examined.add(backend)
+                examined[backend] = None
             self.examined += 1
             # items of this job held off free indexes: held again if it declines again
             kept = carried.pop(job_id, None)
@@ -136,11 +139,13 @@ class DispatchPass:
         return out
 
     def _end_pass(self, now: float, parked: list[tuple[str, Item]],
-                  carried: dict[str, list[tuple[str, Item]]], examined: set[str]) -> None:
+                  carried: dict[str, list[tuple[str, Item]]], examined: dict[str, None]) -> None:
         """Items read past go back (or stay held while their job waits); released waiters the
         pass did not reach go back in line; free backends whose jobs all chose to wait are
         not re-read until something changes for them or a jittered timeout passes (overruns
-        make waits grow; the jitter spreads their re-reading over passes)."""
+        make waits grow; the jitter spreads their re-reading over passes). ``examined`` is in
+        the order the pass reached the backends, so which backend draws which timeout follows
+        from the inputs alone, never from the process's string-hash seed."""
         memo = self.config.decline_ttl_s > 0.0
         for backend, item in parked:
             if not (memo and self._holds.park(backend, item)):

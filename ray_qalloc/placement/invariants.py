@@ -133,7 +133,7 @@ def _check_load(s: "Scheduler") -> None:
                 diff = {f: (h, w) for f, h, w in zip(fields, have, want) if h != w}
                 _fail(f"backend {b.spec.name!r}: cached load differs from recomputation (cached, recomputed): {diff}")
     startable = {n for n, b in s.backends.items() if b.can_start_emergency}
-    if s._startable != startable:
+    if set(s._startable) != startable:
         _fail(f"startable set {sorted(s._startable)} != {sorted(startable)}")
 
 

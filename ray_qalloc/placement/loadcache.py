@@ -140,9 +140,9 @@ class LoadCache:
             if (can and not was_can) or (can_e and not was_can_e):
                 moved = True
             if can_e:
-                startable.add(name)
+                startable[name] = None
             else:
-                startable.discard(name)
+                startable.pop(name, None)
         if moved or not partial:
             declined = self._declined
             for name in names:

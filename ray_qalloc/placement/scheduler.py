@@ -114,7 +114,9 @@ class Scheduler(JobQueue, LoadCache, DispatchPass, TimeRules):
         self._nodes: dict[str, list[str]] = {}          # node -> backends on it
         self._node_rows: dict[str, tuple[Any, ...]] = {}   # node -> what a refresh reads (LoadCache._rows_of)
         self._node_busy: dict[str, float] = {}          # node -> threads in use
-        self._startable: set[str] = set()               # backends an emergency job could start on now
+        # backends an emergency job could start on now; insertion-ordered (a dict, not a set):
+        # a pass reads their heads in this order, which must not follow the string-hash seed
+        self._startable: dict[str, None] = {}
         self._seq = itertools.count()
         self._versions = itertools.count(1)
         self._preferred: dict[str, tuple[str, float]] = {}
@@ -178,7 +180,7 @@ class Scheduler(JobQueue, LoadCache, DispatchPass, TimeRules):
         self._node_rows.pop(b.node, None)
         if not self._nodes[b.node]:
             del self._nodes[b.node]
-        self._startable.discard(name)
+        self._startable.pop(name, None)
         self._declined.pop(name, None)
         self._unhold(self._holds.release(name))
         self._congested = self._congested - {name}
