@@ -32,7 +32,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_qalloc.backends.gpu_probe import GpuProbe, default_probe, free_gpu_bytes, per_gpu_budget_bytes, visible
-from ray_qalloc.backends.pool_actor import PoolActor, run_gate
+from ray_qalloc.backends.pool_actor import PoolActor, result_dict, run_gate
 from ray_qalloc.backends.pools import GPU_METHODS, POOL_RESOURCE_GPU
 
 _SIMS: dict[tuple[str, int, int], Any] = {}
@@ -79,8 +79,8 @@ def run_gpu_variant(method: str, gpus: int, memory_bytes: int, payload: bytes, s
         res = (backend.estimate(circuit, options, seed=seed) if options.estimator
                else backend.run(circuit, shots, seed=seed))
     res.backend = name
-    out = res.to_dict()
-    meta = out.setdefault("metadata", {})
+    out = result_dict(res)
+    meta = out["metadata"]
     ctx = ray.get_runtime_context()
     meta.update(received_at=received, finished_at=time.time(), pid=os.getpid(), node_id=ctx.get_node_id(),
                 threads=gpus, gpu_ids=[str(g) for g in ctx.get_accelerator_ids().get("GPU", [])],

@@ -110,15 +110,58 @@ def run_variant(method: str, threads: int, memory_bytes: int, payload: bytes, sh
         if options.seed is not None:
             seed = options.seed
         backend = _backend(method, threads, memory_bytes)
-        circuit = decode_payload(inner)
+        circuit = _decoded(inner, decode_payload)
         res = (backend.estimate(circuit, options, seed=seed) if options.estimator
                else backend.run(circuit, shots, seed=seed))
     res.backend = name
-    out = res.to_dict()
-    meta = out.setdefault("metadata", {})
-    meta.update(received_at=received, finished_at=time.time(), pid=os.getpid(),
-                node_id=ray.get_runtime_context().get_node_id(), threads=threads,
-                resources=dict(ray.get_runtime_context().get_assigned_resources()))
+    out = result_dict(res)
+    ctx = ray.get_runtime_context()
+    out["metadata"].update(received_at=received, finished_at=time.time(), pid=os.getpid(), node_id=_node_id(ctx),
+                           threads=threads, resources=dict(ctx.get_assigned_resources()))
+    return out
+
+
+# Circuits decoded in this worker, by payload: a circuit sent again (the same job's next attempt,
+# a hedge, a benchmark, a sweep's repeated point) skips QPY decoding (0.03 ms for a Bell pair,
+# 0.26 ms for 160 gates, 0.8 ms for 280). Nothing downstream changes a circuit in place
+# (``prepare`` and ``unmeasured`` copy, Aer compiles a copy), so one object serves every run.
+_DECODED: collections.OrderedDict[bytes, Any] = collections.OrderedDict()
+_DECODED_KEEP = 32                 # circuits per worker process
+_DECODED_MAX_PAYLOAD = 1 << 20     # larger payloads are decoded every time (memory over speed)
+_NODE_ID: str | None = None
+
+
+def _decoded(inner: bytes, decode: Any) -> Any:
+    """The circuit of ``inner``, decoded once per worker while it stays among the last few."""
+    circuit = _DECODED.get(inner)
+    if circuit is not None:
+        _DECODED.move_to_end(inner)
+        return circuit
+    circuit = decode(inner)
+    if len(inner) <= _DECODED_MAX_PAYLOAD:
+        _DECODED[inner] = circuit
+        while len(_DECODED) > _DECODED_KEEP:
+            _DECODED.popitem(last=False)
+    return circuit
+
+
+def _node_id(ctx: Any) -> str:
+    """This worker's node: fixed for the life of the process, asked of Ray once."""
+    global _NODE_ID
+    if _NODE_ID is None:
+        _NODE_ID = ctx.get_node_id()
+    return _NODE_ID
+
+
+def result_dict(res: Any) -> dict[str, Any]:
+    """``RunResult.to_dict()`` without its deep copy: ``dataclasses.asdict`` copies the counts
+    value by value (0.6 ms for 10 qubits at 1024 shots, 2 ms for 14), but every value here was
+    made by this run and is not shared, so a shallow dict (and a metadata dict of its own, which
+    the caller extends) is the same thing."""
+    import dataclasses
+
+    out = {f.name: getattr(res, f.name) for f in dataclasses.fields(res)}
+    out["metadata"] = dict(out.get("metadata") or {})
     return out
 
 
