@@ -147,16 +147,23 @@ class DispatchPass:
         the order the pass reached the backends, so which backend draws which timeout follows
         from the inputs alone, never from the process's string-hash seed."""
         memo = self.config.decline_ttl_s > 0.0
-        for backend, item in parked:
-            if not (memo and self._holds.park(backend, item)):
-                heapq.heappush(self._index[backend], item)
+        holds = self._holds
+        if parked:
+            self._push_back(pi for pi in parked if not (memo and holds.park(*pi)))
         for job_id, kept in carried.items():
             entry = self.entries.get(job_id)
             if entry is not None:
                 self._push_back(it for it in kept if it[1][1] == entry.version)
+        index, entries, startable = self._index, self.entries, self._startable
         for b in examined:
-            if b in self._startable and self._index[b]:
-                self._declined[b] = now + self._decline_ttl()
+            if b in startable:
+                # declined only if a queued job is left to decline it: stale items at the head
+                # are dropped first, so whether this heap was compacted cannot matter
+                heap = index[b]
+                while heap and ((e := entries.get(heap[0][2])) is None or e.version != heap[0][1]):
+                    heapq.heappop(heap)
+                if heap:
+                    self._declined[b] = now + self._decline_ttl()
 
     def _heads(self, now: float, skip: set[str], parked: list[tuple[str, Item]]
                ) -> tuple[list[tuple[Item, str]], set[str]]:

@@ -137,9 +137,34 @@ def _check_load(s: "Scheduler") -> None:
         _fail(f"startable set {sorted(s._startable)} != {sorted(startable)}")
 
 
+def _check_index_shape(s: "Scheduler") -> None:
+    """Every heap's items are (key, version, job id), none twice; every backend has a live
+    count and a birth version; and, with compaction on, no heap holds more than
+    ``2 * live + INDEX_SLACK`` items (the bound that keeps rarely walked heaps from growing
+    with every job that ever listed them). The live counts themselves are checked in
+    ``_check_queue``, against the queued entries."""
+    from ray_qalloc.placement.jobqueue import INDEX_SLACK
+
+    if set(s._live) != set(s._index) or set(s._born) != set(s._index):
+        _fail(f"live counts {sorted(s._live)} / birth versions {sorted(s._born)} are not kept for "
+              f"exactly the indexed backends {sorted(s._index)}")
+    for name, heap in s._index.items():
+        for item in heap:
+            if not (type(item) is tuple and len(item) == 3 and type(item[0]) is tuple
+                    and type(item[1]) is int and type(item[2]) is str):
+                _fail(f"index of {name!r} holds {item!r}, not a (key, version, job id) item")
+        if len(set(heap)) != len(heap):
+            _fail(f"index of {name!r} holds an item twice")
+        if s._compact_index and len(heap) > 2 * s._live[name] + INDEX_SLACK:
+            _fail(f"index of {name!r} holds {len(heap)} items, past the bound 2 * {s._live[name]} live "
+                  f"+ {INDEX_SLACK}")
+
+
 def _check_queue(s: "Scheduler") -> None:
+    _check_index_shape(s)
     pending = {id(e) for e in s._pending_unplaceable}
     work: dict[str, float] = {}
+    live = dict.fromkeys(s._index, 0)
     index = {name: set(heap) for name, heap in s._index.items()}
     held = list(s._holds.parked_items()) + [pi for items in s._carry.values() for pi in items]
     for b, item in held:     # held out of a free index while its job waits or is weighed again
@@ -167,8 +192,11 @@ def _check_queue(s: "Scheduler") -> None:
             work[best.backend] = work.get(best.backend, 0.0) + best.runtime_s
         item = (e.key(), e.version, job_id)
         for b in e.plan.estimates:
-            if b in index and item not in index[b]:
-                _fail(f"queued job {job_id!r} (key {e.key()}, version {e.version}) is not in the index of {b!r}")
+            # a heap made after this version (its backend added since) never got an item
+            if b in index and s._born[b] < e.version:
+                live[b] += 1
+                if item not in index[b]:
+                    _fail(f"queued job {job_id!r} (key {e.key()}, version {e.version}) is not in the index of {b!r}")
         if e.cls == _BATCH and (e.arrival, e.seq, job_id) not in aging:
             _fail(f"batch job {job_id!r} is not in the aging queue")
         if e.job.deadline_s is not None and e.flagged is None:
@@ -177,6 +205,9 @@ def _check_queue(s: "Scheduler") -> None:
             if latest is None or not _close(latest, e.deadline_at - fastest):
                 _fail(f"job {job_id!r}: latest start {latest} in the deadline heap, "
                       f"expected {e.deadline_at - fastest}")
+    if live != s._live:
+        diff = {b: (s._live.get(b), n) for b, n in live.items() if s._live.get(b) != n}
+        _fail(f"live index items per backend differ from the queued jobs' (counted, recomputed): {diff}")
     extra = set(s._preferred) - set(s.entries)
     if extra:
         _fail(f"jobs {sorted(extra)} count as queued work but are not queued")

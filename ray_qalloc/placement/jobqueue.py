@@ -3,6 +3,19 @@ and out of it (enqueue, removal, class changes, aging, held waiters going back).
 
 Why apart from the pass: the index is a data structure with invariants of its own
 (``placement/invariants.py`` checks them); the pass only reads its heads.
+
+Stale items (a job started, removed, or re-keyed) are dropped lazily, when they reach the
+head of a heap a pass walks. A heap that is rarely walked (a backend that is seldom free: a
+pool's all-core variant, a busy QPU) would keep every job that ever listed it, so each heap
+also counts its *live* items (``_live``: queued jobs whose current item belongs to it, in it
+or held out of it) and is rebuilt from those (``_compact``) once it holds more than
+``2 * live + INDEX_SLACK`` items. Why that bound: a rebuild costs O(len), and after one the heap
+holds at most ``live`` items, so the next needs at least ``live + INDEX_SLACK`` pushes or
+removals first (each removal adds one stale item and takes one live one away), which pay for
+it: amortised O(1) per push or removal, and memory stays within twice the queue plus a
+constant per backend. The slack keeps small heaps from being rebuilt every few calls.
+Compaction drops only stale items, which no decision reads (the pass skips them), so it
+cannot change a decision; ``tests/test_scheduler_compaction.py`` compares against it off.
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ from ray_qalloc.placement.model import JobView, Plan
 from ray_qalloc.priority import CLASSES, RANK as _RANK, known as _known_class
 
 _EMERGENCY, _BATCH = CLASSES[0], CLASSES[-1]
+INDEX_SLACK = 16      # stale items a heap may hold beyond its live count (see the module's docstring)
 
 
 class JobQueue:
@@ -74,8 +88,7 @@ class JobQueue:
                                     and self.config.aging_s > 0 and now - entry.arrival >= self.config.aging_s):
                 continue             # already there, or a batch job that aged meanwhile stays normal
             entry.cls = new
-            entry.version = next(self._versions)
-            self._index_entry(entry)
+            self._reindex(entry)
             if new == _BATCH:
                 heapq.heappush(self._aging, (entry.arrival, entry.seq, entry.job.id))
             elif new == _EMERGENCY:
@@ -84,17 +97,49 @@ class JobQueue:
         return changed
 
     def _index_entry(self, entry: Entry) -> None:
+        """Push the entry's current item onto the heap of every backend of its plan that exists
+        (each heap's live count grows by one: the item is live until the entry changes)."""
         item = (entry.key(), entry.version, entry.job.id)
         declined = self._declined if self.config.decline_ttl_s > 0.0 else None
         fresh = False
+        index, live = self._index, self._live
         for b in entry.plan.estimates:
-            heap = self._index.get(b)
+            heap = index.get(b)
             if heap is not None:
                 heapq.heappush(heap, item)
+                live[b] += 1
                 if declined and b in declined:
                     fresh = True
         if fresh:
             self._fresh.append(item)
+
+    def _reindex(self, entry: Entry) -> None:
+        """The entry's key changed (class floor, aging): its items so far go stale, a new
+        version's go in."""
+        old, entry.version = entry.version, next(self._versions)
+        self._unindex(entry, old)
+        self._index_entry(entry)
+
+    def _unindex(self, entry: Entry, version: int) -> None:
+        """The entry's items of ``version`` went stale (removed, or re-keyed): they stay where
+        they are (dropped lazily), but each heap that got one counts one live item fewer, and
+        is compacted if its stale items now outnumber the bound. Heaps made after that version
+        (a backend added since) never got one."""
+        index, live, born = self._index, self._live, self._born
+        for b in entry.plan.estimates:
+            heap = index.get(b)
+            if heap is not None and born[b] < version:
+                n = live[b] = live[b] - 1
+                if len(heap) > 2 * n + INDEX_SLACK and self._compact_index:
+                    self._compact(b, heap)
+
+    def _compact(self, backend: str, heap: list[Item]) -> None:
+        """Rebuild ``backend``'s heap from its live items, in place (the pass may hold it).
+        Decisions read only live items, in (key, version, job) order, which a rebuild keeps."""
+        entries = self.entries
+        heap[:] = [it for it in heap if (e := entries.get(it[2])) is not None and e.version == it[1]]
+        heapq.heapify(heap)
+        self.compactions += 1
 
     def remove(self, job_id: str) -> Entry | None:
         """Drop a queued job (started, cancelled, failed); index items go stale and are dropped lazily."""
@@ -102,6 +147,7 @@ class JobQueue:
         if entry is not None:
             self._count_queued(entry, -1)
             self._holds.drop(job_id)
+            self._unindex(entry, entry.version)
         return entry
 
     def _count_queued(self, entry: Entry, sign: int) -> None:
@@ -135,11 +181,15 @@ class JobQueue:
             mine.append((b, item))
 
     def _push_back(self, items: Iterable[tuple[str, Item]]) -> None:
-        index = self._index
+        """Items taken off their heaps (held, carried, parked) go back. They were counted live
+        all along, so a heap that shed stale items meanwhile may pass its bound again here."""
+        index, live = self._index, self._live
         for b, item in items:
             heap = index.get(b)
             if heap is not None:
                 heapq.heappush(heap, item)
+                if len(heap) > 2 * live[b] + INDEX_SLACK and self._compact_index:
+                    self._compact(b, heap)
 
     def _age(self, now: float) -> None:
         """Promote batch jobs that waited ``aging_s``: by arrival (a re-queued job keeps its
@@ -155,5 +205,4 @@ class JobQueue:
                 return
             heapq.heappop(heap)
             entry.cls = CLASSES[2]
-            entry.version = next(self._versions)
-            self._index_entry(entry)
+            self._reindex(entry)

@@ -111,6 +111,13 @@ class Scheduler(JobQueue, LoadCache, DispatchPass, TimeRules):
         self.entries: dict[str, Entry] = {}
         self.runs: dict[str, Run] = {}
         self._index: dict[str, list[_Item]] = {}
+        # per backend: live items of its heap (held out of it or not) and the version counter's
+        # value when the heap was made (an entry older than it has no item there); a heap is
+        # compacted past 2 * live + INDEX_SLACK items (``placement/jobqueue.py``)
+        self._live: dict[str, int] = {}
+        self._born: dict[str, int] = {}
+        self._compact_index = True     # tests turn it off to compare decisions without it
+        self.compactions = 0           # heap rebuilds, in all (tests and benchmarks read it)
         self._nodes: dict[str, list[str]] = {}          # node -> backends on it
         self._node_rows: dict[str, tuple[Any, ...]] = {}   # node -> what a refresh reads (LoadCache._rows_of)
         self._node_busy: dict[str, float] = {}          # node -> threads in use
@@ -160,7 +167,9 @@ class Scheduler(JobQueue, LoadCache, DispatchPass, TimeRules):
             self.set_health(spec.name, healthy)
             return
         self.backends[spec.name] = BackendSlotState(spec, node, healthy)
-        self._index.setdefault(spec.name, [])
+        self._index[spec.name] = []
+        self._live[spec.name] = 0
+        self._born[spec.name] = next(self._versions)
         self._nodes.setdefault(node, []).append(spec.name)
         self._node_rows.pop(node, None)
         self.node_cpus.setdefault(node, 1.0)
@@ -176,6 +185,8 @@ class Scheduler(JobQueue, LoadCache, DispatchPass, TimeRules):
             raise ValueError(f"backend {name} still has runs: {sorted(b.runs)}")
         del self.backends[name]
         self._index.pop(name, None)
+        self._live.pop(name, None)
+        self._born.pop(name, None)
         self._nodes[b.node].remove(name)
         self._node_rows.pop(b.node, None)
         if not self._nodes[b.node]:
