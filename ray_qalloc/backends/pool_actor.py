@@ -41,7 +41,8 @@ behind another's worker): Ray derives the class from the function, the resource 
 scheduling strategy and the runtime_env, and interns every class for the life of the process; a
 class per run means a unique function or resource shape per run (an unbounded table, a function
 export per run) or a runtime_env per run (a worker pool per run). And it would only narrow the
-race: the lease of a worker that is exiting goes back to the raylet, which may grant it again.
+race: the lease of a worker that is exiting goes back to the raylet, which may grant it again
+(a possibility read from Ray's lease protocol, not measured).
 """
 
 from __future__ import annotations
