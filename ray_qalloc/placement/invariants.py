@@ -141,7 +141,8 @@ def _check_index_shape(s: "Scheduler") -> None:
     """Every heap's items are (key, version, job id), none twice; every backend has a live
     count and a birth version; and, with compaction on, no heap holds more than
     ``2 * live + INDEX_SLACK`` items (the bound that keeps rarely walked heaps from growing
-    with every job that ever listed them). The live counts themselves are checked in
+    with every job that ever listed them), nor the aging queue or the deadline heap more than
+    ``2 * len(entries) + INDEX_SLACK``. The live counts themselves are checked in
     ``_check_queue``, against the queued entries."""
     from ray_qalloc.placement.jobqueue import INDEX_SLACK
 
@@ -158,6 +159,9 @@ def _check_index_shape(s: "Scheduler") -> None:
         if s._compact_index and len(heap) > 2 * s._live[name] + INDEX_SLACK:
             _fail(f"index of {name!r} holds {len(heap)} items, past the bound 2 * {s._live[name]} live "
                   f"+ {INDEX_SLACK}")
+    for what, heap in (("aging queue", s._aging), ("deadline heap", s._deadlines)):
+        if s._compact_index and len(heap) > 2 * len(s.entries) + INDEX_SLACK:
+            _fail(f"{what} holds {len(heap)} items, past the bound 2 * {len(s.entries)} queued + {INDEX_SLACK}")
 
 
 def _check_queue(s: "Scheduler") -> None:

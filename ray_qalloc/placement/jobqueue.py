@@ -16,6 +16,11 @@ it: amortised O(1) per push or removal, and memory stays within twice the queue 
 constant per backend. The slack keeps small heaps from being rebuilt every few calls.
 Compaction drops only stale items, which no decision reads (the pass skips them), so it
 cannot change a decision; ``tests/test_scheduler_compaction.py`` compares against it off.
+
+The aging queue and the deadline heap (``_aging``, ``_deadlines``) are time-ordered and drop
+stale items when time reaches them, which may be never (``aging_s`` = 1e9, a deadline days
+away): they are compacted the same way against the queue's length, past
+``2 * len(entries) + INDEX_SLACK`` items (``_bound_queues``).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class JobQueue:
             self._flag(entry, self.policy.choose(entry, view, arrival), arrival, PassResult())
             fastest = min(e.runtime_s for b, e in plan.estimates.items() if b in self.backends)
             heapq.heappush(self._deadlines, (entry.deadline_at - fastest, entry.seq, job.id))
+        self._bound_queues()
         return entry
 
     def _class_of(self, job: JobView) -> str:
@@ -94,6 +100,7 @@ class JobQueue:
             elif new == _EMERGENCY:
                 self._preempt.arrived(entry.job.id)
             changed.append(entry.job.id)
+        self._bound_queues()
         return changed
 
     def _index_entry(self, entry: Entry) -> None:
@@ -148,7 +155,29 @@ class JobQueue:
             self._count_queued(entry, -1)
             self._holds.drop(job_id)
             self._unindex(entry, entry.version)
+            self._bound_queues()
         return entry
+
+    def _bound_queues(self) -> None:
+        """Compact the aging queue and the deadline heap past ``2 * len(entries) + INDEX_SLACK``
+        items (amortised O(1), as for the index: after a rebuild each holds at most one item per
+        queued job). Kept: the items ``_age`` and ``_expire_deadlines`` would act on, each once
+        (a second copy of an item finds its job already aged or flagged)."""
+        cap = 2 * len(self.entries) + INDEX_SLACK
+        if len(self._aging) > cap and self._compact_index:
+            entries = self.entries
+            self._aging[:] = dict.fromkeys(
+                it for it in self._aging if (e := entries.get(it[2])) is not None and e.cls == _BATCH
+                and e.seq == it[1] and e.arrival == it[0])
+            heapq.heapify(self._aging)
+            self.compactions += 1
+        if len(self._deadlines) > cap and self._compact_index:
+            entries = self.entries
+            self._deadlines[:] = dict.fromkeys(
+                it for it in self._deadlines if (e := entries.get(it[2])) is not None and e.flagged is None
+                and e.seq == it[1])
+            heapq.heapify(self._deadlines)
+            self.compactions += 1
 
     def _count_queued(self, entry: Entry, sign: int) -> None:
         if sign > 0:
