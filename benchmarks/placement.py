@@ -459,7 +459,7 @@ def _spec_for(name: str, known: Mapping[str, BackendSpec]) -> BackendSpec:
 
 
 def live(trace: Path, *, console: Any, speed: float = 1.0, timeout_s: float = 900.0,
-         truth_dir: Path = DEFAULT_TRUTH_DIR, sim_json: Path | None = None) -> dict[str, Any]:
+         truth_dir: Path = DEFAULT_TRUTH_DIR, sim_json: Path | None = None, per_job: bool = False) -> dict[str, Any]:
     """Replay the trace for real through the allocator on a local Ray; qalloc's row only.
 
     Jobs are submitted at their arrival times (divided by ``speed``); times are read back from
@@ -543,8 +543,11 @@ def live(trace: Path, *, console: Any, speed: float = 1.0, timeout_s: float = 90
         failed = {j.id for j in work.jobs if outcome[j.id].completion is None}
     finally:
         qa.shutdown()
-    row = metrics("qalloc", work.jobs, outcome, failed, fidelity, {}, specs, None, unmeasured)
+    record: list[dict[str, Any]] | None = [] if per_job else None
+    row = metrics("qalloc", work.jobs, outcome, failed, fidelity, {}, specs, record, unmeasured)
     strip_paired({"qalloc": row})
+    if record is not None:
+        row["per_job"] = record
     mix, mix_from = detect_mix(records, [work.cases[work.case_of[j.id]].size for j in work.jobs],
                                [work.non_clifford[work.case_of[j.id]] for j in work.jobs])
     row["total_cost"] = cost
@@ -613,7 +616,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     console = make_console()
     if args.mode == "live":
-        result = live(args.trace, console=console, speed=args.speed, truth_dir=args.truth, sim_json=args.sim_json)
+        result = live(args.trace, console=console, speed=args.speed, truth_dir=args.truth, sim_json=args.sim_json,
+                      per_job=args.per_job)
     else:
         result = run(args.trace, model=args.model, truth_dir=args.truth, time_cap_s=args.time_cap,
                      seed=args.seed, policies=policies, console=console, mix=args.mix, samples=args.samples,
