@@ -179,6 +179,8 @@ def output_profile(distribution: Mapping[str, float], num_clbits: int,
 
 def profile_of(features: Mapping[str, float]) -> tuple[float, ...] | None:
     """A job's output profile from its features, or None (not taken: the ESP stands)."""
+    if PROFILE_FEATURES[0] not in features:      # the usual case, on every plan: no exception
+        return None
     try:
         values = tuple(float(features[k]) for k in PROFILE_FEATURES)
     except (KeyError, TypeError, ValueError):
