@@ -24,7 +24,12 @@ measure q -> c;
 
 
 def run(*args: str) -> tuple[int, str]:
+    """Exit code and what a user reads: with ``-o json``, stdout alone — the JSON a script
+    parses — since Ray may print a notice to the process's stderr at any moment (a stopped
+    run's worker, killed on purpose, is reported as a crash); otherwise both streams."""
     result = runner.invoke(app, list(args))
+    if "json" in args:
+        return result.exit_code, result.stdout if result.exit_code == 0 or result.stdout else result.output
     return result.exit_code, result.output
 
 
