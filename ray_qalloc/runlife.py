@@ -59,7 +59,7 @@ class RunLife:
     enqueue: Callable[..., None]
     plan_for: Callable[[JobView], Plan]
     annotated: Callable[[dict[str, Any]], dict[str, Any]]
-    replan_circuit: Callable[[str | None], int]
+    replan_circuit: Callable[..., int]
 
     # ==== runs ===================================================================================
     def launch(self, q: Queued, name: str, attempt: int, *, started_at: float | None = None,
@@ -233,7 +233,7 @@ class RunLife:
         if remember is not None and m.spec.kind == "simulator":
             remember(r.view, m.spec, float(actual), censored=False, predicted_s=r.predicted_s)
             if abs(math.log(max(float(actual), 1e-6) / max(r.predicted_s, 1e-6))) > _REPLAN_LOG_RATIO:
-                self.replan_circuit(r.view.circuit_key)
+                self.replan_circuit(r.view.circuit_key, r.backend, _REPLAN_LOG_RATIO)
 
     def _remember_bound(self, r: Running, elapsed_s: float) -> None:
         """A run that lost its race took longer than the winner: remembered as a lower bound, so

@@ -162,8 +162,13 @@ class _Record:
 
 
 def _log_spread(values: Sequence[float], floor: float) -> float:
-    """Sample sd of ``values`` (already logs), at least ``floor``."""
-    return max(floor, statistics.stdev(values)) if len(values) >= 2 else floor
+    """Sample sd of ``values`` (already logs), at least ``floor``. In floats: ``statistics.stdev``
+    sums exactly in fractions, ~30 µs a call, on every plan of a remembered circuit."""
+    n = len(values)
+    if n < 2:
+        return floor
+    mean = math.fsum(values) / n
+    return max(floor, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)))
 
 
 class RunMemory:
