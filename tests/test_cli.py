@@ -7,6 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from tests.cliout import command_output
+
 from ray_qalloc.cli import app
 from ray_qalloc.backends.registry import FAKE_QPU_POOL
 
@@ -24,13 +26,10 @@ measure q -> c;
 
 
 def run(*args: str) -> tuple[int, str]:
-    """Exit code and what a user reads: with ``-o json``, stdout alone — the JSON a script
-    parses — since Ray may print a notice to the process's stderr at any moment (a stopped
-    run's worker, killed on purpose, is reported as a crash); otherwise both streams."""
+    """Exit code and what the command printed (``tests/cliout``: the test process's own Ray lines
+    left out)."""
     result = runner.invoke(app, list(args))
-    if "json" in args:
-        return result.exit_code, result.stdout if result.exit_code == 0 or result.stdout else result.output
-    return result.exit_code, result.output
+    return result.exit_code, command_output(result.output)
 
 
 def test_backends_lists_the_pool_with_calibration(qa):

@@ -17,6 +17,7 @@ from ray_qalloc.exceptions import ConfigError
 from ray_qalloc.liveconfig import apply_overrides, mask
 from tests.helpers import prepared
 from tests.test_allocator_unit import FakeBackend, make
+from tests.cliout import command_output
 
 
 # ---- the decision ----------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def test_the_cli_reads_and_changes_the_running_service(server, monkeypatch):
         out = runner.invoke(app, ["config", "set", "placement.coherence_budget", "2.5"])
         assert out.exit_code == 0 and "1.0 → 2.5" in out.output, out.output
         got = runner.invoke(app, ["-o", "json", "config", "get", "placement.coherence_budget"])
-        assert got.exit_code == 0 and json.loads(got.stdout)["value"] == 2.5, got.output
+        assert got.exit_code == 0 and json.loads(command_output(got.output))["value"] == 2.5, got.output
         bad = runner.invoke(app, ["config", "set", "placement.coherence_budget", "-3"])
         assert bad.exit_code != 0 and "placement.coherence_budget" in bad.output, bad.output
         frozen = runner.invoke(app, ["config", "set", "namespace", "other"])
@@ -134,7 +135,7 @@ def test_the_cli_reads_and_changes_the_running_service(server, monkeypatch):
         back = runner.invoke(app, ["config", "unset", "placement.coherence_budget"])
         assert back.exit_code == 0, back.output
     audit = runner.invoke(app, ["-o", "json", "audit", "--key", "config", "--limit", "2"])
-    rows = json.loads(audit.stdout)
+    rows = json.loads(command_output(audit.output))
     assert rows[0]["new"] == {} and rows[1]["new"] == {"placement.coherence_budget": 2.5}
 
 
