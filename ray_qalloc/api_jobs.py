@@ -32,18 +32,18 @@ JobId = Annotated[str, Path(max_length=64, description="A job id as returned by 
 
 
 def add_job_routes(app: FastAPI, state: AppState, principal: Callable[..., Any]) -> None:
-    """``principal`` is the auth dependency: the caller's ``Principal`` (its tenant owns the jobs)."""
+    """``principal`` is the auth dependency: the caller's ``Principal`` (its tenant owns the jobs).
+    Intake first, then the reads: the order the routes (and the OpenAPI document) list them."""
+    add_intake_routes(app, state, principal)
+    add_read_routes(app, state, principal)
+
+
+def add_intake_routes(app: FastAPI, state: AppState, principal: Callable[..., Any]) -> None:
+    """``POST /v1/jobs`` and ``POST /v1/jobs:batch``: validation and intake on the replica."""
     settings = state.settings
     limits = state.api   # Serve's user_config replaces it live (ApiLimits.reconfigure)
     Caller = Annotated[Principal, Depends(principal)]
 
-    def own(p: Principal, job_id: str) -> Any:
-        rec = state.store.get(job_id)
-        if rec.tenant != p.tenant:   # another tenant's job does not exist for this caller
-            raise JobNotFound(f"no job with id {job_id!r}.", field="job_id")
-        return rec
-
-    # -- intake
     async def _simulators() -> list[str]:
         return [b["name"] for b in await state.backends() if b["kind"] == "simulator"]
 
@@ -145,6 +145,18 @@ def add_job_routes(app: FastAPI, state: AppState, principal: Callable[..., Any])
         refused = sum(1 for i in items if i.error is not None)
         return BatchOut(jobs=items, accepted=len(items) - refused, refused=refused)
 
+
+def add_read_routes(app: FastAPI, state: AppState, principal: Callable[..., Any]) -> None:
+    """Listing, status, results, cancel and explain — each on the caller's own jobs only."""
+    limits = state.api
+    Caller = Annotated[Principal, Depends(principal)]
+
+    def own(p: Principal, job_id: str) -> Any:
+        rec = state.store.get(job_id)
+        if rec.tenant != p.tenant:   # another tenant's job does not exist for this caller
+            raise JobNotFound(f"no job with id {job_id!r}.", field="job_id")
+        return rec
+
     @app.get("/v1/jobs", response_model=JobPage, tags=["jobs"])
     async def list_jobs(p: Caller, limit: Annotated[int, Query(ge=1, description=(
                             "Jobs per page, at most the API's `max_page` (500 unless configured)."))] = 50,
@@ -218,4 +230,4 @@ def _reused(key: str | None, job_id: str) -> QAllocError:
                                 field="Idempotency-Key", fix="use a new key for a new job.", job_id=job_id)
 
 
-__all__ = ["JobId", "add_job_routes"]
+__all__ = ["JobId", "add_job_routes", "add_intake_routes", "add_read_routes"]
